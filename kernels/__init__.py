@@ -1,0 +1,1 @@
+"""Triton kernels that execute moaplan plans (installed as ``moaplan.kernels``)."""

@@ -1,0 +1,42 @@
+"""The ``moaplan`` command: a thin argparse layer over the library API.
+
+Each subcommand lives in its own module with ``register(subparsers)``, which adds its
+parser and sets ``run=<function(args) -> int>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moaplan.errors import MoaplanError
+
+SUBCOMMANDS = ("show", "convert")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moaplan",
+        description="Per-head sparse attention plans for Hugging Face causal LMs.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"moaplan.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except MoaplanError as err:
+        print(f"moaplan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moaplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
