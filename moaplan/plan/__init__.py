@@ -1,1 +1,12 @@
+"""Plans: one rule per (layer, KV head), their YAML file, imports and baselines."""
 
+from moaplan.plan.baselines import duo_plan, uniform_plan, uniform_rule
+from moaplan.plan.interop import import_duo, import_moa
+from moaplan.plan.plan import Budget, ModelShape, Plan, config_fingerprint
+from moaplan.plan.yaml_format import FORMAT, load_plan, plan_from_dict, plan_to_dict, save_plan
+
+__all__ = [
+    "FORMAT", "Budget", "ModelShape", "Plan", "config_fingerprint", "duo_plan", "import_duo",
+    "import_moa", "load_plan", "plan_from_dict", "plan_to_dict", "save_plan", "uniform_plan",
+    "uniform_rule",
+]

@@ -1,0 +1,145 @@
+"""The plan: one rule per (layer, KV head), the model it was made for, and its provenance.
+
+A plan is a record; reading and writing it as YAML lives in :mod:`moaplan.plan.yaml_format`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moaplan.errors import PlanError
+from moaplan.rules import Rule, attention_density, kv_density, rule_sinks, rule_spans
+
+BUDGET_KINDS = ("kv", "attention")
+
+# The config fields that decide whether a plan (and a profile) fits a model.  Everything
+# else in a config (dtype, generation defaults, ...) may change without invalidating a plan.
+_FINGERPRINT_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "rope_theta", "rope_parameters", "rope_scaling", "sliding_window",
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention shape of a model, plus a fingerprint of the config it came from."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    model_type: str = ""
+    fingerprint: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(num_layers=config.num_hidden_layers, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads, head_dim=head_dim,
+                   model_type=getattr(config, "model_type", ""),
+                   fingerprint=config_fingerprint(config))
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def same_shape(self, other: ModelShape) -> bool:
+        return (self.num_layers, self.num_attention_heads, self.num_key_value_heads,
+                self.head_dim) == (other.num_layers, other.num_attention_heads,
+                                   other.num_key_value_heads, other.head_dim)
+
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers x {self.num_key_value_heads} KV heads "
+                f"({self.num_attention_heads} query heads, head_dim {self.head_dim})")
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short hash of the attention-relevant fields of a ``transformers`` config."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    kept = {k: data.get(k) for k in _FINGERPRINT_FIELDS if data.get(k) is not None}
+    blob = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "kv": KV-cache density; "attention": prefill attention density
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise PlanError(f"budget kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
+        if not 0 < self.value <= 1:
+            raise PlanError(f"budget {self.value} is outside (0, 1]; it is a density")
+
+
+@dataclass
+class Plan:
+    """One rule per (layer, KV head) for one model.
+
+    ``predicted_loss`` maps a length to the optimizer's predicted (normalised) dropped
+    influence; densities are never stored here because they follow from the rules
+    (:meth:`densities`).
+    """
+
+    model: ModelShape
+    rules: list[list[Rule]]
+    budget: Budget | None = None
+    lengths: list[int] = field(default_factory=list)
+    predicted_loss: dict[int, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.rules) != self.model.num_layers:
+            raise PlanError(f"plan has rules for {len(self.rules)} layers but the model has "
+                            f"{self.model.num_layers}")
+        for layer, layer_rules in enumerate(self.rules):
+            if len(layer_rules) != self.model.num_key_value_heads:
+                raise PlanError(f"layer {layer} has {len(layer_rules)} rules but the model has "
+                                f"{self.model.num_key_value_heads} KV heads (one rule per KV head)")
+
+    @property
+    def flat_rules(self) -> list[Rule]:
+        """All rules, layer-major: index ``layer * num_kv_heads + head``."""
+        return [rule for layer_rules in self.rules for rule in layer_rules]
+
+    def sinks_spans(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Effective sink and span (``span == n`` for full) of each KV head of ``layer`` at length ``n``."""
+        rules = self.rules[layer]
+        return rule_sinks(rules, n), rule_spans(rules, n)
+
+    def densities(self, lengths: list[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """KV and attention densities, ``(num_layers, num_kv_heads, len(lengths))`` each."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        rules = self.flat_rules
+        sinks, spans = rule_sinks(rules, lengths), rule_spans(rules, lengths)
+        shape = (self.model.num_layers, self.model.num_key_value_heads, len(lengths))
+        return {
+            "kv": kv_density(sinks, spans, lengths[None]).reshape(shape),
+            "attention": attention_density(sinks, spans, lengths[None]).reshape(shape),
+        }
+
+    def check_model(self, config: Any, *, strict: bool = True) -> None:
+        """Raise :class:`PlanError` if this plan does not fit the model with ``config``.
+
+        The shape must always match; with ``strict`` the config fingerprint must match too
+        (a plan made for one model's heads says little about another model's heads).
+        """
+        shape = ModelShape.from_config(config)
+        if not self.model.same_shape(shape):
+            raise PlanError(f"the plan is for a model with {self.model.describe()}, but this model "
+                            f"has {shape.describe()}; make a plan for this model with "
+                            "`moaplan search --model ...`")
+        if strict and self.model.fingerprint and self.model.fingerprint != shape.fingerprint:
+            raise PlanError(f"the plan was made for another {self.model.model_type or 'model'} "
+                            f"(config fingerprint {self.model.fingerprint}, this model has "
+                            f"{shape.fingerprint}); pass strict=False (CLI: --force) to use it anyway")
