@@ -63,11 +63,14 @@ class Rule:
         return rule_spans([self], n)[0]
 
     def describe(self) -> str:
+        """Short text such as ``64 sinks + 0.5N-64`` or ``full``."""
         if self.full:
             return "full"
-        text = f"sink {self.sink} + {self.alpha:g}"
-        if self.beta:
-            text += f"+{self.beta:g}N"
+        if self.beta and self.alpha:
+            window = f"{self.beta:g}N{self.alpha:+g}"
+        else:
+            window = f"{self.beta:g}N" if self.beta else f"{self.alpha:g}"
+        text = f"{self.sink} sinks + {window}" if self.sink else window
         if self.max_span is not None:
             text += f" (<= {self.max_span})"
         return text + (" +comp" if self.compensate else "")

@@ -113,7 +113,7 @@ class Plan:
         return [rule for layer_rules in self.rules for rule in layer_rules]
 
     def sinks_spans(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Effective sink and span (``span == n`` for full) of each KV head of ``layer`` at length ``n``."""
+        """Effective sink and span of each KV head of ``layer`` at length ``n`` (full: n)."""
         rules = self.rules[layer]
         return rule_sinks(rules, n), rule_spans(rules, n)
 
@@ -142,4 +142,5 @@ class Plan:
         if strict and self.model.fingerprint and self.model.fingerprint != shape.fingerprint:
             raise PlanError(f"the plan was made for another {self.model.model_type or 'model'} "
                             f"(config fingerprint {self.model.fingerprint}, this model has "
-                            f"{shape.fingerprint}); pass strict=False (CLI: --force) to use it anyway")
+                            f"{shape.fingerprint}); pass strict=False (CLI: --force) to use "
+                            "it anyway")

@@ -1,0 +1,40 @@
+"""``moaplan convert``: import a MoA plan JSON or DuoAttention gates as a moaplan YAML plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from moaplan.cli.common import model_shape
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="import a MoA or DuoAttention plan",
+        description="Turn MoA's plan JSON (alphas/betas per query head, 64 sinks) or "
+                    "DuoAttention's full_attention_heads.tsv into a moaplan YAML plan.")
+    parser.add_argument("source", choices=["moa", "duo"], help="the format of INPUT")
+    parser.add_argument("input", help="the file to import")
+    parser.add_argument("--out", required=True, help="the YAML plan to write")
+    parser.add_argument("--model", help="local model directory the plan is for")
+    parser.add_argument("--shape", help="or the model's LAYERS,HEADS,KV_HEADS,HEAD_DIM")
+    parser.add_argument("--threshold", type=float, help="duo: gate above this = full head")
+    parser.add_argument("--sparsity", type=float, help="duo: share of heads made streaming")
+    parser.add_argument("--sink", type=int, default=64, help="duo: sink tokens (default 64)")
+    parser.add_argument("--recent", type=int, default=256, help="duo: recent window (256)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moaplan.plan import import_duo, import_moa, save_plan
+
+    shape = model_shape(args.model, args.shape)
+    if args.source == "moa":
+        plan = import_moa(args.input, shape)
+    else:
+        if args.threshold is None and args.sparsity is None:
+            args.sparsity = 0.5
+        plan = import_duo(args.input, shape, threshold=args.threshold, sparsity=args.sparsity,
+                          sink=args.sink, recent=args.recent)
+    save_plan(plan, args.out)
+    print(f"wrote {args.out}: {shape.describe()}")
+    return 0

@@ -1,0 +1,61 @@
+"""The command line: help for every command, one-line errors, show and convert."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moaplan.cli import SUBCOMMANDS, main
+from moaplan.plan import Budget, ModelShape, load_plan, save_plan, uniform_plan
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moaplan", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert "usage: moaplan" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: moaplan/1\nmodel: 3\n")
+    result = run_cli("show", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "'model' must be a mapping" in result.stderr
+
+
+def test_show_prints_table_and_writes_heatmap(tmp_path, capsys):
+    plan = uniform_plan(ModelShape(3, 4, 2, 16), Budget("kv", 0.5), [1024, 4096])
+    path = save_plan(plan, tmp_path / "plan.yaml")
+    assert main(["show", str(path), "--lengths", "1024", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "kv@4096" in out and "all" in out and "0.500" in out
+    png = tmp_path / "plan.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convert_moa_and_duo(tmp_path):
+    moa = tmp_path / "moa.json"
+    moa.write_text(json.dumps({"alphas": [[512, 1024]] * 2, "betas": [[0.25, 0.5]] * 2}))
+    out = tmp_path / "moa.yaml"
+    assert main(["convert", "moa", str(moa), "--shape", "2,2,2,64", "--out", str(out)]) == 0
+    assert load_plan(out).rules[1][1].beta == 0.5
+    duo = tmp_path / "heads.tsv"
+    duo.write_text("1\t0\n0\t0\n")
+    out = tmp_path / "duo.yaml"
+    assert main(["convert", "duo", str(duo), "--shape", "2,4,2,16", "--out", str(out),
+                 "--threshold", "0.5"]) == 0
+    assert sum(r.full for r in load_plan(out).flat_rules) == 1
+
+
+def test_convert_needs_a_shape(tmp_path):
+    result = run_cli("convert", "moa", "x.json", "--out", str(tmp_path / "o.yaml"))
+    assert result.returncode == 2 and "give --model DIR" in result.stderr
