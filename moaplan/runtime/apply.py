@@ -1,0 +1,207 @@
+"""Make a Hugging Face model follow a plan: ``apply(model, plan)`` and ``remove(model)``.
+
+How it hooks in, through public ``transformers`` APIs only (no patched classes, no touched
+weights): the plan's attention function and a matching mask function are registered in
+``AttentionInterface`` and ``AttentionMaskInterface`` under a name derived from the plan's
+rules, and the model is switched to that name with ``model.set_attn_implementation``.  The
+attention function finds its layer's rules through ``module.layer_idx``.
+
+The mask function only marks which slots hold real tokens (not padding, not unwritten
+slots of a static cache): the plan's rule positions count *real* tokens, so with left
+padding the sinks are the first real tokens, not the first slots.
+
+Length convention: the span of a rule is taken at ``N`` = the sequence's current key length
+in real tokens (prompt plus tokens generated so far).  A prefill of ``N`` tokens uses
+``span(N)`` for all its queries, and each decode step uses ``span(N + t)``.  So a token
+generated after a prefill sees exactly what the last query of a full forward pass over the
+same tokens would see, while earlier cached states were computed at the prefill's length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from moaplan.errors import ModelError
+from moaplan.plan import Plan, load_plan
+from moaplan.rules import Rule, rule_sinks, rule_spans
+from moaplan.runtime.reference import reference_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_PREFIX = "moaplan_"
+_PREVIOUS = "_moaplan_previous_attn_implementation"
+
+
+def real_token_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    config: Any = None,
+    device: torch.device | str = "cpu",
+    **_: Any,
+) -> torch.Tensor | None:
+    """The mask function registered in ``AttentionMaskInterface`` (called like
+    ``transformers.masking_utils.sdpa_mask``).
+
+    Returns a bool ``[B, 1, Nq, Nk]``: True where query slot ``t`` holds a real token and key
+    slot ``j`` is a real token at or before it; rows of padding queries are all False.  None
+    when there is no padding and the queries are the last ``Nq`` slots.  The causal / sliding
+    ``mask_function`` transformers passes is ignored on purpose: the plan's rules decide what
+    is seen, from real-token positions that only the attention function knows.
+    """
+    q_offset = int(q_offset)
+    written = q_offset + q_length  # slots written so far, padding included
+    window = getattr(config, "sliding_window", None)
+    if window is not None and written > window:
+        # Past its native window the model's cache crops old slots (sinks included), so
+        # real-token positions could no longer be recovered from slot indices.
+        raise ModelError(f"inputs longer than the model's native sliding window ({window}) "
+                         "are not supported with a plan; set config.sliding_window = None "
+                         "for full attention")
+    if (attention_mask is None or bool(attention_mask.all())) and written == kv_offset + kv_length:
+        return None
+    q_slot = torch.arange(q_offset, written, device=device)
+    k_slot = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+    total = max(written, kv_offset + kv_length)
+    if attention_mask is None:
+        real = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    else:  # like transformers: slots past the end of the 2D mask are padding
+        real = attention_mask[:, :total].to(device=device, dtype=torch.bool)
+        real = torch.nn.functional.pad(real, (0, total - real.shape[1]))
+    causal = k_slot[None, :] <= q_slot[:, None]
+    return (causal & real[:, None, k_slot] & real[:, q_slot, None])[:, None]
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
+    *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The compute seam: sequences with real tokens at key slots ``0 .. seq_lens-1``
+    (right-padded), all at one rule length.  Kernels plug in here."""
+    return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                               seq_lens=seq_lens)
+
+
+def _sinks_spans(rules: Sequence[Rule], n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a).to(device) for a in (rule_sinks(rules, n),
+                                                          rule_spans(rules, n)))
+
+
+def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, order[b, t]]`` for ``x`` of shape ``[B, H, N, D]`` and ``order`` ``[B, N]``."""
+    index = order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    return x.gather(2, index)
+
+
+def layer_attention(
+    rules: Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: torch.Tensor | None, *, scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one layer under its rules (one per KV head): ``[B, Hq, Nq, D]``.
+
+    ``mask`` is :func:`real_token_mask`'s.  Without one (no padding, queries in the last
+    slots) this is one call at ``N = Nk``.  With one, each sequence's real tokens are moved to
+    the front (a stable sort keeps their order), so real-token positions become slot indices;
+    sequences are grouped by their real length ``N`` (the rule length), and the outputs are
+    moved back to their query slots (padding rows stay zero).
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    if mask is None:
+        sink, span = _sinks_spans(rules, nk, q.device)
+        return _attend(q, k, v, sink, span, scale=scale, q_offset=nk - nq, seq_lens=None)
+
+    key_real, q_real = mask[:, 0].any(1), mask[:, 0].any(2)  # a real query sees itself
+    key_order = torch.argsort((~key_real).to(torch.int8), dim=1, stable=True)
+    q_order = torch.argsort((~q_real).to(torch.int8), dim=1, stable=True)
+    seq_lens = key_real.sum(1)
+    # Every real key is a real query or precedes them all: the real queries are the last
+    # real tokens of their sequence, at consecutive positions.
+    q_offset = seq_lens - q_real.sum(1)
+    q_c = _gather_slots(q, q_order)
+    k_c, v_c = _gather_slots(k, key_order), _gather_slots(v, key_order)
+
+    out_c = q.new_zeros(q.shape[:3] + (v.shape[3],))
+    for n in seq_lens.unique().tolist():
+        if n == 0:
+            continue  # no real token yet: nothing to attend, the rows stay zero
+        rows = (seq_lens == n).nonzero().squeeze(1)
+        sink, span = _sinks_spans(rules, n, q.device)
+        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], sink, span, scale=scale,
+                              q_offset=q_offset[rows], seq_lens=seq_lens[rows])
+    # q_order is a permutation of the query slots: scatter undoes the gather.
+    index = q_order[:, None, :, None].expand(-1, out_c.shape[1], -1, out_c.shape[3])
+    return torch.zeros_like(out_c).scatter(2, index, out_c)
+
+
+def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
+    """The function registered in ``AttentionInterface`` for one plan."""
+
+    def moaplan_attention(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None = None,
+        dropout: float = 0.0, **_: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if dropout:
+            raise ModelError("moaplan attention has no dropout; call model.eval() before "
+                             "running a model with a plan")
+        if attention_mask is not None and (attention_mask.dtype != torch.bool
+                                           or attention_mask.shape[1] != 1):
+            raise ModelError("a model with a moaplan plan takes a 2D padding attention_mask, "
+                             "not a custom 4D mask")
+        out = layer_attention(rules[module.layer_idx], query, key, value, attention_mask,
+                              scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return moaplan_attention
+
+
+def implementation_name(plan: Plan) -> str:
+    """The registry name of a plan: a hash of its rules, so that equal plans share it."""
+    digest = hashlib.sha256(repr(plan.rules).encode()).hexdigest()[:16]
+    return _PREFIX + digest
+
+
+def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
+    """Make ``model`` (Llama, Mistral or Qwen2, GQA included) attend by ``plan``.
+
+    ``plan`` is a :class:`~moaplan.plan.Plan` or the path of a plan YAML.  With ``strict``,
+    the plan's config fingerprint must match the model's (see ``Plan.check_model``).
+    Returns the same model object; :func:`remove` switches it back.
+    """
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"moaplan cannot apply a plan to a {model_type!r} model; supported "
+                         f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    plan.check_model(config, strict=strict)
+    name = implementation_name(plan)
+    # Snapshot the rules: a Plan is mutable, but the registered name describes these rules.
+    rules = tuple(tuple(layer) for layer in plan.rules)
+    AttentionInterface.register(name, _attention_function(rules))
+    AttentionMaskInterface.register(name, real_token_mask)
+    current = config._attn_implementation
+    if current and not current.startswith(_PREFIX):
+        setattr(model, _PREVIOUS, current)
+    model.set_attn_implementation(name)
+    return model
+
+
+def remove(model: Any) -> Any:
+    """Switch a model that :func:`apply` changed back to its previous attention."""
+    previous = getattr(model, _PREVIOUS, None)
+    if previous is None:
+        raise ModelError("this model has no moaplan plan applied")
+    model.set_attn_implementation(previous)
+    delattr(model, _PREVIOUS)
+    return model

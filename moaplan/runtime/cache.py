@@ -1,0 +1,302 @@
+"""A KV cache that keeps, for each (layer, KV head), only the sink tokens and the window.
+
+``MoaplanCache(plan, batch_size, max_length, dtype, device)`` is a ``transformers`` ``Cache``:
+pass it to ``generate(..., past_key_values=cache)`` (or ``cache=`` on newer releases) of a
+model that :func:`moaplan.apply` switched to the plan's attention.  It is sized for requests
+of up to ``max_length`` real tokens per sequence (prompt plus new tokens, padding excluded):
+head ``h`` of a layer gets ``sink`` slots and a ring of ``span(max_length)`` slots, in one flat
+buffer per layer (the layout is described in :mod:`moaplan.kernels.decode`), so memory is
+``sum over heads of (sink + span)`` and not ``heads x max_length``.  Positions count real
+tokens only (left or right padding is skipped), as in :mod:`moaplan.runtime.apply`.
+
+How attention reaches the compressed view.  A model calls ``cache.update(k, v, layer)`` and
+hands what it returns to the attention function.  ``update`` does not store anything: it
+stages the chunk and returns it, tagged so that :func:`cache_step` finds this layer.  The
+attention function then calls::
+
+    step = cache_step(key)            # None for any other cache
+    if step is not None:
+        out = step.attend(query, scale=scaling, chunk_real=real)   # [B, Hq, Nq, D]
+
+with ``real`` the ``[B, Nq]`` bool mask of the chunk's real tokens (None: all real).
+``attend`` computes the chunk's attention and only then writes the chunk, because with a
+multi-token chunk (a prefill, or a second prompt in a multi-turn chat) the ring may have to
+evict keys that the chunk's first queries still see.  A single-token chunk (decode) is
+written first and read by the split-KV decode kernel.
+
+Rule length: like the dense path, a chunk's queries use ``span(N)`` with ``N`` the
+sequence's real length after the chunk; ``N <= max_length`` always, so the ring (sized at
+``max_length``) holds every key the rule can ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from moaplan.errors import ModelError
+from moaplan.kernels.decode import DecodeLayout, decode_attention, decode_layout, slot_positions
+from moaplan.plan import Plan
+from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
+
+_STEP_ATTR = "_moaplan_cache_step"
+# Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
+_SCORE_ELEMENTS = 1 << 25
+
+
+def cache_step(key: torch.Tensor) -> MoaplanLayer | None:
+    """The cache layer that returned ``key`` from ``update``, or None for another cache."""
+    return getattr(key, _STEP_ATTR, None)
+
+
+class _LayerRules:
+    """One layer's rules as device tensors, to evaluate ``span(n)`` without leaving the GPU."""
+
+    def __init__(self, rules: Sequence[Rule], device: torch.device):
+        self.rules = tuple(rules)
+        cols = rule_arrays(self.rules)
+        self.full = torch.from_numpy(cols["full"][:, 0]).to(device)
+        self.alpha = torch.from_numpy(cols["alpha"][:, 0]).to(device)
+        self.beta = torch.from_numpy(cols["beta"][:, 0]).to(device)
+        self.min_span = torch.from_numpy(cols["min_span"][:, 0]).to(device)
+        self.max_span = torch.from_numpy(cols["max_span"][:, 0]).to(device)
+
+    def spans(self, n: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``); the same arithmetic as
+        :func:`moaplan.rules.rule_spans` (float64, round half up)."""
+        n = n.to(torch.int64)[:, None]
+        raw = torch.floor(self.alpha + self.beta * n.to(torch.float64) + 0.5).to(torch.int64)
+        span = torch.minimum(torch.maximum(raw, self.min_span), torch.minimum(self.max_span, n))
+        return torch.where(self.full, n, span)
+
+
+class MoaplanLayer(CacheLayerMixin):
+    """One layer of a :class:`MoaplanCache`: flat K/V buffers ``[B, C, D]`` and counters."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, rules: Sequence[Rule], batch_size: int, max_length: int,
+                 num_q_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 chunk: int | None = None):
+        super().__init__()
+        self.rules = _LayerRules(rules, device)
+        self.max_length = max_length
+        self.num_q_heads = num_q_heads
+        self.sinks = rule_sinks(rules, max_length).tolist()
+        self.rings = rule_spans(rules, max_length).tolist()
+        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
+                                                  device=device, chunk=chunk)
+        shape = (batch_size, self.layout.capacity, head_dim)
+        # Zeros, not empty: the torch path multiplies masked slots by probability 0.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.device, self.dtype = torch.device(device), dtype
+        self.batch_size = batch_size
+        self.is_initialized = True
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.written = 0  # slots the model has passed, padding included (get_seq_length)
+        self.n_real = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
+        self._max_real = 0  # host upper bound of n_real, to check capacity without a sync
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- the transformers CacheLayerMixin interface -------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers are allocated up front (sized by the plan), so there is nothing to do."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pending is not None:
+            raise ModelError("a MoaplanCache needs the plan's attention to read it; call "
+                             "moaplan.apply(model, plan) before generating with this cache")
+        batch, n_kv, _, head_dim = key_states.shape
+        if (batch, n_kv, head_dim) != (self.batch_size, self.layout.num_kv_heads,
+                                       self.keys.shape[-1]):
+            raise ModelError(f"the cache was made for batch {self.batch_size}, "
+                             f"{self.layout.num_kv_heads} KV heads, head_dim "
+                             f"{self.keys.shape[-1]}; the model gave keys "
+                             f"{tuple(key_states.shape)}")
+        self._pending = (key_states, value_states)
+        self.written += key_states.shape[2]
+        tagged = key_states.view(key_states.shape)  # a new tensor object that carries the tag
+        setattr(tagged, _STEP_ATTR, self)
+        return tagged, value_states
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.written + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.written
+
+    def get_max_length(self) -> int:
+        return -1  # bounded in real tokens, not in slots: padding takes no room
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+        self._reset_counters()
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    # --- attention over the compressed view ---------------------------------------------
+    def attend(self, query: torch.Tensor, *, scale: float | None = None,
+               chunk_real: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the staged chunk's queries ``[B, Hq, Nq, D]`` over this layer's
+        cache plus the chunk; then the chunk is written.  ``chunk_real``: bool ``[B, Nq]``,
+        False at padding (those rows come out as zeros).  Returns ``[B, Hq, Nq, D]``."""
+        if self._pending is None:
+            raise ModelError("attend() needs a chunk staged by update() first")
+        key, value = self._pending
+        self._pending = None
+        batch, _, n_new, _ = query.shape
+        if chunk_real is None:
+            real = torch.ones(batch, n_new, dtype=torch.bool, device=query.device)
+        else:
+            real = chunk_real.to(device=query.device, dtype=torch.bool)
+        n_before = self.n_real
+        pos = torch.where(real, n_before[:, None] + real.cumsum(1) - 1, -1)
+        n_after = n_before + real.sum(1)
+        self._check_capacity(n_new, n_after)
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        if n_new == 1:
+            self._write_one(key, value, pos[:, 0], real[:, 0])
+            out = decode_attention(query[:, :, 0], self.keys, self.values, self.layout, n_after,
+                                   self.rules.spans(n_after), scale=scale)
+            out = out.masked_fill(~real[:, None, None], 0.0)[:, :, None]
+        else:
+            out = self._chunk_attention(query, key, value, pos, n_before, n_after, scale)
+            self._write_many(key, value, pos, n_after)
+        self.n_real = n_after
+        return out
+
+    def _check_capacity(self, n_new: int, n_after: torch.Tensor) -> None:
+        self._max_real += n_new
+        if self._max_real > self.max_length:  # the bound says it may overflow: look exactly
+            self._max_real = int(n_after.max())
+            if self._max_real > self.max_length:
+                raise ModelError(f"the MoaplanCache was sized for {self.max_length} tokens per "
+                                 f"sequence but a sequence reached {self._max_real}; make it "
+                                 "with a larger max_length")
+
+    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slot (within a sequence's buffer) of each head for token positions ``pos`` ``[...]``:
+        ``[..., Hkv]``."""
+        sink = self.layout.sinks.to(torch.int64)
+        ring = self.layout.rings.to(torch.int64)
+        pos = pos[..., None]
+        local = torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
+        return self.layout.offsets.to(torch.int64) + local
+
+    def _write_one(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+                   real: torch.Tensor) -> None:
+        """Decode write without a host sync: padding rows rewrite the slot's old content."""
+        batch, capacity = self.batch_size, self.layout.capacity
+        rows = (self._slots(pos.clamp(min=0))
+                + torch.arange(batch, device=pos.device)[:, None] * capacity).reshape(-1)
+        keep = real[:, None, None]
+        for buf, new in ((self.keys, key), (self.values, value)):
+            flat = buf.view(batch * capacity, -1)
+            merged = torch.where(keep, new[:, :, 0], flat[rows].view_as(new[:, :, 0]))
+            flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
+
+    def _write_many(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+                    n_after: torch.Tensor) -> None:
+        """Write the tokens each head keeps: its sinks and the last ``ring`` tokens after them
+        (the kept tokens of one head land in distinct slots)."""
+        sink = self.layout.sinks.to(torch.int64)
+        ring = self.layout.rings.to(torch.int64)
+        p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
+        keep = (p >= 0) & ((p < sink) | (p >= n_after[:, None, None] - ring))
+        b, t, h = keep.nonzero(as_tuple=True)
+        rows = b * self.layout.capacity + self._slots(pos)[b, t, h]
+        for buf, new in ((self.keys, key), (self.values, value)):
+            buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
+
+    def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         pos: torch.Tensor, n_before: torch.Tensor, n_after: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
+        batch, n_q_heads, n_new, head_dim = query.shape
+        n_kv = self.layout.num_kv_heads
+        group = n_q_heads // n_kv
+        empty = self.written == n_new  # nothing was cached before this chunk
+        if empty and query.is_cuda and chunk_is_plain(pos):
+            return self._first_prefill_kernel(query, key, value, scale)
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        spans = self.rules.spans(n_after)  # [B, Hkv]: the rule length is N after the chunk
+        out = torch.zeros_like(query)
+        q_pos = pos[:, None, :, None]  # [B, 1, T, 1]
+        for h in range(n_kv):
+            first, cap = self.layout.head_slots(h)
+            k_pos, k, v = pos, key[:, h], value[:, h]
+            if not empty:
+                cached = slot_positions(self.sinks[h], self.rings[h], n_before)
+                k_pos = torch.cat([cached, pos], 1)
+                k = torch.cat([self.keys[:, first:first + cap], k], 1)
+                v = torch.cat([self.values[:, first:first + cap], v], 1)
+            kp = k_pos[:, None, None, :]  # [B, 1, 1, K]
+            ok = (kp >= 0) & (q_pos >= 0) & (kp <= q_pos) & (
+                (kp < self.sinks[h]) | (q_pos - kp < spans[:, h, None, None, None]))
+            qh = query[:, h * group:(h + 1) * group].to(compute)
+            k, v = k.to(compute), v.to(compute)
+            step = max(1, _SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
+            for lo in range(0, n_new, step):
+                hi = min(lo + step, n_new)
+                scores = torch.einsum("bgtd,bkd->bgtk", qh[:, :, lo:hi], k) * scale
+                scores = scores.masked_fill(~ok[:, :, lo:hi], float("-inf"))
+                probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+                out[:, h * group:(h + 1) * group, lo:hi] = torch.einsum(
+                    "bgtk,bkd->bgtd", probs, v).to(query.dtype)
+        return out
+
+    def _first_prefill_kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+        """An unpadded first prefill on the GPU: the block-sparse prefill kernel at N = Nq."""
+        from moaplan.kernels.prefill import sparse_attention  # needs a CUDA-capable Triton
+
+        n = query.shape[2]
+        sink = rule_sinks(self.rules.rules, n).tolist()
+        span = rule_spans(self.rules.rules, n).tolist()
+        return sparse_attention(query, key, value, sink, span, scale=scale)
+
+
+def chunk_is_plain(pos: torch.Tensor) -> bool:
+    """True when every sequence's chunk is real tokens ``0 .. T-1`` (no padding, empty cache);
+    a host check of a small tensor."""
+    return bool((pos == torch.arange(pos.shape[1], device=pos.device)).all())
+
+
+class MoaplanCache(Cache):
+    """The compressed KV cache of a plan; see the module docstring for the protocol."""
+
+    def __init__(self, plan: Plan, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 *, chunk: int | None = None):
+        if batch_size < 1 or max_length < 1:
+            raise ModelError(f"batch_size and max_length must be >= 1, got {batch_size} and "
+                             f"{max_length}")
+        shape = plan.model
+        device = torch.device(device)
+        layers = [MoaplanLayer(plan.rules[layer], batch_size, max_length,
+                               shape.num_attention_heads, shape.head_dim, dtype, device, chunk)
+                  for layer in range(shape.num_layers)]
+        super().__init__(layers=layers)
+        self.plan = plan
+        self.max_length = max_length
+
+    def nbytes(self) -> int:
+        """Bytes of the K/V buffers this cache holds (what :func:`moaplan.kv_bytes` predicts)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_density(self) -> float:
+        """Held slots over a dense cache's ``layers x KV heads x max_length``."""
+        shape = self.plan.model
+        dense = shape.num_layers * shape.num_key_value_heads * self.max_length
+        return sum(layer.layout.capacity for layer in self.layers) / dense

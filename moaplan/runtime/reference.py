@@ -1,0 +1,96 @@
+"""The exact masked attention of a plan: the oracle every kernel is tested against.
+
+It builds the rule's boolean mask explicitly (one batch element and one block of queries at a
+time, so memory stays bounded) and applies a plain softmax.  It is meant to be obviously
+right, not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Upper bound on the float score elements held at once (heads x query chunk x keys): 2^25
+# float32 scores are 128 MiB, enough for Nk = 4096 with 32 query heads at 256 queries a chunk.
+_SCORE_ELEMENTS = 1 << 25
+
+
+def visible(
+    sink: torch.Tensor, span: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    """Which (query position, key position) pairs a head sees; all arguments broadcast.
+
+    The one rule convention: query ``i`` sees key ``j`` iff
+    ``j <= i and (j < sink or i - j < span)``.
+    """
+    return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
+
+
+def _per_sequence(value: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """An int or a ``[B]`` tensor as an int64 ``[B]`` tensor."""
+    out = torch.as_tensor(value, dtype=torch.int64, device=device)
+    if out.ndim == 0:
+        return out.expand(batch)
+    if out.shape != (batch,):
+        raise ValueError(f"expected an int or a tensor of shape [{batch}], got {tuple(out.shape)}")
+    return out
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    span: torch.Tensor,
+    *,
+    scale: float | None = None,
+    q_offset: int | torch.Tensor = 0,
+    seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of every query head under its KV head's (sink, span) rule.
+
+    ``q``: ``[B, Hq, Nq, D]``; ``k``, ``v``: ``[B, Hkv, Nk, D]`` with ``Hq`` a multiple of
+    ``Hkv`` (query head ``h`` uses KV head ``h // (Hq // Hkv)``); ``sink``, ``span``: int
+    ``[Hkv]`` (``span >= Nk`` means full).  Query ``t`` of sequence ``b`` sits at absolute
+    position ``q_offset + t`` (``q_offset`` an int or an int ``[B]``), key ``j`` at ``j``.
+    ``seq_lens`` (int ``[B]``) marks right padding: keys at ``j >= seq_lens[b]`` are invisible
+    and query rows at positions ``>= seq_lens[b]`` are zeros.  A row that sees no key at all
+    is zeros as well.  Computes in float32 (float64 for float64 inputs); returns ``q.dtype``.
+    """
+    batch, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if k.shape != (batch, hkv, nk, dim) or v.shape[:3] != (batch, hkv, nk):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q "
+                         f"{tuple(q.shape)}: expected [B, Hkv, Nk, D]")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads")
+    device = q.device
+    sink = torch.as_tensor(sink, dtype=torch.int64, device=device).reshape(-1)
+    span = torch.as_tensor(span, dtype=torch.int64, device=device).reshape(-1)
+    if sink.shape != (hkv,) or span.shape != (hkv,):
+        raise ValueError(f"sink and span need one entry per KV head ({hkv}), got "
+                         f"{tuple(sink.shape)} and {tuple(span.shape)}")
+    offsets = _per_sequence(q_offset, batch, device)
+    lens = _per_sequence(nk if seq_lens is None else seq_lens, batch, device)
+    scale = dim ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = hq // hkv
+
+    out = torch.zeros(batch, hkv, group, nq, v.shape[-1], dtype=compute, device=device)
+    k_pos = torch.arange(nk, device=device)
+    rule_sink, rule_span = sink[:, None, None], span[:, None, None]  # [Hkv, 1, 1]
+    chunk = max(1, _SCORE_ELEMENTS // max(1, hq * nk))
+    for b in range(batch):
+        qb = q[b].to(compute).reshape(hkv, group, nq, dim)
+        kb, vb = k[b].to(compute), v[b].to(compute)
+        key_ok = k_pos < lens[b]
+        for start in range(0, nq, chunk):
+            stop = min(start + chunk, nq)
+            q_pos = (offsets[b] + torch.arange(start, stop, device=device))[:, None]
+            mask = visible(rule_sink, rule_span, q_pos, k_pos) & key_ok  # [Hkv, c, Nk]
+            mask &= (q_pos < lens[b])  # padding query rows see nothing -> zeros
+            scores = torch.einsum("hgqd,hkd->hgqk", qb[:, :, start:stop], kb) * scale
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+            # A row with no visible key is all -inf; its softmax is NaN, and its output is 0.
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out[b, :, :, start:stop] = torch.einsum("hgqk,hkd->hgqd", probs, vb)
+    return out.reshape(batch, hq, nq, -1).to(q.dtype)
