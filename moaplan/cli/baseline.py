@@ -1,0 +1,57 @@
+"""``moaplan baseline``: the plans searched plans are compared against, at the same density."""
+
+from __future__ import annotations
+
+import argparse
+
+from moaplan.cli.common import density_value, positive_int
+from moaplan.cli.search import add_model_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "baseline", help="write a StreamingLLM- or DuoAttention-style plan",
+        description="streaming: the same elastic sink + window for every head, at the budget "
+                    "at every length.  duo: the heads whose streaming rule drops the most "
+                    "influence (from a profile) keep full attention, the rest sink + recent, "
+                    "with as many full heads as the budget allows.")
+    parser.add_argument("kind", choices=["streaming", "duo"])
+    parser.add_argument("--budget", type=density_value, required=True)
+    add_model_arguments(parser)
+    parser.add_argument("--extend-to", type=positive_int, nargs="*", default=[],
+                        help="longer lengths the plan must also meet the budget at")
+    parser.add_argument("--sink", type=int, default=64, help="sink tokens (default 64)")
+    parser.add_argument("--recent", type=int, default=256,
+                        help="duo: recent window of streaming heads (default 256)")
+    parser.add_argument("--out", required=True, help="plan file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moaplan.plan import Budget, ModelShape, duo_plan, save_plan, uniform_plan
+    from moaplan.rules import Rule
+
+    budget = Budget(args.density, args.budget)
+    lengths = sorted({*args.lengths, *args.extend_to})
+    if args.kind == "streaming":
+        from moaplan.model import load_model
+
+        model, _ = load_model(args.model)
+        plan = uniform_plan(ModelShape.from_config(model.config), budget, lengths, args.sink)
+    else:
+        from moaplan.cli.session import ModelSession
+        from moaplan.rules import RuleSpace
+        from moaplan.search import obtain_profile
+
+        session = ModelSession.open(args)
+        samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
+        profile = obtain_profile(session.model, samples, session.profile_path, block=64,
+                                 rule_space=RuleSpace())
+        stream = Rule.window(args.recent, sink=args.sink)
+        scores = profile.dropped_influence([stream], max(args.lengths))[:, 0]
+        shape = profile.model
+        plan = duo_plan(shape, scores.reshape(shape.num_layers, shape.num_key_value_heads),
+                        budget, lengths, args.sink, args.recent)
+    save_plan(plan, args.out)
+    print(f"wrote {args.out}: {args.kind} plan, {args.density} density {args.budget}")
+    return 0

@@ -1,0 +1,117 @@
+"""``moaplan profile``: measure every head's attention influence at several lengths.
+
+Under ``torchrun`` each rank profiles its share of the samples (one GPU per rank) and rank 0
+writes the all-reduced profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moaplan.cli.common import positive_int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile", help="measure per-head attention influence on calibration data",
+        description="Run the model densely on calibration samples of each length, backpropagate "
+                    "the response-token loss once per sample and store, per (layer, KV head), "
+                    "the blockwise influence of dropping attention entries.")
+    parser.add_argument("--model", help="local model directory (default: the reference model)")
+    parser.add_argument("--data", help="calibration data file (default: the reference model's "
+                                       "own calibration samples)")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", required=True,
+                        help="input lengths in tokens, e.g. 1024 2048 4096")
+    parser.add_argument("--samples", type=positive_int, default=8,
+                        help="samples per length (default 8)")
+    parser.add_argument("--block", type=positive_int, default=64,
+                        help="block size of the summary in tokens (default 64)")
+    parser.add_argument("--out", help="profile file (default: profiles/<model>.safetensors)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last finished sample")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="influence implementation (auto: triton on a CUDA GPU)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing (long inputs on large models)")
+    parser.add_argument("--device-map", default=None,
+                        help="'auto' spreads a large model over the visible GPUs")
+    parser.set_defaults(run=run)
+
+
+def _load(args: argparse.Namespace, local_rank: int):
+    import torch
+
+    from moaplan.errors import ModelError
+    from moaplan.model import load_model, reference_model_path
+
+    if args.device_map is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return load_model(args.model, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model or reference_model_path()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                     device_map=args.device_map)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load {path} with device_map={args.device_map!r}: "
+                         f"{str(err).strip().splitlines()[0]}") from err
+
+
+def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
+    from moaplan.data import load_calibration, reference_calibration
+
+    if args.data:
+        return {n: load_calibration(args.data, tokenizer, n, args.samples) for n in args.lengths}
+    return {n: reference_calibration(model, tokenizer, n, args.samples, args.seed)
+            for n in args.lengths}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from moaplan.profile import checkpoint_path, profile_model, save_profile
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+    out = Path(args.out or f"profiles/{Path(args.model).name if args.model else 'reference'}"
+                           ".safetensors")
+    model, tokenizer = _load(args, local_rank)
+    samples = _samples(args, model, tokenizer)
+    total = sum(len(range(rank, len(s), world)) for s in samples.values())
+    bar = tqdm(total=total, unit="sample", disable=rank != 0, desc="profiling")
+    tokens, seconds = 0, 0.0
+
+    def step(progress) -> None:
+        nonlocal tokens, seconds
+        tokens, seconds = tokens + progress.tokens, seconds + progress.seconds
+        bar.set_postfix(length=progress.length, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        bar.update(1)
+
+    profile = profile_model(model, samples, block=args.block, backend=args.backend,
+                            gradient_checkpointing=args.checkpointing, checkpoint=out,
+                            resume=args.resume, on_sample=step)
+    bar.close()
+    if rank == 0:
+        save_profile(profile, out)
+        print(f"wrote {out} ({', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)}"
+              " samples)")
+    partial = checkpoint_path(out, rank, world)
+    partial.unlink(missing_ok=True)
+    partial.with_suffix(".yaml").unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,181 @@
+"""``search``: calibration data -> profile -> optimizer -> validated plan.
+
+The search profiles the model at a few lengths (or reuses a matching profile), builds the
+multiple-choice knapsack over the rule space with a density budget at every target length
+(the profiled lengths, the validation length and the lengths the plan must extend to), and
+lets optuna tune the optimizer's length weights by the *measured* response-token loss on
+held-out calibration samples at a length that was not profiled.  The plan with the lowest
+measured loss is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moaplan.errors import BudgetError, DataError, ProfileError
+from moaplan.optimize import KnapsackProblem, Solution, choose
+from moaplan.plan import Budget, ModelShape, Plan, save_plan
+from moaplan.profile import Profile, calibration_hash, load_profile, profile_model, save_profile
+from moaplan.profile.profiler import response_loss
+from moaplan.rules import RuleSpace
+from moaplan.runtime import apply, remove
+
+Samples = dict[int, list[Any]]  # length -> calibration samples of that length
+
+
+@dataclass
+class SearchSettings:
+    """What to search for; the defaults suit the shipped reference model (4K context)."""
+
+    budget: Budget
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    validation_length: int = 3072
+    extend_to: list[int] = field(default_factory=list)
+    samples: int = 4
+    validation_samples: int = 2
+    trials: int = 8
+    block: int = 64
+    rule_space: RuleSpace = field(default_factory=RuleSpace)
+    time_limit: float = 60.0
+    layer_max_density: float | None = None  # optional bound on every layer's mean density
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.lengths = sorted(set(self.lengths))
+        if self.validation_length in self.lengths:
+            raise BudgetError(f"the validation length {self.validation_length} is also profiled; "
+                              "validate at a length that was not profiled")
+        if min(self.samples, self.validation_samples, self.trials) < 1:
+            raise BudgetError("samples, validation samples and trials must all be >= 1")
+
+    @property
+    def target_lengths(self) -> list[int]:
+        """Every length the plan must meet the budget at."""
+        return sorted({*self.lengths, self.validation_length, *self.extend_to})
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    solution: Solution
+    profile: Profile
+    dense_loss: float  # measured at the validation length
+    plan_loss: float
+    trials: int
+
+
+# (length, count, held_out) -> samples of that length; held-out samples are never the ones
+# the profile is made from.
+SampleSource = Callable[[int, int, bool], list[Any]]
+
+
+def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int,
+                   rule_space: RuleSpace, on_sample: Callable | None = None) -> Profile:
+    """The profile at ``path`` if it matches this model, data, block and rule space; else
+    profile now (checkpointing beside ``path`` so an interrupted run resumes) and save it."""
+    shape = ModelShape.from_config(model.config)
+    if path.exists():
+        profile = load_profile(path)
+        profile.check_model(shape)
+        matches = (profile.lengths == sorted(samples) and profile.block == block
+                   and profile.data_hash == calibration_hash(samples)
+                   and profile.rule_space == rule_space and profile.complete)
+        if matches:
+            return profile
+        raise ProfileError(f"{path} was made with other lengths, data, block size or rule space; "
+                           "delete it or pass another --profile path")
+    partial = path.with_name(path.name + ".partial")
+    profile = profile_model(model, samples, block=block, rule_space=rule_space,
+                            checkpoint=partial, resume=True, on_sample=on_sample)
+    save_profile(profile, path)
+    for leftover in path.parent.glob(partial.name + "*"):
+        leftover.unlink()
+    return profile
+
+
+def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
+    space = settings.rule_space
+    cost = np.stack([profile.dropped_influence(space.rules, n) for n in settings.lengths])
+    targets = settings.target_lengths
+    if settings.budget.kind == "kv":
+        density = space.kv_density(targets).T
+    else:
+        density = space.attention_density(targets).T
+    shape = profile.model
+    layer_of_head = np.repeat(np.arange(shape.num_layers), shape.num_key_value_heads)
+    return KnapsackProblem(cost=cost, density=density, budget=settings.budget.value,
+                           head_groups=layer_of_head,
+                           group_max_density=settings.layer_max_density,
+                           target_lengths=tuple(targets))
+
+
+def plan_from_solution(solution: Solution, profile: Profile, settings: SearchSettings,
+                       provenance: dict[str, Any] | None = None) -> Plan:
+    shape = profile.model
+    rules = [settings.rule_space.rules[c] for c in solution.choice]
+    kv = shape.num_key_value_heads
+    by_layer = [rules[i * kv:(i + 1) * kv] for i in range(shape.num_layers)]
+    totals = [float(profile.total(n).sum()) for n in settings.lengths]
+    predicted = {n: float(c) / t if t else 0.0
+                 for n, c, t in zip(settings.lengths, solution.costs, totals)}
+    return Plan(model=shape, rules=by_layer, budget=settings.budget,
+                lengths=settings.target_lengths, predicted_loss=predicted,
+                provenance=dict(provenance or {}))
+
+
+@torch.no_grad()
+def measured_loss(model: torch.nn.Module, samples: Sequence[Any]) -> float:
+    """Mean response-token cross-entropy over ``samples`` with the model as it is now."""
+    return float(np.mean([float(response_loss(model, s)[0]) for s in samples]))
+
+
+def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
+           out: str | Path, profile_path: str | Path, storage: str | None,
+           on_sample: Callable | None = None,
+           on_trial: Callable[[float], None] | None = None) -> SearchResult:
+    """Run the whole search and write the plan to ``out`` (atomically)."""
+    start = time.perf_counter()
+    samples = {n: source(n, settings.samples, False) for n in settings.lengths}
+    held_out = source(settings.validation_length, settings.validation_samples, True)
+    if not held_out:
+        raise DataError(f"no held-out samples of length {settings.validation_length}")
+    profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
+                             rule_space=settings.rule_space, on_sample=on_sample)
+    problem = knapsack(profile, settings)
+    dense = measured_loss(model, held_out)
+
+    def evaluate(solution: Solution) -> float:
+        apply(model, plan_from_solution(solution, profile, settings))
+        try:
+            loss = measured_loss(model, held_out)
+        finally:
+            remove(model)
+        if on_trial is not None:
+            on_trial(loss)
+        return loss
+
+    fingerprint = profile.model.fingerprint or "model"
+    study_name = (f"moaplan-{fingerprint}-{profile.data_hash}-{settings.budget.kind}"
+                  f"{settings.budget.value}-{'-'.join(map(str, settings.target_lengths))}")
+    best, study = choose(problem, evaluate, n_trials=settings.trials, storage=storage,
+                         study_name=study_name, seed=settings.seed,
+                         time_limit=settings.time_limit)
+    provenance = {
+        "profile": str(profile_path),
+        "search": {"validation_length": settings.validation_length,
+                   "validation_loss": float(study.best_value), "dense_loss": dense,
+                   "trials": len(study.trials), "solver_gap": float(best.gap),
+                   "solver_status": best.status,
+                   "seconds": round(time.perf_counter() - start, 1)},
+    }
+    plan = plan_from_solution(best, profile, settings, provenance)
+    save_plan(plan, out)
+    return SearchResult(plan=plan, solution=best, profile=profile, dense_loss=dense,
+                        plan_loss=float(study.best_value), trials=len(study.trials))
