@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply": "moaplan.runtime.apply",
     "remove": "moaplan.runtime.apply",
+    "MoaplanCache": "moaplan.runtime.cache",
+    "kv_bytes": "moaplan.runtime.memory",
     "load_plan": "moaplan.plan",
     "save_plan": "moaplan.plan",
     "Plan": "moaplan.plan",

@@ -1,6 +1,10 @@
-"""Running a model under a plan: the reference attention and ``apply``/``remove``."""
+"""Running a model under a plan: the reference attention, ``apply``/``remove``, and the
+compressed KV cache."""
 
 from moaplan.runtime.apply import apply, layer_attention, remove
+from moaplan.runtime.cache import MoaplanCache, attend_cached
+from moaplan.runtime.memory import kv_bytes
 from moaplan.runtime.reference import reference_attention, visible
 
-__all__ = ["apply", "layer_attention", "reference_attention", "remove", "visible"]
+__all__ = ["MoaplanCache", "apply", "attend_cached", "kv_bytes", "layer_attention",
+           "reference_attention", "remove", "visible"]

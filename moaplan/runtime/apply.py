@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from moaplan.errors import ModelError
 from moaplan.plan import Plan, load_plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
+from moaplan.runtime.cache import attend_cached
 from moaplan.runtime.reference import reference_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -157,8 +158,11 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
                                            or attention_mask.shape[1] != 1):
             raise ModelError("a model with a moaplan plan takes a 2D padding attention_mask, "
                              "not a custom 4D mask")
-        out = layer_attention(rules[module.layer_idx], query, key, value, attention_mask,
-                              scale=scaling)
+        # A MoaplanCache hands over its compressed per-head view; a dense cache the full keys.
+        out = attend_cached(query, key, attention_mask, scaling)
+        if out is None:
+            out = layer_attention(rules[module.layer_idx], query, key, value, attention_mask,
+                                  scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
     return moaplan_attention

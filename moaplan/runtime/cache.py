@@ -12,16 +12,15 @@ tokens only (left or right padding is skipped), as in :mod:`moaplan.runtime.appl
 How attention reaches the compressed view.  A model calls ``cache.update(k, v, layer)`` and
 hands what it returns to the attention function.  ``update`` does not store anything: it
 stages the chunk and returns it, tagged so that :func:`cache_step` finds this layer.  The
-attention function then calls::
+plan's attention function then calls, before its dense path::
 
-    step = cache_step(key)            # None for any other cache
-    if step is not None:
-        out = step.attend(query, scale=scaling, chunk_real=real)   # [B, Hq, Nq, D]
+    out = attend_cached(query, key, attention_mask, scaling)   # [B, Hq, Nq, D] or None
 
-with ``real`` the ``[B, Nq]`` bool mask of the chunk's real tokens (None: all real).
-``attend`` computes the chunk's attention and only then writes the chunk, because with a
-multi-token chunk (a prefill, or a second prompt in a multi-turn chat) the ring may have to
-evict keys that the chunk's first queries still see.  A single-token chunk (decode) is
+which is ``cache_step(key).attend(query, scale=..., chunk_real=real)`` with ``real`` the
+``[B, Nq]`` bool mask of the chunk's real tokens (None: all real).  ``attend`` computes the
+chunk's attention and only then writes the chunk, because with a multi-token chunk (a
+prefill, or a second prompt in a multi-turn chat) the ring may have to evict keys that the
+chunk's first queries still see.  A single-token chunk (decode) is
 written first and read by the split-KV decode kernel.
 
 Rule length: like the dense path, a chunk's queries use ``span(N)`` with ``N`` the
@@ -89,8 +88,11 @@ class MoaplanLayer(CacheLayerMixin):
         self.num_q_heads = num_q_heads
         self.sinks = rule_sinks(rules, max_length).tolist()
         self.rings = rule_spans(rules, max_length).tolist()
-        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
-                                                  device=device, chunk=chunk)
+        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, device=device,
+                                                  chunk=chunk)
+        # int64 copies for the per-step slot arithmetic (no casts on the decode path).
+        self._sink, self._ring, self._offset = (
+            t.to(torch.int64) for t in (self.layout.sinks, self.layout.rings, self.layout.offsets))
         shape = (batch_size, self.layout.capacity, head_dim)
         # Zeros, not empty: the torch path multiplies masked slots by probability 0.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -155,26 +157,41 @@ class MoaplanLayer(CacheLayerMixin):
             raise ModelError("attend() needs a chunk staged by update() first")
         key, value = self._pending
         self._pending = None
-        batch, _, n_new, _ = query.shape
-        if chunk_real is None:
-            real = torch.ones(batch, n_new, dtype=torch.bool, device=query.device)
-        else:
-            real = chunk_real.to(device=query.device, dtype=torch.bool)
-        n_before = self.n_real
-        pos = torch.where(real, n_before[:, None] + real.cumsum(1) - 1, -1)
-        n_after = n_before + real.sum(1)
-        self._check_capacity(n_new, n_after)
+        pos, real, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        if n_new == 1:
+        if query.shape[2] == 1:
             self._write_one(key, value, pos[:, 0], real[:, 0])
             out = decode_attention(query[:, :, 0], self.keys, self.values, self.layout, n_after,
                                    self.rules.spans(n_after), scale=scale)
-            out = out.masked_fill(~real[:, None, None], 0.0)[:, :, None]
+            out = out.masked_fill(~real[:, 0, None, None], 0.0)[:, :, None]
         else:
-            out = self._chunk_attention(query, key, value, pos, n_before, n_after, scale)
+            out = self._chunk_attention(query, key, value, pos, n_after, scale)
             self._write_many(key, value, pos, n_after)
         self.n_real = n_after
         return out
+
+    def append(self, key: torch.Tensor, value: torch.Tensor,
+               chunk_real: torch.Tensor | None = None) -> None:
+        """Write keys/values ``[B, Hkv, T, D]`` (after RoPE) without computing attention, e.g.
+        to load a prefix computed elsewhere; ``chunk_real`` as in :meth:`attend`."""
+        self.update(key, value)
+        self._pending = None
+        pos, _, n_after = self._positions(chunk_real, key.shape[0], key.shape[2])
+        self._write_many(key, value, pos, n_after)
+        self.n_real = n_after
+
+    def _positions(self, chunk_real: torch.Tensor | None, batch: int,
+                   n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Real-token positions of the chunk (``-1`` at padding), its real mask, and each
+        sequence's real length after it; checks the capacity."""
+        if chunk_real is None:
+            real = torch.ones(batch, n_new, dtype=torch.bool, device=self.device)
+        else:
+            real = chunk_real.to(device=self.device, dtype=torch.bool)
+        pos = torch.where(real, self.n_real[:, None] + real.cumsum(1) - 1, -1)
+        n_after = self.n_real + real.sum(1)
+        self._check_capacity(n_new, n_after)
+        return pos, real, n_after
 
     def _check_capacity(self, n_new: int, n_after: torch.Tensor) -> None:
         self._max_real += n_new
@@ -188,11 +205,9 @@ class MoaplanLayer(CacheLayerMixin):
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Slot (within a sequence's buffer) of each head for token positions ``pos`` ``[...]``:
         ``[..., Hkv]``."""
-        sink = self.layout.sinks.to(torch.int64)
-        ring = self.layout.rings.to(torch.int64)
-        pos = pos[..., None]
+        sink, ring, pos = self._sink, self._ring, pos[..., None]
         local = torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
-        return self.layout.offsets.to(torch.int64) + local
+        return self._offset + local
 
     def _write_one(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
                    real: torch.Tensor) -> None:
@@ -210,18 +225,15 @@ class MoaplanLayer(CacheLayerMixin):
                     n_after: torch.Tensor) -> None:
         """Write the tokens each head keeps: its sinks and the last ``ring`` tokens after them
         (the kept tokens of one head land in distinct slots)."""
-        sink = self.layout.sinks.to(torch.int64)
-        ring = self.layout.rings.to(torch.int64)
         p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
-        keep = (p >= 0) & ((p < sink) | (p >= n_after[:, None, None] - ring))
+        keep = (p >= 0) & ((p < self._sink) | (p >= n_after[:, None, None] - self._ring))
         b, t, h = keep.nonzero(as_tuple=True)
         rows = b * self.layout.capacity + self._slots(pos)[b, t, h]
         for buf, new in ((self.keys, key), (self.values, value)):
             buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
 
     def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         pos: torch.Tensor, n_before: torch.Tensor, n_after: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         pos: torch.Tensor, n_after: torch.Tensor, scale: float) -> torch.Tensor:
         """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
         batch, n_q_heads, n_new, head_dim = query.shape
         n_kv = self.layout.num_kv_heads
@@ -237,7 +249,7 @@ class MoaplanLayer(CacheLayerMixin):
             first, cap = self.layout.head_slots(h)
             k_pos, k, v = pos, key[:, h], value[:, h]
             if not empty:
-                cached = slot_positions(self.sinks[h], self.rings[h], n_before)
+                cached = slot_positions(self.sinks[h], self.rings[h], self.n_real)
                 k_pos = torch.cat([cached, pos], 1)
                 k = torch.cat([self.keys[:, first:first + cap], k], 1)
                 v = torch.cat([self.values[:, first:first + cap], v], 1)
@@ -265,6 +277,21 @@ class MoaplanLayer(CacheLayerMixin):
         sink = rule_sinks(self.rules.rules, n).tolist()
         span = rule_spans(self.rules.rules, n).tolist()
         return sparse_attention(query, key, value, sink, span, scale=scale)
+
+
+def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scale: float | None = None) -> torch.Tensor | None:
+    """The call the plan's attention function makes first: ``[B, Hq, Nq, D]`` through the
+    compressed view when ``key`` came from a :class:`MoaplanCache`, else None (dense path).
+
+    ``attention_mask`` is what :func:`moaplan.runtime.apply.real_token_mask` gives: None
+    (every token real) or bool ``[B, 1, Nq, Nk]`` whose padding rows are all False.
+    """
+    step = cache_step(key)
+    if step is None:
+        return None
+    real = None if attention_mask is None else attention_mask[:, 0].any(2)
+    return step.attend(query, scale=scale, chunk_real=real)
 
 
 def chunk_is_plain(pos: torch.Tensor) -> bool:

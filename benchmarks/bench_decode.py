@@ -1,0 +1,259 @@
+"""Decode benchmark: the split-KV kernel against SDPA, and a Llama-3-8B-shaped model end to end.
+
+Kernel: bf16, 32 query / 8 KV heads, head_dim 128, a mixed plan (per-head spans N/32, N/16,
+N/8, N/4, N/2 with 64 sinks, and three full heads: KV density ~0.5).  Useful bandwidth = bytes
+of K and V the rule makes the query read / time.  SDPA runs on a dense cache [B, 8, N, 128]:
+the padded cache holding the same tokens is that size (the full heads hold all N tokens), and
+SDPA reads it whole.  Times are medians of ``triton.testing.do_bench``.
+
+End to end: a random bf16 Llama-3-8B-shaped model, a plan of the same mixed heads (rotated per
+layer), caches filled with random keys for 32K-token contexts (no prefill: it does not change
+decode), then timed forward steps of one token: MoaplanCache + the plan's attention vs
+transformers' DynamicCache + SDPA.  Cache memory is measured (allocator delta) and compared
+with ``kv_bytes``; the largest batch is computed from the memory left after the weights.
+
+    python benchmarks/bench_decode.py --out DIR [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from moaplan.kernels.decode import DecodeConfig, decode_attention, decode_layout
+
+from moaplan.io import atomic_write_text
+from moaplan.plan import ModelShape, Plan
+from moaplan.rules import Rule, rule_sinks, rule_spans
+
+DEVICE = "cuda"
+HQ, HKV, DIM = 32, 8, 128
+FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+CONFIGS = [DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 4), DecodeConfig(128, 8, 3),
+           DecodeConfig(32, 4, 4)]
+CHUNKS = [None, 1024, 2048, 4096]
+
+
+def mixed_rules(rotate: int = 0) -> list[Rule]:
+    rules = [Rule(sink=64, beta=f, min_span=16) for f in FRACTIONS]
+    rules += [Rule.full_attention()] * (HKV - len(rules))
+    return rules[rotate % HKV:] + rules[:rotate % HKV]
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def kernel_bench(batch: int, n: int) -> dict:
+    rules = mixed_rules()
+    sinks, spans = rule_sinks(rules, n).tolist(), rule_spans(rules, n).tolist()
+    useful = batch * sum(min(n, s + w) for s, w in zip(sinks, spans)) * DIM * 2 * 2
+    dense_bytes = batch * HKV * n * DIM * 2 * 2
+    q = torch.randn(batch, HQ, DIM, device="cuda", dtype=torch.bfloat16)
+    n_seen = torch.full((batch,), n, device="cuda")
+    span = torch.tensor(spans, device="cuda").expand(batch, -1)
+    cap = sum(sinks) + sum(spans)
+    k_buf = torch.randn(batch, cap, DIM, device="cuda", dtype=torch.bfloat16)
+    v_buf = torch.randn_like(k_buf)
+
+    def run(layout, cfg):
+        return decode_attention(q, k_buf, v_buf, layout, n_seen, span, config=cfg)
+
+    rows = []
+    for chunk in CHUNKS:
+        layout = decode_layout(sinks, spans, device="cuda", chunk=chunk)
+        for cfg in CONFIGS:
+            ms = bench_ms(lambda: run(layout, cfg))  # noqa: B023 (called right here)
+            rows.append(dict(chunk=layout.chunk, items=int(layout.items.shape[0]) * batch,
+                             block_n=cfg.block_n, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, ms=ms, useful_tb_s=useful / ms / 1e9))
+    # Correctness of the default launch, against the torch path in float32.
+    layout = decode_layout(sinks, spans, device="cuda")
+    ref = decode_attention(q.float(), k_buf.float(), v_buf.float(), layout, n_seen, span,
+                           backend="torch")
+    check = float((run(layout, None).float() - ref).norm() / ref.norm())
+    sdpa_ms = sdpa_bench(q, batch, n)
+    best = min(rows, key=lambda r: r["ms"])
+    return dict(batch=batch, n=n, kv_density=useful / dense_bytes, useful_bytes=useful,
+                rel_err_vs_fp32=check, sweep=rows, best=best, sdpa_ms=sdpa_ms,
+                sdpa_tb_s=dense_bytes / sdpa_ms / 1e9, speedup_vs_sdpa=sdpa_ms / best["ms"])
+
+
+def sdpa_bench(q: torch.Tensor, batch: int, n: int) -> float:
+    k = torch.randn(batch, HKV, n, DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q4 = q[:, :, None]
+    return bench_ms(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
+
+
+def random_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=HQ, num_key_value_heads=HKV, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def fill(cache, layers: int, batch: int, n: int, compressed: bool) -> None:
+    """Random post-RoPE keys for ``n`` tokens in every layer (one tensor, expanded)."""
+    k = torch.randn(1, HKV, n, DIM, device=DEVICE, dtype=torch.bfloat16).expand(batch, -1, -1, -1)
+    for layer in range(layers):
+        if compressed:
+            cache.layers[layer].append(k, k)
+        else:
+            cache.update(k.contiguous(), k.contiguous(), layer)
+
+
+def decode_tokens_per_s(model, cache, batch: int, n: int, steps: int = 8) -> float:
+    ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
+    with torch.inference_mode():
+        for t in range(2 + steps):
+            if t == 2:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            pos = torch.full((batch, 1), n + t, device=DEVICE)
+            model(ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def e2e(layers: int, n: int, batch: int, new: int = 16) -> dict:
+    from transformers import DynamicCache
+
+    from moaplan.runtime import apply
+    from moaplan.runtime.cache import MoaplanCache
+    from moaplan.runtime.memory import kv_bytes
+
+    model = random_llama(layers)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    plan = Plan(ModelShape.from_config(model.config), [mixed_rules(i) for i in range(layers)])
+    out = dict(layers=layers, n=n, max_length=n + new, weights_gib=weights / 2**30,
+               plan_kv_density=float(plan.densities([n])["kv"].mean()))
+    reserve = 4 * 2**30  # decode activations, logits, the dense cache's torch.cat copy
+
+    def measure(make, compressed: bool, b: int) -> tuple[int, float]:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        cache = make(b)
+        fill(cache, layers, b, n, compressed)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        tps = decode_tokens_per_s(model, cache, b, n)
+        del cache
+        torch.cuda.empty_cache()
+        return held, tps
+
+    make_dense = lambda b: DynamicCache()
+    make_moa = lambda b: MoaplanCache(plan, b, n + new, torch.bfloat16, "cuda")
+    dense_held, dense_tps = measure(make_dense, False, batch)
+    out["dense"] = dict(batch=batch, held_bytes=dense_held, tokens_per_s=dense_tps,
+                        predicted_bytes=kv_bytes(plan, model.config, n, batch, torch.bfloat16,
+                                                 dense=True))
+    apply(model, plan, strict=False)
+    moa_held, moa_tps = measure(make_moa, True, batch)
+    predicted = kv_bytes(plan, model.config, n + new, batch, torch.bfloat16)
+    out["moaplan"] = dict(batch=batch, held_bytes=moa_held, predicted_bytes=predicted,
+                          prediction_error=moa_held / predicted - 1, tokens_per_s=moa_tps,
+                          memory_vs_dense=moa_held / dense_held)
+    free = total - weights - reserve
+    per_seq = {"dense": dense_held / batch, "moaplan": moa_held / batch}
+    out["largest_batch"] = {k: int(free // v) for k, v in per_seq.items()}
+    out["largest_batch_ratio"] = out["largest_batch"]["moaplan"] / out["largest_batch"]["dense"]
+    for name, make, compressed in (("moaplan", make_moa, True), ("dense", make_dense, False)):
+        if name == "dense":
+            from moaplan.runtime import remove
+            remove(model)
+        b = out["largest_batch"][name]
+        try:
+            out[name]["at_largest_batch"] = dict(batch=b, tokens_per_s=measure(make, compressed,
+                                                                                b)[1])
+        except torch.cuda.OutOfMemoryError as err:
+            out[name]["at_largest_batch"] = dict(batch=b, error=str(err).splitlines()[0])
+            torch.cuda.empty_cache()
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Decode benchmark ({result['card']}, {result['date']}, commit {result['commit']})",
+             "", "Kernel: bf16, 32 query / 8 KV heads, head_dim 128, mixed plan (spans N/32..N/2 "
+             "with 64 sinks, 3 full heads). Useful bandwidth = K/V bytes the rule reads / time.",
+             "", "| batch | context | KV density | best config (chunk, block_n, warps, stages) "
+             "| ms | useful TB/s | SDPA dense ms | SDPA TB/s | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k in result["kernel"]:
+        b = k["best"]
+        lines.append(f"| {k['batch']} | {k['n']} | {k['kv_density']:.3f} | {b['chunk']}, "
+                     f"{b['block_n']}, {b['num_warps']}, {b['num_stages']} | {b['ms']:.3f} | "
+                     f"{b['useful_tb_s']:.2f} | {k['sdpa_ms']:.3f} | {k['sdpa_tb_s']:.2f} | "
+                     f"{k['speedup_vs_sdpa']:.2f}x |")
+    e = result.get("e2e")
+    if e:
+        d, m = e["dense"], e["moaplan"]
+        lines += ["", f"End to end: random bf16 Llama-3-8B shape with {e['layers']} layers, "
+                  f"{e['n']}-token contexts, plan KV density {e['plan_kv_density']:.3f}.", "",
+                  "| cache | batch | KV bytes held | predicted | decode tok/s | largest batch "
+                  "| tok/s at largest |", "|---|---|---|---|---|---|---|"]
+        for name, r in (("DynamicCache + SDPA", d), ("MoaplanCache + plan", m)):
+            key = "dense" if r is d else "moaplan"
+            big = r.get("at_largest_batch", {})
+            lines.append(f"| {name} | {r['batch']} | {r['held_bytes'] / 2**30:.2f} GiB | "
+                         f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s']:.1f} | "
+                         f"{e['largest_batch'][key]} | "
+                         f"{big.get('tokens_per_s', float('nan')):.1f} |")
+        lines += ["", f"Memory vs DynamicCache: {m['memory_vs_dense']:.3f}; prediction error "
+                  f"{100 * m['prediction_error']:+.2f}%; largest batch ratio "
+                  f"{e['largest_batch_ratio']:.2f}x (computed from the memory left after the "
+                  "weights and a 4 GiB reserve)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/h100"))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    result = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                  commit=os.environ.get("MOAPLAN_COMMIT", "unknown"),
+                  torch=torch.__version__, triton=triton.__version__, kernel=[])
+
+    def save() -> None:
+        atomic_write_text(args.out / "decode.json", json.dumps(result, indent=1))
+        atomic_write_text(args.out / "decode.md", markdown(result))
+
+    for batch, n in ((8, 32768), (1, 131072)):
+        result["kernel"].append(kernel_bench(batch, n))
+        save()
+        k = result["kernel"][-1]
+        print(f"B={batch} N={n}: best {k['best']['ms']:.3f} ms {k['best']['useful_tb_s']:.2f} "
+              f"TB/s, SDPA {k['sdpa_ms']:.3f} ms, err {k['rel_err_vs_fp32']:.1e}", flush=True)
+        torch.cuda.empty_cache()
+    if not args.skip_e2e:
+        result["e2e"] = e2e(args.layers, 32768, 8)
+        save()
+    print(markdown(result))
+    assert math.isfinite(result["kernel"][0]["best"]["ms"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""MoaplanCache on tiny random Llama models: greedy ``generate`` through the compressed cache
+gives the same tokens as the dense path (DynamicCache + the plan's masked attention), for
+single prompts, a left-padded batch, right padding and a multi-turn chat; its memory matches
+``kv_bytes``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from moaplan.errors import ModelError
+from moaplan.plan import ModelShape, Plan
+from moaplan.rules import Rule
+from moaplan.runtime import apply
+from moaplan.runtime.cache import MoaplanCache
+from moaplan.runtime.memory import kv_bytes
+
+LAYERS, KV_HEADS = 3, 2
+CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=KV_HEADS, vocab_size=97,
+              max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None)
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def model_and_plan():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    rng = np.random.default_rng(1)
+    # Mixed heads: elastic windows with sinks, a fixed window without sinks, full attention.
+    rules = [[Rule(sink=int(rng.integers(1, 4)), alpha=float(rng.integers(2, 6)), beta=0.25),
+              Rule.window(int(rng.integers(3, 8)))] for _ in range(LAYERS - 1)]
+    rules.append([Rule.full_attention(), Rule(sink=2, alpha=3.0, beta=0.125)])
+    plan = Plan(ModelShape.from_config(model.config), rules)
+    apply(model, plan)
+    return model, plan
+
+
+def prompt(seed: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, CONFIG["vocab_size"], (1, n), generator=gen)
+
+
+def generate(model, ids, new, cache=None, mask=None) -> torch.Tensor:
+    if mask is None:
+        mask = torch.ones_like(ids)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new,
+                              past_key_values=cache, **GREEDY)
+
+
+@pytest.mark.parametrize("seed,length", [(0, 9), (1, 30), (2, 57)])
+def test_generate_matches_dense(model_and_plan, seed, length):
+    model, plan = model_and_plan
+    ids, new = prompt(seed, length), 14
+    dense = generate(model, ids, new, DynamicCache())
+    cache = MoaplanCache(plan, 1, length + new)
+    compressed = generate(model, ids, new, cache)
+    assert torch.equal(dense, compressed)
+    assert cache.get_seq_length() == length + new - 1
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model_and_plan):
+    model, plan = model_and_plan
+    prompts = [prompt(10 + i, n)[0] for i, n in enumerate((23, 8, 41))]
+    width, new = max(len(p) for p in prompts), 12
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+    cache = MoaplanCache(plan, len(prompts), width + new)
+    out = generate(model, ids, new, cache, mask)
+    for b, p in enumerate(prompts):
+        alone = generate(model, p[None], new, DynamicCache())
+        assert torch.equal(out[b, width:], alone[0, len(p):]), f"sequence {b}"
+
+
+def decode_logits(model, cache, ids, mask, steps) -> list[torch.Tensor]:
+    """Prefill ``ids`` then feed ``steps`` ([B, T]) one token at a time; last-token logits."""
+    logits = []
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        for t in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = mask.sum(1, keepdim=True) - 1
+            out = model(steps[:, t:t + 1], attention_mask=mask, position_ids=pos,
+                        past_key_values=cache)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+def test_right_padding_forward(model_and_plan):
+    """Right-padded prefill then decode steps: each sequence's logits equal its own run."""
+    model, plan = model_and_plan
+    lengths, steps = (17, 6), 3
+    seqs = [prompt(20 + i, n + steps)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, :n], mask[b, :n] = seqs[b][:n], 1
+    tail = torch.stack([s[n:] for s, n in zip(seqs, lengths)])
+    batched = decode_logits(model, MoaplanCache(plan, 2, width + steps), ids, mask, tail)
+    for b, n in enumerate(lengths):
+        alone = decode_logits(model, DynamicCache(), seqs[b][None, :n],
+                              torch.ones(1, n, dtype=torch.long), tail[b:b + 1])
+        for t in range(steps):
+            torch.testing.assert_close(batched[t][b], alone[t][0], rtol=1e-4, atol=1e-4)
+
+
+def test_multi_turn_matches_dense(model_and_plan):
+    model, plan = model_and_plan
+    first, second, new = prompt(30, 25), prompt(31, 16), 10
+    total = 25 + new + 16 + new
+    dense_cache, cache = DynamicCache(), MoaplanCache(plan, 1, total)
+    outs = []
+    for kv in (dense_cache, cache):
+        turn1 = generate(model, first, new, kv)
+        turn2 = generate(model, torch.cat([turn1, second], 1), new, kv)
+        outs.append(turn2)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_memory_matches_prediction(model_and_plan):
+    model, plan = model_and_plan
+    for batch, length, dtype in ((1, 64, torch.float32), (3, 100, torch.float16)):
+        cache = MoaplanCache(plan, batch, length, dtype=dtype)
+        assert cache.nbytes() == kv_bytes(plan, model.config, length, batch, dtype=dtype)
+    dense = kv_bytes(plan, model.config, 4096, 1, dense=True)
+    assert kv_bytes(plan, model.config, 4096, 1) < 0.5 * dense
+
+
+def test_overflow_and_misuse_are_clear_errors(model_and_plan):
+    model, plan = model_and_plan
+    cache = MoaplanCache(plan, 1, 12)
+    with pytest.raises(ModelError, match="sized for 12 tokens"):
+        generate(model, prompt(40, 10), 5, cache)
+    # A model that does not run the plan's attention never reads the cache: caught on the
+    # next update instead of silently attending to the new token alone.
+    plain = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    with pytest.raises(ModelError, match="moaplan.apply"):
+        generate(plain, prompt(41, 5), 2, MoaplanCache(plan, 1, 16))
+
+
+def test_append_stores_what_a_prefill_stores(model_and_plan):
+    """Keys loaded with ``append`` leave the cache exactly as the model's own prefill does."""
+    model, plan = model_and_plan
+    ids = prompt(50, 40)
+    dense, by_model, loaded = DynamicCache(), MoaplanCache(plan, 1, 48), MoaplanCache(plan, 1, 48)
+    with torch.no_grad():
+        model(ids, past_key_values=dense)
+        model(ids, past_key_values=by_model)
+    for layer in range(LAYERS):
+        loaded.layers[layer].append(dense.layers[layer].keys, dense.layers[layer].values)
+        torch.testing.assert_close(loaded.layers[layer].keys, by_model.layers[layer].keys)
+        torch.testing.assert_close(loaded.layers[layer].values, by_model.layers[layer].values)
+    assert loaded.get_seq_length() == by_model.get_seq_length() == 40
+
+
+def test_reference_model_generates_the_same_tokens():
+    """The shipped reference model: several prompts and a left-padded batch of them."""
+    from moaplan.model import load_model
+
+    model, tokenizer = load_model()
+    kv = model.config.num_key_value_heads
+    palette = [Rule.full_attention(), Rule(sink=4, alpha=16.0, beta=0.25),
+               Rule.window(24, sink=8), Rule(sink=2, alpha=8.0, beta=0.125)]
+    rules = [[palette[(layer + h) % len(palette)] for h in range(kv)]
+             for layer in range(model.config.num_hidden_layers)]
+    plan = Plan(ModelShape.from_config(model.config), rules)
+    apply(model, plan)
+    texts = ["The passkey is 48213. Remember it. The grass is green and the sky is blue. " * 3
+             + "What is the passkey? The passkey is",
+             "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
+    new = 12
+    alone = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        dense = generate(model, ids, new, DynamicCache())
+        compressed = generate(model, ids, new, MoaplanCache(plan, 1, ids.shape[1] + new))
+        assert torch.equal(compressed, dense)
+        alone.append(dense[0, ids.shape[1]:])
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    width = batch["input_ids"].shape[1]
+    out = generate(model, batch["input_ids"], new,
+                   MoaplanCache(plan, len(texts), width + new), batch["attention_mask"])
+    for b in range(len(texts)):
+        assert torch.equal(out[b, width:], alone[b])
+
