@@ -22,7 +22,15 @@ import torch
 from moaplan.errors import BudgetError, DataError, ProfileError
 from moaplan.optimize import KnapsackProblem, Solution, choose
 from moaplan.plan import Budget, ModelShape, Plan, save_plan
-from moaplan.profile import Profile, calibration_hash, load_profile, profile_model, save_profile
+from moaplan.profile import (
+    Profile,
+    calibration_hash,
+    checkpoint_path,
+    load_profile,
+    profile_model,
+    save_profile,
+)
+from moaplan.profile.profile import metadata_path
 from moaplan.profile.profiler import response_loss
 from moaplan.rules import RuleSpace
 from moaplan.runtime import apply, remove
@@ -91,12 +99,12 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
             return profile
         raise ProfileError(f"{path} was made with other lengths, data, block size or rule space; "
                            "delete it or pass another --profile path")
-    partial = path.with_name(path.name + ".partial")
     profile = profile_model(model, samples, block=block, rule_space=rule_space,
-                            checkpoint=partial, resume=True, on_sample=on_sample)
+                            checkpoint=path, resume=True, on_sample=on_sample)
     save_profile(profile, path)
-    for leftover in path.parent.glob(partial.name + "*"):
-        leftover.unlink()
+    partial = checkpoint_path(path)
+    for leftover in (partial, metadata_path(partial)):
+        leftover.unlink(missing_ok=True)
     return profile
 
 

@@ -12,7 +12,7 @@ import sys
 
 from moaplan.errors import MoaplanError
 
-SUBCOMMANDS = ("show", "convert")
+SUBCOMMANDS = ("search", "baseline", "profile", "eval", "show", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

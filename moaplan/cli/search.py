@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import optuna
+
     from moaplan.cli.session import ModelSession
     from moaplan.optimize import default_storage
     from moaplan.plan import Budget
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
                               extend_to=args.extend_to, samples=args.samples,
                               trials=args.trials, time_limit=args.time_limit,
                               layer_max_density=args.layer_max_density)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     session = ModelSession.open(args)
     with session.progress(settings) as progress:
         result = search(session.model, session.sample_source, settings, out=args.out,
