@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from moaplan.kernels.decode import DecodeConfig, decode_attention, decode_layout
 
 from moaplan.io import atomic_write_text
+from moaplan.kernels.decode import DecodeConfig, decode_attention, decode_layout
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 

@@ -14,9 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-from moaplan.kernels.decode import decode_attention, decode_layout, slot_positions
 
 from moaplan.errors import ModelError
+from moaplan.kernels.decode import decode_attention, decode_layout, slot_positions
 from moaplan.runtime.reference import reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from moaplan.errors import ModelError
+from moaplan.kernels.prefill import sparse_attention
 from moaplan.plan import Plan, load_plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 from moaplan.runtime.cache import attend_cached
@@ -87,14 +88,18 @@ def _attend(
     *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
 ) -> torch.Tensor:
     """The compute seam: sequences with real tokens at key slots ``0 .. seq_lens-1``
-    (right-padded), all at one rule length.  Kernels plug in here."""
+    (right-padded), all at one rule length.  On CUDA the block-sparse Triton kernel, elsewhere
+    the torch reference (which is also the kernel's oracle)."""
+    if q.is_cuda:
+        return sparse_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                                seq_lens=seq_lens)
     return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
                                seq_lens=seq_lens)
 
 
-def _sinks_spans(rules: Sequence[Rule], n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a).to(device) for a in (rule_sinks(rules, n),
-                                                          rule_spans(rules, n)))
+def _sinks_spans(rules: Sequence[Rule], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # On the host: the kernel plans its tiles from them on the CPU (no device sync).
+    return torch.from_numpy(rule_sinks(rules, n)), torch.from_numpy(rule_spans(rules, n))
 
 
 def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -117,7 +122,7 @@ def layer_attention(
     """
     nq, nk = q.shape[2], k.shape[2]
     if mask is None:
-        sink, span = _sinks_spans(rules, nk, q.device)
+        sink, span = _sinks_spans(rules, nk)
         return _attend(q, k, v, sink, span, scale=scale, q_offset=nk - nq, seq_lens=None)
 
     key_real, q_real = mask[:, 0].any(1), mask[:, 0].any(2)  # a real query sees itself
@@ -135,7 +140,7 @@ def layer_attention(
         if n == 0:
             continue  # no real token yet: nothing to attend, the rows stay zero
         rows = (seq_lens == n).nonzero().squeeze(1)
-        sink, span = _sinks_spans(rules, n, q.device)
+        sink, span = _sinks_spans(rules, n)
         out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], sink, span, scale=scale,
                               q_offset=q_offset[rows], seq_lens=seq_lens[rows])
     # q_order is a permutation of the query slots: scatter undoes the gather.

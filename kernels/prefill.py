@@ -1,0 +1,297 @@
+"""Block-sparse prefill attention in Triton: every KV head keeps its own sink and window.
+
+One launch computes a whole layer.  Query ``t`` of sequence ``b`` sits at absolute position
+``i = q_offset[b] + t`` and sees key ``j`` iff ``j <= i and (j < sink[h] or i - j < span[h])``
+(``h`` is the query head's KV head; ``span >= Nk`` is full causal attention).  Rows at positions
+``>= seq_lens[b]`` (right padding) come out as zeros.
+
+Each program owns one query block of one query head and works out analytically which key
+tiles its rows can see (no lookup tables):
+
+* sink tiles   ``[0, s_end)`` keys below ``sink`` that the window does not already cover;
+* window tiles ``[a, d)``    from the tile of the earliest row's first window key to the
+                             diagonal tile of the last valid row, split into
+  - edge tiles     ``[a, e)``  some rows are out of the window    -> masked,
+  - interior tiles ``[e, f)``  every entry is visible             -> mask-free path,
+  - diagonal tiles ``[f, d)``  causality cuts the tile            -> masked.
+
+The masked tiles run in one loop (their index ranges are concatenated) and the interior
+tiles in another, so the common case pays no masking.  The grid walks query blocks from the
+last (the most keys under causal attention) to the first, and inside each block row the KV
+heads from the widest to the narrowest, so the heaviest programs start first and the tail of
+the launch is made of cheap ones.  The query heads of one GQA group are adjacent, so the K/V
+tiles they share are read from L2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moaplan.errors import ModelError
+
+HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape and launch parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(head_dim: int, reach: int) -> PrefillConfig:
+    """Tile shape for a launch; ``reach`` is the most keys any row sees (max sink + span,
+    capped at the key count).
+
+    Measured on an H100 in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md): programs that
+    visit at most 4096 keys finish sooner with 64 x 64 tiles (more, shorter programs and less
+    window-edge waste); longer ones run best with 128 x 128.  Other head dims are untuned.
+    """
+    if head_dim == 128:
+        if reach <= 4096:
+            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                 tile, rows, offs_n, offs_d, sink, span, n_keys, qk_scale,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over key tile ``tile`` (FlashAttention-2 forward, base 2).
+
+    ``MASKED`` tiles bounds-check their loads and apply the rule; interior tiles skip both.
+    """
+    cols = tile * BLOCK_N + offs_n
+    k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        in_bounds = (cols < n_keys)[:, None]
+        k = tl.load(k_ptrs, mask=in_bounds, other=0.0)
+        v = tl.load(v_ptrs, mask=in_bounds, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        # j visible to i iff 0 <= i - j < limit_j, limit_j = 2^30 for sinks, else span:
+        # one unsigned compare per entry (a negative i - j wraps to >= 2^31).
+        limit = tl.where(cols < sink, 1 << 30, span).to(tl.uint32)
+        dist = (rows[:, None] - cols[None, :]).to(tl.uint32, bitcast=True)
+        s = tl.where(dist < limit[None, :], s, float("-inf"))
+    # Scaling after the row max lets the exponent's argument be one fused multiply-add.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        # A row this tile hides completely, with no key seen before, keeps m = -inf; shift
+        # by 0 instead so that exp2(-inf - -inf) never makes a NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on,
+    q_offset, n_queries, n_keys, qk_scale,
+    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    block = tl.num_programs(1) - 1 - tl.program_id(1)  # last query block first
+    b = slot // HQ
+    kv_rank = (slot % HQ) // GROUP
+    kvh = tl.load(HEAD_ORDER + kv_rank)  # KV heads sorted widest first
+    hq = kvh * GROUP + slot % GROUP
+    sink = tl.load(SINK + kvh)
+    span = tl.load(SPAN + kvh)
+    if HAS_QOFF:
+        q_offset = tl.load(QOFF + b)
+    seq_len = n_keys
+    if HAS_SEQLENS:
+        seq_len = tl.minimum(tl.load(SEQLENS + b), n_keys)
+
+    # Absolute positions of this block's rows and the last one with a valid query.
+    t0 = block * BLOCK_M
+    i0 = q_offset + t0
+    i_last = i0 + BLOCK_M - 1
+    hi = tl.minimum(tl.minimum(i_last, seq_len - 1), q_offset + n_queries - 1)
+    has_rows = hi >= i0
+
+    # Key-tile ranges (all bounds non-negative, so integer division is floor division).
+    d = tl.where(has_rows, hi // BLOCK_N + 1, 0)
+    lo = tl.maximum(i0 - span + 1, 0)  # earliest window key of any row
+    s_end = tl.minimum(tl.cdiv(tl.minimum(sink, lo), BLOCK_N), d)
+    a = tl.minimum(tl.maximum(lo // BLOCK_N, s_end), d)
+    first_full = tl.where(i_last >= span, (i_last - span) // BLOCK_N + 1, 0)
+    e = tl.minimum(tl.maximum(first_full, a), d)
+    f = tl.minimum(tl.maximum((i0 + 1) // BLOCK_N, e), d)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = i0 + offs_m
+    q_rows = t0 + offs_m
+    q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=(q_rows < n_queries)[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Masked tiles: sink [0, s_end), then edge [a, e), then diagonal [f, d), back to back.
+    n_edge = e - a
+    for idx in range(0, s_end + n_edge + (d - f)):
+        tile = tl.where(idx < s_end, idx, tl.where(idx < s_end + n_edge, a + idx - s_end,
+                                                   f + idx - s_end - n_edge))
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                                     stride_vn, stride_vd, tile, rows, offs_n, offs_d, sink,
+                                     span, n_keys, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    for tile in range(e, f):
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
+                                     stride_vn, stride_vd, tile, rows, offs_n, offs_d, sink,
+                                     span, n_keys, qk_scale, BLOCK_N, False, DOT_PRECISION)
+
+    valid = (q_rows < n_queries) & (rows < seq_len)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = tl.where(valid[:, None], out, 0.0)
+    o_base = Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
+    tl.store(o_base + q_rows[:, None] * stride_on + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=(q_rows < n_queries)[:, None])
+
+
+def _int_list(name: str, values: torch.Tensor | Sequence[int], n_heads: int) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise ModelError(f"{name} must be a 1-D integer tensor, got {values.dtype} "
+                             f"{tuple(values.shape)}")
+        values = values.tolist()  # reads device tensors back: pass CPU tensors to avoid a sync
+    values = [int(x) for x in values]
+    if len(values) != n_heads:
+        raise ModelError(f"{name} has {len(values)} entries but k/v have {n_heads} KV heads")
+    return values
+
+
+def _per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
+                  minimum: int) -> torch.Tensor:
+    if value.dim() != 1 or value.numel() != batch or value.dtype.is_floating_point:
+        raise ModelError(f"{name} must be an integer tensor of shape [{batch}], got "
+                         f"{value.dtype} {tuple(value.shape)}")
+    if value.device.type == "cpu" and value.numel() and int(value.min()) < minimum:
+        raise ModelError(f"{name} must be >= {minimum}, got {value.tolist()}")
+    return value.to(device=device, dtype=torch.int32)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ModelError(f"{name} must be a 4-D tensor [batch, heads, tokens, head_dim]")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ModelError(f"q, k, v must share one dtype among float16/bfloat16/float32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ModelError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ModelError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ModelError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or "
+                         f"head_dim")
+    if q.shape[3] not in HEAD_DIMS:
+        raise ModelError(f"head_dim {q.shape[3]} is not supported (supported: {HEAD_DIMS})")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ModelError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    interpreted = not isinstance(_sparse_prefill_kernel, triton.runtime.JITFunction)
+    if q.device.type != "cuda" and not interpreted:
+        raise ModelError("sparse_attention runs on CUDA tensors (on the CPU use "
+                         "moaplan.runtime.reference.reference_attention)")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor | Sequence[int],
+    span: torch.Tensor | Sequence[int],
+    *,
+    scale: float | None = None,
+    q_offset: int | torch.Tensor = 0,
+    seq_lens: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Sink + window attention for a whole layer, one launch; same contract as
+    ``moaplan.runtime.reference.reference_attention``.
+
+    ``q`` is ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (any strides), ``sink``/``span``
+    hold one value per KV head (CPU tensors or lists avoid a device sync), ``q_offset`` is the
+    absolute position of the first query (an int, or one per sequence), ``seq_lens`` the number
+    of valid keys per sequence (right padding; default ``Nk``).  Returns a contiguous
+    ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
+    """
+    _check_inputs(q, k, v)
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not scale > 0:
+        raise ModelError(f"scale must be > 0, got {scale}")
+    sinks = _int_list("sink", sink, n_kv_heads)
+    spans = _int_list("span", span, n_kv_heads)
+    if min(sinks) < 0 or min(spans) < 0:
+        raise ModelError(f"sink and span must be >= 0, got sink={sinks} span={spans}")
+    # Valid rows sit below n_keys, so this clamp keeps "full" spans like 2**62 inside int32.
+    limit = n_keys + 1
+    sinks = [min(x, limit) for x in sinks]
+    spans = [min(x, limit) for x in spans]
+    # Heavy heads first: the program's work grows with sink + span.
+    order = sorted(range(n_kv_heads), key=lambda h: -(sinks[h] + spans[h]))
+    table = torch.tensor([sinks, spans, order], dtype=torch.int32).to(q.device)
+
+    if isinstance(q_offset, torch.Tensor):
+        qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
+        q_offset_scalar = 0
+    else:
+        if int(q_offset) < 0:
+            raise ModelError(f"q_offset must be >= 0, got {q_offset}")
+        qoff, q_offset_scalar = None, int(q_offset)
+    lens = None if seq_lens is None else _per_sequence("seq_lens", seq_lens, batch, q.device, 0)
+
+    reach = min(max(x + y for x, y in zip(sinks, spans)), n_keys)
+    cfg = config or default_config(head_dim, reach)
+    out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
+    _sparse_prefill_kernel[grid](
+        q, k, v, out, table[0], table[1], table[2],
+        qoff if qoff is not None else table[0], lens if lens is not None else table[0],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+        q_offset_scalar, n_queries, n_keys, scale * _LOG2E,
+        HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,222 @@
+"""The block-sparse prefill kernel against the reference attention.
+
+On the CPU the kernel runs under Triton's interpreter.  ``TRITON_INTERPRET`` is read when
+``@triton.jit`` decorates a function, Triton's own library functions included, so it must be
+set before Triton is imported; other test modules may have imported it already.  This module
+therefore runs the kernel in one worker process started with the variable set, and leaves its
+own process alone.  The interpreter gets bf16 dot products wrong, so bf16 is checked on a GPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moaplan.errors import ModelError
+from moaplan.kernels.prefill import PrefillConfig, sparse_attention
+from moaplan.runtime.reference import reference_attention
+
+
+def _interpreted_attention(kwargs: dict) -> torch.Tensor:
+    """Runs in the worker, whose Triton was imported with TRITON_INTERPRET=1."""
+    from moaplan.kernels.prefill import sparse_attention
+
+    return sparse_attention(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker when it spawns
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(int).result()  # start the worker now, while the variable is set
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    with pool:
+        yield lambda q, k, v, sink, span, **kw: pool.submit(
+            _interpreted_attention, dict(q=q, k=k, v=v, sink=sink, span=span, **kw)).result()
+
+
+# Small tiles so that short sequences exercise sink, edge, interior and diagonal tiles.
+SMALL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _qkv(gen, batch, hq, hkv, nq, nk, dim, dtype, device="cpu"):
+    q = torch.randn(batch, hq, nq, dim, generator=gen).to(device, dtype)
+    k = torch.randn(batch, hkv, nk, dim, generator=gen).to(device, dtype)
+    v = torch.randn(batch, hkv, nk, dim, generator=gen).to(device, dtype)
+    return q, k, v
+
+
+def _random_rule(gen, hkv, nk):
+    """Per-KV-head sinks and spans that mix sink-only, narrow, wide and full heads."""
+    sink = torch.randint(0, 24, (hkv,), generator=gen)
+    span = torch.randint(1, nk + 1, (hkv,), generator=gen)
+    span[0] = 2**40  # one full head, written the way plans write it
+    if hkv > 1:
+        span[1] = 1  # only itself plus sinks: most tiles mask most rows
+    return sink, span
+
+
+def _check(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "seed,dtype,dim,group",
+    [(0, torch.float32, 32, 1), (1, torch.float16, 64, 2), (2, torch.float32, 32, 4),
+     (3, torch.float16, 32, 3)],
+)
+def test_matches_reference(interp, seed, dtype, dim, group):
+    gen = torch.Generator().manual_seed(seed)
+    hkv, n = 2, 77
+    q, k, v = _qkv(gen, 1, hkv * group, hkv, n, n, dim, dtype)
+    sink, span = _random_rule(gen, hkv, n)
+    ref = reference_attention(q, k, v, sink, span)
+    _check(interp(q, k, v, sink, span, config=SMALL), ref, dtype)
+
+
+@st.composite
+def _cases(draw):
+    """Random shapes, plans, GQA ratios, offsets, padding and tile sizes."""
+    batch, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    nq = draw(st.integers(1, 60))
+    nk = nq + draw(st.integers(0, 40))
+    offsets = [draw(st.integers(0, nk - nq)) for _ in range(batch)]
+    lens = [draw(st.integers(0, nk)) for _ in range(batch)]
+    sink = [draw(st.integers(0, 40)) for _ in range(hkv)]
+    span = [draw(st.sampled_from([0, 1, 2, 15, 16, 17, 33, nk, 2**40]) | st.integers(0, nk))
+            for _ in range(hkv)]
+    return dict(
+        shape=(batch, hkv * group, hkv, nq, nk),
+        sink=torch.tensor(sink), span=torch.tensor(span),
+        q_offset=torch.tensor(offsets) if draw(st.booleans()) else offsets[0],
+        seq_lens=torch.tensor(lens) if draw(st.booleans()) else None,
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_cases())
+def test_random_plans_match_reference(interp, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    q, k, v = _qkv(gen, *case["shape"], 32, case["dtype"])
+    kwargs = dict(q_offset=case["q_offset"], seq_lens=case["seq_lens"])
+    ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
+    config = PrefillConfig(*case["block"], num_warps=4, num_stages=1)
+    out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
+    _check(out, ref, case["dtype"])
+
+
+def test_offsets_padding_and_strided_views(interp):
+    gen = torch.Generator().manual_seed(10)
+    batch, hq, hkv, nq, nk, dim = 3, 4, 2, 21, 70, 32
+    # transformers' layout [B, N, H, D] seen through a transpose: strided, non-contiguous.
+    q = torch.randn(batch, nq, hq, dim, generator=gen).transpose(1, 2)
+    k = torch.randn(batch, nk, hkv, dim, generator=gen).transpose(1, 2)
+    v = torch.randn(batch, nk, hkv, dim, generator=gen).transpose(1, 2)
+    sink = torch.tensor([4, 0])
+    span = torch.tensor([9, 40])
+    q_offset = torch.tensor([nk - nq, 30, 0])  # a chunk at the end, in the middle, at the start
+    seq_lens = torch.tensor([nk, 45, 12])  # sequence 2 ends inside its chunk: padded rows
+    kwargs = dict(scale=0.3, q_offset=q_offset, seq_lens=seq_lens)
+    ref = reference_attention(q, k, v, sink, span, **kwargs)
+    out = interp(q, k, v, sink, span, config=SMALL, **kwargs)
+    _check(out, ref, torch.float32)
+    assert (out[2, :, 12:] == 0).all()
+
+
+def test_int_offset_and_default_tiles(interp):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _qkv(gen, 2, 2, 1, 50, 180, 128, torch.float16)
+    sink, span = [3], [70]
+    ref = reference_attention(q, k, v, torch.tensor(sink), torch.tensor(span), q_offset=130)
+    _check(interp(q, k, v, sink, span, q_offset=130), ref, torch.float16)
+
+
+def test_h100_tile_shapes(interp):
+    # The 128 x 128 tiles long plans use on the GPU, on a length that ends mid-tile.
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _qkv(gen, 1, 4, 2, 300, 300, 32, torch.float16)
+    sink, span = _random_rule(gen, 2, 300)
+    ref = reference_attention(q, k, v, sink, span)
+    config = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    _check(interp(q, k, v, sink, span, config=config), ref, torch.float16)
+
+
+def test_rows_without_visible_keys_are_zero_not_nan(interp):
+    # span 0 and no sink: every row sees nothing; queries past the keys see nothing either.
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _qkv(gen, 1, 2, 2, 40, 40, 32, torch.float32)
+    out = interp(q, k, v, [0, 5], [0, 3], q_offset=20, config=SMALL)
+    ref = reference_attention(q, k, v, torch.tensor([0, 5]), torch.tensor([0, 3]), q_offset=20)
+    _check(out, ref, torch.float32)
+    assert (out[:, 0] == 0).all() and (out[:, :, 20:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "k": a["k"].half()}, "share one dtype"),
+        (lambda a: {**a, "q": a["q"][..., :16], "k": a["k"][..., :16], "v": a["v"][..., :16]},
+         "head_dim 16"),
+        (lambda a: {**a, "q": a["q"][:, :3]}, "not a multiple"),
+        (lambda a: {**a, "span": [4]}, "span has 1 entries"),
+        (lambda a: {**a, "sink": [-1, 0]}, ">= 0"),
+        (lambda a: {**a, "q": a["q"][0]}, "4-D"),
+        (lambda a: {**a, "v": a["v"][:, :, :5]}, "shapes differ"),
+        (lambda a: {**a, "seq_lens": torch.tensor([3, 4])}, "seq_lens"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(interp, change, message):
+    q = torch.randn(1, 4, 8, 32)
+    k = v = torch.randn(1, 2, 8, 32)
+    args = change(dict(q=q, k=k, v=v, sink=[0, 0], span=[4, 4]))
+    with pytest.raises(ModelError, match=message) as err:
+        interp(**args)
+    assert "\n" not in str(err.value)
+
+
+def test_compiled_kernel_refuses_cpu_tensors():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    x = torch.randn(1, 1, 8, 32)
+    with pytest.raises(ModelError, match="CUDA"):
+        sparse_attention(x, x, x, [0], [4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dim,group", [(64, 4), (128, 1), (128, 4)])
+def test_bf16_on_gpu_within_sdpa_error(dim, group):
+    gen = torch.Generator().manual_seed(dim + group)
+    hkv, n = 4, 1500
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, n, n, dim, torch.bfloat16, "cuda")
+    sink, span = _random_rule(gen, hkv, n)
+    seq_lens = torch.tensor([n, 1100])
+    out = sparse_attention(q, k, v, sink, span, seq_lens=seq_lens)
+    ref = reference_attention(q.float(), k.float(), v.float(), sink, span, seq_lens=seq_lens)
+    # Dense causal SDPA in bf16 against its own fp32 result sets the error allowed.
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    sdpa_ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), kk.float(), vv.float(), is_causal=True)
+    allowed = (sdpa.float() - sdpa_ref).abs().max().item()
+    assert not out.isnan().any()
+    assert (out.float() - ref).abs().max().item() <= 1.5 * allowed
