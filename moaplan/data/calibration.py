@@ -1,0 +1,173 @@
+"""Calibration data for the profiler: token ids plus a mask of the tokens the loss is taken on.
+
+Following MoA, the loss is taken on *model-aligned* responses: for the reference model, long
+prompts (retrieval tasks and running text) are completed greedily by the dense model itself.
+Users bring JSONL prompt/response pairs (formatted with the tokenizer's chat template when it
+has one) or plain text (every token after the first counts).
+
+``response_mask[t]`` is True when the loss of predicting token ``t`` from tokens ``< t``
+counts, so ``response_mask[0]`` is always False.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moaplan.data.corpus import stdlib_corpus
+from moaplan.errors import DataError
+from moaplan.eval.scoring import batches
+from moaplan.eval.tasks import MIN_LENGTH, TASKS, filler_ids
+
+REFERENCE_KINDS = ("passkey", "kv", "text")  # cycled through, those that fit the length
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    input_ids: torch.Tensor  # LongTensor [N]
+    response_mask: torch.Tensor  # BoolTensor [N], True on response tokens
+
+    def __post_init__(self) -> None:
+        if self.input_ids.shape != self.response_mask.shape or self.input_ids.dim() != 1:
+            raise ValueError("input_ids and response_mask must be 1-D tensors of equal length")
+
+
+def _sample(prompt: list[int], response: list[int]) -> CalibrationSample:
+    mask = torch.zeros(len(prompt) + len(response), dtype=torch.bool)
+    mask[len(prompt) :] = True
+    mask[0] = False
+    return CalibrationSample(torch.tensor(prompt + response, dtype=torch.long), mask)
+
+
+@torch.inference_mode()
+def reference_calibration(
+    model,
+    tokenizer,
+    length: int,
+    n_samples: int,
+    seed: int,
+    response_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[CalibrationSample]:
+    """``n_samples`` sequences of exactly ``length`` tokens: a long prompt (passkey, key-value
+    or running text, in turn; filler from the training split of the standard library) and the
+    last ``response_tokens`` tokens generated greedily by ``model``, which should be dense."""
+    if response_tokens < 1 or length < 4 * response_tokens:
+        raise DataError(f"length {length} is too short for {response_tokens} response tokens")
+    corpus = stdlib_corpus("train")
+    rng = np.random.default_rng([seed, length])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_len = length - response_tokens
+    kinds = [k for k in REFERENCE_KINDS if prompt_len >= MIN_LENGTH.get(k, 0)]
+    prompts = []
+    for i in range(n_samples):
+        kind = kinds[i % len(kinds)]
+        if kind == "text":
+            prompts.append(bos + filler_ids(tokenizer, corpus, prompt_len - len(bos), rng))
+        else:
+            task = TASKS[kind](tokenizer, corpus, prompt_len, float(rng.uniform()), rng)
+            prompts.append(task.input_ids[: task.answer_start])  # the model answers for itself
+    responses: dict[int, list[int]] = {}
+    # prompts of one length are completed together: one batch, no padding
+    for n in sorted({len(p) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p) == n]
+        for chunk in batches(rows, batch_size):
+            ids = torch.tensor([prompts[i] for i in chunk], device=model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length - n,
+                min_new_tokens=length - n,
+                do_sample=False,
+            )
+            responses.update(zip(chunk, out[:, n:].tolist()))
+    return [_sample(p, responses[i]) for i, p in enumerate(prompts)]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Prompt and response ids, through the chat template when the tokenizer has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + _encode(tokenizer, prompt), _encode(tokenizer, response)
+    user = [{"role": "user", "content": prompt}]
+    turn = [*user, {"role": "assistant", "content": response}]
+    prompt_ids = list(
+        tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    full = list(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=False))
+    if full[: len(prompt_ids)] != prompt_ids:  # templates that rewrite earlier turns
+        return prompt_ids, _encode(tokenizer, response)
+    return prompt_ids, full[len(prompt_ids) :]
+
+
+def _fit(prompt: list[int], response: list[int], length: int) -> tuple[list[int], list[int]]:
+    """Cut a pair to at most ``length`` tokens: the response keeps at most half (its start),
+    the prompt loses its middle, so the instruction at its start and the question at its end
+    both stay."""
+    if len(prompt) + len(response) <= length:
+        return prompt, response
+    response = response[: max(length // 2, length - len(prompt))]
+    room = length - len(response)
+    head = room // 2
+    return prompt[:head] + prompt[len(prompt) - (room - head) :], response
+
+
+def _load_jsonl(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
+    samples = []
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if limit is not None and len(samples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompt, response = record["prompt"], record["response"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object with string fields "
+                    '"prompt" and "response"'
+                ) from None
+            if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+                raise DataError(f"{path}:{lineno}: prompt and response must be non-empty strings")
+            samples.append(_sample(*_fit(*_chat_pair(tokenizer, prompt, response), length)))
+    return samples
+
+
+def _load_text(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
+    """Consecutive windows of ``length`` tokens (bos + text); a short tail is dropped."""
+    ids = _encode(tokenizer, path.read_text(encoding="utf-8", errors="replace"))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = length - len(bos)
+    count = len(ids) // step if limit is None else min(limit, len(ids) // step)
+    return [_sample(bos, ids[i * step : (i + 1) * step]) for i in range(count)]
+
+
+def load_calibration(
+    path: str | os.PathLike, tokenizer, length: int, n_samples: int | None = None
+) -> list[CalibrationSample]:
+    """Read user calibration data: ``.jsonl`` lines ``{"prompt": ..., "response": ...}``
+    (the loss is taken on the response; pairs longer than ``length`` are cut), or any other
+    file as plain UTF-8 text cut into windows of ``length`` tokens (the loss is taken on
+    every token).  ``n_samples`` keeps the first that many (None: all)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no calibration file at {path}")
+    if length < 2:
+        raise DataError(f"calibration length must be at least 2 tokens, got {length}")
+    loader = _load_jsonl if path.suffix == ".jsonl" else _load_text
+    samples = loader(path, tokenizer, length, n_samples)
+    if not samples:
+        raise DataError(f"{path} holds no calibration sample of up to {length} tokens")
+    return samples

@@ -1,0 +1,117 @@
+"""Measure the trained reference model on the CPU and add the results to its card.
+
+    python -m moaplan.model.report [DIR] [--samples 8] [--uniform-samples 4]
+
+Adds ``cpu_report`` to ``DIR/summary.json`` (default: the shipped model), draws
+``heads_map.png`` and re-renders ``MODEL_CARD.md``: the time to load the model and score 16
+passkey samples at 4K tokens, dense passkey accuracy and perplexity, passkey accuracy under a
+uniform sink + window plan at KV density 0.5, and the map of far-looking heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moaplan.eval import passkey_accuracy, perplexity
+from moaplan.eval.headmap import far_attention_share, plot_head_map
+from moaplan.io import atomic_write, atomic_write_text
+from moaplan.model.card import write_model_card
+from moaplan.model.config import CONTEXT
+from moaplan.model.loading import load_model, reference_model_path
+from moaplan.plan import Budget, ModelShape, uniform_plan
+from moaplan.runtime import apply, remove
+
+LENGTHS = (1024, 2048, CONTEXT)
+UNIFORM_BUDGET = 0.5
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}".strip()
+
+
+def timed_passkey(model_dir: Path, batch_size: int) -> tuple[float, float]:
+    """Seconds to load the model, and to score 16 passkey samples at 4K tokens."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    loaded = time.perf_counter()
+    passkey_accuracy(
+        model, tokenizer, lengths=(CONTEXT,), depths=(0.5,), samples=16, batch_size=batch_size
+    )
+    return loaded - start, time.perf_counter() - loaded
+
+
+def run(model_dir: Path, samples: int, uniform_samples: int, batch_size: int) -> dict:
+    load_s, score_s = timed_passkey(model_dir, batch_size)
+    print(f"load {load_s:.1f} s + 16 passkey samples at {CONTEXT}: {score_s:.1f} s", flush=True)
+    model, tokenizer = load_model(model_dir)
+
+    head_map = far_attention_share(model, tokenizer, length=CONTEXT, far=1024)
+    atomic_write(model_dir / "heads_map.png", lambda tmp: plot_head_map(head_map, tmp))
+    print(f"heads map, far share at the answer:\n{head_map.answer.round(2)}", flush=True)
+
+    plan = uniform_plan(
+        ModelShape.from_config(model.config), Budget("kv", UNIFORM_BUDGET), [CONTEXT]
+    )
+    apply(model, plan)
+    uniform = passkey_accuracy(
+        model, tokenizer, lengths=(CONTEXT,), samples=uniform_samples, batch_size=batch_size
+    )
+    remove(model)
+    print(uniform.table(), flush=True)
+
+    dense = passkey_accuracy(
+        model, tokenizer, lengths=LENGTHS, samples=samples, batch_size=batch_size
+    )
+    print(dense.table(), flush=True)
+    ppl = perplexity(
+        model, tokenizer, lengths=(LENGTHS[0], CONTEXT), samples=samples, batch_size=batch_size
+    )
+    print(ppl.table(), flush=True)
+    rule = plan.rules[0][0]
+    return {
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "timing_length": CONTEXT,
+        "load_seconds": round(load_s, 2),
+        "score_seconds": round(score_s, 2),
+        "passkey_samples": samples,
+        "passkey": dense.to_dict(),
+        "passkey_table": dense.table(),
+        "ppl": ppl.to_dict(),
+        "ppl_table": ppl.table(),
+        "uniform_rule": f"{rule.describe()} for every KV head",
+        "uniform_density": float(plan.densities([CONTEXT])["kv"].max()),
+        "uniform": uniform.to_dict(),
+        "uniform_table": uniform.table(),
+        "heads_map": head_map.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moaplan.model.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("model_dir", nargs="?", type=Path, default=reference_model_path())
+    parser.add_argument("--samples", type=int, default=8, help="per (length, depth) cell")
+    parser.add_argument("--uniform-samples", type=int, default=4, help="per depth, at 4K")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    report = run(args.model_dir, args.samples, args.uniform_samples, args.batch_size)
+    summary_path = args.model_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) | {"cpu_report": report}
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    write_model_card(args.model_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The profile record and its file: safetensors for the summaries, YAML beside it for the rest.
+
+File layout for ``profiles/NAME.safetensors``:
+
+- tensors, float64, summed (not averaged) over ``finished[N]`` samples, one set per length N:
+  ``far/N [layers * kv_heads, nblk, 2]``, ``sink/N [layers * kv_heads, K, nblk, 2]`` and
+  ``total/N [layers * kv_heads]`` (sum of |E| over all ``j < i`` entries); heads are layer-major.
+- ``profiles/NAME.yaml``: format, moaplan version, model shape and config fingerprint, block
+  size, lengths, samples planned and finished per length, calibration data hash, the rule
+  space it prices, and the sha256 of the tensor file (so a mismatched pair is detected).
+
+An unfinished profile (a ``--resume`` checkpoint) is the same format with ``finished < samples``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+import moaplan
+from moaplan.errors import ProfileError
+from moaplan.io import atomic_write, atomic_write_text
+from moaplan.plan import ModelShape
+from moaplan.profile.cost import dropped_influence
+from moaplan.rules import Rule, RuleSpace
+
+FORMAT = "moaplan-profile/1"
+
+
+def sink_blocks(rule_space: RuleSpace, block: int) -> int:
+    """Rows of the sink table (``K``) a rule space needs; every sink must be whole blocks."""
+    odd = [s for s in rule_space.sinks if s % block]
+    if odd:
+        raise ProfileError(f"sink {odd[0]} of the rule space is not a multiple of the block size "
+                           f"{block}; choose sinks that are multiples of {block} or a smaller "
+                           "--block")
+    return max(rule_space.sinks) // block
+
+
+def num_blocks(length: int, block: int) -> int:
+    return -(-length // block)
+
+
+@dataclass
+class Profile:
+    """Blockwise influence summaries of one model at several lengths (sums over samples)."""
+
+    model: ModelShape
+    block: int
+    lengths: list[int]
+    samples: dict[int, int]
+    rule_space: RuleSpace = field(default_factory=RuleSpace)
+    data_hash: str = ""
+    finished: dict[int, int] = field(default_factory=dict)
+    far_sum: dict[int, np.ndarray] = field(default_factory=dict)
+    sink_sum: dict[int, np.ndarray] = field(default_factory=dict)
+    version: str = moaplan.__version__
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ProfileError(f"block size must be >= 1, got {self.block}")
+        self.lengths = sorted(int(n) for n in self.lengths)
+        if not self.lengths or self.lengths[0] < 2:
+            raise ProfileError(f"a profile needs lengths >= 2, got {self.lengths}")
+        heads = self.num_heads
+        k = sink_blocks(self.rule_space, self.block)
+        for n in self.lengths:
+            nblk = num_blocks(n, self.block)
+            self.finished.setdefault(n, 0)
+            self.far_sum.setdefault(n, np.zeros((heads, nblk, 2)))
+            self.sink_sum.setdefault(n, np.zeros((heads, k, nblk, 2)))
+            if self.far_sum[n].shape != (heads, nblk, 2) or \
+                    self.sink_sum[n].shape != (heads, k, nblk, 2):
+                raise ProfileError(f"the summaries for length {n} have the wrong shape "
+                                   f"{self.far_sum[n].shape}, {self.sink_sum[n].shape}")
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads of the whole model, layer-major (the optimizer's head index)."""
+        return self.model.num_layers * self.model.num_key_value_heads
+
+    @property
+    def complete(self) -> bool:
+        return all(self.finished[n] >= self.samples.get(n, 0) for n in self.lengths)
+
+    def _length(self, length: int) -> int:
+        if length not in self.far_sum:
+            raise ProfileError(f"length {length} was not profiled; this profile has "
+                               f"{', '.join(map(str, self.lengths))}")
+        if not self.finished[length]:
+            raise ProfileError(f"no sample of length {length} has been profiled yet")
+        return self.finished[length]
+
+    def far(self, length: int) -> np.ndarray:
+        """Mean over samples of ``far``: ``[heads, nblk, 2]``."""
+        count = self._length(length)
+        return self.far_sum[length] / count
+
+    def sink(self, length: int) -> np.ndarray:
+        """Mean over samples of ``sink``: ``[heads, K, nblk, 2]``."""
+        count = self._length(length)
+        return self.sink_sum[length] / count
+
+    def total(self, length: int) -> np.ndarray:
+        """Mean total ``sum |E|`` per head: ``[heads]``."""
+        return self.far(length).sum((1, 2))
+
+    def dropped_influence(self, rules: Sequence[Rule], length: int) -> np.ndarray:
+        """The optimizer's cost matrix ``(heads, len(rules))`` at a profiled length."""
+        return dropped_influence(self.far(length), self.sink(length), rules, length, self.block)
+
+    def add(self, length: int, far: np.ndarray, sink: np.ndarray, count: int = 1) -> None:
+        """Add the summed summaries of ``count`` samples of ``length``."""
+        self.far_sum[length] = self.far_sum[length] + far
+        self.sink_sum[length] = self.sink_sum[length] + sink
+        self.finished[length] += count
+
+    def check_model(self, shape: ModelShape) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for the model ``shape``."""
+        if not self.model.same_shape(shape) or (
+                self.model.fingerprint and shape.fingerprint
+                and self.model.fingerprint != shape.fingerprint):
+            raise ProfileError(f"the profile is for another model ({self.model.model_type or '?'}, "
+                               f"{self.model.describe()}, fingerprint {self.model.fingerprint}); "
+                               f"this one is {shape.describe()}, fingerprint {shape.fingerprint}")
+
+    def metadata(self, tensor_sha256: str) -> dict[str, Any]:
+        m = self.model
+        return {
+            "format": FORMAT,
+            "moaplan_version": self.version,
+            "model": {"model_type": m.model_type, "fingerprint": m.fingerprint,
+                      "num_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+                      "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim},
+            "block": self.block,
+            "lengths": list(self.lengths),
+            "samples": {n: self.samples.get(n, 0) for n in self.lengths},
+            "finished": {n: self.finished[n] for n in self.lengths},
+            "calibration_hash": self.data_hash,
+            "rule_space": self.rule_space.to_dict(),
+            "influence": "sum over samples of |E_ij|, j < i, summed over each GQA group",
+            "tensors": {"sha256": tensor_sha256},
+        }
+
+
+def metadata_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".yaml")
+
+
+def _tensors(profile: Profile) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for n in profile.lengths:
+        out[f"far/{n}"] = np.ascontiguousarray(profile.far_sum[n], dtype=np.float64)
+        out[f"sink/{n}"] = np.ascontiguousarray(profile.sink_sum[n], dtype=np.float64)
+        out[f"total/{n}"] = profile.far_sum[n].sum((1, 2))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write ``path`` (safetensors) and its YAML beside it, each atomically, tensors first."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ProfileError(f"a profile file ends in .safetensors, got {path}")
+    tensors = _tensors(profile)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    meta = profile.metadata(_sha256(path))
+    atomic_write_text(metadata_path(path), yaml.safe_dump(meta, sort_keys=False))
+    return path
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile; a missing, mismatched or malformed file pair raises :class:`ProfileError`."""
+    path = Path(path)
+    meta_file = metadata_path(path)
+    if not path.is_file() or not meta_file.is_file():
+        raise ProfileError(f"profile {path} not found (it needs {path.name} and {meta_file.name})")
+    try:
+        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ProfileError(f"{meta_file} is not a {FORMAT} file")
+        if meta["tensors"]["sha256"] != _sha256(path):
+            raise ProfileError(f"{path.name} does not match {meta_file.name} (one of them was "
+                               "changed or copied from another profile)")
+        tensors = load_file(str(path))
+        m = meta["model"]
+        lengths = [int(n) for n in meta["lengths"]]
+        shape = ModelShape(num_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+                           num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"],
+                           model_type=m.get("model_type") or "", fingerprint=m.get("fingerprint"))
+        return Profile(
+            model=shape,
+            block=int(meta["block"]), lengths=lengths,
+            samples={int(n): int(c) for n, c in meta["samples"].items()},
+            rule_space=RuleSpace.from_dict(meta["rule_space"]),
+            data_hash=meta.get("calibration_hash", ""),
+            finished={int(n): int(c) for n, c in meta["finished"].items()},
+            far_sum={n: tensors[f"far/{n}"] for n in lengths},
+            sink_sum={n: tensors[f"sink/{n}"] for n in lengths},
+            version=str(meta.get("moaplan_version", "")),
+        )
+    except ProfileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError,
+            SafetensorError) as err:
+        raise ProfileError(f"profile {path} is malformed ({type(err).__name__}: {err})") from None

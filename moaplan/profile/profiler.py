@@ -1,0 +1,229 @@
+"""Running the profile: dense forward, response-token loss, one backward per sample.
+
+For each length N and each of its calibration samples (N tokens, or fewer: a shorter sample's
+summary fills the first block distances) the model runs densely through
+:class:`~moaplan.profile.attention.InfluenceCollector`; the loss is the mean cross-entropy on
+the response tokens only (the LM head is applied to those positions alone, so ``[N, vocab]``
+logits never exist), and one backward pass with frozen weights (only the input embeddings
+require a gradient) fills the per-layer summaries.  After each finished sample the partial
+profile is checkpointed atomically, so an interrupted run resumes from the last finished
+sample.  Under ``torchrun`` (an initialised ``torch.distributed``) rank ``r`` takes samples
+``r, r + world, ...`` and the summaries are all-reduced at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moaplan.errors import DataError, ProfileError
+from moaplan.plan import ModelShape
+from moaplan.profile.attention import InfluenceCollector, profiling_attention
+from moaplan.profile.profile import Profile, load_profile, save_profile, sink_blocks
+from moaplan.rules import RuleSpace
+
+
+class Sample(Protocol):
+    """A calibration sample (``moaplan.data.CalibrationSample``): ``[N]`` ids and a bool mask
+    of the response tokens the loss is taken on."""
+
+    input_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the progress callback is told after each finished sample."""
+
+    length: int
+    sample: int
+    tokens: int
+    seconds: float
+
+
+def calibration_hash(samples: Mapping[int, Sequence[Sample]]) -> str:
+    """sha256 (16 hex digits) of every sample's ids and response mask, by length."""
+    digest = hashlib.sha256()
+    for n in sorted(samples):
+        for s in samples[n]:
+            digest.update(np.asarray(s.input_ids.cpu(), dtype=np.int64).tobytes())
+            digest.update(np.asarray(s.response_mask.cpu(), dtype=bool).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_samples(samples: Mapping[int, Sequence[Sample]]) -> None:
+    for n, group in samples.items():
+        if not group:
+            raise DataError(f"no calibration samples of length {n}")
+        for s in group:
+            size = s.input_ids.shape[0] if s.input_ids.dim() == 1 else -1
+            if not 2 <= size <= n or s.response_mask.shape != s.input_ids.shape:
+                raise DataError(f"a sample filed under length {n} has shape "
+                                f"{tuple(s.input_ids.shape)}; expected (N,) with 2 <= N <= {n}")
+            if not bool(s.response_mask[1:].any()):
+                raise DataError(f"a sample of length {n} has no response tokens to take the "
+                                "loss on")
+
+
+def response_loss(model: torch.nn.Module, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, embeddings)``: mean cross-entropy on the response tokens, and the input
+    embeddings (a leaf requiring grad, so the graph exists although the weights are frozen)."""
+    embed = model.get_input_embeddings()
+    ids = sample.input_ids.to(embed.weight.device)[None]
+    embeds = embed(ids).detach().requires_grad_(True)
+    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    # Position t predicts token t + 1; keep the positions whose next token is a response token.
+    positions = sample.response_mask[1:].nonzero().squeeze(1).to(hidden.device)
+    head = model.get_output_embeddings()
+    logits = head(hidden[0, positions].to(head.weight.device)).float()
+    targets = ids[0, 1:][positions.to(ids.device)].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits, targets), embeds
+
+
+def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*.
+    prefix = ("activation" if hasattr(model, "activation_checkpointing_enable") else "gradient")
+    getattr(model, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+
+
+@contextlib.contextmanager
+def _profiling_mode(model: torch.nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Frozen weights; with checkpointing, the train mode transformers needs to checkpoint."""
+    grads = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        # transformers checkpoints a layer only in train mode; attention dropout is ignored
+        # by the profiling attention, which always computes the exact dense attention.
+        _set_checkpointing(model, True)
+        model.train()
+    else:
+        model.eval()
+    try:
+        yield
+    finally:
+        if gradient_checkpointing:
+            _set_checkpointing(model, False)
+        model.train(was_training)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def checkpoint_path(out: str | Path, rank: int = 0, world: int = 1) -> Path:
+    """Where the partial profile of ``out`` (per rank under torchrun) is checkpointed."""
+    out = Path(out)
+    suffix = ".partial" if world == 1 else f".partial-rank{rank}"
+    return out.with_name(out.stem + suffix + out.suffix)
+
+
+def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], block: int,
+           rule_space: RuleSpace, data_hash: str, resume_from: Path | None) -> Profile:
+    fresh = Profile(model=model_shape, block=block, lengths=lengths, samples=counts,
+                    rule_space=rule_space, data_hash=data_hash)
+    if resume_from is None or not resume_from.is_file():
+        return fresh
+    old = load_profile(resume_from)
+    old.check_model(model_shape)
+    if (old.block, old.lengths, old.data_hash, old.rule_space) != (
+            block, lengths, data_hash, rule_space):
+        raise ProfileError(f"{resume_from} was started with other settings (block, lengths, "
+                           "calibration data or rule space); delete it or rerun with the "
+                           "same arguments")
+    old.samples = counts
+    return old
+
+
+def _all_reduce(profile: Profile, device: torch.device) -> None:
+    for n in profile.lengths:
+        for sums in (profile.far_sum, profile.sink_sum):
+            t = torch.from_numpy(sums[n]).to(device)
+            dist.all_reduce(t)
+            sums[n] = t.cpu().numpy()
+        count = torch.tensor([profile.finished[n]], device=device)
+        dist.all_reduce(count)
+        profile.finished[n] = int(count.item())
+
+
+def profile_model(
+    model: torch.nn.Module,
+    samples: Mapping[int, Sequence[Sample]],
+    *,
+    block: int = 64,
+    rule_space: RuleSpace | None = None,
+    backend: str = "auto",
+    gradient_checkpointing: bool = False,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    on_sample: Callable[[Progress], None] | None = None,
+) -> Profile:
+    """Profile ``model`` (a loaded ``transformers`` causal LM, any device map) on ``samples``
+    (length -> samples of that length).
+
+    With ``checkpoint`` the partial sums are saved there after every sample (per rank under
+    torchrun, see :func:`checkpoint_path`); with ``resume`` a checkpoint found there is
+    continued (it must be for this model, these settings and this data).  The returned profile
+    is complete and, under torchrun, the same on every rank.
+    """
+    rule_space = rule_space or RuleSpace()
+    num_sink = sink_blocks(rule_space, block)
+    _check_samples(samples)
+    lengths = sorted(samples)
+    counts = {n: len(samples[n]) for n in lengths}
+    rank, world = _rank_world()
+    ckpt = checkpoint_path(checkpoint, rank, world) if checkpoint else None
+    profile = _start(ModelShape.from_config(model.config), lengths, counts, block, rule_space,
+                     calibration_hash(samples), ckpt if resume else None)
+    own = {n: list(range(rank, counts[n], world)) for n in lengths}
+    if any(profile.finished[n] > len(own[n]) for n in lengths):
+        raise ProfileError(f"{ckpt} holds more samples than this run has; delete it")
+
+    collector = InfluenceCollector(block=block, num_sink_blocks=num_sink, backend=backend)
+    with _profiling_mode(model, gradient_checkpointing), profiling_attention(model, collector):
+        for n in lengths:
+            for index in own[n][profile.finished[n]:]:
+                start = time.perf_counter()
+                collector.reset()
+                loss, embeds = response_loss(model, samples[n][index])
+                torch.autograd.grad(loss, embeds)
+                far, sink = _stack(collector, model.config.num_hidden_layers,
+                                   profile.far_sum[n].shape[1])
+                profile.add(n, far, sink)
+                if ckpt is not None:
+                    save_profile(profile, ckpt)
+                if on_sample is not None:
+                    on_sample(Progress(n, index, n, time.perf_counter() - start))
+    if world > 1:
+        device = next(model.parameters()).device
+        _all_reduce(profile, device if dist.get_backend() == "nccl" else torch.device("cpu"))
+    return profile
+
+
+def _stack(collector: InfluenceCollector, num_layers: int, num_blocks: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The per-layer summaries of one sample as layer-major float64 arrays, zero-padded to
+    ``num_blocks`` block distances (a sample may be shorter than its length)."""
+    missing = [i for i in range(num_layers) if i not in collector.summaries]
+    if missing:
+        raise ProfileError(f"layers {missing} produced no attention gradient (is the model's "
+                           "attention implementation switchable through AttentionInterface?)")
+    layers = [collector.summaries[i] for i in range(num_layers)]
+    far = torch.cat([s.far.double().cpu() for s in layers])
+    sink = torch.cat([s.sink.double().cpu() for s in layers])
+    pad = num_blocks - far.shape[1]
+    return (torch.nn.functional.pad(far, (0, 0, 0, pad)).numpy(),
+            torch.nn.functional.pad(sink, (0, 0, 0, pad)).numpy())

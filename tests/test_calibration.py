@@ -1,0 +1,121 @@
+"""Calibration data: the reference generator and the loaders for user files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moaplan.data import CalibrationSample, load_calibration, reference_calibration
+from moaplan.errors import DataError
+from moaplan.model import byte_tokenizer, load_model
+from moaplan.model.tokenizer import BOS_ID
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_reference_calibration_responses_are_the_models_greedy_continuations():
+    model, tok = load_model()
+    samples = reference_calibration(model, tok, length=512, n_samples=3, seed=0,
+                                    response_tokens=16)
+    assert len(samples) == 3
+    for s in samples:
+        assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
+        assert s.input_ids.shape == (512,)
+        assert s.response_mask[-16:].all() and not s.response_mask[:-22].any()
+    # greedy: every response token is the model's argmax given everything before it
+    batch = torch.stack([s.input_ids for s in samples])
+    with torch.no_grad():
+        predicted = model(input_ids=batch).logits.argmax(-1)
+    for row, s in enumerate(samples):
+        positions = s.response_mask.nonzero().squeeze(1)
+        assert torch.equal(predicted[row, positions - 1], s.input_ids[positions])
+
+
+def test_reference_calibration_rejects_too_short_lengths():
+    model, tok = load_model()
+    with pytest.raises(DataError, match="too short"):
+        reference_calibration(model, tok, length=100, n_samples=1, seed=0)
+
+
+def test_jsonl_without_chat_template_is_bos_prompt_response(tmp_path):
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q: two?", "response": " 2"},
+                                               {"prompt": "x", "response": "y"}])
+    samples = load_calibration(path, byte_tokenizer(), length=64)
+    assert samples[0].input_ids.tolist() == [BOS_ID, *_bytes("Q: two?"), *_bytes(" 2")]
+    assert samples[0].response_mask.tolist() == [False] * 8 + [True] * 2
+    assert len(load_calibration(path, byte_tokenizer(), length=64, n_samples=1)) == 1
+
+
+def test_jsonl_with_chat_template_masks_the_assistant_turn(tmp_path):
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi", "response": "yo"}])
+    (sample,) = load_calibration(path, tok, length=100)
+    prompt = "<user>hi</user>\n<assistant>"
+    assert sample.input_ids.tolist() == _bytes(prompt + "yo</assistant>\n")
+    assert sample.response_mask.sum() == len("yo</assistant>\n")
+    assert not sample.response_mask[: len(prompt)].any()
+
+
+def test_long_pairs_lose_the_middle_of_the_prompt(tmp_path):
+    prompt = "HEAD" + "." * 200 + "TAIL"
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": prompt, "response": "ANSWER"}])
+    (sample,) = load_calibration(path, byte_tokenizer(), length=40)
+    text = bytes(sample.input_ids[1:].tolist()).decode()
+    assert len(sample.input_ids) == 40
+    assert text.startswith("HEAD") and text.endswith("TAILANSWER")
+    assert sample.response_mask.sum() == len("ANSWER")
+
+
+def test_plain_text_is_cut_into_full_windows(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("abcdefghij" * 10, encoding="utf-8")  # 100 bytes
+    samples = load_calibration(path, byte_tokenizer(), length=31)  # bos + 30 bytes each
+    assert len(samples) == 3
+    assert samples[1].input_ids.tolist() == [BOS_ID, *_bytes("abcdefghij" * 3)]
+    assert samples[0].response_mask.tolist() == [False] + [True] * 30
+    assert len(load_calibration(path, byte_tokenizer(), length=31, n_samples=2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "a"}\n', r"c\.jsonl:1: expected a JSON object"),
+        ('{"prompt": "a", "response": "b"}\nnot json\n', r"c\.jsonl:2: expected a JSON object"),
+        ('{"prompt": "a", "response": ""}\n', r"c\.jsonl:1: prompt and response must be"),
+        ("\n\n", "holds no calibration sample"),
+    ],
+)
+def test_bad_jsonl_gives_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_calibration(path, byte_tokenizer(), length=64)
+
+
+def test_missing_file_and_short_text_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="no calibration file"):
+        load_calibration(tmp_path / "nope.jsonl", byte_tokenizer(), length=64)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny", encoding="utf-8")
+    with pytest.raises(DataError, match="holds no calibration sample"):
+        load_calibration(short, byte_tokenizer(), length=64)
+
+
+def test_sample_shapes_are_checked():
+    with pytest.raises(ValueError):
+        CalibrationSample(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.bool))

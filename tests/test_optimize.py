@@ -1,0 +1,217 @@
+"""The optimizer: exact on enumerable instances, a plan and an honest gap under a time limit,
+clear budget errors, and an optuna study that caches and resumes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moaplan.errors import BudgetError, ProfileError
+from moaplan.optimize import (
+    KnapsackProblem,
+    Solution,
+    choose,
+    default_storage,
+    greedy,
+    lagrangian_bound,
+    pareto_plans,
+    prune_dominated,
+    simplex_weights,
+    solve,
+)
+from moaplan.optimize.synthetic import dropped_influence, synthetic_problem
+from moaplan.rules import RuleSpace
+
+
+def _random_problem(rng: np.random.Generator, *, groups: bool) -> KnapsackProblem:
+    """4 heads (2 layers x 2), 5 rules (rule 0 is full), 2 profiled and 3 target lengths."""
+    cost = rng.random((2, 4, 5))
+    cost[:, :, 0] = 0.0
+    density = rng.uniform(0.05, 0.95, (3, 5))
+    density[:, 0] = 1.0
+    return KnapsackProblem(cost=cost, density=density, budget=float(rng.uniform(0.3, 0.8)),
+                           length_weights=rng.uniform(0.1, 1.0, 2),
+                           head_groups=np.array([0, 0, 1, 1]),
+                           group_max_density=float(rng.uniform(0.4, 0.9)) if groups else None)
+
+
+def _brute_force(problem: KnapsackProblem) -> float | None:
+    """Optimal objective by enumerating every choice, None if no choice is feasible."""
+    best = None
+    for choice in itertools.product(range(problem.n_rules), repeat=problem.n_heads):
+        choice = np.array(choice)
+        if not _feasible(problem, choice):
+            continue
+        objective = problem.evaluate(choice)[0]
+        best = objective if best is None else min(best, objective)
+    return best
+
+
+def _feasible(problem: KnapsackProblem, choice: np.ndarray, tol: float = 1e-9) -> bool:
+    dens = problem.density[:, choice]
+    if (dens.mean(axis=1) > problem.budget + tol).any():
+        return False
+    if problem.group_max_density is None:
+        return True
+    return all((dens[:, problem.head_groups == g].mean(axis=1)
+                <= problem.group_max_density + tol).all()
+               for g in np.unique(problem.head_groups))
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_solve_matches_brute_force(groups: bool) -> None:
+    rng = np.random.default_rng(1 + groups)
+    solved, by_highs = 0, 0
+    for _ in range(30):
+        problem = _random_problem(rng, groups=groups)
+        optimum = _brute_force(problem)
+        if optimum is None:
+            with pytest.raises(BudgetError):
+                solve(problem)
+            continue
+        solution = solve(problem, mip_gap=0.0)
+        assert _feasible(problem, solution.choice)
+        assert solution.objective == pytest.approx(optimum, rel=1e-9, abs=1e-12)
+        assert solution.status == "optimal"
+        assert solution.bound <= solution.objective and solution.gap <= 1e-6
+        assert lagrangian_bound(problem) <= optimum + 1e-12
+        fallback = greedy(problem)
+        assert fallback is None or _feasible(problem, fallback)
+        solved += 1
+        by_highs += solution.method == "highs"
+    assert solved >= 10 and by_highs >= 5  # not all infeasible, and the MILP really ran
+
+
+def test_pruning_keeps_one_of_identical_rules_and_drops_dominated() -> None:
+    density = np.array([[0.2, 0.2, 0.3, 0.5], [0.3, 0.3, 0.3, 0.1]])
+    coef = np.array([[1.0, 1.0, 2.0, 0.5]])
+    keep = prune_dominated(coef, density)
+    # rule 1 duplicates rule 0; rule 2 is denser and costlier than rule 0; rule 3 is cheaper
+    # but denser at one length, so it stays.
+    assert keep.tolist() == [[True, False, False, True]]
+
+
+def test_time_limit_still_returns_a_plan_with_its_gap() -> None:
+    problem = synthetic_problem(32, 8, 0.5, profiled_lengths=(2048, 4096),
+                                target_lengths=(4096, 8192, 16384))
+    # mip_gap=0 so that the greedy plan and Lagrangian bound cannot settle it before HiGHS.
+    rushed = solve(problem, time_limit=0.01, mip_gap=0.0)
+    assert rushed.status == "time_limit"
+    assert (rushed.densities <= 0.5).all() and _feasible(problem, rushed.choice)
+    assert 0.0 <= rushed.bound <= rushed.objective and 0.0 <= rushed.gap < 0.01
+    exact = solve(problem, mip_gap=1e-4)
+    assert rushed.bound <= exact.objective * (1 + 1e-9)
+    assert exact.objective <= rushed.objective * (1 + 1e-9)
+
+
+def test_below_reachable_density_names_the_minimum_at_each_length() -> None:
+    space = RuleSpace(sinks=(64,), alphas=(256,), betas=(0.0, 0.25))
+    lengths = (4096, 16384)
+    problem = KnapsackProblem(cost=np.ones((1, 2, len(space))),
+                              density=space.kv_density(lengths).T, budget=0.05,
+                              target_lengths=lengths)
+    with pytest.raises(BudgetError) as err:
+        solve(problem)
+    message = str(err.value)
+    assert "\n" not in message and "0.05" in message
+    assert "0.07812 at N=4096" in message and "0.01953 at N=16384" in message
+
+
+def test_budget_reachable_per_length_but_not_jointly() -> None:
+    density = np.array([[1.0, 0.2, 0.8], [1.0, 0.8, 0.2]])
+    problem = KnapsackProblem(cost=np.ones((1, 3, 3)), density=density, budget=0.4)
+    with pytest.raises(BudgetError, match="at every target length at once"):
+        solve(problem)
+
+
+def test_per_layer_bound_is_respected() -> None:
+    rng = np.random.default_rng(7)
+    cost = rng.random((1, 8, 4)) * np.array([0.0, 1.0, 2.0, 3.0])  # sparser costs more
+    density = np.array([[1.0, 0.6, 0.4, 0.2]])
+    free = KnapsackProblem(cost=cost, density=density, budget=0.6,
+                           head_groups=np.repeat([0, 1], 4))
+    bounded = KnapsackProblem(cost=cost, density=density, budget=0.6,
+                              head_groups=np.repeat([0, 1], 4), group_max_density=0.61)
+    loose, tight = solve(free, mip_gap=0.0), solve(bounded, mip_gap=0.0)
+    assert _feasible(bounded, tight.choice)
+    assert tight.objective >= loose.objective - 1e-12
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    with pytest.raises(ProfileError, match="density must be"):
+        KnapsackProblem(cost=np.ones((1, 2, 3)), density=np.ones((2, 4)), budget=0.5)
+    with pytest.raises(ProfileError, match=">= 0"):
+        KnapsackProblem(cost=-np.ones((1, 2, 3)), density=np.ones((2, 3)), budget=0.5)
+    with pytest.raises(BudgetError, match="> 0"):
+        KnapsackProblem(cost=np.ones((1, 2, 3)), density=np.ones((2, 3)), budget=0.0)
+    with pytest.raises(BudgetError, match="head_groups"):
+        KnapsackProblem(cost=np.ones((1, 2, 3)), density=np.ones((2, 3)), budget=0.5,
+                        group_max_density=0.5)
+
+
+def test_dropped_influence_matches_the_mask() -> None:
+    rng = np.random.default_rng(3)
+    n, f = 40, rng.random(40)
+    sink, span = np.array([0, 3, 5, 0, 30]), np.array([1, 4, 10, 40, 20])
+    expected = [sum(f[i - j] for i in range(n) for j in range(i + 1)
+                    if not (j < s or i - j < w)) for s, w in zip(sink, span)]
+    assert np.allclose(dropped_influence(f, sink, span, n), expected)
+
+
+def test_simplex_weights_and_pareto_plans_are_deduplicated() -> None:
+    grid = simplex_weights(2, 4)
+    assert len(grid) == 5 and all(np.isclose(w.sum(), 1.0) for w in grid)
+    problem = synthetic_problem(2, 4, 0.3, space=RuleSpace(alphas=(32, 256, 1024, 4096),
+                                                          betas=(0.0, 0.125, 0.5)),
+                                profiled_lengths=(1024, 8192), target_lengths=(1024, 8192))
+    plans = pareto_plans(problem, [*grid, *grid])
+    keys = [p.key() for p in plans]
+    assert len(keys) == len(set(keys)) >= 2  # the two lengths really pull apart
+
+
+def _toy_problem() -> KnapsackProblem:
+    return synthetic_problem(2, 4, 0.35, space=RuleSpace(alphas=(32, 256, 1024, 4096),
+                                                        betas=(0.0, 0.125, 0.5)),
+                             profiled_lengths=(1024, 4096), target_lengths=(1024, 4096, 16384))
+
+
+def _held_out_loss(solution: Solution) -> float:
+    # A stand-in for measured loss: the cost at the longest profiled length weighs most.
+    return float(solution.costs @ np.array([0.2, 1.0]))
+
+
+def test_choose_tunes_weights_caches_plans_and_resumes(tmp_path) -> None:
+    problem, storage = _toy_problem(), default_storage(tmp_path / "plan.yaml")
+    assert storage.startswith("sqlite:///") and storage.endswith("plan.optuna.db")
+    calls: list[tuple[int, ...]] = []
+
+    def evaluate(solution: Solution) -> float:
+        if len(calls) == 1 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # the user hits ^C during the second evaluation
+        calls.append(solution.key())
+        return _held_out_loss(solution)
+
+    interrupted: list[bool] = []
+    with pytest.raises(KeyboardInterrupt):
+        choose(problem, evaluate, n_trials=8, storage=storage, study_name="s", seed=0)
+    best, study = choose(problem, evaluate, n_trials=8, storage=storage, study_name="s", seed=0)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 8
+    assert len(calls) == len(set(calls))  # every distinct plan measured once, cache for repeats
+    assert len(set(calls)) == len({t.user_attrs["plan"] for t in complete})
+    assert _held_out_loss(best) == pytest.approx(min(t.value for t in complete))
+    assert complete[0].params == {"weight_0": 1.0, "weight_1": 1.0}  # the problem's own first
+
+
+def test_choose_among_candidates_walks_each_once() -> None:
+    problem = _toy_problem()
+    candidates = pareto_plans(problem, simplex_weights(2, 3))
+    seen: list[tuple[int, ...]] = []
+    best, study = choose(candidates, lambda s: seen.append(s.key()) or _held_out_loss(s),
+                         n_trials=50, seed=1)
+    assert sorted(seen) == sorted(c.key() for c in candidates)
+    assert _held_out_loss(best) == min(_held_out_loss(c) for c in candidates)
+    assert best.key() in seen and len(study.trials) == len(candidates)
