@@ -21,6 +21,7 @@ import torch
 
 from moaplan.errors import BudgetError, DataError, ProfileError
 from moaplan.optimize import KnapsackProblem, Solution, choose
+from moaplan.optimize.milp import check_reachable
 from moaplan.plan import Budget, ModelShape, Plan, save_plan
 from moaplan.profile import (
     Profile,
@@ -108,14 +109,26 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
     return profile
 
 
-def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
-    space = settings.rule_space
-    cost = np.stack([profile.dropped_influence(space.rules, n) for n in settings.lengths])
-    targets = settings.target_lengths
+def target_densities(settings: SearchSettings) -> np.ndarray:
+    """``(target lengths, rules)``: the budgeted density of every candidate rule."""
+    space, targets = settings.rule_space, settings.target_lengths
     if settings.budget.kind == "kv":
-        density = space.kv_density(targets).T
-    else:
-        density = space.attention_density(targets).T
+        return space.kv_density(targets).T
+    return space.attention_density(targets).T
+
+
+def check_budget(settings: SearchSettings) -> None:
+    """Fail before any profiling if no plan of the rule space meets the budget."""
+    density = target_densities(settings)
+    check_reachable(KnapsackProblem(cost=np.zeros((1, 1, density.shape[1])), density=density,
+                                    budget=settings.budget.value,
+                                    target_lengths=tuple(settings.target_lengths)))
+
+
+def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
+    space, targets = settings.rule_space, settings.target_lengths
+    cost = np.stack([profile.dropped_influence(space.rules, n) for n in settings.lengths])
+    density = target_densities(settings)
     shape = profile.model
     layer_of_head = np.repeat(np.arange(shape.num_layers), shape.num_key_value_heads)
     return KnapsackProblem(cost=cost, density=density, budget=settings.budget.value,
@@ -150,6 +163,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
            on_trial: Callable[[float], None] | None = None) -> SearchResult:
     """Run the whole search and write the plan to ``out`` (atomically)."""
     start = time.perf_counter()
+    check_budget(settings)
     samples = {n: source(n, settings.samples, False) for n in settings.lengths}
     held_out = source(settings.validation_length, settings.validation_samples, True)
     if not held_out:

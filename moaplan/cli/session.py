@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from moaplan.errors import DataError
 from moaplan.plan import ModelShape
 from moaplan.plan.report import plan_table
 from moaplan.search import SampleSource, SearchResult, SearchSettings
@@ -34,7 +35,13 @@ class ModelSession:
         model, tokenizer = load_model(args.model, device=args.device)
         if args.data:
             def source(length: int, count: int, held_out: bool) -> list:
-                samples = load_calibration(args.data, tokenizer, length, None)
+                # Only samples that fill the length: a profile length is a real length.
+                samples = [s for s in load_calibration(args.data, tokenizer, length, None)
+                           if len(s.input_ids) == length]
+                if len(samples) < count:
+                    raise DataError(f"{args.data} has {len(samples)} samples of at least "
+                                    f"{length} tokens, {count} are needed; give longer or more "
+                                    "data, or shorter --lengths / fewer --samples")
                 return samples[-count:] if held_out else samples[:count]
         else:
             def source(length: int, count: int, held_out: bool) -> list:
@@ -73,16 +80,20 @@ class ModelSession:
 
 
 class _Progress:
-    """tqdm bars for the profile (samples x lengths, tokens/s) and the validation trials."""
+    """tqdm bars for the profile (samples x lengths, tokens/s) and the validation trials,
+    each opened on its first update (a reused profile shows no profile bar)."""
 
     def __init__(self, settings: SearchSettings) -> None:
-        self.profile_bar = tqdm(total=settings.samples * len(settings.lengths),
-                                desc="profile", unit="sample")
-        self.trial_bar = tqdm(total=settings.trials, desc="validate", unit="plan")
+        self.settings = settings
+        self.profile_bar: tqdm | None = None
+        self.trial_bar: tqdm | None = None
         self.tokens = 0
         self.seconds = 0.0
 
     def sample(self, progress: Any) -> None:
+        if self.profile_bar is None:
+            total = self.settings.samples * len(self.settings.lengths)
+            self.profile_bar = tqdm(total=total, desc="profile", unit="sample")
         self.tokens += progress.tokens
         self.seconds += progress.seconds
         self.profile_bar.set_postfix(length=progress.length,
@@ -90,9 +101,14 @@ class _Progress:
         self.profile_bar.update()
 
     def trial(self, loss: float) -> None:
+        if self.trial_bar is None:
+            if self.profile_bar is not None:
+                self.profile_bar.close()
+            self.trial_bar = tqdm(total=self.settings.trials, desc="validate", unit="plan")
         self.trial_bar.set_postfix(loss=f"{loss:.4f}")
         self.trial_bar.update()
 
     def close(self) -> None:
-        self.profile_bar.close()
-        self.trial_bar.close()
+        for bar in (self.profile_bar, self.trial_bar):
+            if bar is not None:
+                bar.close()

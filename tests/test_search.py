@@ -1,0 +1,110 @@
+"""`moaplan search` and `moaplan baseline` end to end on tiny local checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import moaplan
+from moaplan.cli import main
+from moaplan.model import byte_tokenizer, load_model
+from moaplan.plan import load_plan
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=259, max_position_embeddings=1024,
+            bos_token_id=256, eos_token_id=257, pad_token_id=258)
+LENGTHS = ["256", "512"]
+SEARCH = ["--lengths", *LENGTHS, "--validation-length", "384", "--samples", "2",
+          "--trials", "3"]
+
+
+def save_tiny(kind: str, path) -> None:
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY))
+    else:
+        model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=None))
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
+def write_calibration(path, count: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "key", "value", "the", "is", "of"]
+    with path.open("w") as f:
+        for i in range(count):
+            prompt = " ".join(rng.choice(words, 150)) + f" the key {i} is"
+            response = " ".join(rng.choice(words, 60))
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral"])
+def checkpoint(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    save_tiny(request.param, root / "model")
+    write_calibration(root / "calib.jsonl")
+    return root
+
+
+def test_search_end_to_end(checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint)
+    out = checkpoint / "plan.yaml"
+    args = ["search", "--budget", "0.5", "--model", str(checkpoint / "model"), "--data",
+            str(checkpoint / "calib.jsonl"), *SEARCH, "--out", str(out)]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "measured loss" in summary and "solver: optimal" in summary
+    plan = load_plan(out)
+    targets = [256, 384, 512]
+    assert plan.lengths == targets
+    assert (plan.densities(targets)["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
+    assert plan.provenance["search"]["trials"] == 3
+    profile = next((checkpoint / "profiles").glob("*.safetensors"))
+    assert plan.provenance["profile"] == str(profile.relative_to(checkpoint))
+
+    # The plan runs on the model it was made for.
+    model, tokenizer = load_model(checkpoint / "model")
+    moaplan.apply(model, out)
+    ids = tokenizer("the key 3 is", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+    # A second search reuses the profile and the finished optuna study.
+    stamp = profile.stat().st_mtime_ns
+    assert main(args) == 0
+    assert profile.stat().st_mtime_ns == stamp
+    assert load_plan(out).rules == plan.rules
+
+
+def test_impossible_budget_names_the_reachable_density(checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint)
+    code = main(["search", "--budget", "0.01", "--model", str(checkpoint / "model"), "--data",
+                 str(checkpoint / "calib.jsonl"), *SEARCH, "--out", "x.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "budget 0.01 is below the smallest density" in err and "at N=256" in err
+    assert not (checkpoint / "profiles").exists() or not list((checkpoint / "profiles").glob(
+        "*.partial*")), "an impossible budget must fail before profiling"
+
+
+@pytest.mark.parametrize("kind", ["streaming", "duo"])
+def test_baselines(checkpoint, monkeypatch, kind):
+    monkeypatch.chdir(checkpoint)
+    out = checkpoint / f"{kind}.yaml"
+    # At 256 tokens the 64 + 64 streaming rule alone is density 0.5: leave room for full heads.
+    assert main(["baseline", kind, "--budget", "0.75", "--model", str(checkpoint / "model"),
+                 "--data", str(checkpoint / "calib.jsonl"), "--lengths", *LENGTHS,
+                 "--samples", "2", "--recent", "64", "--sink", "64", "--out", str(out)]) == 0
+    plan = load_plan(out)
+    assert (plan.densities([256, 512])["kv"].mean((0, 1)) <= 0.75 + 1e-9).all()
+    if kind == "duo":
+        assert {r.full for r in plan.flat_rules} == {True, False}
+
+
+def test_too_little_data(checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint)
+    code = main(["search", "--budget", "0.5", "--model", str(checkpoint / "model"), "--data",
+                 str(checkpoint / "calib.jsonl"), "--lengths", "256", "2048",
+                 "--validation-length", "384", "--out", "x.yaml"])
+    assert code == 2 and "samples of at least 2048 tokens" in capsys.readouterr().err
