@@ -19,3 +19,7 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check moaplan kernels tests benchmarks
+
+# The headline command on the shipped reference model: profile, optimize, validate, write plan.yaml.
+demo: install
+	moaplan search --budget 0.5
