@@ -80,7 +80,9 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# Optimizer scale benchmark (CPU)", "",
         f"{meta['date']}, commit `{meta['commit']}`, {meta['cpu']} ({meta['cores']} cores), "
-        f"cvxpy {meta['cvxpy']}, highspy {meta['highspy']}.", "",
+        f"cvxpy {meta['cvxpy']}, highspy {meta['highspy']}; 1-min load average "
+        f"{meta['load_average_1min_before']:.1f} before, {meta['load_average_1min_after']:.1f} "
+        "after (other jobs on the machine slow every column).", "",
         f"{meta['rules']} candidate rules (`RuleSpace()`), KV density at target lengths "
         f"{', '.join(map(str, LENGTHS))}, synthetic costs at the same 4 profiled lengths. "
         f"Target: gap <= {GAP_TARGET:.1%} in <= {TIME_LIMIT_S:g} s. `seconds` is the whole "
@@ -109,7 +111,9 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "commit": _git_rev(), "cpu": _cpu_name(),
             "cores": os.cpu_count(), "cvxpy": version("cvxpy"), "highspy": version("highspy"),
             "rules": len(RuleSpace()), "lengths": list(LENGTHS),
-            "time_limit_s": TIME_LIMIT_S, "gap_target": GAP_TARGET}
+            "time_limit_s": TIME_LIMIT_S, "gap_target": GAP_TARGET,
+            # Other jobs on the machine slow every column; the load average says how much.
+            "load_average_1min_before": os.getloadavg()[0]}
     rows = []
     for case in CASES:
         started = time.perf_counter()
@@ -117,6 +121,7 @@ def main() -> None:
         print(f"{case}: {rows[-1]['seconds']:.2f} s, gap {rows[-1]['gap']:.3%}, "
               f"{rows[-1]['status']} (wall {time.perf_counter() - started:.1f} s incl. setup)",
               flush=True)
+    meta["load_average_1min_after"] = os.getloadavg()[0]
     atomic_write_text(os.path.join(args.out, "optimizer.json"),
                       json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     markdown = to_markdown(meta, rows)

@@ -21,6 +21,7 @@ from moaplan.optimize import (
     simplex_weights,
     solve,
 )
+from moaplan.optimize.milp import run_highs
 from moaplan.optimize.synthetic import dropped_influence, synthetic_problem
 from moaplan.rules import RuleSpace
 
@@ -104,6 +105,16 @@ def test_time_limit_still_returns_a_plan_with_its_gap() -> None:
     exact = solve(problem, mip_gap=1e-4)
     assert rushed.bound <= exact.objective * (1 + 1e-9)
     assert exact.objective <= rushed.objective * (1 + 1e-9)
+
+
+def test_a_plan_exactly_at_the_budget_is_allowed_and_reported_exactly() -> None:
+    # Both heads on the half-density rule hit the budget exactly and cost least.
+    cost = np.array([[[0.0, 1.0, 5.0], [0.0, 1.0, 5.0]]])
+    density = np.array([[1.0, 0.5, 0.25], [1.0, 0.5, 0.25]])
+    problem = KnapsackProblem(cost=cost, density=density, budget=0.5)
+    assert run_highs(problem, None, 0.0)[0].tolist() == [1, 1]
+    solution = solve(problem, mip_gap=0.0)
+    assert solution.choice.tolist() == [1, 1] and solution.densities.tolist() == [0.5, 0.5]
 
 
 def test_below_reachable_density_names_the_minimum_at_each_length() -> None:

@@ -40,24 +40,42 @@ def greedy(problem: KnapsackProblem) -> np.ndarray | None:
     (every head on the rule of smallest worst-case density) already breaks a constraint.
 
     Upgrades from each head's convex hull of worst-case density vs. cost are applied, most
-    efficient first, whenever every constraint still holds afterwards.
+    efficient first, whenever every constraint still holds afterwards.  Density sums are kept
+    up to date per move (global and the moved head's layer), so a move costs O(lengths).
     """
-    coef = problem.coefficients()
-    size = problem.density.max(axis=0)
+    coef, dens = problem.coefficients(), problem.density
+    size = dens.max(axis=0)
     start = int(np.lexsort((coef.sum(axis=0), size))[0])
     choice = np.full(problem.n_heads, start, dtype=np.int64)
     if not problem.is_feasible(choice):
         return None
+    groups = problem.groups() or [np.arange(problem.n_heads)]  # no layer bound: one group
+    layer = np.empty(problem.n_heads, dtype=np.int64)
+    for g, heads in enumerate(groups):
+        layer[heads] = g
+    per_head_cap = problem.group_max_density if problem.group_max_density is not None else np.inf
+    layer_caps = np.array([len(heads) for heads in groups]) * per_head_cap
+    layer_total = np.stack([dens[:, choice[heads]].sum(axis=1) for heads in groups])
+    total = dens[:, choice].sum(axis=1)
+    cap = problem.budget * problem.n_heads
+    # Slack of 1e-13 per head absorbs the running sums' rounding drift, so a plan exactly at
+    # the cap stays reachable; it is below the 1e-12 resolution of the exact final check.
+    slack = 1e-13 * problem.n_heads
     moves = [(gain, h, a, b) for h in range(problem.n_heads)
              for gain, a, b in _hull_upgrades(coef[h], size, start)]
     moves.sort(key=lambda m: -m[0])
     for _, h, a, b in moves:
         if choice[h] != a:
             continue  # an earlier upgrade of this head did not fit
+        delta = dens[:, b] - dens[:, a]
+        g = layer[h]
+        if (total + delta > cap + slack).any() or (
+                layer_total[g] + delta > layer_caps[g] + slack).any():
+            continue
         choice[h] = b
-        if not problem.is_feasible(choice):
-            choice[h] = a
-    return choice
+        total += delta
+        layer_total[g] += delta
+    return choice if problem.is_feasible(choice) else None
 
 
 def lagrangian_bound(problem: KnapsackProblem) -> float:

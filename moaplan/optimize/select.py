@@ -83,6 +83,34 @@ def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
         raise MoaplanError(f"cannot open the optuna storage {url!r}: {err}") from err
 
 
+Proposer = Callable[[optuna.Trial], Solution]
+
+
+def _weight_search(problem: KnapsackProblem, seed: int, time_limit: float | None,
+                   mip_gap: float) -> tuple[optuna.samplers.BaseSampler, Proposer, dict]:
+    """TPE over the length weights; first trial: the problem's own weights."""
+    def propose(trial: optuna.Trial) -> Solution:
+        weights = [trial.suggest_float(f"weight_{i}", *_WEIGHT_RANGE, log=True)
+                   for i in range(len(problem.length_weights))]
+        return solve(problem.with_weights(np.array(weights)), time_limit=time_limit,
+                     mip_gap=mip_gap)
+
+    own = np.clip(problem.length_weights / problem.length_weights.max(), *_WEIGHT_RANGE)
+    first = {f"weight_{i}": float(w) for i, w in enumerate(own)}
+    return optuna.samplers.TPESampler(seed=seed), propose, first
+
+
+def _candidate_walk(candidates: list[Solution],
+                    seed: int) -> tuple[optuna.samplers.BaseSampler, Proposer, None]:
+    """Every candidate once, in a seeded random order."""
+    indices = list(range(len(candidates)))
+
+    def propose(trial: optuna.Trial) -> Solution:
+        return candidates[trial.suggest_categorical("candidate", indices)]
+
+    return optuna.samplers.GridSampler({"candidate": indices}, seed=seed), propose, None
+
+
 def choose(source: KnapsackProblem | Sequence[Solution],
            evaluate: Callable[[Solution], float], *, n_trials: int,
            storage: str | None = None, study_name: str = "moaplan", seed: int = 0,
@@ -91,36 +119,23 @@ def choose(source: KnapsackProblem | Sequence[Solution],
     """The plan with the lowest measured loss, and the study that found it.
 
     ``source`` is either a problem, whose length weights optuna tunes (TPE; the first trial
-    of a new study uses the problem's own weights), or a list of candidate plans (e.g. from
-    :func:`pareto_plans`), which optuna walks through in a seeded random order.  ``storage``
-    is an RDB URL (``sqlite:///...``, ``postgresql://...``; see :func:`default_storage`) or
-    None for in memory.  ``n_trials`` counts completed trials of the study, so running the
-    same call again after an interruption only does what is left.
+    of a new study uses the problem's own weights; ``time_limit`` and ``mip_gap`` go to each
+    :func:`solve`), or a list of candidate plans (e.g. from :func:`pareto_plans`), each tried
+    once.  ``storage`` is an RDB URL (``sqlite:///...``, ``postgresql://...``; see
+    :func:`default_storage`) or None for in memory.  ``n_trials`` counts the study's completed
+    trials, by every worker and every earlier run: after an interruption the same call only
+    does what is left.
     """
     if n_trials < 1:
         raise MoaplanError(f"n_trials must be >= 1, got {n_trials}")
     if isinstance(source, KnapsackProblem):
-        n_lengths = source.cost.shape[0]
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=seed)
-
-        def propose(trial: optuna.Trial) -> Solution:
-            weights = [trial.suggest_float(f"weight_{i}", *_WEIGHT_RANGE, log=True)
-                       for i in range(n_lengths)]
-            return solve(source.with_weights(np.array(weights)), time_limit=time_limit,
-                         mip_gap=mip_gap)
-        own = np.clip(source.length_weights / source.length_weights.max(), *_WEIGHT_RANGE)
-        first = {f"weight_{i}": float(w) for i, w in enumerate(own)}
+        sampler, propose, first = _weight_search(source, seed, time_limit, mip_gap)
     else:
         candidates = list(source)
         if not candidates:
             raise MoaplanError("choose() needs at least one candidate plan")
         n_trials = min(n_trials, len(candidates))  # the grid is exhausted after that
-        sampler = optuna.samplers.GridSampler({"candidate": list(range(len(candidates)))},
-                                              seed=seed)
-
-        def propose(trial: optuna.Trial) -> Solution:
-            return candidates[trial.suggest_categorical("candidate", list(range(len(candidates))))]
-        first = None
+        sampler, propose, first = _candidate_walk(candidates, seed)
 
     study = optuna.create_study(study_name=study_name, storage=_storage(storage),
                                 sampler=sampler, direction="minimize", load_if_exists=True)
@@ -136,7 +151,10 @@ def choose(source: KnapsackProblem | Sequence[Solution],
         trial.set_user_attr("cached", cached is not None)
         return cached if cached is not None else float(evaluate(solution))
 
-    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    done = len(study.get_trials(deepcopy=False, states=complete))
     if done < n_trials:
-        study.optimize(objective, n_trials=n_trials - done)
+        # The callback stops this worker once all workers together have completed n_trials.
+        study.optimize(objective, n_trials=n_trials - done,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=complete)])
     return Solution.from_dict(study.best_trial.user_attrs["solution"]), study
