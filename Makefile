@@ -23,3 +23,8 @@ lint: install
 # The headline command on the shipped reference model: profile, optimize, validate, write plan.yaml.
 demo: install
 	moaplan search --budget 0.5
+
+# The benchmark suite (benchmarks/run.py): what this machine can run, then plots, SUMMARY.md and
+# the README's results section.  Options: make bench BENCH="--quick" or BENCH="--section quality".
+bench: install
+	$(PYTHON) benchmarks/run.py $(BENCH)

@@ -27,6 +27,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton.testing
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -197,6 +198,36 @@ def model_timing(model, n: int, reps: int, flash_baseline: bool) -> dict:
     return out
 
 
+def reference_ranking(lengths: list[int], samples: int) -> dict:
+    """Does the profile rank the reference model's far-looking heads as the costliest to
+    restrict?  Cost: dropped influence of ``sink 64 + window 1024`` per (layer, KV head);
+    head map: share of attention mass at distance >= 1024 (answer queries of passkey prompts,
+    :func:`moaplan.eval.headmap.far_attention_share`).  Runs on the CPU."""
+    from scipy.stats import spearmanr
+
+    from moaplan.data import reference_calibration
+    from moaplan.eval.headmap import far_attention_share
+    from moaplan.model import load_model
+    from moaplan.rules import Rule
+
+    model, tokenizer = load_model()
+    data = {n: reference_calibration(model, tokenizer, n, samples, seed=0) for n in lengths}
+    profile = profile_model(model, data)
+    head_map = far_attention_share(model, tokenizer, length=4096, far=1024)
+    out = {"lengths": lengths, "samples": samples}
+    for n in lengths:
+        cost = profile.dropped_influence([Rule.window(1024, sink=64)], n)[:, 0]
+        share = head_map.answer.reshape(-1)
+        k = max(1, len(cost) // 8)
+        top_cost, top_share = set(np.argsort(-cost)[:k]), set(np.argsort(-share)[:k])
+        out[n] = {"spearman": float(spearmanr(cost, share).statistic),
+                  f"top{k}_overlap": len(top_cost & top_share) / k,
+                  "top_heads_by_cost": sorted(int(h) for h in top_cost),
+                  "top_heads_by_far_share": sorted(int(h) for h in top_share),
+                  "cost": cost.round(6).tolist(), "far_share": share.round(4).tolist()}
+    return out
+
+
 def stage(results: dict, name: str, fn) -> None:
     start = time.perf_counter()
     try:
@@ -242,7 +273,15 @@ def main() -> None:
     parser.add_argument("--flash-baseline", action="store_true",
                         help="also time the plain run with SDPA's FlashAttention-2 backend")
     parser.add_argument("--skip-model-check", action="store_true")
+    parser.add_argument("--reference", type=int, nargs="*", metavar="LENGTH",
+                        help="only compare the reference model's profile at these lengths with "
+                             "its head map (CPU is fine), e.g. --reference 2048 4096")
     args = parser.parse_args()
+    if args.reference:
+        res = {"reference": {}}
+        stage(res, "reference", lambda: reference_ranking(args.reference, 2))
+        print(json.dumps(res["reference"], indent=1))
+        return
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "layers": args.layers}
     stage(res, "kernel_check", lambda: kernel_check("cuda"))

@@ -262,6 +262,22 @@ def test_triton_backend_equals_torch_backend_under_interpreter():
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
 
 
+def test_cli_profiles_the_reference_model_on_a_text_file(tmp_path, capsys):
+    from moaplan.cli import main
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    out = tmp_path / "ref.safetensors"
+    assert main(["profile", "--data", str(text), "--lengths", "128", "--samples", "2",
+                 "--out", str(out)]) == 0
+    profile = load_profile(out)
+    assert profile.finished == {128: 2} and profile.model.num_layers == 8
+    assert not checkpoint_path(out).exists()
+    assert main(["profile", "--data", str(tmp_path / "missing.txt"), "--lengths", "128",
+                 "--out", str(out)]) == 2
+    assert "no calibration file" in capsys.readouterr().err
+
+
 def test_profile_record_rejects_bad_shapes():
     shape = ModelShape(1, 2, 2, 8)
     with pytest.raises(ProfileError, match="wrong shape"):

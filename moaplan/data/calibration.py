@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import stdlib_corpus
+from moaplan.data.tokens import bos_ids, encode, text_row
 from moaplan.errors import DataError
 from moaplan.eval.scoring import batches
-from moaplan.eval.tasks import MIN_LENGTH, TASKS, filler_ids
+from moaplan.eval.tasks import MIN_LENGTH, TASKS
 
 REFERENCE_KINDS = ("passkey", "kv", "text")  # cycled through, those that fit the length
 
@@ -61,14 +62,13 @@ def reference_calibration(
         raise DataError(f"length {length} is too short for {response_tokens} response tokens")
     corpus = stdlib_corpus("train")
     rng = np.random.default_rng([seed, length])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_len = length - response_tokens
     kinds = [k for k in REFERENCE_KINDS if prompt_len >= MIN_LENGTH.get(k, 0)]
     prompts = []
     for i in range(n_samples):
         kind = kinds[i % len(kinds)]
         if kind == "text":
-            prompts.append(bos + filler_ids(tokenizer, corpus, prompt_len - len(bos), rng))
+            prompts.append(text_row(tokenizer, corpus, prompt_len, rng))
         else:
             task = TASKS[kind](tokenizer, corpus, prompt_len, float(rng.uniform()), rng)
             prompts.append(task.input_ids[: task.answer_start])  # the model answers for itself
@@ -89,15 +89,10 @@ def reference_calibration(
     return [_sample(p, responses[i]) for i, p in enumerate(prompts)]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
 def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """Prompt and response ids, through the chat template when the tokenizer has one."""
     if not getattr(tokenizer, "chat_template", None):
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + _encode(tokenizer, prompt), _encode(tokenizer, response)
+        return bos_ids(tokenizer) + encode(tokenizer, prompt), encode(tokenizer, response)
     user = [{"role": "user", "content": prompt}]
     turn = [*user, {"role": "assistant", "content": response}]
     prompt_ids = list(
@@ -107,7 +102,7 @@ def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[i
     )
     full = list(tokenizer.apply_chat_template(turn, tokenize=True, return_dict=False))
     if full[: len(prompt_ids)] != prompt_ids:  # templates that rewrite earlier turns
-        return prompt_ids, _encode(tokenizer, response)
+        return prompt_ids, encode(tokenizer, response)
     return prompt_ids, full[len(prompt_ids) :]
 
 
@@ -147,8 +142,8 @@ def _load_jsonl(path: Path, tokenizer, length: int, limit: int | None) -> list[C
 
 def _load_text(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
     """Consecutive windows of ``length`` tokens (bos + text); a short tail is dropped."""
-    ids = _encode(tokenizer, path.read_text(encoding="utf-8", errors="replace"))
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = encode(tokenizer, path.read_text(encoding="utf-8", errors="replace"))
+    bos = bos_ids(tokenizer)
     step = length - len(bos)
     count = len(ids) // step if limit is None else min(limit, len(ids) // step)
     return [_sample(bos, ids[i * step : (i + 1) * step]) for i in range(count)]

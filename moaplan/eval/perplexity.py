@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
+from moaplan.data.tokens import text_row
 from moaplan.eval.scoring import batches, token_nll
-from moaplan.eval.tasks import filler_ids
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Mean NLL over ``samples`` windows of ``length`` tokens (bos + text) per length."""
     corpus = corpus or stdlib_corpus("heldout")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     cells = []
     for length in lengths:
         rng = np.random.default_rng([seed, length])
-        rows = [bos + filler_ids(tokenizer, corpus, length - len(bos), rng) for _ in range(samples)]
+        rows = [text_row(tokenizer, corpus, length, rng) for _ in range(samples)]
         total = sum(
             float(token_nll(model, torch.tensor(b)).sum()) for b in batches(rows, batch_size)
         )

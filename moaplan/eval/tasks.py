@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moaplan.data.corpus import TextCorpus
+from moaplan.data.tokens import bos_ids, corpus_ids, encode
 from moaplan.errors import DataError
 
 PASSKEY_HEADER = (
@@ -44,21 +45,6 @@ class TaskSample:
         return self.input_ids[self.answer_start :]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # verbose=False: filler is cut from texts longer than the model's context, on purpose
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def filler_ids(tokenizer, corpus: TextCorpus, n_tokens: int, rng: np.random.Generator) -> list[int]:
-    """Exactly ``n_tokens`` tokens of running text from a random place in ``corpus``."""
-    n_chars = n_tokens + 16
-    while True:
-        ids = _encode(tokenizer, corpus.chunk(rng, n_chars))
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-        n_chars *= 2
-
-
 def _number(rng: np.random.Generator) -> str:
     return str(int(rng.integers(10_000, 100_000)))
 
@@ -79,14 +65,13 @@ def _assemble(
 ) -> tuple[list[int], tuple[int, int]]:
     """bos + header + filler with each ``(depth, text)`` needle inserted + question + answer,
     and the ``[start, end)`` token span of the first needle (the one asked for)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head = bos + _encode(tokenizer, header)
-    pieces = [(d, _encode(tokenizer, text)) for d, text in needles]
-    tail = _encode(tokenizer, question) + _encode(tokenizer, answer)
+    head = bos_ids(tokenizer) + encode(tokenizer, header)
+    pieces = [(d, encode(tokenizer, text)) for d, text in needles]
+    tail = encode(tokenizer, question) + encode(tokenizer, answer)
     n_fill = length - len(head) - len(tail) - sum(len(p) for _, p in pieces)
     if n_fill < 1:
         raise DataError(f"length {length} is too short for this task's prompt")
-    filler = filler_ids(tokenizer, corpus, n_fill, rng)
+    filler = corpus_ids(tokenizer, corpus, n_fill, rng)
     body, cut, asked = list(head), 0, (0, 0)
     for index in sorted(range(len(pieces)), key=lambda k: pieces[k][0]):
         depth, piece = pieces[index]
@@ -116,7 +101,7 @@ def passkey_sample(
         answer,
         rng,
     )
-    return TaskSample(ids, len(ids) - len(_encode(tokenizer, answer)), depth, needle)
+    return TaskSample(ids, len(ids) - len(encode(tokenizer, answer)), depth, needle)
 
 
 def kv_sample(
@@ -143,7 +128,7 @@ def kv_sample(
         answer,
         rng,
     )
-    return TaskSample(ids, len(ids) - len(_encode(tokenizer, answer)), depth, asked)
+    return TaskSample(ids, len(ids) - len(encode(tokenizer, answer)), depth, asked)
 
 
 TASKS = {"passkey": passkey_sample, "kv": kv_sample}

@@ -32,8 +32,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
+from moaplan.data.tokens import text_row
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
-from moaplan.eval.tasks import TASKS, filler_ids
+from moaplan.eval.tasks import TASKS
 from moaplan.io import atomic_write, atomic_write_text
 from moaplan.model.card import plot_loss_curve, write_model_card
 from moaplan.model.config import CONTEXT, reference_config
@@ -72,7 +73,7 @@ def make_batch(
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
         answer = np.zeros(length, dtype=bool)
         if kind == "text":
-            ids = [tokenizer.bos_token_id] + filler_ids(tokenizer, corpus, length - 1, rng)
+            ids = text_row(tokenizer, corpus, length, rng)
         else:
             sample = TASKS[kind](tokenizer, corpus, length, float(rng.uniform()), rng)
             ids = sample.input_ids

@@ -190,9 +190,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
         dk[..., :r1, :] += (ds.transpose(-1, -2) @ qg[..., r0:r1, :]).sum(2, keepdim=True) * scale
         dv[..., :r1, :] += (p.transpose(-1, -2) @ dog[..., r0:r1, :]).sum(2, keepdim=True)
         if summary is not None:
-            strict = (torch.arange(r1, device=q.device)[None, :]
-                      < torch.arange(r0, r1, device=q.device)[:, None])
-            e_abs = torch.where(strict, ds.abs() / (1 - p + EPS), 0.0).sum((0, 2))
-            accumulate_block_sums(summary, e_abs, r0, block)
+            # In place, the slab is the largest temporary: |dS| / (1 - P + EPS).  Above the
+            # diagonal P = dS = 0 already; the diagonal itself is not counted.
+            e = ds.abs_().div_(p.neg_().add_(1 + EPS))
+            e.diagonal(offset=r0, dim1=-2, dim2=-1).zero_()
+            accumulate_block_sums(summary, e.sum((0, 2)), r0, block)
     return (dq.reshape(b, hq, n, d).to(q.dtype), dk[:, :, 0].to(k.dtype),
             dv[:, :, 0].to(v.dtype))

@@ -198,7 +198,8 @@ def profile_model(
             for index in own[n][profile.finished[n]:]:
                 start = time.perf_counter()
                 collector.reset()
-                loss, embeds = response_loss(model, samples[n][index])
+                sample = samples[n][index]
+                loss, embeds = response_loss(model, sample)
                 torch.autograd.grad(loss, embeds)
                 far, sink = _stack(collector, model.config.num_hidden_layers,
                                    profile.far_sum[n].shape[1])
@@ -206,7 +207,8 @@ def profile_model(
                 if ckpt is not None:
                     save_profile(profile, ckpt)
                 if on_sample is not None:
-                    on_sample(Progress(n, index, n, time.perf_counter() - start))
+                    on_sample(Progress(n, index, len(sample.input_ids),
+                                       time.perf_counter() - start))
     if world > 1:
         device = next(model.parameters()).device
         _all_reduce(profile, device if dist.get_backend() == "nccl" else torch.device("cpu"))

@@ -31,12 +31,12 @@ def show_profile(path: str | Path, out_png: str | Path) -> Path:
     for ax, n in zip(axes[0], lengths, strict=False):
         per_delta = profile.far(n).sum(-1)
         share = per_delta / np.maximum(per_delta.sum(-1, keepdims=True), 1e-30)
-        distance = np.arange(share.shape[1]) * profile.block
+        distance = (np.arange(share.shape[1]) + 0.5) * profile.block  # block centres
         for head, row in enumerate(share):
             layer = head // kv_heads
-            ax.plot(np.maximum(distance, 1), np.maximum(row, 1e-12), lw=0.8, alpha=0.7,
+            ax.plot(distance, np.maximum(row, 1e-12), lw=0.8, alpha=0.7,
                     color=cmap(layer / max(profile.model.num_layers - 1, 1)))
-        ax.set(xscale="log", yscale="log", xlabel="distance i - j (tokens, block start)",
+        ax.set(xscale="log", yscale="log", xlabel="distance i - j (tokens, block centres)",
                ylabel="share of |E|", title=f"N = {n} ({profile.finished[n]} samples)")
     fig.suptitle(f"{profile.model.model_type or 'model'}: influence per distance, "
                  f"{profile.model.describe()} (colour = layer)")

@@ -1,0 +1,154 @@
+"""The markdown summary of the results under a results root: quality, speed, optimizer.
+
+One text serves ``SUMMARY.md`` (beside the machine folders) and the README's benchmark
+section; only the heading level and the base of the image links differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from quality_report import describe, quality_table, verdicts
+
+
+def _find(root: Path, name: str, machine: str) -> Path | None:
+    """``root/<machine>/<name>``, else the first other machine folder that has it."""
+    own = root / machine / name
+    if own.exists():
+        return own
+    return next(iter(sorted(root.glob(f"*/{name}"))), None)
+
+
+def _short(commit: str) -> str:
+    """A 12-digit hash, keeping any suffix such as ``+uncommitted``."""
+    head, plus, rest = commit.partition("+")
+    return head[:12] + plus + rest
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _link(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def _image(png: Path, base: Path, alt: str) -> str:
+    return f"![{alt}]({_link(png, base)})" if png.exists() else ""
+
+
+def _quality(path: Path, base: Path, h: str) -> list[str]:
+    report = _load(path)
+    images = [_image(path.with_name(f"quality_{n}.png"), base, n)
+              for n in ("accuracy", "passkey", "kv")]
+    return [f"{h} Quality: how much retrieval a plan keeps", describe(report),
+            quality_table(report), "\n".join(verdicts(report)), "\n".join(filter(None, images))]
+
+
+def _prefill(path: Path, base: Path) -> list[str]:
+    report = _load(path)
+    meta = report["meta"]
+    rows = [r for r in report["rows"] if r["plan"] == "mixed"]
+    lines = [f"Prefill attention (`benchmarks/bench_prefill.py`), the mixed plan (per-head spans "
+             f"N/32 .. full, 64 sinks); B=1, 32 query / 8 KV heads, D=128, bf16; "
+             f"{meta['card']}, {meta['date']}, commit `{_short(meta['commit'])}`.",
+             "",
+             "| N | attention density | moaplan ms | FlexAttention ms | SDPA dense ms | ideal ms "
+             "| vs SDPA | vs Flex |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['n']} | {r['density']:.3f} | {ms['ours']:.3f} | {ms['flex']:.3f} "
+                     f"| {ms['sdpa_default_dense']:.3f} | {ms['ideal']:.3f} "
+                     f"| {r['speedup_vs_sdpa']:.2f}x | {r['speedup_vs_flex']:.2f}x |")
+    return ["\n".join(lines), _image(path.with_name("prefill_speedup.png"), base, "prefill")]
+
+
+def _decode(path: Path, base: Path) -> list[str]:
+    report = _load(path)
+    lines = [f"Decode attention (`benchmarks/bench_decode.py`), a mixed plan at KV density 0.5; "
+             f"{report['card']}, {report['date']}, commit `{_short(report['commit'])}`.",
+             "",
+             "| batch | context | moaplan ms | useful TB/s | SDPA dense cache ms | SDPA TB/s "
+             "| speedup |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in report["kernel"]:
+        lines.append(f"| {k['batch']} | {k['n']} | {k['best']['ms']:.3f} "
+                     f"| {k['best']['useful_tb_s']:.2f} | {k['sdpa_ms']:.3f} "
+                     f"| {k['sdpa_tb_s']:.2f} | {k['speedup_vs_sdpa']:.2f}x |")
+    e2e = report.get("e2e")
+    if e2e:
+        dense, ours = e2e["dense"], e2e["moaplan"]
+        lines += ["", f"End to end ({e2e['layers']}-layer Llama-3-8B shape, "
+                      f"{e2e['n'] // 1024}K contexts): KV cache {ours['memory_vs_dense']:.2f}x "
+                      f"of DynamicCache's; batch {ours['batch']}: {ours['tokens_per_s']:.0f} vs "
+                      f"{dense['tokens_per_s']:.0f} tokens/s; largest batch "
+                      f"{e2e['largest_batch']['moaplan']} vs {e2e['largest_batch']['dense']}: "
+                      f"{ours['at_largest_batch']['tokens_per_s']:.0f} vs "
+                      f"{dense['at_largest_batch']['tokens_per_s']:.0f} tokens/s."]
+    return ["\n".join(lines), _image(path.with_name("decode_bandwidth.png"), base, "decode")]
+
+
+def _optimizer(path: Path, base: Path) -> list[str]:
+    report = _load(path)
+    meta = report["meta"]
+    worst = max(report["results"], key=lambda r: r["seconds"])
+    met = sum(r["meets_target"] for r in report["results"])
+    details = _link(path.with_suffix(".md"), base)
+    return [f"Optimizer scale (`benchmarks/bench_optimizer.py`, {meta['cpu']}, {meta['cores']} "
+            f"cores, {meta['date']}, commit `{_short(meta['commit'])}`): {met} of "
+            f"{len(report['results'])} instances (32 layers x 8 or 32 heads, {meta['rules']} "
+            f"rules, 4 target lengths) solved to <= {meta['gap_target']:.1%} gap within "
+            f"{meta['time_limit_s']:.0f} s; slowest {worst['seconds']:.1f} s "
+            f"({worst['layers']}x{worst['heads_per_layer']}, budget {worst['budget']}). "
+            f"Details: [{details}]({details})."]
+
+
+def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
+          level: int) -> str:
+    h = "#" * level
+    parts: list[str] = []
+    quality = _find(root, "quality.json", machine)
+    if quality:
+        parts += _quality(quality, base, h)
+    speed = [(_find(root, "prefill.json", machine), _prefill),
+             (_find(root, "decode.json", machine), _decode)]
+    profiler = _find(root, "profiler.md", machine)
+    if any(path for path, _ in speed) or profiler:
+        parts.append(f"{h} Speed")
+        for path, render in speed:
+            if path:
+                parts += render(path, base)
+        if profiler:
+            link = _link(profiler, base)
+            parts.append(f"Profiler (`benchmarks/bench_profiler.py`): cost and memory against a "
+                         f"plain forward + backward in [{link}]({link}).")
+    optimizer = _find(root, "optimizer.json", machine)
+    if optimizer:
+        parts += [f"{h} Optimizer", *_optimizer(optimizer, base)]
+    if suite is not None:
+        ran = ", ".join(f"{n}: {s['status']}" + (f" ({s['seconds']:.0f} s)" if "seconds" in s
+                                                 else f" ({s['reason']})" if "reason" in s else "")
+                        for n, s in suite["sections"].items())
+        where = suite["card"] or f"{suite['cpu']}, {suite['cores']} cores"
+        parts.append(f"Last `make bench` run: {machine} ({where}), {suite['date']}, commit "
+                     f"`{_short(suite['commit'])}`, {suite['seconds'] / 60:.1f} min; {ran}.")
+    parts.append("Each result states the machine and commit it was measured on; "
+                 "`python benchmarks/run.py --summary-only` redraws the plots and this text "
+                 "from the result files.")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def summary_markdown(root: Path, machine: str, suite: dict[str, Any] | None) -> str:
+    """``SUMMARY.md`` beside the machine folders of ``root``; ``machine``'s results first,
+    ``suite`` the run that just ended (None: none ran)."""
+    return "# Benchmark results\n\n" + _body(root, root, machine, suite, level=2)
+
+
+def readme_section(root: Path, readme_dir: Path, machine: str,
+                   suite: dict[str, Any] | None) -> str:
+    """The README's benchmark section (links relative to the README)."""
+    return _body(root, readme_dir, machine, suite, level=3)

@@ -1,0 +1,62 @@
+"""The benchmark suite driver: its quick quality run end to end, and its README splice."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import run  # noqa: E402
+
+
+def test_quick_quality_run_writes_results_plots_and_summary(tmp_path):
+    # On a CPU machine a GPU section is skipped with one line; on a GPU it would really run.
+    sections = ["quality"] + ([] if torch.cuda.is_available() else ["prefill"])
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--section", *sections,
+         "--out", str(tmp_path), "--no-readme"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / run.machine_name(torch.cuda.get_device_name()
+                                      if torch.cuda.is_available() else None)
+    report = json.loads((out / "quality.json").read_text())
+    methods = [(m["method"], m["budget"]) for m in report["methods"]]
+    assert methods == [("dense", None), ("streaming", 0.5), ("duo", 0.5), ("searched", 0.5)]
+    for m in report["methods"]:
+        assert all(d <= (m["budget"] or 1.0) + 1e-9 for d in m["kv_density"].values())
+        assert m["passkey"]["cells"] and m["kv"]["cells"] and m["perplexity"]["cells"]
+    assert report["meta"]["commit"] and report["meta"]["date"]
+    for png in ("quality_accuracy.png", "quality_passkey.png", "quality_kv.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "| searched @ 0.5 |" in summary and "KV budget 0.5:" in summary
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["sections"]["quality"]["status"] == "ok"
+    if not torch.cuda.is_available():
+        assert "skipped prefill: needs a CUDA GPU" in proc.stdout + proc.stderr
+        assert suite["sections"]["prefill"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("before", ["# Title\n\nintro\n",
+                                    "# T\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n"])
+def test_readme_section_is_replaced_or_appended(tmp_path, before):
+    readme = tmp_path / "README.md"
+    readme.write_text(before)
+    run.update_readme(readme, "new table")
+    run.update_readme(readme, "newer table")  # idempotent: one section, the latest text
+    text = readme.read_text()
+    assert text.count("<!-- bench:start -->") == 1 and "newer table" in text
+    assert "old" not in text and "new table" not in text
+    assert text.startswith(before.split("\n")[0])
+    assert "rest" in text or "<!-- bench" not in before
+
+
+def test_machine_names():
+    assert run.machine_name(None) == "cpu"
+    assert run.machine_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert run.machine_name("NVIDIA A100-SXM4-80GB") == "a100"
