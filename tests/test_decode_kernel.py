@@ -8,12 +8,9 @@ wrong, so bf16 is checked on a GPU only.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
+from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
 from moaplan.kernels.decode import decode_attention, decode_layout, slot_positions
@@ -31,17 +28,7 @@ def _interpreted(args: tuple, kwargs: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def interp():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker when it spawns
-    try:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(int).result()  # start the worker now, while the variable is set
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    with pool:
+    with interpreter_pool() as pool:
         yield lambda *args, **kw: pool.submit(_interpreted, args, kw).result()
 
 

@@ -9,14 +9,11 @@ own process alone.  The interpreter gets bf16 dot products wrong, so bf16 is che
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
 from moaplan.kernels.prefill import PrefillConfig, sparse_attention
@@ -32,17 +29,7 @@ def _interpreted_attention(kwargs: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def interp():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker when it spawns
-    try:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(int).result()  # start the worker now, while the variable is set
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    with pool:
+    with interpreter_pool() as pool:
         yield lambda q, k, v, sink, span, **kw: pool.submit(
             _interpreted_attention, dict(q=q, k=k, v=v, sink=sink, span=span, **kw)).result()
 
