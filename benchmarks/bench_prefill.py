@@ -7,7 +7,10 @@ Everything runs in one process on one card: the block-sparse Triton kernel; SDPA
 (default backend and the FlashAttention backend); FlexAttention (compiled) given the identical
 per-head mask; and the ideal, density x T_dense.  Shapes: batch 1, 32 query heads, 8 KV heads,
 head_dim 128, bf16.  Correctness is checked in bf16 at 4K and 8K against the fp32 reference
-and FlexAttention, beside SDPA's own bf16 error.  Writes prefill.json and prefill.md to --out.
+and FlexAttention, beside SDPA's own bf16 error.  The compensation token's overhead: the mixed
+plan with compensation on every non-full head against the same plan without, in the same
+process (and its bf16 error against the fp32 reference at 4K).  Writes prefill.json and
+prefill.md to --out.
 """
 
 from __future__ import annotations
@@ -195,6 +198,27 @@ def time_length(n: int, flex: Flex | None, device, log) -> list[dict]:
     return rows
 
 
+def compensation_overhead(n: int, device, log) -> dict:
+    """The mixed plan with compensation tokens on its non-full heads vs without, and, at 4K,
+    the compensating kernel's bf16 error against the fp32 reference."""
+    plan = next(p for p in plans(n) if p.name == "mixed")
+    sink, span = torch.tensor(plan.sink), torch.tensor(plan.span)
+    compensate = span < n
+    q, k, v = inputs(n, device, seed=n + 1)
+    t_off = bench(lambda: sparse_attention(q, k, v, sink, span))
+    t_on = bench(lambda: sparse_attention(q, k, v, sink, span, compensate=compensate))
+    row = {"n": n, "plan": "mixed", "compensating_heads": int(compensate.sum()),
+           "ms_off": t_off, "ms_on": t_on, "overhead": t_on / t_off - 1}
+    if n <= 4096:
+        ref = reference_attention(q.float(), k.float(), v.float(), sink, span,
+                                  compensate=compensate)
+        ours = sparse_attention(q, k, v, sink, span, compensate=compensate)
+        row["rel_err_vs_fp32"] = rel_error(ours, ref)
+    log(f"  compensation N={n}: off {t_off:.3f} ms, on {t_on:.3f} ms "
+        f"({100 * row['overhead']:+.1f}%)")
+    return row
+
+
 def sweep(device, n: int, log) -> list[dict]:
     """Times candidate tile configs on the all-full, window and mixed plans."""
     q, k, v = inputs(n, device, seed=7)
@@ -251,7 +275,8 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[dict],
+             comp_rows: list[dict] | None = None) -> str:
     out = [f"# Prefill attention on {meta['card']}", "",
            f"{meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
            f"{meta['triton']}.  B=1, 32 q heads, 8 KV heads, D=128, bf16; times are medians of "
@@ -280,6 +305,14 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
                    f"{c['sdpa_bf16_vs_ref']:.2e} | {fmt(c.get('flex_vs_ref'), '.2e')} | "
                    f"{fmt(c.get('ours_vs_flex'), '.2e')} | {fmt(c.get('ours_rel'), '.2e')} | "
                    f"{fmt(c.get('sdpa_rel'), '.2e')} | {c['ours_nan']} |")
+    if comp_rows:
+        out += ["", "## Compensation token overhead (mixed plan, tokens on its non-full heads)",
+                "", "| N | compensating heads | off ms | on ms | overhead | rel. err vs fp32 |",
+                "|---|---|---|---|---|---|"]
+        for c in comp_rows:
+            out.append(f"| {c['n']} | {c['compensating_heads']} | {c['ms_off']:.3f} | "
+                       f"{c['ms_on']:.3f} | {100 * c['overhead']:+.1f}% | "
+                       f"{fmt(c.get('rel_err_vs_fp32'), '.2e')} |")
     if sweep_rows:
         out += ["", "## Tile sweep", "", "| N | plan | BM | BN | warps | stages | ms | TFLOP/s |",
                 "|---|---|---|---|---|---|---|---|"]
@@ -328,15 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     warm_up(device)
     sweep_rows = [r for n in lengths for r in sweep(device, n, log)] if args.sweep else []
     rows: list[dict] = []
+    comp_rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     for n in lengths:
         rows += time_length(n, flex, device, log)
+        comp_rows.append(compensation_overhead(n, device, log))
         # Written after every length so that a run cut short still leaves its numbers.
-        result = {"meta": meta, "rows": rows, "correctness": checks, "sweep": sweep_rows}
+        result = {"meta": meta, "rows": rows, "correctness": checks, "sweep": sweep_rows,
+                  "compensation": comp_rows}
         atomic_write_text(args.out / "prefill.json", json.dumps(result, indent=1))
-        atomic_write_text(args.out / "prefill.md", markdown(meta, rows, checks, sweep_rows))
+        atomic_write_text(args.out / "prefill.md",
+                          markdown(meta, rows, checks, sweep_rows, comp_rows))
         torch.cuda.empty_cache()
-    print(markdown(meta, rows, checks, sweep_rows))
+    print(markdown(meta, rows, checks, sweep_rows, comp_rows))
     log("done")
     return 0 if math.isfinite(sum(r["ms"]["ours"] for r in rows)) else 1
 

@@ -5,6 +5,10 @@ plan (``uniform_plan``: the same elastic sink + window for every head); a DuoAtt
 plan (``duo_plan``: the heads whose 64-sink + 256-recent rule drops the most influence at the
 longest profiled length keep full attention, the rest that rule); the plan ``search`` finds
 (MoA-style elastic rules per head).  One profile serves the Duo scores and every search.
+At the budgets in ``comp_budgets`` (0.3 and 0.2), the uniform and the searched plans are also
+measured with RazorAttention's compensation token on every non-full head ("uniform +comp",
+"searched +comp"): the same rules, so their KV density is one key per head higher (at most
+1/N above the budget).
 
 Every plan meets its budget at every length it is evaluated at.  For each method: passkey
 and key-value retrieval accuracy over length x depth, perplexity on held-out text, and KV /
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 import optuna
 from provenance import provenance
-from quality_report import METHODS, MethodResult, markdown
+from quality_report import COMP_METHODS, METHODS, MethodResult, markdown
 from tqdm import tqdm
 
 from moaplan.errors import BudgetError, MoaplanError
@@ -43,7 +47,8 @@ from moaplan.search import SearchSettings, measured_loss, obtain_profile, search
 class QualitySettings:
     """What the benchmark measures.  The plans' attention runs on the CPU through the runtime's
     exact reference path (about 10x a dense SDPA forward), so retrieval is scored on a small
-    grid: the defaults took 31 minutes on 2 CPU cores (AMD EPYC, 2026-11-25)."""
+    grid: the defaults took 31 minutes on 2 CPU cores (AMD EPYC, 2026-11-25) before the
+    four +comp rows were added (expect about a quarter more)."""
 
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2)
     lengths: tuple[int, ...] = (1024, 2048, 4096)  # retrieval grid
@@ -62,6 +67,7 @@ class QualitySettings:
     recent: int = 256  # the longest recent window of Duo streaming heads (see duo_baseline)
     batch_size: int = 4
     seed: int = 0
+    comp_budgets: tuple[float, ...] = (0.3, 0.2)  # where compensation tokens are measured too
 
     @property
     def target_lengths(self) -> list[int]:
@@ -95,6 +101,12 @@ def evaluate(model, tokenizer, plan: Plan | None, settings: QualitySettings,
     finally:
         if plan is not None:
             remove(model)
+
+
+def with_compensation(plan: Plan) -> Plan:
+    """The same plan with a compensation token on every non-full head."""
+    rules = [[r if r.full else replace(r, compensate=True) for r in layer] for layer in plan.rules]
+    return replace(plan, rules=rules, provenance={**plan.provenance, "compensate": True})
 
 
 def densities(plan: Plan | None, lengths: list[int]) -> dict[str, dict[int, float]]:
@@ -188,7 +200,9 @@ def run(settings: QualitySettings, out: Path, work: Path) -> dict[str, Any]:
         bar.update()
 
     profile_path = work / f"profile-{shape.fingerprint}.safetensors"
-    bar = tqdm(total=1 + len(METHODS) * len(settings.budgets), desc="quality", unit="plan")
+    compensated = [b for b in settings.budgets if b in settings.comp_budgets]
+    bar = tqdm(total=1 + len(METHODS) * len(settings.budgets) + len(COMP_METHODS)
+               * len(compensated), desc="quality", unit="plan")
     try:
         record("dense", None, None)
         samples = {n: source(n, settings.profile_samples, False)
@@ -199,8 +213,10 @@ def run(settings: QualitySettings, out: Path, work: Path) -> dict[str, Any]:
         report["meta"]["profile_seconds"] = round(time.perf_counter() - t0, 1)
         for value in settings.budgets:
             budget = Budget("kv", value)
-            record("streaming", value, uniform_plan(shape, budget, settings.target_lengths,
-                                                    settings.sink))
+            uniform = uniform_plan(shape, budget, settings.target_lengths, settings.sink)
+            record("streaming", value, uniform)
+            if value in compensated:
+                record("uniform +comp", value, with_compensation(uniform))
             duo = duo_baseline(shape, profile, budget, settings)
             record("duo", value, duo, full_heads=duo.provenance["full_heads"],
                    recent=duo.provenance["recent"], predicted=duo.provenance["predicted"])
@@ -212,6 +228,8 @@ def run(settings: QualitySettings, out: Path, work: Path) -> dict[str, Any]:
                    solver_gap=float(found.solution.gap), trials=found.trials,
                    predicted=predicted_dropped(profile, found.plan),
                    rules=sorted({r.describe() for r in found.plan.flat_rules}))
+            if value in compensated:
+                record("searched +comp", value, with_compensation(found.plan))
     finally:
         bar.close()
     return report

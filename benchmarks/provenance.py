@@ -10,12 +10,14 @@ from typing import Any
 
 
 def provenance() -> dict[str, Any]:
-    """Where and when: CPU or card, date, commit."""
+    """Where and when: CPU or card, date, commit (``MOAPLAN_COMMIT`` overrides git, for copies
+    of the tree that travel without their history, e.g. to a lent GPU machine)."""
     import torch
 
+    commit = os.environ.get("MOAPLAN_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                          text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     cpu = platform.processor() or platform.machine()

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("streaming", "duo", "searched")  # the sparse methods, compared at each budget
+# The uniform (streaming) and searched plans with compensation tokens, at some budgets.
+COMP_METHODS = ("uniform +comp", "searched +comp")
 
 
 @dataclass
 class MethodResult:
-    method: str  # "dense", "streaming", "duo" or "searched"
+    method: str  # "dense", one of METHODS or one of COMP_METHODS
     budget: float | None
     kv_density: dict[int, float]  # mean over heads, per evaluated length
     attention_density: dict[int, float]
@@ -103,6 +105,25 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def compensation_verdicts(report: dict[str, Any]) -> list[str]:
+    """Compensation tokens on vs off, one line per (budget, plan) measured both ways."""
+    rows = results(report)
+    lines = []
+    for budget in report["meta"]["settings"]["budgets"]:
+        by = {r.method: r for r in rows if r.budget == budget}
+        for plain, comp in zip(("streaming", "searched"), COMP_METHODS):
+            if plain not in by or comp not in by:
+                continue
+            off, on = by[plain], by[comp]
+            ppl = "; ".join(
+                f"ppl @{a['length']} {a['perplexity']:.3f} -> {b['perplexity']:.3f}"
+                for a, b in zip(off.perplexity["cells"], on.perplexity["cells"]))
+            lines.append(f"- KV budget {budget:g}, {comp.split()[0]} plan, compensation off -> "
+                         f"on: retrieval {off.retrieval:.2f} -> {on.retrieval:.2f}; {ppl}; "
+                         f"val. loss {off.validation_loss:.3f} -> {on.validation_loss:.3f}")
+    return lines
+
+
 def describe(report: dict[str, Any]) -> str:
     """Where, when and with which settings, as one paragraph."""
     meta, s = report["meta"], report["meta"]["settings"]
@@ -123,5 +144,12 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    return "\n\n".join(["# Quality benchmark", describe(report), quality_table(report),
-                         "\n".join(verdicts(report))]) + "\n"
+    parts = ["# Quality benchmark", describe(report), quality_table(report),
+             "\n".join(verdicts(report))]
+    comp = compensation_verdicts(report)
+    if comp:
+        parts += ["## Compensation tokens (RazorAttention)\n\n`uniform +comp` is the streaming "
+                  "plan and `searched +comp` the searched plan, each with a compensation token "
+                  "on every non-full head (KV density one key per head higher).",
+                  "\n".join(comp)]
+    return "\n\n".join(parts) + "\n"

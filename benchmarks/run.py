@@ -4,7 +4,7 @@
                              [--summary-only]
 
 Sections (each its own script, run as a subprocess): on a machine with a CUDA GPU prefill,
-decode (kernel and end to end) and profiler; everywhere optimizer and quality.  A section
+decode (kernel and end to end) and profiler; everywhere optimizer, quality and scorers.  A section
 the machine cannot run is skipped with one line saying why.  Results go to
 ``DIR/<machine>/`` (``cpu``, ``h100``, ...) with ``suite.json`` (machine, date, commit, time
 per section); then the plots are drawn from whatever results ``DIR`` holds (each PNG beside
@@ -70,6 +70,7 @@ SECTIONS = (
             ("--lengths", "16384", "--skip-model-check")),
     Section("optimizer", "bench_optimizer.py", False, ("cvxpy", "highspy")),
     Section("quality", "bench_quality.py", False, ("cvxpy", "highspy", "optuna"), ("--quick",)),
+    Section("scorers", "bench_scorers.py", False, (), ("--quick",)),
 )
 BY_NAME = {s.name: s for s in SECTIONS}
 

@@ -15,14 +15,27 @@ request, the rule's span grows with the current length.
 
 Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``chunk`` slots
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
-short heads few, so the launch stays balanced however different the heads are.  One program
-loads each K/V tile once for all query heads of its GQA group (packed into one ``tl.dot``
-tile), and writes a partial output with its log-sum-exp; a second small kernel merges the
-partials of each (sequence, KV head).
+short heads few, so the launch stays balanced however different the heads are.  The chunk is
+picked per batch so that the launch has about ``_TARGET_ITEMS`` programs: enough to fill an
+H100 at batch 1, few enough partials at large batches.  One program loads each K/V tile once
+for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a partial
+output with its log-sum-exp for the group's real rows; a second small kernel, one program per
+(query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so a long head
+split into hundreds of items costs a few vector steps rather than a serial walk.
+
+Compensation token (RazorAttention), for the heads ``layout.compensate`` marks: the query drops
+the tokens that left the ring (or were never stored) and the ring's filled slots older than
+``span``.  The cache keeps fp32 running sums of the first kind per (sequence, head)
+(``evicted``); each work item sums the stale ring slots it covers beside its partial output,
+and the merge reduces those sums in the same vector steps as the partials, then adds one extra
+entry per query head: key ``mean K``, value ``mean V``, logit ``q . mean K * scale +
+log(count)`` with ``count = max(0, n - sink - span)``.  Layers without compensating heads
+launch the kernels without that code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,16 +46,21 @@ import triton.language as tl
 from moaplan.errors import ModelError
 
 _LOG2E = 1.4426950408889634
-# Slots per work item: the fastest in the H100 sweep at batch 8 / 32K and batch 1 / 128K
-# (benchmarks/results/h100/decode.md); smaller chunks lose to the serial merge of long heads.
-DEFAULT_CHUNK = 2048
+# Work items (split programs, all sequences together) the default chunk aims at: a few waves
+# on an H100's 132 SMs.  Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK
+# slots, so a huge batch still splits its long heads.
+_TARGET_ITEMS = 512
+_MAX_CHUNK = 4096
+# Partials the merge reduces per step.
+_MERGE_BLOCK = 32
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the split kernel: key tile rows, warps, pipeline stages."""
 
-    # The fastest launch in the H100 sweep at both measured shapes.
+    # The fastest launch of the last H100 sweep at both measured shapes (fixed 2048-slot
+    # chunks, serial merge); benchmarks/bench_decode.py sweeps it against the auto chunk.
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 4
@@ -60,6 +78,8 @@ class DecodeLayout:
     item_count: torch.Tensor  # int32 [Hkv]
     chunk: int
     capacity: int  # slots per sequence: sum of sink + ring
+    compensate: torch.Tensor  # int32 [Hkv]: 1 for heads with the compensation token
+    has_compensation: bool  # any head compensates (host copy, to pick the kernel variant)
 
     @property
     def num_kv_heads(self) -> int:
@@ -70,19 +90,31 @@ class DecodeLayout:
         return int(self.offsets[head]), int(self.sinks[head]) + int(self.rings[head])
 
 
-def decode_layout(sinks: Sequence[int], rings: Sequence[int], *,
-                  device: torch.device | str = "cpu", chunk: int | None = None) -> DecodeLayout:
+def default_chunk(capacity: int, batch: int) -> int:
+    """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
+    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK``."""
+    per_item = math.ceil(batch * capacity / _TARGET_ITEMS)
+    return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
+
+
+def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
+                  device: torch.device | str = "cpu", chunk: int | None = None,
+                  compensate: Sequence[bool] | None = None) -> DecodeLayout:
     """Slot offsets and the work list for heads with ``sinks[h]`` sink slots and a ring of
-    ``rings[h]`` slots, split into work items of ``chunk`` slots (default
-    ``DEFAULT_CHUNK``)."""
+    ``rings[h]`` slots, split into work items of ``chunk`` slots (default: ``default_chunk``
+    for ``batch`` sequences; a layout runs any batch, ``batch`` only picks the chunk);
+    ``compensate`` marks the heads with a compensation token."""
     sinks, rings = [int(s) for s in sinks], [int(r) for r in rings]
-    if len(sinks) != len(rings) or not sinks:
-        raise ModelError(f"need one sink and one ring size per KV head, got {len(sinks)} and "
-                         f"{len(rings)}")
+    flags = [False] * len(sinks) if compensate is None else [bool(c) for c in compensate]
+    if len(sinks) != len(rings) or len(flags) != len(sinks) or not sinks:
+        raise ModelError(f"need one sink, one ring size and one compensate flag per KV head, "
+                         f"got {len(sinks)}, {len(rings)} and {len(flags)}")
     if min(sinks) < 0 or min(rings) < 1:
         raise ModelError(f"sinks must be >= 0 and rings >= 1, got {sinks} and {rings}")
+    if batch < 1:
+        raise ModelError(f"batch must be >= 1, got {batch}")
     caps = [s + r for s, r in zip(sinks, rings)]
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    chunk = default_chunk(sum(caps), batch) if chunk is None else chunk
     if chunk < 1:
         raise ModelError(f"chunk must be >= 1, got {chunk}")
     items, first, count = [], [], []
@@ -98,7 +130,7 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *,
         return torch.tensor(values, dtype=torch.int32, device=device)
 
     return DecodeLayout(ints(offsets), ints(sinks), ints(rings), ints(items).reshape(-1, 2),
-                        ints(first), ints(count), chunk, sum(caps))
+                        ints(first), ints(count), chunk, sum(caps), ints(flags), any(flags))
 
 
 def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
@@ -116,12 +148,12 @@ def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr,
-    offsets_ptr, sinks_ptr, rings_ptr, items_ptr, n_seen_ptr, span_ptr,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_ks_ptr, part_vs_ptr,
+    offsets_ptr, sinks_ptr, rings_ptr, items_ptr, n_seen_ptr, span_ptr, comp_ptr,
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kd,
     stride_vb, stride_vt, stride_vd, n_items, n_kv_heads, chunk, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_COMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item = tl.program_id(0)
     b = tl.program_id(1)
@@ -148,16 +180,29 @@ def _split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    k_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)  # sums of the ring's stale slots
+    v_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    if HAS_COMP:
+        # Ring slots at least this old are stale (dropped); a ring age is < ring, so a plain
+        # head has none.
+        stale_age = tl.where(tl.load(comp_ptr + head) != 0, span, ring)
     for s0 in range(start, end, BLOCK_N):
         slot = s0 + offs_n
         r = slot - sink
         age = (newest - r + ring) % ring
         ok = (slot < end) & tl.where(slot < sink, slot < n, (r < n_ring) & (age < span))
+        load = ok
+        if HAS_COMP:
+            stale = (slot < end) & (slot >= sink) & (r < n_ring) & (age >= stale_age)
+            load = ok | stale
         rows = (base + slot).to(tl.int64)
         k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=ok[:, None], other=0.0)
+                    mask=load[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=ok[:, None], other=0.0)
+                    mask=load[:, None], other=0.0)
+        if HAS_COMP:
+            k_stale += tl.sum(tl.where(stale[:, None], k.to(tl.float32), 0.0), 0)
+            v_stale += tl.sum(tl.where(stale[:, None], v.to(tl.float32), 0.0), 0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -172,45 +217,87 @@ def _split_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = (b * n_items + item) * BLOCK_G + offs_g
-    tl.store(part_lse_ptr + row, lse)
-    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out)
+    # Partials keep the group's real rows only (not the dot tile's padding rows).
+    real = offs_g < GROUP
+    row = (b * n_items + item).to(tl.int64) * GROUP + offs_g
+    tl.store(part_lse_ptr + row, lse, mask=real)
+    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=real[:, None])
+    if HAS_COMP:
+        tl.store(part_ks_ptr + (b * n_items + item) * HEAD_DIM + offs_d, k_stale)
+        tl.store(part_vs_ptr + (b * n_items + item) * HEAD_DIM + offs_d, v_stale)
 
 
 @triton.jit
 def _merge_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr, first_ptr, count_ptr,
-    stride_ob, stride_oh, stride_od, n_items,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+    part_o_ptr, part_lse_ptr, part_ks_ptr, part_vs_ptr, out_ptr, first_ptr, count_ptr,
+    q_ptr, ev_k_ptr, ev_v_ptr, comp_ptr, sinks_ptr, n_seen_ptr, span_ptr,
+    stride_ob, stride_oh, stride_od, stride_qb, stride_qh, stride_qd, n_items, n_kv_heads,
+    qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, HAS_COMP: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    """One program per (query head, sequence): merges ``BLOCK_I`` partials per step."""
+    q_head = tl.program_id(0)
     b = tl.program_id(1)
+    head = q_head // GROUP
     first = tl.load(first_ptr + head)
     count = tl.load(count_ptr + head)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_i = tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    for item in range(first, first + count):
-        row = (b * n_items + item) * BLOCK_G + offs_g
-        lse = tl.load(part_lse_ptr + row)
-        o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :])
-        m_new = tl.maximum(m_i, lse)
+    item_base = b.to(tl.int64) * n_items + first
+    if HAS_COMP:
+        dropped = (tl.load(n_seen_ptr + b) - tl.load(sinks_ptr + head)
+                   - tl.load(span_ptr + b * n_kv_heads + head))
+        with_token = (tl.load(comp_ptr + head) != 0) & (dropped > 0)
+        # Items whose stale sums are read: none for heads without the token (masked loads).
+        n_sums = tl.where(with_token, count, 0)
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)  # the items' stale sums
+    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for i0 in range(0, count, BLOCK_I):
+        valid = i0 + offs_i < count
+        items = item_base + i0 + offs_i
+        row = items * GROUP + q_head % GROUP
+        lse = tl.load(part_lse_ptr + row, mask=valid, other=float("-inf"))
+        o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        # All partials so far empty: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         w = tl.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l_i = l_i * alpha + w
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    q_rows = head * GROUP + offs_g
-    tl.store(out_ptr + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None])
+        if HAS_COMP:
+            sums = (i0 + offs_i < n_sums)[:, None]
+            at = items[:, None] * HEAD_DIM + offs_d[None, :]
+            k_sum += tl.sum(tl.load(part_ks_ptr + at, mask=sums, other=0.0), 0)
+            v_sum += tl.sum(tl.load(part_vs_ptr + at, mask=sums, other=0.0), 0)
+    if HAS_COMP:
+        if with_token:
+            # The compensation entry: evicted sums (the cache's) plus the items' stale sums.
+            ev = (b * n_kv_heads + head) * HEAD_DIM + offs_d
+            k_sum += tl.load(ev_k_ptr + ev)
+            v_sum += tl.load(ev_v_ptr + ev)
+            n_drop = dropped.to(tl.float32)
+            q = tl.load(q_ptr + b * stride_qb + q_head * stride_qh + offs_d * stride_qd)
+            s = tl.sum(q.to(tl.float32) * k_sum, 0) * (qk_scale / n_drop) + tl.log2(n_drop)
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.exp2(m_i - m_new)
+            w = tl.exp2(s - m_new)
+            acc = acc * alpha + (w / n_drop) * v_sum
+            l_i = l_i * alpha + w
+            m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(out_ptr + b * stride_ob + q_head * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layout: DecodeLayout,
-           n_seen: torch.Tensor, span: torch.Tensor) -> None:
+           n_seen: torch.Tensor, span: torch.Tensor,
+           evicted: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     batch, n_q_heads, head_dim = q.shape
     n_kv = layout.num_kv_heads
     if k_buf.shape != v_buf.shape or k_buf.shape != (batch, layout.capacity, head_dim):
@@ -223,6 +310,10 @@ def _check(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layout: De
     if n_seen.shape != (batch,) or span.shape != (batch, n_kv):
         raise ModelError(f"n_seen must be [{batch}] and span [{batch}, {n_kv}], got "
                          f"{tuple(n_seen.shape)} and {tuple(span.shape)}")
+    if layout.has_compensation and (evicted is None or any(
+            x.shape != (batch, n_kv, head_dim) or x.dtype != torch.float32 for x in evicted)):
+        raise ModelError(f"a layout with compensating heads needs evicted=(key sums, value "
+                         f"sums), float32 [{batch}, {n_kv}, {head_dim}] each")
 
 
 def decode_attention(
@@ -234,6 +325,7 @@ def decode_attention(
     span: torch.Tensor,
     *,
     scale: float | None = None,
+    evicted: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
@@ -242,67 +334,112 @@ def decode_attention(
     ``q``: ``[B, Hq, D]`` (the new token of each sequence, already written to the cache);
     ``k_buf``/``v_buf``: ``[B, C, D]`` laid out by ``layout``; ``n_seen``: int ``[B]`` real
     tokens written per sequence (the query is token ``n_seen - 1``); ``span``: int
-    ``[B, Hkv]`` the rule's span at that length.  Returns ``[B, Hq, D]`` in ``q.dtype``; a
+    ``[B, Hkv]`` the rule's span at that length; ``evicted``: float32 ``(key sums, value
+    sums)`` ``[B, Hkv, D]`` of the tokens each head no longer holds (needed, and read only,
+    for the heads ``layout.compensate`` marks).  Returns ``[B, Hq, D]`` in ``q.dtype``; a
     sequence with nothing visible gets zeros.  ``backend``: ``"triton"``, ``"torch"`` or
     ``"auto"`` (Triton on CUDA tensors, torch elsewhere).
     """
-    _check(q, k_buf, v_buf, layout, n_seen, span)
+    _check(q, k_buf, v_buf, layout, n_seen, span, evicted)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "torch":
-        return _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale)
+        return _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale, evicted)
     if backend != "triton":
         raise ModelError(f"unknown decode backend {backend!r}; use 'triton', 'torch' or 'auto'")
-    return _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, config or DecodeConfig())
+    return _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted,
+                          config or DecodeConfig())
 
 
-def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, cfg) -> torch.Tensor:
+def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted, cfg) -> torch.Tensor:
     batch, n_q_heads, head_dim = q.shape
     group = n_q_heads // layout.num_kv_heads
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
     n_items = layout.items.shape[0]
-    part_o = torch.empty((batch, n_items, block_g, head_dim), dtype=torch.float32,
+    part_o = torch.empty((batch, n_items, group, head_dim), dtype=torch.float32,
                          device=q.device)
-    part_lse = torch.empty((batch, n_items, block_g), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, n_items, group), dtype=torch.float32, device=q.device)
+    comp = layout.has_compensation
+    if comp:  # per-item sums of the ring's stale slots, and the cache's evicted sums
+        part_ks, part_vs = (torch.empty((batch, n_items, head_dim), dtype=torch.float32,
+                                        device=q.device) for _ in range(2))
+        ev_k, ev_v = (x.contiguous() for x in evicted)
+    else:
+        part_ks = part_vs = ev_k = ev_v = part_lse  # never read
     out = torch.empty_like(q)
     n_seen = n_seen.to(torch.int32)
     span = span.to(torch.int32).contiguous()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _split_kernel[(n_items, batch)](
-        q, k_buf, v_buf, part_o, part_lse,
-        layout.offsets, layout.sinks, layout.rings, layout.items, n_seen, span,
+        q, k_buf, v_buf, part_o, part_lse, part_ks, part_vs,
+        layout.offsets, layout.sinks, layout.rings, layout.items, n_seen, span, layout.compensate,
         *q.stride(), *k_buf.stride(), *v_buf.stride(), n_items, layout.num_kv_heads,
         layout.chunk, scale * _LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=cfg.block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=cfg.block_n, HAS_COMP=comp,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _merge_kernel[(layout.num_kv_heads, batch)](
-        part_o, part_lse, out, layout.first_item, layout.item_count,
-        *out.stride(), n_items, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, num_warps=4,
+    _merge_kernel[(n_q_heads, batch)](
+        part_o, part_lse, part_ks, part_vs, out, layout.first_item, layout.item_count,
+        q, ev_k, ev_v, layout.compensate, layout.sinks, n_seen, span,
+        *out.stride(), *q.stride(), n_items, layout.num_kv_heads, scale * _LOG2E,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_I=_MERGE_BLOCK, HAS_COMP=comp, num_warps=4,
     )
     return out
 
 
-def _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor,
+                     scale: float,
+                     dropped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
+    """Plain torch attention of one KV head's queries ``q [B, G, T, D]`` over ``k``, ``v``
+    ``[B, K, D]`` where ``ok`` (bool, broadcast to ``[B, G, T, K]``) allows, in ``q``'s dtype.
+
+    ``dropped``: ``(key sums, value sums, count)`` of the keys each query drops, ``[B, T, D]``,
+    ``[B, T, D]`` and ``[B, T]``, for the compensation token (one extra entry: the means, its
+    weight times the count; none where the count is 0).  A row with nothing to attend is 0.
+    """
+    scores = torch.einsum("bgtd,bkd->bgtk", q, k) * scale
+    scores = scores.masked_fill(~ok, float("-inf"))
+    if dropped is not None:
+        k_sum, v_sum, count = dropped
+        count = count.to(q.dtype)
+        n = count.clamp(min=1)[..., None]
+        extra = torch.einsum("bgtd,btd->bgt", q, k_sum / n) * scale + count.log()[:, None]
+        scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bgtk,bkd->bgtd", probs[..., :k.shape[1]], v)
+    if dropped is not None:
+        out = out + probs[..., k.shape[1]:] * (v_sum / n)[:, None]
+    return out
+
+
+def _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale, evicted) -> torch.Tensor:
     """The same function in plain torch, one KV head at a time (the CPU path)."""
     batch, n_q_heads, head_dim = q.shape
     n_kv = layout.num_kv_heads
     group = n_q_heads // n_kv
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_seen = n_seen.to(torch.int64)
+    span = span.to(torch.int64)
     out = torch.empty_like(q)
     for h in range(n_kv):
         first, cap = layout.head_slots(h)
         sink = int(layout.sinks[h])
         pos = slot_positions(sink, cap - sink, n_seen)  # [B, cap]
         query_pos = (n_seen - 1)[:, None]
-        ok = (pos >= 0) & ((pos < sink) | (query_pos - pos < span[:, h, None].to(torch.int64)))
+        ok = (pos >= 0) & ((pos < sink) | (query_pos - pos < span[:, h, None]))
         k = k_buf[:, first:first + cap].to(compute)
         v = v_buf[:, first:first + cap].to(compute)
-        qh = q[:, h * group:(h + 1) * group].to(compute)
-        scores = torch.einsum("bgd,bkd->bgk", qh, k) * scale
-        scores = scores.masked_fill(~ok[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[:, h * group:(h + 1) * group] = torch.einsum("bgk,bkd->bgd", probs, v).to(q.dtype)
+        qh = q[:, h * group:(h + 1) * group, None].to(compute)
+        dropped = None
+        if layout.compensate[h]:
+            # Dropped: the evicted tokens and the filled ring slots the span no longer covers.
+            stale = ((pos >= 0) & ~ok).to(compute)
+            k_sum, v_sum = (ev[:, h].to(compute) + torch.einsum("bk,bkd->bd", stale, x)
+                            for ev, x in zip(evicted, (k, v)))
+            count = (n_seen - sink - span[:, h]).clamp(min=0)
+            dropped = (k_sum[:, None], v_sum[:, None], count[:, None])
+        rows = masked_attention(qh, k, v, ok[:, None, None], scale, dropped)
+        out[:, h * group:(h + 1) * group] = rows[:, :, 0].to(q.dtype)
     return out

@@ -21,6 +21,13 @@ last (the most keys under causal attention) to the first, and inside each block 
 heads from the widest to the narrowest, so the heaviest programs start first and the tail of
 the launch is made of cheap ones.  The query heads of one GQA group are adjacent, so the K/V
 tiles they share are read from L2.
+
+Compensation token (RazorAttention): for a compensating KV head, row ``i`` drops exactly the
+keys ``[sink, i - span]``, a contiguous range, so their sums are differences of two rows of
+the inclusive prefix sums of K and V (fp32, computed once per launch for those heads only).
+After the tiles, each row folds one more entry into its online softmax: logit
+``q . mean(K) * scale + log(count)``, value ``mean(V)``.  Layers without such heads compile
+without that step, and plain heads of a mixed layer skip it on one scalar branch.
 """
 
 from __future__ import annotations
@@ -106,16 +113,48 @@ def _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_
 
 
 @triton.jit
+def _compensation_update(acc, m_i, l_i, q, ck_base, cv_base, rows, valid, offs_d, sink, span,
+                         qk_scale, HEAD_DIM: tl.constexpr):
+    """Fold each row's compensation entry into its online softmax (base 2).
+
+    Row ``i`` drops keys ``[sink, i - span]``: their sums are ``C[i - span] - C[sink - 1]``
+    for inclusive prefix sums ``C`` (``C[-1] = 0``)."""
+    last = rows - span
+    count = last - sink + 1
+    has = valid & (count > 0)
+    safe = tl.where(has, last, 0)
+    hi_ptrs = safe[:, None] * HEAD_DIM + offs_d[None, :]
+    k_sum = tl.load(ck_base + hi_ptrs, mask=has[:, None], other=0.0)
+    v_sum = tl.load(cv_base + hi_ptrs, mask=has[:, None], other=0.0)
+    # sink + span < n_keys for a compensating head (else nothing drops), so C[sink - 1] exists.
+    below = tl.where(sink >= 1, 1.0, 0.0)
+    lo_ptrs = tl.maximum(sink - 1, 0) * HEAD_DIM + offs_d
+    k_sum -= below * tl.load(ck_base + lo_ptrs)[None, :]
+    v_sum -= below * tl.load(cv_base + lo_ptrs)[None, :]
+    n = tl.where(has, count, 1).to(tl.float32)
+    s = tl.sum(q.to(tl.float32) * k_sum, 1) / n * qk_scale + tl.math.log2(n)
+    s = tl.where(has, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + (p / n)[:, None] * v_sum
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS,
+    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, CK, CV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
-    q_offset, n_queries, n_keys, qk_scale,
+    q_offset, n_queries, n_keys, n_comp, qk_scale,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     slot = tl.program_id(0)
     block = tl.num_programs(1) - 1 - tl.program_id(1)  # last query block first
@@ -176,6 +215,12 @@ def _sparse_prefill_kernel(
                                      span, n_keys, qk_scale, BLOCK_N, False, DOT_PRECISION)
 
     valid = (q_rows < n_queries) & (rows < seq_len)
+    if HAS_COMP:
+        comp = tl.load(COMP_SLOT + kvh)
+        if comp >= 0:  # CK, CV: [B, n_comp, n_keys, HEAD_DIM] fp32, contiguous
+            c_off = (b.to(tl.int64) * n_comp + comp) * n_keys * HEAD_DIM
+            acc, m_i, l_i = _compensation_update(acc, m_i, l_i, q, CK + c_off, CV + c_off, rows,
+                                                 valid, offs_d, sink, span, qk_scale, HEAD_DIM)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out = tl.where(valid[:, None], out, 0.0)
     o_base = Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
@@ -239,6 +284,7 @@ def sparse_attention(
     scale: float | None = None,
     q_offset: int | torch.Tensor = 0,
     seq_lens: torch.Tensor | None = None,
+    compensate: torch.Tensor | Sequence[bool] | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Sink + window attention for a whole layer, one launch; same contract as
@@ -247,8 +293,9 @@ def sparse_attention(
     ``q`` is ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (any strides), ``sink``/``span``
     hold one value per KV head (CPU tensors or lists avoid a device sync), ``q_offset`` is the
     absolute position of the first query (an int, or one per sequence), ``seq_lens`` the number
-    of valid keys per sequence (right padding; default ``Nk``).  Returns a contiguous
-    ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
+    of valid keys per sequence (right padding; default ``Nk``), ``compensate`` one flag per KV
+    head for the compensation token (default none; a CPU tensor or list avoids a sync).
+    Returns a contiguous ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
     """
     _check_inputs(q, k, v)
     batch, n_q_heads, n_queries, head_dim = q.shape
@@ -264,9 +311,16 @@ def sparse_attention(
     limit = n_keys + 1
     sinks = [min(x, limit) for x in sinks]
     spans = [min(x, limit) for x in spans]
+    # Heads whose rows can drop keys get a slot in the prefix sums; the others -1.
+    flags = [False] * n_kv_heads if compensate is None else [
+        bool(x) for x in _int_list("compensate", torch.as_tensor(compensate).long(), n_kv_heads)]
+    comp_heads = [h for h in range(n_kv_heads) if flags[h] and sinks[h] + spans[h] < n_keys]
+    comp_slot = [-1] * n_kv_heads
+    for slot, h in enumerate(comp_heads):
+        comp_slot[h] = slot
     # Heavy heads first: the program's work grows with sink + span.
     order = sorted(range(n_kv_heads), key=lambda h: -(sinks[h] + spans[h]))
-    table = torch.tensor([sinks, spans, order], dtype=torch.int32).to(q.device)
+    table = torch.tensor([sinks, spans, order, comp_slot], dtype=torch.int32).to(q.device)
 
     if isinstance(q_offset, torch.Tensor):
         qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
@@ -282,15 +336,21 @@ def sparse_attention(
     out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    if comp_heads:  # inclusive prefix sums over keys, fp32: [B, n_comp, Nk, D]
+        index = torch.tensor(comp_heads, device=q.device)
+        ck, cv = (x.index_select(1, index).float().cumsum(2).contiguous() for x in (k, v))
+    else:
+        ck = cv = table[0]  # never read
     grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
     _sparse_prefill_kernel[grid](
         q, k, v, out, table[0], table[1], table[2],
         qoff if qoff is not None else table[0], lens if lens is not None else table[0],
+        table[3], ck, cv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        q_offset_scalar, n_queries, n_keys, scale * _LOG2E,
+        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * _LOG2E,
         HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None,
+        HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

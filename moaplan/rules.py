@@ -7,13 +7,18 @@ iff ``j <= i and (j < sink or i - j < span)``.  A span of ``W`` therefore means 
 
 All densities are closed-form and vectorised over rules (heads) and lengths with numpy
 broadcasting; nothing here ever builds an ``N x N`` mask.
+
+Compensation (RazorAttention): a non-full rule with ``compensate`` also gives every query that
+drops keys one extra entry, whose key and value are the means of the dropped keys and values and
+whose softmax weight is multiplied by their count.  The densities count that entry as one more
+key wherever something is dropped; a full rule ignores ``compensate``.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -93,6 +98,7 @@ def rule_arrays(rules: Sequence[Rule]) -> dict[str, np.ndarray]:
         "max_span": np.array(
             [big if r.max_span is None else r.max_span for r in rules], dtype=np.int64
         ),
+        "compensate": np.array([r.compensate and not r.full for r in rules], dtype=bool),
     }
     return {k: v[:, None] for k, v in cols.items()}
 
@@ -121,21 +127,28 @@ def kept_per_row(sink: ArrayLike, span: ArrayLike, i: ArrayLike) -> np.ndarray:
     return np.minimum(np.asarray(i) + 1, np.asarray(span) + np.asarray(sink))
 
 
-def kv_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike) -> np.ndarray:
-    """Share of the ``N`` keys a head's cache must hold after a length-``N`` input."""
+def kv_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike,
+               compensate: ArrayLike = False) -> np.ndarray:
+    """Share of the ``N`` keys a head's cache must hold after a length-``N`` input.
+
+    A compensating head (``compensate`` true) that drops keys (``sink + span < N``) holds one
+    more: the sums of its evicted keys and values stand for one extra key."""
     n = np.asarray(n, dtype=np.int64)
-    return np.minimum(n, np.asarray(sink) + np.asarray(span)) / n
+    c = np.asarray(sink) + np.asarray(span)
+    return (np.minimum(n, c) + (np.asarray(compensate) & (c < n))) / n
 
 
-def attention_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike) -> np.ndarray:
+def attention_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike,
+                      compensate: ArrayLike = False) -> np.ndarray:
     """Computed causal entries over ``N(N+1)/2`` for a length-``N`` prefill.
 
     Row ``i`` keeps ``min(i+1, c)`` keys with ``c = sink + span``, so the total is
-    ``sum_{k=1..N} min(k, c) = c(c+1)/2 + (N - c)c`` when ``c < N``.
+    ``sum_{k=1..N} min(k, c) = c(c+1)/2 + (N - c)c`` when ``c < N``.  With ``compensate``
+    each of the ``N - c`` rows that drop keys computes one extra entry.
     """
     n = np.asarray(n, dtype=np.int64)
     c = np.minimum(np.asarray(sink, dtype=np.int64) + np.asarray(span, dtype=np.int64), n)
-    kept = c * (c + 1) // 2 + (n - c) * c
+    kept = c * (c + 1) // 2 + (n - c) * c + np.asarray(compensate) * (n - c)
     return kept / (n * (n + 1) / 2)
 
 
@@ -168,25 +181,40 @@ def block_attention_density(
 class RuleSpace:
     """The grid of candidate rules the optimizer chooses from; ``full`` is always included.
 
-    A candidate is ``(sink, alpha, beta)`` for every combination of the grids; candidates
-    whose span never exceeds ``min_span`` are dropped as duplicates.
+    A candidate is ``(sink, alpha, beta)`` for every combination of the grids (``alpha ==
+    beta == 0`` is left out).  With ``compensate`` every such candidate also comes with
+    RazorAttention's compensation token, right after it.
+
+    A profile cannot price the compensation token (its first-order influence is that of the
+    dropped entries, whatever replaces them), so a compensating rule's cost is its plain twin's
+    times ``compensate_factor`` (:meth:`cost_factors`): a prior that lets the optimizer pick it
+    where one extra key of density is worth it; the search's measured validation loss then
+    judges the plans.  Equality (which decides whether a stored profile can be reused) ignores
+    both options: the profile's summaries do not depend on them.
     """
 
     sinks: tuple[int, ...] = (64,)
     alphas: tuple[float, ...] = (0, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
     betas: tuple[float, ...] = tuple(k / 16 for k in range(16))
     min_span: int = 16
+    compensate: bool = field(default=False, compare=False)
+    compensate_factor: float = field(default=0.75, compare=False)
     rules: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.sinks or not self.alphas or not self.betas:
             raise ValueError("a rule space needs at least one sink, alpha and beta value")
+        if not 0 <= self.compensate_factor <= 1:
+            raise ValueError(f"compensate_factor must be in [0, 1], got {self.compensate_factor}")
         candidates: list[Rule] = [Rule.full_attention()]
         for sink, alpha, beta in itertools.product(self.sinks, self.alphas, self.betas):
             if alpha == 0 and beta == 0:
                 continue
-            candidates.append(Rule(sink=int(sink), alpha=float(alpha), beta=float(beta),
-                                   min_span=self.min_span))
+            rule = Rule(sink=int(sink), alpha=float(alpha), beta=float(beta),
+                        min_span=self.min_span)
+            candidates.append(rule)
+            if self.compensate:
+                candidates.append(replace(rule, compensate=True))
         object.__setattr__(self, "rules", tuple(candidates))
 
     def __len__(self) -> int:
@@ -197,31 +225,40 @@ class RuleSpace:
 
     def kv_density(self, lengths: ArrayLike) -> np.ndarray:
         """``(len(space), len(lengths))`` KV densities."""
-        lengths = np.asarray(lengths)
-        return kv_density(rule_sinks(self.rules, lengths), self.spans(lengths), lengths)
+        return density(self.rules, lengths, "kv")
 
     def attention_density(self, lengths: ArrayLike) -> np.ndarray:
-        lengths = np.asarray(lengths)
-        return attention_density(rule_sinks(self.rules, lengths), self.spans(lengths), lengths)
+        return density(self.rules, lengths, "attention")
+
+    def cost_factors(self) -> np.ndarray:
+        """``(len(space),)`` multipliers of the profiled dropped influence: ``compensate_factor``
+        for compensating rules, 1 for the others."""
+        return np.where(rule_arrays(self.rules)["compensate"][:, 0], self.compensate_factor, 1.0)
 
     def to_dict(self) -> dict:
         return {"sinks": list(self.sinks), "alphas": list(self.alphas),
-                "betas": list(self.betas), "min_span": self.min_span}
+                "betas": list(self.betas), "min_span": self.min_span,
+                "compensate": self.compensate, "compensate_factor": self.compensate_factor}
 
     @classmethod
     def from_dict(cls, data: dict) -> RuleSpace:
         return cls(sinks=tuple(int(s) for s in data["sinks"]),
                    alphas=tuple(float(a) for a in data["alphas"]),
                    betas=tuple(float(b) for b in data["betas"]),
-                   min_span=int(data.get("min_span", 16)))
+                   min_span=int(data.get("min_span", 16)),
+                   compensate=bool(data.get("compensate", False)),
+                   compensate_factor=float(data.get("compensate_factor",
+                                                    RuleSpace.compensate_factor)))
 
 
 def density(rules: Iterable[Rule], n: ArrayLike, kind: str = "kv") -> np.ndarray:
-    """Per-rule density of ``kind`` (``"kv"`` or ``"attention"``) at length(s) ``n``."""
+    """Per-rule density of ``kind`` (``"kv"`` or ``"attention"``) at length(s) ``n``, the
+    compensation token included (one extra key where a compensating rule drops keys)."""
     rules = list(rules)
     sinks, spans = rule_sinks(rules, n), rule_spans(rules, n)
+    compensate = rule_arrays(rules)["compensate"].reshape((len(rules),) + (1,) * np.ndim(n))
     if kind == "kv":
-        return kv_density(sinks, spans, n)
+        return kv_density(sinks, spans, n, compensate)
     if kind == "attention":
-        return attention_density(sinks, spans, n)
+        return attention_density(sinks, spans, n, compensate)
     raise ValueError(f"unknown density kind {kind!r}; use 'kv' or 'attention'")

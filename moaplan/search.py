@@ -23,6 +23,7 @@ from moaplan.errors import BudgetError, DataError, ProfileError
 from moaplan.optimize import KnapsackProblem, Solution, choose
 from moaplan.optimize.milp import check_reachable
 from moaplan.plan import Budget, ModelShape, Plan, save_plan
+from moaplan.plan.baselines import uniform_rule
 from moaplan.profile import (
     Profile,
     calibration_hash,
@@ -48,12 +49,13 @@ class SearchSettings:
     validation_length: int = 3072
     extend_to: list[int] = field(default_factory=list)
     samples: int = 4
-    validation_samples: int = 2
+    validation_samples: int = 4
     trials: int = 8
     block: int = 64
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0
     layer_max_density: float | None = None  # optional bound on every layer's mean density
+    objective: str = "log_odds"  # what the profile differentiates (profiler.OBJECTIVES)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,22 +88,28 @@ SampleSource = Callable[[int, int, bool], list[Any]]
 
 
 def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int,
-                   rule_space: RuleSpace, on_sample: Callable | None = None) -> Profile:
-    """The profile at ``path`` if it matches this model, data, block and rule space; else
-    profile now (checkpointing beside ``path`` so an interrupted run resumes) and save it."""
+                   rule_space: RuleSpace, objective: str = "log_odds",
+                   on_sample: Callable | None = None) -> Profile:
+    """The profile at ``path`` if it matches this model, block, rule space and lengths, and
+    (for a gradient profile) this data and objective; else profile now (checkpointing beside
+    ``path`` so an interrupted run resumes) and save it.  A head scorer's profile
+    (``moaplan profile --scorer ...``) is used as it is: it was not made from this data."""
     shape = ModelShape.from_config(model.config)
     if path.exists():
         profile = load_profile(path)
         profile.check_model(shape)
         matches = (profile.lengths == sorted(samples) and profile.block == block
-                   and profile.data_hash == calibration_hash(samples)
-                   and profile.rule_space == rule_space and profile.complete)
+                   and profile.rule_space == rule_space and profile.complete
+                   and (profile.scorer != "gradient"
+                        or (profile.data_hash, profile.objective)
+                        == (calibration_hash(samples), objective)))
         if matches:
             return profile
-        raise ProfileError(f"{path} was made with other lengths, data, block size or rule space; "
-                           "delete it or pass another --profile path")
+        raise ProfileError(f"{path} was made with other lengths, data, objective, block size or "
+                           "rule space; delete it or pass another --profile path")
     profile = profile_model(model, samples, block=block, rule_space=rule_space,
-                            checkpoint=path, resume=True, on_sample=on_sample)
+                            objective=objective, checkpoint=path, resume=True,
+                            on_sample=on_sample)
     save_profile(profile, path)
     partial = checkpoint_path(path)
     for leftover in (partial, metadata_path(partial)):
@@ -128,6 +136,7 @@ def check_budget(settings: SearchSettings) -> None:
 def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
     space, targets = settings.rule_space, settings.target_lengths
     cost = np.stack([profile.dropped_influence(space.rules, n) for n in settings.lengths])
+    cost = cost * space.cost_factors()  # compensating rules' prior discount (RuleSpace)
     density = target_densities(settings)
     shape = profile.model
     layer_of_head = np.repeat(np.arange(shape.num_layers), shape.num_key_value_heads)
@@ -135,6 +144,23 @@ def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
                            head_groups=layer_of_head,
                            group_max_density=settings.layer_max_density,
                            target_lengths=tuple(targets))
+
+
+def protection_order(profile: Profile, settings: SearchSettings) -> list[int]:
+    """The heads the search may keep full, most important first: the eighth of all heads
+    (at least one) that lose the most under the uniform sink + window rule of this budget,
+    each profiled length's loss as a share of all heads' loss at that length.
+
+    First-order influence undervalues heads that retrieve from far back (a needle is in few
+    calibration samples, and often close enough to survive a wide window), so the search
+    also tries plans that keep the likeliest of them whole and lets the measured loss decide.
+    """
+    rule = uniform_rule(settings.budget, settings.target_lengths)
+    shares = [profile.dropped_influence([rule], n)[:, 0] / max(profile.total(n).sum(), 1e-30)
+              for n in settings.lengths]
+    loss = np.mean(shares, axis=0)
+    count = max(1, profile.num_heads // 8)
+    return [int(h) for h in np.argsort(-loss, kind="stable")[:count] if loss[h] > 0]
 
 
 def plan_from_solution(solution: Solution, profile: Profile, settings: SearchSettings,
@@ -169,7 +195,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     if not held_out:
         raise DataError(f"no held-out samples of length {settings.validation_length}")
     profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
-                             rule_space=settings.rule_space, on_sample=on_sample)
+                             rule_space=settings.rule_space, objective=settings.objective,
+                             on_sample=on_sample)
     problem = knapsack(profile, settings)
     dense = measured_loss(model, held_out)
 
@@ -188,7 +215,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
                   f"{settings.budget.value}-{'-'.join(map(str, settings.target_lengths))}")
     best, study = choose(problem, evaluate, n_trials=settings.trials, storage=storage,
                          study_name=study_name, seed=settings.seed,
-                         time_limit=settings.time_limit)
+                         time_limit=settings.time_limit,
+                         protect=protection_order(profile, settings))
     provenance = {
         "profile": str(profile_path),
         "search": {"validation_length": settings.validation_length,

@@ -1,9 +1,11 @@
 """MoaplanCache on tiny random Llama models: greedy ``generate`` through the compressed cache
 gives the same tokens as the dense path (DynamicCache + the plan's masked attention), for
-single prompts, a left-padded batch, right padding and a multi-turn chat; its memory matches
-``kv_bytes``."""
+single prompts, a left-padded batch, right padding and a multi-turn chat, with and without
+compensation tokens; its memory matches ``kv_bytes``."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -25,16 +27,23 @@ CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(scope="module")
-def model_and_plan():
+def mixed_plan(config, compensate: bool) -> Plan:
+    """Mixed heads: elastic windows with sinks, a fixed window without sinks, full attention;
+    with ``compensate``, every head but the last layer's window has a compensation token."""
+    rng = np.random.default_rng(1)
+    rules = [[Rule(sink=int(rng.integers(1, 4)), alpha=float(rng.integers(2, 6)), beta=0.25,
+                   compensate=compensate),
+              Rule(alpha=float(rng.integers(3, 8)), compensate=compensate)]
+             for _ in range(LAYERS - 1)]
+    rules.append([Rule.full_attention(), Rule(sink=2, alpha=3.0, beta=0.125)])
+    return Plan(ModelShape.from_config(config), rules)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "compensate"])
+def model_and_plan(request):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
-    rng = np.random.default_rng(1)
-    # Mixed heads: elastic windows with sinks, a fixed window without sinks, full attention.
-    rules = [[Rule(sink=int(rng.integers(1, 4)), alpha=float(rng.integers(2, 6)), beta=0.25),
-              Rule.window(int(rng.integers(3, 8)))] for _ in range(LAYERS - 1)]
-    rules.append([Rule.full_attention(), Rule(sink=2, alpha=3.0, beta=0.125)])
-    plan = Plan(ModelShape.from_config(model.config), rules)
+    plan = mixed_plan(model.config, request.param)
     apply(model, plan)
     return model, plan
 
@@ -124,6 +133,28 @@ def test_multi_turn_matches_dense(model_and_plan):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_compensation_changes_the_logits_the_cache_reproduces(model_and_plan):
+    """Through the cache (multi-token prefill, then decode steps that evict), a compensating
+    plan gives the dense path's logits, and they differ from the same plan without tokens."""
+    model, plan = model_and_plan
+    if not any(r.compensate for r in plan.flat_rules):
+        pytest.skip("needs the compensating plan")
+    ids, tail = prompt(60, 30), prompt(61, 6)
+    mask = torch.ones_like(ids)
+    dense = decode_logits(model, DynamicCache(), ids, mask, tail)
+    cached = decode_logits(model, MoaplanCache(plan, 1, 36), ids, mask, tail)
+    for a, b in zip(dense, cached):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    plain = Plan(plan.model, [[dataclasses.replace(r, compensate=False) for r in layer]
+                              for layer in plan.rules])
+    apply(model, plain)
+    try:
+        without = decode_logits(model, MoaplanCache(plain, 1, 36), ids, mask, tail)
+    finally:
+        apply(model, plan)
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(without, cached))
+
+
 def test_memory_matches_prediction(model_and_plan):
     model, plan = model_and_plan
     for batch, length, dtype in ((1, 64, torch.float32), (3, 100, torch.float16)):
@@ -167,7 +198,8 @@ def test_reference_model_generates_the_same_tokens():
     model, tokenizer = load_model()
     kv = model.config.num_key_value_heads
     palette = [Rule.full_attention(), Rule(sink=4, alpha=16.0, beta=0.25),
-               Rule.window(24, sink=8), Rule(sink=2, alpha=8.0, beta=0.125)]
+               Rule.window(24, sink=8), Rule(sink=2, alpha=8.0, beta=0.125),
+               Rule(sink=4, alpha=12.0, beta=0.125, compensate=True)]
     rules = [[palette[(layer + h) % len(palette)] for h in range(kv)]
              for layer in range(model.config.num_hidden_layers)]
     plan = Plan(ModelShape.from_config(model.config), rules)

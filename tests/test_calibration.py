@@ -32,10 +32,14 @@ def test_reference_calibration_responses_are_the_models_greedy_continuations():
     samples = reference_calibration(model, tok, length=512, n_samples=3, seed=0,
                                     response_tokens=16)
     assert len(samples) == 3
-    for s in samples:
+    # 496-token prompts fit passkey and text (not kv): passkey, text, passkey.  A passkey
+    # prompt stops before its 6-byte answer (" " + 5 digits), so the model writes 22 tokens and
+    # the loss is on the first 6 (its answer); on text, on all 16.
+    expected = [[True] * 6 + [False] * 16, [False] * 6 + [True] * 16, [True] * 6 + [False] * 16]
+    for s, mask in zip(samples, expected, strict=True):
         assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
         assert s.input_ids.shape == (512,)
-        assert s.response_mask[-16:].all() and not s.response_mask[:-22].any()
+        assert s.response_mask[-22:].tolist() == mask and not s.response_mask[:-22].any()
     # greedy: every response token is the model's argmax given everything before it
     batch = torch.stack([s.input_ids for s in samples])
     with torch.no_grad():

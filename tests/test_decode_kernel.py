@@ -8,12 +8,19 @@ wrong, so bf16 is checked on a GPU only.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
-from moaplan.kernels.decode import decode_attention, decode_layout, slot_positions
+from moaplan.kernels.decode import (
+    _MERGE_BLOCK,
+    decode_attention,
+    decode_layout,
+    slot_positions,
+)
 from moaplan.runtime.reference import reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -32,17 +39,23 @@ def interp():
         yield lambda *args, **kw: pool.submit(_interpreted, args, kw).result()
 
 
-def make_case(seed, sinks, rings, n, hq, dim, dtype, device="cpu", chunk=64):
+def make_case(seed, sinks, rings, n, hq, dim, dtype, device="cpu", chunk=64, compensate=None):
     """Dense keys of every sequence, the compressed buffers holding what the cache would,
-    the query of the newest token, and per-sequence spans no wider than the rings."""
+    the query of the newest token, per-sequence spans no wider than the rings, and the fp32
+    sums of the tokens that left the rings (what the cache keeps for compensating heads)."""
     gen = torch.Generator().manual_seed(seed)
     batch, hkv, longest = len(n), len(sinks), max(n)
     n = torch.tensor(n)
-    layout = decode_layout(sinks, rings, device=device, chunk=chunk)
+    layout = decode_layout(sinks, rings, batch=batch, device=device, chunk=chunk,
+                           compensate=compensate)
     k = torch.randn(batch, hkv, max(longest, 1), dim, generator=gen)
     v = torch.randn(batch, hkv, max(longest, 1), dim, generator=gen)
     k_buf = torch.zeros(batch, layout.capacity, dim)
     v_buf = torch.zeros(batch, layout.capacity, dim)
+    evicted = torch.zeros(2, batch, hkv, dim)
+    for b, h in itertools.product(range(batch), range(hkv)):
+        gone = slice(sinks[h], max(sinks[h], int(n[b]) - rings[h]))
+        evicted[0, b, h], evicted[1, b, h] = k[b, h, gone].sum(0), v[b, h, gone].sum(0)
     for h in range(hkv):
         first, cap = layout.head_slots(h)
         pos = slot_positions(sinks[h], rings[h], n)
@@ -55,7 +68,8 @@ def make_case(seed, sinks, rings, n, hq, dim, dtype, device="cpu", chunk=64):
     q = torch.randn(batch, hq, dim, generator=gen)
     to = dict(device=device, dtype=dtype)
     return dict(q=q.to(**to), k_buf=k_buf.to(**to), v_buf=v_buf.to(**to), layout=layout,
-                n_seen=n.to(device), span=span.to(device), k=k.to(**to), v=v.to(**to))
+                n_seen=n.to(device), span=span.to(device), k=k.to(**to), v=v.to(**to),
+                evicted=tuple(evicted.to(device)), compensate=compensate)
 
 
 def reference(case) -> torch.Tensor:
@@ -66,14 +80,15 @@ def reference(case) -> torch.Tensor:
             continue
         out = reference_attention(case["q"][b:b + 1, :, None], case["k"][b:b + 1, :, :n],
                                   case["v"][b:b + 1, :, :n], case["layout"].sinks,
-                                  case["span"][b], q_offset=n - 1)
+                                  case["span"][b], q_offset=n - 1,
+                                  compensate=case["compensate"])
         outs.append(out[0, :, 0])
     return torch.stack(outs)
 
 
 def run(case, kernel):
     args = tuple(case[name] for name in ("q", "k_buf", "v_buf", "layout", "n_seen", "span"))
-    return kernel(*args)
+    return kernel(*args, evicted=case["evicted"])
 
 
 def rel_err(out, ref) -> float:
@@ -102,15 +117,61 @@ def test_triton_matches_reference(interp, case_id, dtype):
 def test_torch_path_matches_reference(case_id):
     sinks, rings, n, hq = CASES[case_id]
     case = make_case(case_id, sinks, rings, n, hq, 64, torch.float32)
-    out = run(case, lambda *a: decode_attention(*a, backend="torch"))
+    out = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="torch"))
     assert rel_err(out, reference(case)) < TOL[torch.float32]
 
 
-def test_many_items_per_head(interp):
-    """Tiny chunks: a head split into more partials than the merge takes in one step."""
-    case = make_case(5, [3, 0], [600, 40], [700, 20], 4, 32, torch.float32, chunk=16)
-    assert int(case["layout"].item_count.max()) > 32
-    assert rel_err(run(case, interp), reference(case)) < TOL[torch.float32]
+# Compensating heads mixed with plain ones: wrapped and unwrapped rings, spans below the ring
+# (stale ring slots), a sequence inside its sinks, GQA groups 1 and 4, several items per head.
+COMP_CASES = [
+    ([4, 0, 2], [40, 30, 150], [3, 57, 190], 4, [True, True, False]),
+    ([0, 3], [20, 70], [1, 200, 45], 2, [True, True]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case_id", range(len(COMP_CASES)))
+def test_compensation_triton_and_torch_match_reference(interp, case_id, dtype):
+    sinks, rings, n, group, compensate = COMP_CASES[case_id]
+    case = make_case(40 + case_id, sinks, rings, n, group * len(sinks), 32, dtype, chunk=16,
+                     compensate=compensate)
+    ref = reference(case)
+    plain = reference(dict(case, compensate=None))
+    assert rel_err(plain, ref) > 10 * TOL[dtype]  # the token changes the output
+    assert rel_err(run(case, interp), ref) < TOL[dtype]
+    torch_path = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="torch"))
+    assert rel_err(torch_path, ref) < TOL[dtype]
+
+
+# (GQA group, compensate, dtype): every group with and without the token in fp32, fp16 at 8.
+LONG_HEAD_CASES = [(g, c, torch.float32) for g in (1, 4, 8) for c in (None, [True, False, True])]
+LONG_HEAD_CASES += [(8, None, torch.float16), (8, [True, False, True], torch.float16)]
+
+
+@pytest.mark.parametrize(("group", "compensate", "dtype"), LONG_HEAD_CASES)
+def test_long_heads_merge_in_several_steps(interp, group, compensate, dtype):
+    """Tiny chunks: a head split into more partials than one merge step takes (the last step
+    part masked), beside short heads; a sequence that wrapped the long ring and one that did
+    not."""
+    case = make_case(50 + group, [3, 0, 5], [300, 40, 60], [700, 250], group * 3, 32, dtype,
+                     chunk=8, compensate=compensate)
+    assert int(case["layout"].item_count.max()) > _MERGE_BLOCK
+    assert rel_err(run(case, interp), reference(case)) < TOL[dtype]
+
+
+def test_default_chunk_gives_enough_work_items():
+    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): about 512 items
+    for the launch at batch 1 / 128K and batch 8 / 32K, capped chunks at batch 64."""
+    def mixed(n: int) -> tuple[list[int], list[int]]:
+        return [64] * 5 + [0] * 3, [n // 32, n // 16, n // 8, n // 4, n // 2] + [n] * 3
+
+    for batch, n, chunk, items in ((1, 131072, 1024, 513), (8, 32768, 2048, 68 * 8),
+                                   (64, 32768, 4096, 36 * 64), (1, 4096, 64, 259)):
+        layout = decode_layout(*mixed(n), batch=batch)
+        assert (layout.chunk, batch * layout.items.shape[0]) == (chunk, items)
+    assert decode_layout([0], [10], batch=3).chunk == 64
+    with pytest.raises(ModelError, match="batch"):
+        decode_layout([0], [10], batch=0)
 
 
 def test_nothing_visible_gives_zeros(interp):
@@ -140,6 +201,10 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ModelError, match="multiple"):
         decode_attention(case["q"][:, :3], case["k_buf"], case["v_buf"], case["layout"],
                          case["n_seen"], case["span"])
+    comp = make_case(0, [1, 1], [8, 8], [4], 4, 32, torch.float32, compensate=[True, False])
+    with pytest.raises(ModelError, match="evicted"):
+        decode_attention(comp["q"], comp["k_buf"], comp["v_buf"], comp["layout"],
+                         comp["n_seen"], comp["span"])
 
 
 @pytest.mark.gpu
@@ -148,6 +213,6 @@ def test_bad_shapes_are_clear_errors():
 def test_gpu_matches_reference(dtype):
     sinks, rings = [64, 64, 0, 64, 64, 0, 64, 64], [96, 512, 3000, 1024, 2048, 700, 128, 4000]
     case = make_case(11, sinks, rings, [5, 700, 2500, 4064], 32, 128, dtype, device="cuda",
-                     chunk=None)
-    out = run(case, lambda *a: decode_attention(*a, backend="triton"))
+                     chunk=None, compensate=[True, False, True, False, True, False, True, True])
+    out = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="triton"))
     assert rel_err(out, reference(case)) < TOL[dtype]

@@ -226,3 +226,38 @@ def test_choose_among_candidates_walks_each_once() -> None:
     assert sorted(seen) == sorted(c.key() for c in candidates)
     assert _held_out_loss(best) == min(_held_out_loss(c) for c in candidates)
     assert best.key() in seen and len(study.trials) == len(candidates)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kept_heads_stay_full_when_the_budget_allows(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    problem = _random_problem(rng, groups=False)
+    density = problem.density.copy()
+    density[:, 4] = 0.05  # so two full heads and two of rule 4 fit the budget: 2.1 <= 2.4
+    problem = KnapsackProblem(cost=problem.cost, density=density, budget=0.6)
+    kept = problem.with_keep_full([1, 3])
+    solution = solve(kept)
+    assert list(solution.choice[[1, 3]]) == [0, 0]  # rule 0 is the full one
+    assert _feasible(kept, solution.choice)
+    # Among plans that keep them, it is the best: the brute force over the other two heads.
+    best = min(problem.evaluate(np.array([a, 0, b, 0]))[0]
+               for a, b in itertools.product(range(5), repeat=2)
+               if problem.is_feasible(np.array([a, 0, b, 0])))
+    assert solution.objective == pytest.approx(best, rel=1e-6)
+    # A budget too tight to keep them all still gives a feasible plan.
+    tight = KnapsackProblem(cost=problem.cost, density=density, budget=0.3,
+                            keep_full=(0, 1, 2, 3))
+    assert _feasible(tight, solve(tight).choice)
+    with pytest.raises(ProfileError, match="keep_full names heads outside"):
+        problem.with_keep_full([4])
+
+
+def test_choose_tries_keeping_the_protected_heads_full() -> None:
+    problem = _toy_problem()
+
+    def loss(solution: Solution) -> float:  # a measured loss that only full heads 0, 1 fix
+        return float(sum(problem.cost[:, h, solution.choice[h]].sum() > 0 for h in (0, 1)))
+
+    best, study = choose(problem, loss, n_trials=12, seed=0, protect=[1, 0, 5])
+    assert loss(best) == 0 and study.best_trial.params["keep_full"] >= 2
+    assert study.trials[0].params["keep_full"] == 0  # the optimizer alone comes first

@@ -87,11 +87,14 @@ def _cases(draw):
     sink = [draw(st.integers(0, 40)) for _ in range(hkv)]
     span = [draw(st.sampled_from([0, 1, 2, 15, 16, 17, 33, nk, 2**40]) | st.integers(0, nk))
             for _ in range(hkv)]
+    # Compensation tokens on some heads (None: the plain kernel).
+    compensate = draw(st.none() | st.lists(st.booleans(), min_size=hkv, max_size=hkv))
     return dict(
         shape=(batch, hkv * group, hkv, nq, nk),
         sink=torch.tensor(sink), span=torch.tensor(span),
         q_offset=torch.tensor(offsets) if draw(st.booleans()) else offsets[0],
         seq_lens=torch.tensor(lens) if draw(st.booleans()) else None,
+        compensate=compensate and torch.tensor(compensate),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
         seed=draw(st.integers(0, 2**31)),
@@ -104,11 +107,32 @@ def _cases(draw):
 def test_random_plans_match_reference(interp, case):
     gen = torch.Generator().manual_seed(case["seed"])
     q, k, v = _qkv(gen, *case["shape"], 32, case["dtype"])
-    kwargs = dict(q_offset=case["q_offset"], seq_lens=case["seq_lens"])
+    kwargs = dict(q_offset=case["q_offset"], seq_lens=case["seq_lens"],
+                  compensate=case["compensate"])
     ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
     config = PrefillConfig(*case["block"], num_warps=4, num_stages=1)
     out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
     _check(out, ref, case["dtype"])
+
+
+@pytest.mark.parametrize("dtype,group", [(torch.float32, 2), (torch.float16, 4)])
+def test_compensation_mixed_with_plain_heads(interp, dtype, group):
+    """Compensating heads (with and without sinks, narrow and wide) beside plain and full ones,
+    GQA, per-sequence offsets and right padding."""
+    gen = torch.Generator().manual_seed(20 + group)
+    hkv, nq, nk = 4, 45, 90
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, dtype)
+    sink, span = torch.tensor([5, 0, 3, 0]), torch.tensor([9, 17, 30, 2**40])
+    compensate = torch.tensor([True, True, False, True])  # the full head ignores it
+    kwargs = dict(q_offset=torch.tensor([nk - nq, 10]), seq_lens=torch.tensor([nk, 40]),
+                  compensate=compensate)
+    ref = reference_attention(q, k, v, sink, span, **kwargs)
+    out = interp(q, k, v, sink, span, config=SMALL, **kwargs)
+    _check(out, ref, dtype)
+    plain = reference_attention(q, k, v, sink, span, q_offset=kwargs["q_offset"],
+                                seq_lens=kwargs["seq_lens"])
+    assert (out.float() - plain.float()).abs().max() > 0.1  # the token really changes rows
+    assert (out[1, :, 30:] == 0).all()  # padding rows stay zero
 
 
 def test_offsets_padding_and_strided_views(interp):
@@ -197,8 +221,10 @@ def test_bf16_on_gpu_within_sdpa_error(dim, group):
     q, k, v = _qkv(gen, 2, hkv * group, hkv, n, n, dim, torch.bfloat16, "cuda")
     sink, span = _random_rule(gen, hkv, n)
     seq_lens = torch.tensor([n, 1100])
-    out = sparse_attention(q, k, v, sink, span, seq_lens=seq_lens)
-    ref = reference_attention(q.float(), k.float(), v.float(), sink, span, seq_lens=seq_lens)
+    compensate = torch.tensor([True, True, False, True])  # heads 1 and 3 compensate
+    out = sparse_attention(q, k, v, sink, span, seq_lens=seq_lens, compensate=compensate)
+    ref = reference_attention(q.float(), k.float(), v.float(), sink, span, seq_lens=seq_lens,
+                              compensate=compensate)
     # Dense causal SDPA in bf16 against its own fp32 result sets the error allowed.
     kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True)

@@ -34,7 +34,7 @@ from moaplan.profile import (
 )
 from moaplan.profile.attention import profiling_attention
 from moaplan.profile.influence import EPS, summarize_dense
-from moaplan.profile.profiler import response_loss
+from moaplan.profile.profiler import response_loss, token_objective
 from moaplan.rules import Rule, RuleSpace
 
 BLOCK = 16
@@ -66,7 +66,7 @@ def _samples(lengths=(48, 70), per_length=2, seed=0):
     return out
 
 
-def _oracle(model, samples, num_sink):
+def _oracle(model, samples, num_sink, objective):
     """Sums of the summaries from an eager attention whose probabilities A are autograd leaves
     of the graph: dL/dA = G, D_i = sum_k G_ik A_ik, E = -A (G - D) / (1 - A + EPS)."""
     seen: list[tuple[int, torch.Tensor]] = []
@@ -91,7 +91,7 @@ def _oracle(model, samples, num_sink):
             sink = np.zeros((far.shape[0], num_sink, far.shape[1], 2))
             for sample in group:
                 seen.clear()
-                loss, _ = response_loss(model, sample)
+                loss, _ = response_loss(model, sample, objective)
                 loss.backward()
                 for layer, a in seen:
                     a64, g = a.detach().double(), a.grad.double()
@@ -104,14 +104,15 @@ def _oracle(model, samples, num_sink):
     return sums
 
 
-@pytest.mark.parametrize("kind,config", [(LlamaForCausalLM, LlamaConfig),
-                                         (Qwen2ForCausalLM, Qwen2Config),
-                                         (MistralForCausalLM, MistralConfig)])
-def test_profile_matches_autograd_oracle(kind, config):
+@pytest.mark.parametrize("kind,config,objective", [
+    (LlamaForCausalLM, LlamaConfig, "log_odds"), (Qwen2ForCausalLM, Qwen2Config, "log_odds"),
+    (MistralForCausalLM, MistralConfig, "log_odds"), (LlamaForCausalLM, LlamaConfig,
+                                                      "cross_entropy")])
+def test_profile_matches_autograd_oracle(kind, config, objective):
     model = _model(kind, config)
     samples = _samples()
-    profile = profile_model(model, samples, block=BLOCK, rule_space=SPACE)
-    oracle = _oracle(model, samples, num_sink=2)
+    profile = profile_model(model, samples, block=BLOCK, rule_space=SPACE, objective=objective)
+    oracle = _oracle(model, samples, num_sink=2, objective=objective)
     for n, (far, sink) in oracle.items():
         assert profile.finished[n] == 2
         np.testing.assert_allclose(profile.far_sum[n], far, rtol=2e-4, atol=1e-9)
@@ -283,3 +284,21 @@ def test_profile_record_rejects_bad_shapes():
     with pytest.raises(ProfileError, match="wrong shape"):
         Profile(model=shape, block=16, lengths=[32], samples={32: 1},
                 far_sum={32: np.zeros((2, 3, 2))})
+
+
+def test_log_odds_objective_is_the_negative_log_odds_and_does_not_saturate():
+    logits = torch.tensor([[9.0, 0.0, -1.0], [0.5, 0.2, 0.1]], dtype=torch.float64,
+                          requires_grad=True)
+    targets = torch.tensor([0, 2])
+    p = logits.softmax(-1)[torch.arange(2), targets]
+    expected = -torch.log(p / (1 - p)).mean()
+    value = token_objective(logits, targets, "log_odds")
+    torch.testing.assert_close(value, expected)
+    # A confident token: cross-entropy's gradient all but vanishes, log-odds' does not.
+    (ce_grad,) = torch.autograd.grad(token_objective(logits[:1], targets[:1], "cross_entropy"),
+                                     logits)
+    (lo_grad,) = torch.autograd.grad(token_objective(logits[:1], targets[:1], "log_odds"),
+                                     logits)
+    assert ce_grad.abs().max() < 1e-3 and lo_grad[0, 0] == pytest.approx(-1.0)
+    with pytest.raises(ProfileError, match="unknown profiling objective"):
+        token_objective(logits, targets, "accuracy")

@@ -11,8 +11,9 @@ import torch
 from moaplan.runtime.reference import reference_attention, visible
 
 
-def naive_attention(q, k, v, sink, span, scale, q_offset, seq_lens):
-    """One softmax per (batch, query head, query), keys chosen by the rule one at a time."""
+def naive_attention(q, k, v, sink, span, scale, q_offset, seq_lens, compensate=None):
+    """One softmax per (batch, query head, query), keys chosen by the rule one at a time; a
+    compensating head adds one entry: the mean dropped key and value, weighted by the count."""
     batch, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.zeros(batch, hq, nq, v.shape[-1], dtype=torch.float64)
@@ -23,15 +24,20 @@ def naive_attention(q, k, v, sink, span, scale, q_offset, seq_lens):
                 i = int(q_offset[b]) + t
                 if i >= seq_lens[b]:
                     continue
-                keys = [j for j in range(min(nk, int(seq_lens[b])))
-                        if j <= i and (j < sink[kv] or i - j < span[kv])]
-                if not keys:
+                causal = [j for j in range(min(nk, int(seq_lens[b]))) if j <= i]
+                keys = [j for j in causal if j < sink[kv] or i - j < span[kv]]
+                dropped = [j for j in causal if j not in keys]
+                logits = [float(q[b, h, t] @ k[b, kv, j]) * scale for j in keys]
+                values = [v[b, kv, j] for j in keys]
+                if compensate is not None and compensate[kv] and dropped:
+                    mean_k = torch.stack([k[b, kv, j] for j in dropped]).mean(0)
+                    logits.append(float(q[b, h, t] @ mean_k) * scale + math.log(len(dropped)))
+                    values.append(torch.stack([v[b, kv, j] for j in dropped]).mean(0))
+                if not logits:
                     continue
-                logits = torch.tensor([float(q[b, h, t] @ k[b, kv, j]) * scale for j in keys],
-                                      dtype=torch.float64)
-                weights = torch.softmax(logits, 0)
-                for w, j in zip(weights, keys, strict=True):
-                    out[b, h, t] += w * v[b, kv, j]
+                weights = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                for w, value in zip(weights, values, strict=True):
+                    out[b, h, t] += w * value
     return out
 
 
@@ -60,6 +66,40 @@ def test_matches_naive_loop(seed):
                               seq_lens=seq_lens)
     want = naive_attention(q, k, v, sink.tolist(), span.tolist(), 0.7, q_offset, seq_lens)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_compensation_matches_naive_loop(seed):
+    rng = np.random.default_rng(100 + seed)
+    batch, hkv, group = int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 3))
+    nk, dim = int(rng.integers(2, 16)), 4
+    nq = int(rng.integers(1, nk + 1))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hkv * group, nq, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(batch, hkv, nk, dim, generator=gen, dtype=torch.float64)
+            for _ in range(2))
+    sink = torch.from_numpy(rng.integers(0, 4, hkv))
+    span = torch.from_numpy(rng.integers(1, nk + 1, hkv))
+    compensate = torch.tensor([True] + [bool(c) for c in rng.integers(0, 2, hkv - 1)])
+    seq_lens = torch.from_numpy(rng.integers(0, nk + 1, batch))
+    q_offset = torch.from_numpy(rng.integers(0, nk - nq + 1, batch))
+    got = reference_attention(q, k, v, sink, span, scale=0.7, q_offset=q_offset,
+                              seq_lens=seq_lens, compensate=compensate)
+    want = naive_attention(q, k, v, sink.tolist(), span.tolist(), 0.7, q_offset, seq_lens,
+                           compensate.tolist())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_compensation_changes_only_rows_that_drop_keys():
+    # Span 2, no sink, 6 keys: rows 0 and 1 drop nothing, rows 2.. drop 1, 2, 3, 4 keys.
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    sink, span = torch.tensor([0, 0]), torch.tensor([2, 6])
+    plain = reference_attention(q, k, v, sink, span)
+    comp = reference_attention(q, k, v, sink, span, compensate=torch.tensor([1, 1]))
+    assert torch.equal(comp[:, :, :2], plain[:, :, :2])  # nothing dropped: no extra entry
+    assert torch.equal(comp[:, 1], plain[:, 1])  # a full head ignores compensate
+    assert not torch.isclose(comp[:, 0, 2:], plain[:, 0, 2:]).all(-1).any()
 
 
 def test_int_offset_and_default_scale_match_naive_loop():

@@ -12,7 +12,8 @@ import sys
 
 from moaplan.errors import MoaplanError
 
-SUBCOMMANDS = ("search", "baseline", "profile", "eval", "show", "convert")
+SUBCOMMANDS = ("search", "baseline", "profile", "eval", "show", "convert", "compare-scorers",
+               "influence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"moaplan.cli.{name}").register(subparsers)
+        importlib.import_module(f"moaplan.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 

@@ -1,7 +1,9 @@
 """``moaplan profile``: measure every head's attention influence at several lengths.
 
-Under ``torchrun`` each rank profiles its share of the samples (one GPU per rank) and rank 0
-writes the all-reduced profile.
+``--scorer gradient`` (the default) is the gradient profiler; under ``torchrun`` each rank
+profiles its share of the samples (one GPU per rank) and rank 0 writes the all-reduced profile.
+``--scorer retrieval`` / ``induction`` score heads on inputs they build themselves (needle
+prompts, repeated random tokens) and write the same profile type (:mod:`moaplan.profile.scorers`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 from moaplan.cli.common import positive_int
+from moaplan.cli.search import add_objective_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,17 +21,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "profile", help="measure per-head attention influence on calibration data",
         description="Run the model densely on calibration samples of each length, backpropagate "
                     "the response-token loss once per sample and store, per (layer, KV head), "
-                    "the blockwise influence of dropping attention entries.")
+                    "the blockwise influence of dropping attention entries.  Or, with --scorer "
+                    "retrieval/induction, score heads by retrieval (copying the needle) or by "
+                    "echo + induction attention on repeated random tokens, as a profile the "
+                    "optimizer reads the same way.")
+    parser.add_argument("--scorer", choices=("gradient", "retrieval", "induction"),
+                        default="gradient", help="what measures a head (default gradient)")
     parser.add_argument("--model", help="local model directory (default: the reference model)")
     parser.add_argument("--data", help="calibration data file (default: the reference model's "
                                        "own calibration samples)")
     parser.add_argument("--lengths", type=positive_int, nargs="+", required=True,
                         help="input lengths in tokens, e.g. 1024 2048 4096")
     parser.add_argument("--samples", type=positive_int, default=8,
-                        help="samples per length (default 8)")
+                        help="samples (calibration samples, needle prompts or repeated "
+                             "sequences) per length (default 8)")
     parser.add_argument("--block", type=positive_int, default=64,
                         help="block size of the summary in tokens (default 64)")
     parser.add_argument("--out", help="profile file (default: profiles/<model>.safetensors)")
+    add_objective_argument(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last finished sample")
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -72,23 +82,51 @@ def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
             for n in args.lengths}
 
 
+def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:
+    from tqdm import tqdm
+
+    from moaplan.profile import save_profile
+    from moaplan.profile.scorers import score_profile
+
+    model, tokenizer = loaded
+    with tqdm(total=args.samples * len(set(args.lengths)), unit="input",
+              desc=f"{args.scorer} scores") as bar:
+        profile = score_profile(model, tokenizer, args.scorer, args.lengths, args.samples,
+                                block=args.block, seed=args.seed,
+                                on_sample=lambda progress: bar.update(1))
+    save_profile(profile, out)
+    for name, scores in profile.head_scores.items():
+        best = max(((score, layer, head) for layer, row in enumerate(scores)
+                    for head, score in enumerate(row)))
+        print(f"{name}: best head (layer {best[1]}, KV head {best[2]}) scores {best[0]:.3f}")
+    print(f"wrote {out} ({args.scorer} scores, lengths {', '.join(map(str, profile.lengths))})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from moaplan.errors import ProfileError
     from moaplan.profile import checkpoint_path, profile_model, save_profile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = Path(args.model).name if args.model else "reference"
+    suffix = "" if args.scorer == "gradient" else f"-{args.scorer}"
+    out = Path(args.out or f"profiles/{name}{suffix}.safetensors")
+    if args.scorer != "gradient":
+        if world > 1 or args.data or args.resume:
+            raise ProfileError(f"--scorer {args.scorer} builds its own inputs and runs in one "
+                               "process: drop --data, --resume and torchrun")
+        return _score(args, _load(args, local_rank), out)
+
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-
-    out = Path(args.out or f"profiles/{Path(args.model).name if args.model else 'reference'}"
-                           ".safetensors")
     model, tokenizer = _load(args, local_rank)
     samples = _samples(args, model, tokenizer)
     total = sum(len(range(rank, len(s), world)) for s in samples.values())
@@ -102,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     profile = profile_model(model, samples, block=args.block, backend=args.backend,
+                            objective=args.objective,
                             gradient_checkpointing=args.checkpointing, checkpoint=out,
                             resume=args.resume, on_sample=step)
     bar.close()

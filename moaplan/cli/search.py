@@ -26,6 +26,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention density")
 
 
+def add_objective_argument(parser: argparse.ArgumentParser) -> None:
+    """What the gradient profile differentiates, shared by ``search`` and ``profile``."""
+    parser.add_argument("--objective", choices=("log_odds", "cross_entropy"), default="log_odds",
+                        help="what the profile differentiates on response tokens: the negative "
+                             "log-odds (default; its gradient does not vanish on confident "
+                             "answers) or the cross-entropy (MoA's)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search", help="find a plan under a density budget",
@@ -47,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seconds per MILP solve (default 60)")
     parser.add_argument("--layer-max-density", type=density_value,
                         help="also bound every layer's mean density")
+    add_objective_argument(parser)
     parser.add_argument("--out", default="plan.yaml", help="plan file to write (plan.yaml)")
     parser.set_defaults(run=run)
 
@@ -63,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                               validation_length=args.validation_length,
                               extend_to=args.extend_to, samples=args.samples,
                               trials=args.trials, time_limit=args.time_limit,
-                              layer_max_density=args.layer_max_density)
+                              layer_max_density=args.layer_max_density,
+                              objective=args.objective)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     session = ModelSession.open(args)
     with session.progress(settings) as progress:

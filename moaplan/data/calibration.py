@@ -38,9 +38,12 @@ class CalibrationSample:
             raise ValueError("input_ids and response_mask must be 1-D tensors of equal length")
 
 
-def _sample(prompt: list[int], response: list[int]) -> CalibrationSample:
+def _sample(prompt: list[int], response: list[int], scored: int | None = None
+            ) -> CalibrationSample:
+    """``prompt + response`` with the loss on the first ``scored`` response tokens (all if
+    None)."""
     mask = torch.zeros(len(prompt) + len(response), dtype=torch.bool)
-    mask[len(prompt) :] = True
+    mask[len(prompt) : len(prompt) + (len(response) if scored is None else scored)] = True
     mask[0] = False
     return CalibrationSample(torch.tensor(prompt + response, dtype=torch.long), mask)
 
@@ -57,21 +60,32 @@ def reference_calibration(
 ) -> list[CalibrationSample]:
     """``n_samples`` sequences of exactly ``length`` tokens: a long prompt (passkey, key-value
     or running text, in turn; filler from the training split of the standard library) and the
-    last ``response_tokens`` tokens generated greedily by ``model``, which should be dense."""
+    last ``response_tokens`` tokens generated greedily by ``model``, which should be dense.
+
+    On a text prompt the loss is taken on every generated token.  On a retrieval prompt it is
+    taken on the model's answer alone (as many tokens as the task's answer has): what the
+    model rambles on with after answering depends on recent text only, and would drown the
+    few tokens that depend on the needle."""
     if response_tokens < 1 or length < 4 * response_tokens:
         raise DataError(f"length {length} is too short for {response_tokens} response tokens")
     corpus = stdlib_corpus("train")
     rng = np.random.default_rng([seed, length])
     prompt_len = length - response_tokens
     kinds = [k for k in REFERENCE_KINDS if prompt_len >= MIN_LENGTH.get(k, 0)]
-    prompts = []
-    for i in range(n_samples):
-        kind = kinds[i % len(kinds)]
+    sample_kinds = [kinds[i % len(kinds)] for i in range(n_samples)]
+    # Needle depths are stratified over the retrieval prompts, so that even a few samples
+    # include a needle far back (which only the widest rules still see).
+    n_tasks = sum(kind != "text" for kind in sample_kinds)
+    depths = iter((np.arange(n_tasks) + rng.uniform(size=n_tasks)) / max(n_tasks, 1))
+    prompts, scored = [], []
+    for kind in sample_kinds:
         if kind == "text":
             prompts.append(text_row(tokenizer, corpus, prompt_len, rng))
+            scored.append(None)
         else:
-            task = TASKS[kind](tokenizer, corpus, prompt_len, float(rng.uniform()), rng)
+            task = TASKS[kind](tokenizer, corpus, prompt_len, float(next(depths)), rng)
             prompts.append(task.input_ids[: task.answer_start])  # the model answers for itself
+            scored.append(len(task.answer_ids))
     responses: dict[int, list[int]] = {}
     # prompts of one length are completed together: one batch, no padding
     for n in sorted({len(p) for p in prompts}):
@@ -86,7 +100,7 @@ def reference_calibration(
                 do_sample=False,
             )
             responses.update(zip(chunk, out[:, n:].tolist()))
-    return [_sample(p, responses[i]) for i, p in enumerate(prompts)]
+    return [_sample(p, responses[i], scored[i]) for i, p in enumerate(prompts)]
 
 
 def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:

@@ -27,8 +27,9 @@ class KnapsackProblem:
     (``>= 0``; 0 for the full rule).  ``density[t, r]``: density of rule ``r`` at target
     length ``t`` (KV or attention density, see :mod:`moaplan.rules`).  ``head_groups[h]`` is
     the layer of head ``h``; with ``group_max_density`` every layer's average density must
-    also stay under that bound at every target length.  ``target_lengths`` (the lengths in
-    tokens) only labels error messages.
+    also stay under that bound at every target length.  ``keep_full`` names heads that must
+    take a rule that drops nothing (zero cost at every profiled length) whenever the budget
+    allows it.  ``target_lengths`` (the lengths in tokens) only labels error messages.
     """
 
     cost: np.ndarray
@@ -38,6 +39,7 @@ class KnapsackProblem:
     head_groups: np.ndarray | None = None
     group_max_density: float | None = None
     target_lengths: tuple[int, ...] | None = None
+    keep_full: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         cost = np.asarray(self.cost, dtype=np.float64)
@@ -59,6 +61,10 @@ class KnapsackProblem:
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "length_weights", self._checked_weights(cost.shape[0]))
         self._check_groups(cost.shape[1])
+        keep = tuple(int(h) for h in self.keep_full)
+        if any(not 0 <= h < cost.shape[1] for h in keep):
+            raise ProfileError(f"keep_full names heads outside 0..{cost.shape[1] - 1}: {keep}")
+        object.__setattr__(self, "keep_full", keep)
         if self.target_lengths is not None and len(self.target_lengths) != density.shape[0]:
             raise ProfileError(f"target_lengths must name {density.shape[0]} lengths, "
                                f"got {self.target_lengths!r}")
@@ -104,10 +110,21 @@ class KnapsackProblem:
     def coefficients(self) -> np.ndarray:
         """``(heads, rules)`` objective coefficient of each (head, rule) pair."""
         scale = self.length_weights / self.norms()
-        return np.einsum("l,lhr->hr", scale, self.cost)
+        coef = np.einsum("l,lhr->hr", scale, self.cost)
+        if self.keep_full:
+            # On a kept head a rule that drops anything costs more than any whole plan could
+            # cost elsewhere, so every solver keeps the head full unless the budget forbids it.
+            heads = list(self.keep_full)
+            drops = (self.cost[:, heads] > 0).any(axis=0)
+            penalty = 1.0 + coef.max(axis=1).sum()
+            coef[heads] = coef[heads] + penalty * drops
+        return coef
 
     def with_weights(self, length_weights: np.ndarray) -> KnapsackProblem:
         return replace(self, length_weights=np.asarray(length_weights, dtype=np.float64))
+
+    def with_keep_full(self, heads: tuple[int, ...] | list[int]) -> KnapsackProblem:
+        return replace(self, keep_full=tuple(heads))
 
     def groups(self) -> list[np.ndarray]:
         """Head indices of each layer, when a per-layer bound applies (else an empty list)."""

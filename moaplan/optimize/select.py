@@ -86,17 +86,22 @@ def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
 Proposer = Callable[[optuna.Trial], Solution]
 
 
-def _weight_search(problem: KnapsackProblem, seed: int, time_limit: float | None,
-                   mip_gap: float) -> tuple[optuna.samplers.BaseSampler, Proposer, dict]:
-    """TPE over the length weights; first trial: the problem's own weights."""
+def _weight_search(problem: KnapsackProblem, protect: Sequence[int], seed: int,
+                   time_limit: float | None, mip_gap: float
+                   ) -> tuple[optuna.samplers.BaseSampler, Proposer, dict]:
+    """TPE over the length weights and over how many heads of ``protect`` (most important
+    first) are kept full; first trial: the problem's own weights, no head kept."""
     def propose(trial: optuna.Trial) -> Solution:
         weights = [trial.suggest_float(f"weight_{i}", *_WEIGHT_RANGE, log=True)
                    for i in range(len(problem.length_weights))]
-        return solve(problem.with_weights(np.array(weights)), time_limit=time_limit,
-                     mip_gap=mip_gap)
+        kept = trial.suggest_int("keep_full", 0, len(protect)) if protect else 0
+        variant = problem.with_weights(np.array(weights)).with_keep_full(protect[:kept])
+        return solve(variant, time_limit=time_limit, mip_gap=mip_gap)
 
     own = np.clip(problem.length_weights / problem.length_weights.max(), *_WEIGHT_RANGE)
     first = {f"weight_{i}": float(w) for i, w in enumerate(own)}
+    if protect:
+        first["keep_full"] = 0
     return optuna.samplers.TPESampler(seed=seed), propose, first
 
 
@@ -115,12 +120,15 @@ def choose(source: KnapsackProblem | Sequence[Solution],
            evaluate: Callable[[Solution], float], *, n_trials: int,
            storage: str | None = None, study_name: str = "moaplan", seed: int = 0,
            time_limit: float | None = None, mip_gap: float = 1e-3,
+           protect: Sequence[int] = (),
            ) -> tuple[Solution, optuna.Study]:
     """The plan with the lowest measured loss, and the study that found it.
 
     ``source`` is either a problem, whose length weights optuna tunes (TPE; the first trial
     of a new study uses the problem's own weights; ``time_limit`` and ``mip_gap`` go to each
-    :func:`solve`), or a list of candidate plans (e.g. from :func:`pareto_plans`), each tried
+    :func:`solve`), together with how many of the first heads of ``protect`` (heads, most
+    important first) must stay full; or a list of candidate plans (e.g. from
+    :func:`pareto_plans`), each tried
     once.  ``storage`` is an RDB URL (``sqlite:///...``, ``postgresql://...``; see
     :func:`default_storage`) or None for in memory.  ``n_trials`` counts the study's completed
     trials, by every worker and every earlier run: after an interruption the same call only
@@ -129,7 +137,8 @@ def choose(source: KnapsackProblem | Sequence[Solution],
     if n_trials < 1:
         raise MoaplanError(f"n_trials must be >= 1, got {n_trials}")
     if isinstance(source, KnapsackProblem):
-        sampler, propose, first = _weight_search(source, seed, time_limit, mip_gap)
+        sampler, propose, first = _weight_search(source, list(protect), seed, time_limit,
+                                                 mip_gap)
     else:
         candidates = list(source)
         if not candidates:

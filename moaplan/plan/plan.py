@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from moaplan.errors import PlanError
-from moaplan.rules import Rule, attention_density, kv_density, rule_sinks, rule_spans
+from moaplan.rules import Rule, density, rule_sinks, rule_spans
 
 BUDGET_KINDS = ("kv", "attention")
 
@@ -118,15 +118,12 @@ class Plan:
         return rule_sinks(rules, n), rule_spans(rules, n)
 
     def densities(self, lengths: list[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """KV and attention densities, ``(num_layers, num_kv_heads, len(lengths))`` each."""
+        """KV and attention densities, ``(num_layers, num_kv_heads, len(lengths))`` each (a
+        compensation token counts as one key, see :func:`moaplan.rules.density`)."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        rules = self.flat_rules
-        sinks, spans = rule_sinks(rules, lengths), rule_spans(rules, lengths)
         shape = (self.model.num_layers, self.model.num_key_value_heads, len(lengths))
-        return {
-            "kv": kv_density(sinks, spans, lengths[None]).reshape(shape),
-            "attention": attention_density(sinks, spans, lengths[None]).reshape(shape),
-        }
+        return {kind: density(self.flat_rules, lengths, kind).reshape(shape)
+                for kind in ("kv", "attention")}
 
     def check_model(self, config: Any, *, strict: bool = True) -> None:
         """Raise :class:`PlanError` if this plan does not fit the model with ``config``.

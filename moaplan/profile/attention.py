@@ -42,6 +42,20 @@ def _repeat_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, 1)
 
 
+def plain_causal_scale(what: str, query: torch.Tensor, key: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None,
+                       kwargs: dict[str, Any]) -> float:
+    """The softmax scale of an attention call, after refusing (a :class:`ModelError` naming
+    ``what``) anything but whole unpadded sequences under plain causal attention."""
+    window = kwargs.get("sliding_window")
+    if (window is not None and window < query.shape[2]) or kwargs.get("softcap"):
+        raise ModelError(f"{what} supports plain causal attention only (this model uses a "
+                         "sliding window shorter than the input, or logit softcapping)")
+    if query.shape[2] != key.shape[2] or attention_mask is not None:
+        raise ModelError(f"{what} runs whole unpadded sequences without a KV cache")
+    return scaling if scaling is not None else query.shape[-1] ** -0.5
+
+
 def _flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -136,13 +150,7 @@ class InfluenceCollector:
                  value: torch.Tensor, attention_mask: torch.Tensor | None,
                  scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
                  ) -> tuple[torch.Tensor, None]:
-        window = kwargs.get("sliding_window")
-        if (window is not None and window < query.shape[2]) or kwargs.get("softcap"):
-            raise ModelError("profiling supports plain causal attention only (this model uses "
-                             "a sliding window shorter than the input, or logit softcapping)")
-        if query.shape[2] != key.shape[2] or attention_mask is not None:
-            raise ModelError("profiling runs whole unpadded sequences without a KV cache")
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scale = plain_causal_scale("profiling", query, key, attention_mask, scaling, kwargs)
         if torch.is_grad_enabled() and query.requires_grad:
             out = _ProfiledAttention.apply(query, key, value, scale, self, module.layer_idx,
                                            self._fused(query))

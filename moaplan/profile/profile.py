@@ -7,7 +7,10 @@ File layout for ``profiles/NAME.safetensors``:
   ``total/N [layers * kv_heads]`` (sum of |E| over all ``j < i`` entries); heads are layer-major.
 - ``profiles/NAME.yaml``: format, moaplan version, model shape and config fingerprint, block
   size, lengths, samples planned and finished per length, calibration data hash, the rule
-  space it prices, and the sha256 of the tensor file (so a mismatched pair is detected).
+  space it prices, the scorer that made it (``gradient``, the default of files written before
+  the field existed, or a head scorer of :mod:`moaplan.profile.scorers`, whose raw per-KV-head
+  scores are kept under ``head_scores``), and the sha256 of the tensor file (so a mismatched
+  pair is detected).
 
 An unfinished profile (a ``--resume`` checkpoint) is the same format with ``finished < samples``.
 """
@@ -63,6 +66,12 @@ class Profile:
     far_sum: dict[int, np.ndarray] = field(default_factory=dict)
     sink_sum: dict[int, np.ndarray] = field(default_factory=dict)
     version: str = moaplan.__version__
+    scorer: str = "gradient"  # what the summaries measure (see moaplan.profile.scorers)
+    # The gradient scorer's differentiated quantity (moaplan.profile.profiler.OBJECTIVES);
+    # files written before the field existed used the cross-entropy.
+    objective: str = "cross_entropy"
+    # A head scorer's raw scores, name -> [layers][kv_heads] (mean over lengths); gradient: {}.
+    head_scores: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block < 1:
@@ -146,7 +155,13 @@ class Profile:
             "finished": {n: self.finished[n] for n in self.lengths},
             "calibration_hash": self.data_hash,
             "rule_space": self.rule_space.to_dict(),
-            "influence": "sum over samples of |E_ij|, j < i, summed over each GQA group",
+            "scorer": self.scorer,
+            **({"objective": self.objective} if self.scorer == "gradient" else {}),
+            "influence": ("sum over samples of |E_ij|, j < i, summed over each GQA group"
+                          if self.scorer == "gradient" else
+                          "sum over samples of each KV head's score spread uniformly over its "
+                          "entries j < i (moaplan.profile.scorers)"),
+            **({"head_scores": self.head_scores} if self.head_scores else {}),
             "tensors": {"sha256": tensor_sha256},
         }
 
@@ -209,6 +224,10 @@ def load_profile(path: str | Path) -> Profile:
             far_sum={n: tensors[f"far/{n}"] for n in lengths},
             sink_sum={n: tensors[f"sink/{n}"] for n in lengths},
             version=str(meta.get("moaplan_version", "")),
+            scorer=str(meta.get("scorer", "gradient")),
+            objective=str(meta.get("objective", "cross_entropy")),
+            head_scores={str(k): [[float(x) for x in row] for row in v]
+                         for k, v in (meta.get("head_scores") or {}).items()},
         )
     except ProfileError:
         raise

@@ -1,14 +1,14 @@
-"""Running the profile: dense forward, response-token loss, one backward per sample.
+"""Running the profile: dense forward, response-token objective, one backward per sample.
 
 For each length N and each of its calibration samples (N tokens, or fewer: a shorter sample's
 summary fills the first block distances) the model runs densely through
-:class:`~moaplan.profile.attention.InfluenceCollector`; the loss is the mean cross-entropy on
-the response tokens only (the LM head is applied to those positions alone, so ``[N, vocab]``
-logits never exist), and one backward pass with frozen weights (only the input embeddings
-require a gradient) fills the per-layer summaries.  After each finished sample the partial
-profile is checkpointed atomically, so an interrupted run resumes from the last finished
-sample.  Under ``torchrun`` (an initialised ``torch.distributed``) rank ``r`` takes samples
-``r, r + world, ...`` and the summaries are all-reduced at the end.
+:class:`~moaplan.profile.attention.InfluenceCollector`; the loss is the mean objective (see
+:data:`OBJECTIVES`) on the response tokens only (the LM head is applied to those positions
+alone, so ``[N, vocab]`` logits never exist), and one backward pass with frozen weights (only
+the input embeddings require a gradient) fills the per-layer summaries.  After each finished
+sample the partial profile is checkpointed atomically, so an interrupted run resumes from the
+last finished sample.  Under ``torchrun`` (an initialised ``torch.distributed``) rank ``r``
+takes samples ``r, r + world, ...`` and the summaries are all-reduced at the end.
 """
 
 from __future__ import annotations
@@ -74,8 +74,31 @@ def _check_samples(samples: Mapping[int, Sequence[Sample]]) -> None:
                                 "loss on")
 
 
-def response_loss(model: torch.nn.Module, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, embeddings)``: mean cross-entropy on the response tokens, and the input
+# What the profile differentiates, per response token t with logits z:
+#   "cross_entropy": -log p_t, the model's loss.  Its gradient, (1 - p_t) in size, vanishes on
+#                    tokens the model is sure of, e.g. a retrieved pass key, so the heads that
+#                    retrieve it look free to restrict.
+#   "log_odds":      -log(p_t / (1 - p_t)) = logsumexp_{k != t} z_k - z_t.  Its gradient has
+#                    size 1 at any confidence, so a confident answer still tells which
+#                    entries it depends on.
+OBJECTIVES = ("log_odds", "cross_entropy")
+
+
+def token_objective(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:
+    """Mean of ``objective`` (one of :data:`OBJECTIVES`) over rows of ``logits [T, vocab]``."""
+    if objective == "cross_entropy":
+        return torch.nn.functional.cross_entropy(logits, targets)
+    if objective != "log_odds":
+        raise ProfileError(f"unknown profiling objective {objective!r}; choose one of "
+                           f"{', '.join(OBJECTIVES)}")
+    target_logit = logits.gather(1, targets[:, None])
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    return (torch.logsumexp(others, dim=1) - target_logit[:, 0]).mean()
+
+
+def response_loss(model: torch.nn.Module, sample: Sample, objective: str = "cross_entropy"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, embeddings)``: the mean ``objective`` on the response tokens, and the input
     embeddings (a leaf requiring grad, so the graph exists although the weights are frozen)."""
     embed = model.get_input_embeddings()
     ids = sample.input_ids.to(embed.weight.device)[None]
@@ -86,7 +109,7 @@ def response_loss(model: torch.nn.Module, sample: Sample) -> tuple[torch.Tensor,
     head = model.get_output_embeddings()
     logits = head(hidden[0, positions].to(head.weight.device)).float()
     targets = ids[0, 1:][positions.to(ids.device)].to(logits.device)
-    return torch.nn.functional.cross_entropy(logits, targets), embeds
+    return token_objective(logits, targets, objective), embeds
 
 
 def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
@@ -132,18 +155,19 @@ def checkpoint_path(out: str | Path, rank: int = 0, world: int = 1) -> Path:
 
 
 def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], block: int,
-           rule_space: RuleSpace, data_hash: str, resume_from: Path | None) -> Profile:
+           rule_space: RuleSpace, data_hash: str, objective: str,
+           resume_from: Path | None) -> Profile:
     fresh = Profile(model=model_shape, block=block, lengths=lengths, samples=counts,
-                    rule_space=rule_space, data_hash=data_hash)
+                    rule_space=rule_space, data_hash=data_hash, objective=objective)
     if resume_from is None or not resume_from.is_file():
         return fresh
     old = load_profile(resume_from)
     old.check_model(model_shape)
-    if (old.block, old.lengths, old.data_hash, old.rule_space) != (
-            block, lengths, data_hash, rule_space):
+    if (old.block, old.lengths, old.data_hash, old.rule_space, old.objective) != (
+            block, lengths, data_hash, rule_space, objective):
         raise ProfileError(f"{resume_from} was started with other settings (block, lengths, "
-                           "calibration data or rule space); delete it or rerun with the "
-                           "same arguments")
+                           "calibration data, rule space or objective); delete it or rerun "
+                           "with the same arguments")
     old.samples = counts
     return old
 
@@ -170,6 +194,7 @@ def profile_model(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_sample: Callable[[Progress], None] | None = None,
+    objective: str = "log_odds",
 ) -> Profile:
     """Profile ``model`` (a loaded ``transformers`` causal LM, any device map) on ``samples``
     (length -> samples of that length).
@@ -177,7 +202,9 @@ def profile_model(
     With ``checkpoint`` the partial sums are saved there after every sample (per rank under
     torchrun, see :func:`checkpoint_path`); with ``resume`` a checkpoint found there is
     continued (it must be for this model, these settings and this data).  The returned profile
-    is complete and, under torchrun, the same on every rank.
+    is complete and, under torchrun, the same on every rank.  ``objective`` is what is
+    differentiated on the response tokens (:data:`OBJECTIVES`; the default, ``"log_odds"``,
+    does not vanish on confidently retrieved answers).
     """
     rule_space = rule_space or RuleSpace()
     num_sink = sink_blocks(rule_space, block)
@@ -186,8 +213,11 @@ def profile_model(
     counts = {n: len(samples[n]) for n in lengths}
     rank, world = _rank_world()
     ckpt = checkpoint_path(checkpoint, rank, world) if checkpoint else None
+    if objective not in OBJECTIVES:
+        raise ProfileError(f"unknown profiling objective {objective!r}; choose one of "
+                           f"{', '.join(OBJECTIVES)}")
     profile = _start(ModelShape.from_config(model.config), lengths, counts, block, rule_space,
-                     calibration_hash(samples), ckpt if resume else None)
+                     calibration_hash(samples), objective, ckpt if resume else None)
     own = {n: list(range(rank, counts[n], world)) for n in lengths}
     if any(profile.finished[n] > len(own[n]) for n in lengths):
         raise ProfileError(f"{ckpt} holds more samples than this run has; delete it")
@@ -199,7 +229,7 @@ def profile_model(
                 start = time.perf_counter()
                 collector.reset()
                 sample = samples[n][index]
-                loss, embeds = response_loss(model, sample)
+                loss, embeds = response_loss(model, sample, objective)
                 torch.autograd.grad(loss, embeds)
                 far, sink = _stack(collector, model.config.num_hidden_layers,
                                    profile.far_sum[n].shape[1])

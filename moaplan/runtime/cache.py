@@ -26,6 +26,13 @@ written first and read by the split-KV decode kernel.
 Rule length: like the dense path, a chunk's queries use ``span(N)`` with ``N`` the
 sequence's real length after the chunk; ``N <= max_length`` always, so the ring (sized at
 ``max_length``) holds every key the rule can ask for.
+
+Compensation tokens: for the heads whose rule has ``compensate``, a layer also keeps fp32
+running sums of the keys and values of every token the head no longer holds (``key_sum``,
+``value_sum``, ``[B, Hkv, D]``): a token is added when the ring overwrites it, or when a chunk
+writes past it without storing it.  Their count needs no counter: ``max(0, n - sink - ring)``.
+The tokens a query drops are those plus the held ring tokens older than its span, and
+``count = max(0, i + 1 - sink - span)``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
-from moaplan.kernels.decode import DecodeLayout, decode_attention, decode_layout, slot_positions
+from moaplan.kernels.decode import (
+    DecodeLayout,
+    decode_attention,
+    decode_layout,
+    masked_attention,
+    slot_positions,
+)
 from moaplan.plan import Plan
 from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
 
@@ -88,8 +101,11 @@ class MoaplanLayer(CacheLayerMixin):
         self.num_q_heads = num_q_heads
         self.sinks = rule_sinks(rules, max_length).tolist()
         self.rings = rule_spans(rules, max_length).tolist()
-        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, device=device,
-                                                  chunk=chunk)
+        self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
+        # The work list's chunk depends on the batch (enough work items to fill the GPU).
+        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
+                                                  device=device, chunk=chunk,
+                                                  compensate=self.compensate)
         # int64 copies for the per-step slot arithmetic (no casts on the decode path).
         self._sink, self._ring, self._offset = (
             t.to(torch.int64) for t in (self.layout.sinks, self.layout.rings, self.layout.offsets))
@@ -97,6 +113,11 @@ class MoaplanLayer(CacheLayerMixin):
         # Zeros, not empty: the torch path multiplies masked slots by probability 0.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Sums of the tokens each head no longer holds (compensating heads only read them).
+        sums = (batch_size, len(rules), head_dim) if self.layout.has_compensation else (0,)
+        self.key_sum = torch.zeros(sums, dtype=torch.float32, device=device)
+        self.value_sum = torch.zeros(sums, dtype=torch.float32, device=device)
+        self._comp = self.layout.compensate.to(torch.bool)
         self.device, self.dtype = torch.device(device), dtype
         self.batch_size = batch_size
         self.is_initialized = True
@@ -140,12 +161,12 @@ class MoaplanLayer(CacheLayerMixin):
         return -1  # bounded in real tokens, not in slots: padding takes no room
 
     def reset(self) -> None:
-        self.keys.zero_()
-        self.values.zero_()
+        for buf in (self.keys, self.values, self.key_sum, self.value_sum):
+            buf.zero_()
         self._reset_counters()
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(x.nbytes for x in (self.keys, self.values, self.key_sum, self.value_sum))
 
     # --- attention over the compressed view ---------------------------------------------
     def attend(self, query: torch.Tensor, *, scale: float | None = None,
@@ -162,7 +183,8 @@ class MoaplanLayer(CacheLayerMixin):
         if query.shape[2] == 1:
             self._write_one(key, value, pos[:, 0], real[:, 0])
             out = decode_attention(query[:, :, 0], self.keys, self.values, self.layout, n_after,
-                                   self.rules.spans(n_after), scale=scale)
+                                   self.rules.spans(n_after), scale=scale,
+                                   evicted=(self.key_sum, self.value_sum))
             out = out.masked_fill(~real[:, 0, None, None], 0.0)[:, :, None]
         else:
             out = self._chunk_attention(query, key, value, pos, n_after, scale)
@@ -211,14 +233,20 @@ class MoaplanLayer(CacheLayerMixin):
 
     def _write_one(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
                    real: torch.Tensor) -> None:
-        """Decode write without a host sync: padding rows rewrite the slot's old content."""
+        """Decode write without a host sync: padding rows rewrite the slot's old content.  The
+        ring token it overwrites (at ``pos - ring``) joins a compensating head's sums."""
         batch, capacity = self.batch_size, self.layout.capacity
         rows = (self._slots(pos.clamp(min=0))
                 + torch.arange(batch, device=pos.device)[:, None] * capacity).reshape(-1)
         keep = real[:, None, None]
-        for buf, new in ((self.keys, key), (self.values, value)):
+        evicts = (real[:, None] & (pos[:, None] >= self._sink + self._ring) & self._comp)[..., None]
+        for buf, total, new in ((self.keys, self.key_sum, key),
+                                (self.values, self.value_sum, value)):
             flat = buf.view(batch * capacity, -1)
-            merged = torch.where(keep, new[:, :, 0], flat[rows].view_as(new[:, :, 0]))
+            old = flat[rows].view_as(new[:, :, 0])
+            if self.layout.has_compensation:
+                total += torch.where(evicts, old.float(), 0.0)
+            merged = torch.where(keep, new[:, :, 0], old)
             flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
 
     def _write_many(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
@@ -227,10 +255,29 @@ class MoaplanLayer(CacheLayerMixin):
         (the kept tokens of one head land in distinct slots)."""
         p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
         keep = (p >= 0) & ((p < self._sink) | (p >= n_after[:, None, None] - self._ring))
+        if self.layout.has_compensation:
+            self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
         b, t, h = keep.nonzero(as_tuple=True)
         rows = b * self.layout.capacity + self._slots(pos)[b, t, h]
         for buf, new in ((self.keys, key), (self.values, value)):
             buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
+
+    def _add_evicted(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+                     n_after: torch.Tensor, skipped: torch.Tensor) -> None:
+        """Before a chunk is written: add to the sums the held ring tokens it pushes out and
+        its own tokens that are never stored (``skipped``, ``[B, T, Hkv]``)."""
+        weight = (skipped & self._comp).to(torch.float32)
+        self.key_sum += torch.einsum("bth,bhtd->bhd", weight, key.float())
+        self.value_sum += torch.einsum("bth,bhtd->bhd", weight, value.float())
+        for h in (h for h, comp in enumerate(self.compensate) if comp):
+            first, cap = self.layout.head_slots(h)
+            held = slot_positions(self.sinks[h], self.rings[h], self.n_real)  # [B, cap]
+            pushed = ((held >= self.sinks[h])
+                      & (held < (n_after - self.rings[h])[:, None])).to(torch.float32)
+            self.key_sum[:, h] += torch.einsum("bk,bkd->bd", pushed,
+                                               self.keys[:, first:first + cap].float())
+            self.value_sum[:, h] += torch.einsum("bk,bkd->bd", pushed,
+                                                 self.values[:, first:first + cap].float())
 
     def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          pos: torch.Tensor, n_after: torch.Tensor, scale: float) -> torch.Tensor:
@@ -244,7 +291,6 @@ class MoaplanLayer(CacheLayerMixin):
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         spans = self.rules.spans(n_after)  # [B, Hkv]: the rule length is N after the chunk
         out = torch.zeros_like(query)
-        q_pos = pos[:, None, :, None]  # [B, 1, T, 1]
         for h in range(n_kv):
             first, cap = self.layout.head_slots(h)
             k_pos, k, v = pos, key[:, h], value[:, h]
@@ -253,19 +299,25 @@ class MoaplanLayer(CacheLayerMixin):
                 k_pos = torch.cat([cached, pos], 1)
                 k = torch.cat([self.keys[:, first:first + cap], k], 1)
                 v = torch.cat([self.values[:, first:first + cap], v], 1)
-            kp = k_pos[:, None, None, :]  # [B, 1, 1, K]
-            ok = (kp >= 0) & (q_pos >= 0) & (kp <= q_pos) & (
-                (kp < self.sinks[h]) | (q_pos - kp < spans[:, h, None, None, None]))
+            kp = k_pos[:, None, :]  # [B, 1, K] against queries [B, T, 1]
+            causal = (kp >= 0) & (pos[:, :, None] >= 0) & (kp <= pos[:, :, None])  # [B, T, K]
+            ok = causal & ((kp < self.sinks[h]) | (pos[:, :, None] - kp < spans[:, h, None, None]))
             qh = query[:, h * group:(h + 1) * group].to(compute)
             k, v = k.to(compute), v.to(compute)
+            dropped = None
+            if self.compensate[h]:
+                # The chunk's and the cache's dropped tokens, plus those already evicted.
+                hidden = (causal & ~ok).to(compute)
+                dropped = tuple(torch.einsum("btk,bkd->btd", hidden, x) + total[:, h, None]
+                                for x, total in ((k, self.key_sum), (v, self.value_sum)))
+                count = (pos + 1 - self.sinks[h] - spans[:, h, None]).clamp(min=0)
+                dropped += (count,)
             step = max(1, _SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
             for lo in range(0, n_new, step):
                 hi = min(lo + step, n_new)
-                scores = torch.einsum("bgtd,bkd->bgtk", qh[:, :, lo:hi], k) * scale
-                scores = scores.masked_fill(~ok[:, :, lo:hi], float("-inf"))
-                probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-                out[:, h * group:(h + 1) * group, lo:hi] = torch.einsum(
-                    "bgtk,bkd->bgtd", probs, v).to(query.dtype)
+                part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)
+                out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
+                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part).to(query.dtype)
         return out
 
     def _first_prefill_kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -276,7 +328,8 @@ class MoaplanLayer(CacheLayerMixin):
         n = query.shape[2]
         sink = rule_sinks(self.rules.rules, n).tolist()
         span = rule_spans(self.rules.rules, n).tolist()
-        return sparse_attention(query, key, value, sink, span, scale=scale)
+        return sparse_attention(query, key, value, sink, span, scale=scale,
+                                compensate=self.compensate)
 
 
 def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

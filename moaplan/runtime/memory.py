@@ -9,7 +9,7 @@ import torch
 
 from moaplan.errors import ModelError
 from moaplan.plan import Plan
-from moaplan.rules import rule_sinks, rule_spans
+from moaplan.rules import rule_arrays, rule_sinks, rule_spans
 
 
 def _config_and_dtype(model_or_config: Any, dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
@@ -28,17 +28,22 @@ def kv_bytes(plan: Plan, model_or_config: Any, length: int, batch: int = 1,
              dtype: torch.dtype | None = None, *, dense: bool = False) -> int:
     """Bytes of keys and values a plan's cache holds for ``batch`` sequences of up to
     ``length`` tokens: ``batch x sum over (layer, KV head) of (sink + span(length)) x head_dim
-    x 2 x itemsize``.  ``dense=True`` gives a dense cache of the same shape (``DynamicCache``).
-    ``dtype`` defaults to the model's parameter dtype (or the config's dtype)."""
+    x 2 x itemsize``, plus, in every layer with a compensating head, float32 sums of evicted
+    keys and values for each of its KV heads (``batch x kv_heads x head_dim x 2 x 4``).
+    ``dense=True`` gives a dense cache of the same shape (``DynamicCache``).  ``dtype``
+    defaults to the model's parameter dtype (or the config's dtype)."""
     if length < 1 or batch < 1:
         raise ModelError(f"length and batch must be >= 1, got {length} and {batch}")
     config, dtype = _config_and_dtype(model_or_config, dtype)
     plan.check_model(config, strict=False)
     shape = plan.model
+    sums = 0  # float32 elements of the compensation sums
     if dense:
         slots = shape.num_layers * shape.num_key_value_heads * length
     else:
         rules = plan.flat_rules
         slots = int((rule_sinks(rules, length) + rule_spans(rules, length)).sum())
+        compensating = sum(bool(rule_arrays(layer)["compensate"].any()) for layer in plan.rules)
+        sums = compensating * shape.num_key_value_heads * shape.head_dim * 2
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return batch * slots * shape.head_dim * 2 * itemsize
+    return batch * (slots * shape.head_dim * 2 * itemsize + sums * 4)

@@ -45,6 +45,7 @@ def reference_attention(
     scale: float | None = None,
     q_offset: int | torch.Tensor = 0,
     seq_lens: torch.Tensor | None = None,
+    compensate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query head under its KV head's (sink, span) rule.
 
@@ -54,7 +55,12 @@ def reference_attention(
     position ``q_offset + t`` (``q_offset`` an int or an int ``[B]``), key ``j`` at ``j``.
     ``seq_lens`` (int ``[B]``) marks right padding: keys at ``j >= seq_lens[b]`` are invisible
     and query rows at positions ``>= seq_lens[b]`` are zeros.  A row that sees no key at all
-    is zeros as well.  Computes in float32 (float64 for float64 inputs); returns ``q.dtype``.
+    is zeros as well.  ``compensate`` (bool or int ``[Hkv]``, default none) marks the heads with
+    RazorAttention's compensation token: each query also attends to one extra entry whose key
+    and value are the means of the keys and values it drops (real keys ``j <= i`` the rule
+    hides), with its weight multiplied by their count (logit ``+ log(count)``); a query that
+    drops nothing has no such entry.  Computes in float32 (float64 for float64 inputs);
+    returns ``q.dtype``.
     """
     batch, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -66,9 +72,11 @@ def reference_attention(
     device = q.device
     sink = torch.as_tensor(sink, dtype=torch.int64, device=device).reshape(-1)
     span = torch.as_tensor(span, dtype=torch.int64, device=device).reshape(-1)
-    if sink.shape != (hkv,) or span.shape != (hkv,):
-        raise ValueError(f"sink and span need one entry per KV head ({hkv}), got "
-                         f"{tuple(sink.shape)} and {tuple(span.shape)}")
+    comp = torch.zeros(hkv, dtype=torch.bool, device=device) if compensate is None else (
+        torch.as_tensor(compensate, device=device).reshape(-1).to(torch.bool))
+    if sink.shape != (hkv,) or span.shape != (hkv,) or comp.shape != (hkv,):
+        raise ValueError(f"sink, span and compensate need one entry per KV head ({hkv}), got "
+                         f"{tuple(sink.shape)}, {tuple(span.shape)} and {tuple(comp.shape)}")
     offsets = _per_sequence(q_offset, batch, device)
     lens = _per_sequence(nk if seq_lens is None else seq_lens, batch, device)
     scale = dim ** -0.5 if scale is None else scale
@@ -86,11 +94,23 @@ def reference_attention(
         for start in range(0, nq, chunk):
             stop = min(start + chunk, nq)
             q_pos = (offsets[b] + torch.arange(start, stop, device=device))[:, None]
-            mask = visible(rule_sink, rule_span, q_pos, k_pos) & key_ok  # [Hkv, c, Nk]
-            mask &= (q_pos < lens[b])  # padding query rows see nothing -> zeros
-            scores = torch.einsum("hgqd,hkd->hgqk", qb[:, :, start:stop], kb) * scale
+            real = (k_pos <= q_pos) & key_ok & (q_pos < lens[b])  # padding rows: zeros
+            mask = visible(rule_sink, rule_span, q_pos, k_pos) & real  # [Hkv, c, Nk]
+            qc = qb[:, :, start:stop]
+            scores = torch.einsum("hgqd,hkd->hgqk", qc, kb) * scale
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
+            if comp.any():
+                # The dropped entries of each row, averaged into one extra column.
+                dropped = (real & ~mask & comp[:, None, None]).to(compute)
+                count = dropped.sum(-1)  # [Hkv, c]
+                mean_k, mean_v = (torch.einsum("hqk,hkd->hqd", dropped, x)
+                                  / count.clamp(min=1)[..., None] for x in (kb, vb))
+                extra = torch.einsum("hgqd,hqd->hgq", qc, mean_k) * scale + count.log()[:, None]
+                scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
             # A row with no visible key is all -inf; its softmax is NaN, and its output is 0.
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            out[b, :, :, start:stop] = torch.einsum("hgqk,hkd->hgqd", probs, vb)
+            rows = torch.einsum("hgqk,hkd->hgqd", probs[..., :nk], vb)
+            if comp.any():
+                rows += probs[..., nk:] * mean_v[:, None]
+            out[b, :, :, start:stop] = rows
     return out.reshape(batch, hq, nq, -1).to(q.dtype)
