@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from provenance import provenance
 from quality_report import COMP_METHODS, METHODS, MethodResult, markdown
 from tqdm import tqdm
@@ -157,14 +158,14 @@ def duo_baseline(shape: ModelShape, profile, budget: Budget, settings: QualitySe
     return min(candidates, key=lambda p: p.provenance["predicted"])
 
 
-def run(settings: QualitySettings, out: Path, work: Path) -> dict[str, Any]:
-    """Every method at every budget; results are written after each method, so a run cut
-    short still leaves what it measured."""
+def run(settings: QualitySettings, out: Path, work: Path, device: str = "cpu") -> dict[str, Any]:
+    """Every method at every budget on ``device``; results are written after each method, so
+    a run cut short still leaves what it measured."""
     from moaplan.data import reference_calibration
     from moaplan.model import load_model
 
     started = time.perf_counter()
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=device)
     shape = ModelShape.from_config(model.config)
     lengths = sorted({*settings.lengths, *settings.ppl_lengths})
 
@@ -185,7 +186,8 @@ def run(settings: QualitySettings, out: Path, work: Path) -> dict[str, Any]:
                               trials=settings.trials, seed=settings.seed)
 
     described = asdict(settings) | {"target_lengths": settings.target_lengths}
-    report: dict[str, Any] = {"meta": provenance() | {"settings": described}, "methods": []}
+    report: dict[str, Any] = {"meta": provenance() | {"settings": described, "device": device},
+                              "methods": []}
 
     def record(method: str, budget: float | None, plan: Plan | None, **notes: Any) -> None:
         t0 = time.perf_counter()
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--work", type=Path,
                         help="profile and plans (default build/bench-quality[-quick])")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device of the model (default: cuda when there is one)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else QualitySettings()
     overrides = {"budgets": args.budgets and tuple(args.budgets),
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports plans
     try:
-        report = run(settings, args.out, work)
+        report = run(settings, args.out, work, args.device)
     except MoaplanError as err:
         print(f"bench_quality: {err}", file=sys.stderr)
         return 1

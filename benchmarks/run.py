@@ -4,7 +4,8 @@
                              [--summary-only]
 
 Sections (each its own script, run as a subprocess): on a machine with a CUDA GPU prefill,
-decode (kernel and end to end) and profiler; everywhere optimizer, quality and scorers.  A section
+decode (kernel and end to end), profiler and profiler-multi (torchrun on 2 GPUs; it says so
+and does nothing on one); everywhere optimizer, quality and scorers.  A section
 the machine cannot run is skipped with one line saying why.  Results go to
 ``DIR/<machine>/`` (``cpu``, ``h100``, ...) with ``suite.json`` (machine, date, commit, time
 per section); then the plots are drawn from whatever results ``DIR`` holds (each PNG beside
@@ -68,6 +69,8 @@ SECTIONS = (
     Section("decode", "bench_decode.py", True, ("triton",), ("--skip-e2e",)),
     Section("profiler", "bench_profiler.py", True, ("triton",),
             ("--lengths", "16384", "--skip-model-check")),
+    Section("profiler-multi", "bench_profiler_multi.py", True, ("triton",),
+            ("--layers", "8", "--samples", "4")),
     Section("optimizer", "bench_optimizer.py", False, ("cvxpy", "highspy")),
     Section("quality", "bench_quality.py", False, ("cvxpy", "highspy", "optuna"), ("--quick",)),
     Section("scorers", "bench_scorers.py", False, (), ("--quick",)),
