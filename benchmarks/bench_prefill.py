@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 import sys
 import time
 import warnings
@@ -31,6 +30,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.prefill import PrefillConfig, default_config, sparse_attention
@@ -324,14 +326,6 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
     return "\n".join(out) + "\n"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only N = 4K and 16K")
@@ -351,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.recompile_limit = 64  # one compile per length, never a fallback
 
     meta = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "commit": args.commit or git_commit(), "torch": torch.__version__,
+            "commit": args.commit or provenance()["commit"], "torch": torch.__version__,
             "triton": triton.__version__}
     flex = None if args.no_flex else Flex(device)
     # 4K runs the kernel's 64 x 64 tiles, 8K (long plans) its 128 x 128 tiles.

@@ -91,9 +91,11 @@ def token_objective(logits: torch.Tensor, targets: torch.Tensor, objective: str)
     if objective != "log_odds":
         raise ProfileError(f"unknown profiling objective {objective!r}; choose one of "
                            f"{', '.join(OBJECTIVES)}")
-    target_logit = logits.gather(1, targets[:, None])
-    others = logits.scatter(1, targets[:, None], float("-inf"))
-    return (torch.logsumexp(others, dim=1) - target_logit[:, 0]).mean()
+    log_p = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=1)
+    # log(1 - p) = log(-expm1(log p)), without a second [T, vocab] tensor.  log p is held just
+    # below 0, so a token the model is certain of (p rounds to 1) keeps a finite log-odds.
+    log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-1e-6)))
+    return (log_not_p - log_p).mean()
 
 
 def response_loss(model: torch.nn.Module, sample: Sample, objective: str = "cross_entropy"
