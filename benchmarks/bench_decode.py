@@ -5,8 +5,8 @@ N/8, N/4, N/2 with 64 sinks, and three full heads: KV density ~0.5).  Useful ban
 of K and V the rule makes the query read / time.  SDPA runs on a dense cache [B, 8, N, 128]:
 the padded cache holding the same tokens is that size (the full heads hold all N tokens), and
 SDPA reads it whole.  Times are medians of ``triton.testing.do_bench``.  The launch sweep:
-the library's chunk for the batch (``auto``, about 512 work items) and fixed chunks of
-512/1024/2048 slots, each with a few tile configs; the default launch (auto chunk,
+the library's chunk for the batch (``auto``: at most 2048 slots, about 256 work items) and
+fixed chunks of 512/1024/2048 slots, each with a few tile configs; the default launch (auto chunk,
 ``DecodeConfig()``) is recorded beside the best one, against the issue's bandwidth target.
 The compensation token's overhead: the default launch with tokens on the five windowed heads
 (random evicted sums) against the same launch without, in the same process.

@@ -16,19 +16,22 @@ request, the rule's span grows with the current length.
 Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``chunk`` slots
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
 short heads few, so the launch stays balanced however different the heads are.  The chunk is
-picked per batch so that the launch has about ``_TARGET_ITEMS`` programs: enough to fill an
-H100 at batch 1, few enough partials at large batches.  One program loads each K/V tile once
-for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a partial
-output with its log-sum-exp for the group's real rows; a second small kernel, one program per
-(query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so a long head
-split into hundreds of items costs a few vector steps rather than a serial walk.
+picked per batch so that the launch has about ``_TARGET_ITEMS`` programs, in chunks of at most
+``_MAX_CHUNK`` slots (an H100 sweep found 2048-slot chunks fastest at both batch 8 / 32K and
+batch 1 / 128K).  One program loads each K/V tile once for all query heads of its GQA group
+(packed into one ``tl.dot`` tile), and writes a partial output with its log-sum-exp for the
+group's real rows; a second small kernel, one program per (query head, sequence), merges that
+head's partials ``_MERGE_BLOCK`` at a time, so a long head split into hundreds of items costs a
+few vector steps rather than a serial walk.
 
 Compensation token (RazorAttention), for the heads ``layout.compensate`` marks: the query drops
 the tokens that left the ring (or were never stored) and the ring's filled slots older than
 ``span``.  The cache keeps fp32 running sums of the first kind per (sequence, head)
-(``evicted``); each work item sums the stale ring slots it covers beside its partial output,
-and the merge reduces those sums in the same vector steps as the partials, then adds one extra
-entry per query head: key ``mean K``, value ``mean V``, logit ``q . mean K * scale +
+(``evicted``).  The second kind are consecutive in ring-age order, so they form at most two
+slot ranges (``_stale_slots``): after its attention loop, which is the plain one, a work item
+of a compensating head sums the stale slots it covers in a second short loop, and the merge
+adds the sums of just the items those ranges touch, after its plain loop, then folds in one
+extra entry per query head: key ``mean K``, value ``mean V``, logit ``q . mean K * scale +
 log(count)`` with ``count = max(0, n - sink - span)``.  Layers without compensating heads
 launch the kernels without that code.
 """
@@ -46,11 +49,11 @@ import triton.language as tl
 from moaplan.errors import ModelError
 
 _LOG2E = 1.4426950408889634
-# Work items (split programs, all sequences together) the default chunk aims at: a few waves
-# on an H100's 132 SMs.  Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK
-# slots, so a huge batch still splits its long heads.
-_TARGET_ITEMS = 512
-_MAX_CHUNK = 4096
+# Work items (split programs, all sequences together) the default chunk aims at: about two
+# waves on an H100's 132 SMs.  Chunks are multiples of 64 (whole key tiles) and at most
+# _MAX_CHUNK slots, so a large batch still splits its long heads.
+_TARGET_ITEMS = 256
+_MAX_CHUNK = 2048
 # Partials the merge reduces per step.
 _MERGE_BLOCK = 32
 
@@ -92,7 +95,8 @@ class DecodeLayout:
 
 def default_chunk(capacity: int, batch: int) -> int:
     """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
-    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK``."""
+    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK`` (so the measured
+    shapes, batch 8 / 32K and batch 1 / 128K, both get the cap)."""
     per_item = math.ceil(batch * capacity / _TARGET_ITEMS)
     return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
 
@@ -147,6 +151,19 @@ def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _stale_slots(n, sink, ring, span):
+    """The ring's filled slots older than ``span`` (dropped by a compensating head) after
+    ``n`` tokens, as two slot ranges ``[a1, b1)`` and ``[a2, b2)`` (either may be empty; the
+    second, where the ages wrap around the ring's end, lies before the first)."""
+    n_ring = tl.minimum(tl.maximum(n - sink, 0), ring)
+    n_stale = tl.maximum(n_ring - span, 0)
+    newest = tl.maximum(n - 1 - sink, 0) % ring
+    oldest = (newest + 1 - n_ring + ring) % ring
+    end = tl.minimum(oldest + n_stale, ring)
+    return sink + oldest, sink + end, sink, sink + oldest + n_stale - end
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, part_ks_ptr, part_vs_ptr,
     offsets_ptr, sinks_ptr, rings_ptr, items_ptr, n_seen_ptr, span_ptr, comp_ptr,
@@ -180,29 +197,16 @@ def _split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    k_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)  # sums of the ring's stale slots
-    v_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    if HAS_COMP:
-        # Ring slots at least this old are stale (dropped); a ring age is < ring, so a plain
-        # head has none.
-        stale_age = tl.where(tl.load(comp_ptr + head) != 0, span, ring)
     for s0 in range(start, end, BLOCK_N):
         slot = s0 + offs_n
         r = slot - sink
         age = (newest - r + ring) % ring
         ok = (slot < end) & tl.where(slot < sink, slot < n, (r < n_ring) & (age < span))
-        load = ok
-        if HAS_COMP:
-            stale = (slot < end) & (slot >= sink) & (r < n_ring) & (age >= stale_age)
-            load = ok | stale
         rows = (base + slot).to(tl.int64)
         k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=load[:, None], other=0.0)
+                    mask=ok[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=load[:, None], other=0.0)
-        if HAS_COMP:
-            k_stale += tl.sum(tl.where(stale[:, None], k.to(tl.float32), 0.0), 0)
-            v_stale += tl.sum(tl.where(stale[:, None], v.to(tl.float32), 0.0), 0)
+                    mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -223,16 +227,38 @@ def _split_kernel(
     tl.store(part_lse_ptr + row, lse, mask=real)
     tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=real[:, None])
     if HAS_COMP:
-        tl.store(part_ks_ptr + (b * n_items + item) * HEAD_DIM + offs_d, k_stale)
-        tl.store(part_vs_ptr + (b * n_items + item) * HEAD_DIM + offs_d, v_stale)
+        if tl.load(comp_ptr + head) != 0:
+            # The stale slots of this item: its share of the (at most two) stale ranges,
+            # walked as one concatenated index range.
+            a1, b1, a2, b2 = _stale_slots(n, sink, ring, span)
+            a1 = tl.maximum(a1, start)
+            b1 = tl.maximum(tl.minimum(b1, end), a1)
+            a2 = tl.maximum(a2, start)
+            b2 = tl.maximum(tl.minimum(b2, end), a2)
+            n1 = b1 - a1
+            k_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            v_stale = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            for j0 in range(0, n1 + b2 - a2, BLOCK_N):
+                j = j0 + offs_n
+                rows = (base + tl.where(j < n1, a1 + j, a2 + j - n1)).to(tl.int64)
+                take = (j < n1 + b2 - a2)[:, None]
+                k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                            mask=take, other=0.0)
+                v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                            mask=take, other=0.0)
+                k_stale += tl.sum(k.to(tl.float32), 0)
+                v_stale += tl.sum(v.to(tl.float32), 0)
+            at = (b * n_items + item).to(tl.int64) * HEAD_DIM + offs_d
+            tl.store(part_ks_ptr + at, k_stale)
+            tl.store(part_vs_ptr + at, v_stale)
 
 
 @triton.jit
 def _merge_kernel(
     part_o_ptr, part_lse_ptr, part_ks_ptr, part_vs_ptr, out_ptr, first_ptr, count_ptr,
-    q_ptr, ev_k_ptr, ev_v_ptr, comp_ptr, sinks_ptr, n_seen_ptr, span_ptr,
+    q_ptr, ev_k_ptr, ev_v_ptr, comp_ptr, sinks_ptr, rings_ptr, n_seen_ptr, span_ptr,
     stride_ob, stride_oh, stride_od, stride_qb, stride_qh, stride_qd, n_items, n_kv_heads,
-    qk_scale,
+    chunk, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_I: tl.constexpr, HAS_COMP: tl.constexpr,
 ):
     """One program per (query head, sequence): merges ``BLOCK_I`` partials per step."""
@@ -244,21 +270,12 @@ def _merge_kernel(
     offs_i = tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, HEAD_DIM)
     item_base = b.to(tl.int64) * n_items + first
-    if HAS_COMP:
-        dropped = (tl.load(n_seen_ptr + b) - tl.load(sinks_ptr + head)
-                   - tl.load(span_ptr + b * n_kv_heads + head))
-        with_token = (tl.load(comp_ptr + head) != 0) & (dropped > 0)
-        # Items whose stale sums are read: none for heads without the token (masked loads).
-        n_sums = tl.where(with_token, count, 0)
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)  # the items' stale sums
-    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for i0 in range(0, count, BLOCK_I):
         valid = i0 + offs_i < count
-        items = item_base + i0 + offs_i
-        row = items * GROUP + q_head % GROUP
+        row = (item_base + i0 + offs_i) * GROUP + q_head % GROUP
         lse = tl.load(part_lse_ptr + row, mask=valid, other=float("-inf"))
         o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=valid[:, None], other=0.0)
@@ -270,17 +287,30 @@ def _merge_kernel(
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
         l_i = l_i * alpha + tl.sum(w, 0)
         m_i = m_new
-        if HAS_COMP:
-            sums = (i0 + offs_i < n_sums)[:, None]
-            at = items[:, None] * HEAD_DIM + offs_d[None, :]
-            k_sum += tl.sum(tl.load(part_ks_ptr + at, mask=sums, other=0.0), 0)
-            v_sum += tl.sum(tl.load(part_vs_ptr + at, mask=sums, other=0.0), 0)
     if HAS_COMP:
-        if with_token:
-            # The compensation entry: evicted sums (the cache's) plus the items' stale sums.
+        n = tl.load(n_seen_ptr + b)
+        sink = tl.load(sinks_ptr + head)
+        span = tl.load(span_ptr + b * n_kv_heads + head)
+        dropped = n - sink - span
+        if (tl.load(comp_ptr + head) != 0) & (dropped > 0):
+            # The compensation entry: the evicted sums (the cache's) plus the stale sums of
+            # the items that hold stale slots (item j of the head starts at slot j * chunk).
+            # The second range lies before the first; they may share one item, read once.
+            a1, b1, a2, b2 = _stale_slots(n, sink, tl.load(rings_ptr + head), span)
+            e2 = tl.where(b2 > a2, tl.cdiv(b2, chunk), 0)
+            n2 = tl.maximum(e2 - a2 // chunk, 0)
+            i1 = tl.maximum(a1 // chunk, e2)
+            n1 = tl.maximum(tl.where(b1 > a1, tl.cdiv(b1, chunk), 0) - i1, 0)
             ev = (b * n_kv_heads + head) * HEAD_DIM + offs_d
-            k_sum += tl.load(ev_k_ptr + ev)
-            v_sum += tl.load(ev_v_ptr + ev)
+            k_sum = tl.load(ev_k_ptr + ev)
+            v_sum = tl.load(ev_v_ptr + ev)
+            for j0 in range(0, n1 + n2, BLOCK_I):
+                j = j0 + offs_i
+                items = item_base + tl.where(j < n1, i1 + j, a2 // chunk + j - n1)
+                at = items[:, None] * HEAD_DIM + offs_d[None, :]
+                take = (j < n1 + n2)[:, None]
+                k_sum += tl.sum(tl.load(part_ks_ptr + at, mask=take, other=0.0), 0)
+                v_sum += tl.sum(tl.load(part_vs_ptr + at, mask=take, other=0.0), 0)
             n_drop = dropped.to(tl.float32)
             q = tl.load(q_ptr + b * stride_qb + q_head * stride_qh + offs_d * stride_qd)
             s = tl.sum(q.to(tl.float32) * k_sum, 0) * (qk_scale / n_drop) + tl.log2(n_drop)
@@ -289,7 +319,6 @@ def _merge_kernel(
             w = tl.exp2(s - m_new)
             acc = acc * alpha + (w / n_drop) * v_sum
             l_i = l_i * alpha + w
-            m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)
     tl.store(out_ptr + b * stride_ob + q_head * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty))
@@ -361,7 +390,7 @@ def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted, cfg) -
                          device=q.device)
     part_lse = torch.empty((batch, n_items, group), dtype=torch.float32, device=q.device)
     comp = layout.has_compensation
-    if comp:  # per-item sums of the ring's stale slots, and the cache's evicted sums
+    if comp:  # per-item sums of the ring's stale slots (written for compensating heads)
         part_ks, part_vs = (torch.empty((batch, n_items, head_dim), dtype=torch.float32,
                                         device=q.device) for _ in range(2))
         ev_k, ev_v = (x.contiguous() for x in evicted)
@@ -381,8 +410,8 @@ def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted, cfg) -
     )
     _merge_kernel[(n_q_heads, batch)](
         part_o, part_lse, part_ks, part_vs, out, layout.first_item, layout.item_count,
-        q, ev_k, ev_v, layout.compensate, layout.sinks, n_seen, span,
-        *out.stride(), *q.stride(), n_items, layout.num_kv_heads, scale * _LOG2E,
+        q, ev_k, ev_v, layout.compensate, layout.sinks, layout.rings, n_seen, span,
+        *out.stride(), *q.stride(), n_items, layout.num_kv_heads, layout.chunk, scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_I=_MERGE_BLOCK, HAS_COMP=comp, num_warps=4,
     )
     return out

@@ -23,11 +23,14 @@ the launch is made of cheap ones.  The query heads of one GQA group are adjacent
 tiles they share are read from L2.
 
 Compensation token (RazorAttention): for a compensating KV head, row ``i`` drops exactly the
-keys ``[sink, i - span]``, a contiguous range, so their sums are differences of two rows of
-the inclusive prefix sums of K and V (fp32, computed once per launch for those heads only).
-After the tiles, each row folds one more entry into its online softmax: logit
-``q . mean(K) * scale + log(count)``, value ``mean(V)``.  Layers without such heads compile
-without that step, and plain heads of a mixed layer skip it on one scalar branch.
+keys ``[sink, i - span]``, a contiguous range.  A small pre-pass (``_dropped_means_kernel``)
+scans each compensating head's keys once in fp32 and writes, per query row, the mean key and
+value of the keys it drops (input dtype, zeros where none drop).  The main kernel then folds
+them in as one more key tile per ``BLOCK_N`` rows: the dot product of the query block with its
+own rows' mean keys, of which only the diagonal (each row's own entry, logit
+``q . mean(K) * scale + log(count)``) is kept.  That tile has the shape of a key tile, so the
+compensating kernel needs no more registers than the plain one.  Layers without such heads
+compile without that step, and plain heads of a mixed layer skip it on one scalar branch.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from moaplan.errors import ModelError
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+# Query rows per program of the compensation pre-passes.
+_MEANS_BLOCK_T = 128
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,30 @@ def default_config(head_dim: int, reach: int) -> PrefillConfig:
 
 
 @triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, qk_scale, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Folds logits ``s`` (before ``qk_scale``; hidden entries -inf) and values ``v`` into the
+    online softmax (FlashAttention-2 forward, base 2)."""
+    # Scaling after the row max lets the exponent's argument be one fused multiply-add.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        # A row this tile hides completely, with no key seen before, keeps m = -inf; shift
+        # by 0 instead so that exp2(-inf - -inf) never makes a NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                  tile, rows, offs_n, offs_d, sink, span, n_keys, qk_scale,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over key tile ``tile`` (FlashAttention-2 forward, base 2).
+    """One online-softmax step over key tile ``tile``.
 
     ``MASKED`` tiles bounds-check their loads and apply the rule; interior tiles skip both.
     """
@@ -97,55 +122,141 @@ def _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_
         limit = tl.where(cols < sink, 1 << 30, span).to(tl.uint32)
         dist = (rows[:, None] - cols[None, :]).to(tl.uint32, bitcast=True)
         s = tl.where(dist < limit[None, :], s, float("-inf"))
-    # Scaling after the row max lets the exponent's argument be one fused multiply-add.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if MASKED:
-        # A row this tile hides completely, with no key seen before, keeps m = -inf; shift
-        # by 0 instead so that exp2(-inf - -inf) never makes a NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_shift = m_new
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return _softmax_step(acc, m_i, l_i, s, v, qk_scale, MASKED, DOT_PRECISION)
 
 
 @triton.jit
-def _compensation_update(acc, m_i, l_i, q, ck_base, cv_base, rows, valid, offs_d, sink, span,
-                         qk_scale, HEAD_DIM: tl.constexpr):
-    """Fold each row's compensation entry into its online softmax (base 2).
+def _compensation_tile(acc, m_i, l_i, q, mk_base, mv_base, t0, i0, first, offs_m, offs_n,
+                       offs_d, sink, span, n_queries, qk_scale, HEAD_DIM: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Folds the compensation entries of the block's rows ``first .. first + BLOCK_N - 1``
+    into the online softmax: the mean keys of those rows form a key tile whose diagonal
+    (row ``r`` against its own mean key) is the only visible part."""
+    cols = first + offs_n  # rows of this block, as columns of the tile
+    t = t0 + cols
+    in_rows = (t < n_queries)[:, None]
+    at = t[:, None] * HEAD_DIM + offs_d[None, :]
+    mean_k = tl.load(mk_base + at, mask=in_rows, other=0.0)
+    mean_v = tl.load(mv_base + at, mask=in_rows, other=0.0)
+    count = i0 + cols - span - sink + 1  # keys [sink, i - span] dropped
+    # The entry's weight is count times that of one key at the mean: logit + log(count),
+    # added before the softmax step multiplies by qk_scale.
+    bias = tl.math.log2(tl.maximum(count, 1).to(tl.float32)) / qk_scale
+    own = (offs_m[:, None] == cols[None, :]) & (count > 0)[None, :]
+    s = tl.dot(q, tl.trans(mean_k), input_precision=DOT_PRECISION) + bias[None, :]
+    s = tl.where(own, s, float("-inf"))
+    return _softmax_step(acc, m_i, l_i, s, mean_v, qk_scale, True, DOT_PRECISION)
 
-    Row ``i`` drops keys ``[sink, i - span]``: their sums are ``C[i - span] - C[sink - 1]``
-    for inclusive prefix sums ``C`` (``C[-1] = 0``)."""
-    last = rows - span
-    count = last - sink + 1
-    has = valid & (count > 0)
-    safe = tl.where(has, last, 0)
-    hi_ptrs = safe[:, None] * HEAD_DIM + offs_d[None, :]
-    k_sum = tl.load(ck_base + hi_ptrs, mask=has[:, None], other=0.0)
-    v_sum = tl.load(cv_base + hi_ptrs, mask=has[:, None], other=0.0)
-    # sink + span < n_keys for a compensating head (else nothing drops), so C[sink - 1] exists.
-    below = tl.where(sink >= 1, 1.0, 0.0)
-    lo_ptrs = tl.maximum(sink - 1, 0) * HEAD_DIM + offs_d
-    k_sum -= below * tl.load(ck_base + lo_ptrs)[None, :]
-    v_sum -= below * tl.load(cv_base + lo_ptrs)[None, :]
-    n = tl.where(has, count, 1).to(tl.float32)
-    s = tl.sum(q.to(tl.float32) * k_sum, 1) / n * qk_scale + tl.math.log2(n)
-    s = tl.where(has, s, float("-inf"))
-    m_new = tl.maximum(m_i, s)
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(s - m_shift)
-    l_i = l_i * alpha + p
-    acc = acc * alpha[:, None] + (p / n)[:, None] * v_sum
-    return acc, m_new, l_i
+
+@triton.jit
+def _dropped_head(SINK, SPAN, COMP_HEAD, QOFF, slot, n_comp, q_offset, HAS_QOFF: tl.constexpr):
+    """Sequence, KV head, sink and ``x0`` (the last key that query row 0 drops) of one
+    (sequence, compensating head) slot: row ``t`` drops keys ``[sink, x0 + t]``."""
+    b = slot // n_comp
+    kvh = tl.load(COMP_HEAD + slot % n_comp)
+    if HAS_QOFF:
+        q_offset = tl.load(QOFF + b)
+    return b, kvh, tl.load(SINK + kvh), q_offset - tl.load(SPAN + kvh)
+
+
+@triton.jit
+def _dropped_rows(base, stride_n, x, sink, n_keys):
+    """Key (or value) rows ``x`` of one head's ``BLOCK_D`` columns in fp32; rows that no
+    query drops (below the sink, past the keys) read as zeros."""
+    take = ((x >= sink) & (x < n_keys))[:, None]
+    return tl.load(base[None, :] + x[:, None] * stride_n, mask=take, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dropped_sums_kernel(
+    K, V, SUMS, SINK, SPAN, COMP_HEAD, QOFF,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    q_offset, n_keys, n_comp,
+    HAS_QOFF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """First pass of the dropped-key means: fp32 sums of the keys and values that query rows
+    ``block * BLOCK_T ..`` drop beyond the previous row (one key each) in ``SUMS[slot, block
+    + 1]``, and of the keys ``[sink, x0)`` that every row drops in ``SUMS[slot, 0]``.
+    ``SUMS``: ``[B * n_comp, n_blocks + 1, 2, HEAD_DIM]``.  Grid: (block, slot, columns)."""
+    block = tl.program_id(0)
+    slot = tl.program_id(1)
+    b, kvh, sink, x0 = _dropped_head(SINK, SPAN, COMP_HEAD, QOFF, slot, n_comp, q_offset,
+                                     HAS_QOFF)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d * stride_kd
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d * stride_vd
+    row = slot.to(tl.int64) * (tl.num_programs(0) + 1) + block + 1
+    at = SUMS + row * 2 * HEAD_DIM + offs_d
+    x = x0 + block * BLOCK_T + offs_t
+    tl.store(at, tl.sum(_dropped_rows(k_base, stride_kn, x, sink, n_keys), 0))
+    tl.store(at + HEAD_DIM, tl.sum(_dropped_rows(v_base, stride_vn, x, sink, n_keys), 0))
+    if block == 0:
+        # Keys [sink, x0): only a chunk far into the sequence has any.
+        k_sum = tl.zeros([BLOCK_D], tl.float32)
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for j0 in range(sink, x0, BLOCK_T):
+            j = tl.where(j0 + offs_t < x0, j0 + offs_t, -1)
+            k_sum += tl.sum(_dropped_rows(k_base, stride_kn, j, sink, n_keys), 0)
+            v_sum += tl.sum(_dropped_rows(v_base, stride_vn, j, sink, n_keys), 0)
+        tl.store(at - 2 * HEAD_DIM, k_sum)
+        tl.store(at - HEAD_DIM, v_sum)
+
+
+@triton.jit
+def _store_means(out, at, rows, base, stride_n, x, sink, n_keys, carry, inv):
+    """Mean of each row's dropped keys: running sum from the previous blocks (``carry``) plus
+    the prefix sum inside this block, times ``1 / count``."""
+    run = tl.cumsum(_dropped_rows(base, stride_n, x, sink, n_keys), 0) + carry[None, :]
+    tl.store(out + at, (run * inv[:, None]).to(out.dtype.element_ty), mask=rows[:, None])
+
+
+@triton.jit
+def _dropped_means_kernel(
+    K, V, SUMS, MK, MV, SINK, SPAN, COMP_HEAD, QOFF,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    q_offset, n_queries, n_keys, n_comp,
+    HAS_QOFF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Second pass: the mean key and value of the keys each query row of one block drops,
+    ``MK``/``MV`` ``[B, n_comp, Nq, HEAD_DIM]`` (zeros for rows that drop nothing).  The
+    rows' dropped ranges grow by one key per row, so each is the previous blocks' sums
+    (``SUMS``, a few vector loads) plus a prefix sum over this block's keys."""
+    block = tl.program_id(0)
+    slot = tl.program_id(1)
+    b, kvh, sink, x0 = _dropped_head(SINK, SPAN, COMP_HEAD, QOFF, slot, n_comp, q_offset,
+                                     HAS_QOFF)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    sums = SUMS + slot.to(tl.int64) * (tl.num_programs(0) + 1) * 2 * HEAD_DIM + offs_d
+    k_sum = tl.zeros([BLOCK_D], tl.float32)
+    v_sum = tl.zeros([BLOCK_D], tl.float32)
+    for j0 in range(0, block + 1, BLOCK_S):  # the keys before the block and those before x0
+        j = j0 + offs_s
+        before = (j <= block)[:, None]
+        at = sums[None, :] + j[:, None] * 2 * HEAD_DIM
+        k_sum += tl.sum(tl.load(at, mask=before, other=0.0), 0)
+        v_sum += tl.sum(tl.load(at + HEAD_DIM, mask=before, other=0.0), 0)
+    t = block * BLOCK_T + offs_t
+    x = x0 + t
+    count = x - sink + 1
+    inv = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(tl.float32), 0.0)
+    at = slot.to(tl.int64) * n_queries * HEAD_DIM + t[:, None] * HEAD_DIM + offs_d[None, :]
+    rows = t < n_queries
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d * stride_kd
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d * stride_vd
+    _store_means(MK, at, rows, k_base, stride_kn, x, sink, n_keys, k_sum, inv)
+    _store_means(MV, at, rows, v_base, stride_vn, x, sink, n_keys, v_sum, inv)
 
 
 @triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, CK, CV,
+    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, MK, MV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -214,13 +325,15 @@ def _sparse_prefill_kernel(
                                      stride_vn, stride_vd, tile, rows, offs_n, offs_d, sink,
                                      span, n_keys, qk_scale, BLOCK_N, False, DOT_PRECISION)
 
-    valid = (q_rows < n_queries) & (rows < seq_len)
     if HAS_COMP:
         comp = tl.load(COMP_SLOT + kvh)
-        if comp >= 0:  # CK, CV: [B, n_comp, n_keys, HEAD_DIM] fp32, contiguous
-            c_off = (b.to(tl.int64) * n_comp + comp) * n_keys * HEAD_DIM
-            acc, m_i, l_i = _compensation_update(acc, m_i, l_i, q, CK + c_off, CV + c_off, rows,
-                                                 valid, offs_d, sink, span, qk_scale, HEAD_DIM)
+        if comp >= 0:  # MK, MV: [B, n_comp, n_queries, HEAD_DIM], contiguous
+            m_off = (b.to(tl.int64) * n_comp + comp) * n_queries * HEAD_DIM
+            for first in tl.static_range(0, BLOCK_M, BLOCK_N):
+                acc, m_i, l_i = _compensation_tile(acc, m_i, l_i, q, MK + m_off, MV + m_off, t0,
+                                                   i0, first, offs_m, offs_n, offs_d, sink, span,
+                                                   n_queries, qk_scale, HEAD_DIM, DOT_PRECISION)
+    valid = (q_rows < n_queries) & (rows < seq_len)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out = tl.where(valid[:, None], out, 0.0)
     o_base = Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
@@ -287,7 +400,8 @@ def sparse_attention(
     compensate: torch.Tensor | Sequence[bool] | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """Sink + window attention for a whole layer, one launch; same contract as
+    """Sink + window attention for a whole layer, one launch (three with compensation
+    tokens: two small passes compute the dropped keys' means first); same contract as
     ``moaplan.runtime.reference.reference_attention``.
 
     ``q`` is ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (any strides), ``sink``/``span``
@@ -311,7 +425,7 @@ def sparse_attention(
     limit = n_keys + 1
     sinks = [min(x, limit) for x in sinks]
     spans = [min(x, limit) for x in spans]
-    # Heads whose rows can drop keys get a slot in the prefix sums; the others -1.
+    # Heads whose rows can drop keys get a slot in the dropped-key means; the others -1.
     flags = [False] * n_kv_heads if compensate is None else [
         bool(x) for x in _int_list("compensate", torch.as_tensor(compensate).long(), n_kv_heads)]
     comp_heads = [h for h in range(n_kv_heads) if flags[h] and sinks[h] + spans[h] < n_keys]
@@ -320,7 +434,9 @@ def sparse_attention(
         comp_slot[h] = slot
     # Heavy heads first: the program's work grows with sink + span.
     order = sorted(range(n_kv_heads), key=lambda h: -(sinks[h] + spans[h]))
-    table = torch.tensor([sinks, spans, order, comp_slot], dtype=torch.int32).to(q.device)
+    comp_head = comp_heads + [0] * (n_kv_heads - len(comp_heads))  # slot -> KV head
+    table = torch.tensor([sinks, spans, order, comp_slot, comp_head],
+                         dtype=torch.int32).to(q.device)
 
     if isinstance(q_offset, torch.Tensor):
         qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
@@ -336,16 +452,15 @@ def sparse_attention(
     out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if comp_heads:  # inclusive prefix sums over keys, fp32: [B, n_comp, Nk, D]
-        index = torch.tensor(comp_heads, device=q.device)
-        ck, cv = (x.index_select(1, index).float().cumsum(2).contiguous() for x in (k, v))
+    if comp_heads:
+        means = _dropped_means(q, k, v, table, comp_heads, qoff, q_offset_scalar)
     else:
-        ck = cv = table[0]  # never read
+        means = (table[0], table[0])  # never read
     grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
     _sparse_prefill_kernel[grid](
         q, k, v, out, table[0], table[1], table[2],
         qoff if qoff is not None else table[0], lens if lens is not None else table[0],
-        table[3], ck, cv,
+        table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * _LOG2E,
         HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
@@ -355,3 +470,27 @@ def sparse_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                   comp_heads: list[int], qoff: torch.Tensor | None,
+                   q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the mean key and value of the keys it drops, for the compensating
+    heads: two ``[B, n_comp, Nq, D]`` tensors in ``q``'s dtype.  Two passes of parallel
+    programs (block sums, then means), no serial walk over the sequence."""
+    batch, _, n_queries, head_dim = q.shape
+    slots = batch * len(comp_heads)
+    mean_k, mean_v = (torch.empty((batch, len(comp_heads), n_queries, head_dim), dtype=q.dtype,
+                                  device=q.device) for _ in range(2))
+    block_t, block_d = _MEANS_BLOCK_T, min(64, head_dim)
+    grid = (triton.cdiv(n_queries, block_t), slots, head_dim // block_d)
+    sums = torch.empty((slots, grid[0] + 1, 2, head_dim), dtype=torch.float32, device=q.device)
+    common = dict(HAS_QOFF=qoff is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
+                  BLOCK_D=block_d, num_warps=8)
+    heads = (table[0], table[1], table[4], qoff if qoff is not None else table[0])
+    _dropped_sums_kernel[grid](k, v, sums, *heads, *k.stride(), *v.stride(), q_offset,
+                               k.shape[2], len(comp_heads), **common)
+    _dropped_means_kernel[grid](k, v, sums, mean_k, mean_v, *heads, *k.stride(), *v.stride(),
+                                q_offset, n_queries, k.shape[2], len(comp_heads),
+                                BLOCK_S=64, **common)
+    return mean_k, mean_v

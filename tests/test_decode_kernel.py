@@ -159,14 +159,30 @@ def test_long_heads_merge_in_several_steps(interp, group, compensate, dtype):
     assert rel_err(run(case, interp), reference(case)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stale_ring_slots_in_two_ranges(interp, dtype):
+    """Chosen spans: a wrapped ring whose stale slots form two ranges sharing one item, over
+    more items than one merge step takes (head 0, span 1); one range (head 0, span 100); two
+    ranges in separate items (head 1, span 7); a full-span ring with only evicted tokens
+    (head 1, span 40); a plain head beside them."""
+    case = make_case(60, [3, 0, 5], [300, 40, 60], [700, 250], 6, 32, dtype, chunk=8,
+                     compensate=[True, True, False])
+    case["span"] = torch.tensor([[1, 7, 20], [100, 40, 60]])
+    ref = reference(case)
+    assert rel_err(run(case, interp), ref) < TOL[dtype]
+    torch_path = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="torch"))
+    assert rel_err(torch_path, ref) < TOL[dtype]
+
+
 def test_default_chunk_gives_enough_work_items():
-    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): about 512 items
-    for the launch at batch 1 / 128K and batch 8 / 32K, capped chunks at batch 64."""
+    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): the 2048-slot
+    chunks the H100 sweep picked at batch 1 / 128K and batch 8 / 32K (about 256 items or
+    more), capped chunks at batch 64, and short contexts split to about 256 items."""
     def mixed(n: int) -> tuple[list[int], list[int]]:
         return [64] * 5 + [0] * 3, [n // 32, n // 16, n // 8, n // 4, n // 2] + [n] * 3
 
-    for batch, n, chunk, items in ((1, 131072, 1024, 513), (8, 32768, 2048, 68 * 8),
-                                   (64, 32768, 4096, 36 * 64), (1, 4096, 64, 259)):
+    for batch, n, chunk, items in ((1, 131072, 2048, 259), (8, 32768, 2048, 68 * 8),
+                                   (64, 32768, 2048, 68 * 64), (1, 4096, 128, 132)):
         layout = decode_layout(*mixed(n), batch=batch)
         assert (layout.chunk, batch * layout.items.shape[0]) == (chunk, items)
     assert decode_layout([0], [10], batch=3).chunk == 64

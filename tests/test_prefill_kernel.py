@@ -135,6 +135,19 @@ def test_compensation_mixed_with_plain_heads(interp, dtype, group):
     assert (out[1, :, 30:] == 0).all()  # padding rows stay zero
 
 
+def test_compensation_on_a_long_chunk_far_into_the_sequence(interp):
+    """Several row blocks of the dropped-key passes (carried sums), chunks starting past the
+    span (keys every row drops, summed before the first block), default tiles."""
+    gen = torch.Generator().manual_seed(30)
+    hkv, group, nq, nk = 2, 2, 300, 700
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, torch.float32)
+    sink, span = torch.tensor([4, 0]), torch.tensor([50, 130])
+    kwargs = dict(q_offset=torch.tensor([400, 150]), seq_lens=torch.tensor([nk, 420]),
+                  compensate=torch.tensor([True, True]))
+    ref = reference_attention(q, k, v, sink, span, **kwargs)
+    _check(interp(q, k, v, sink, span, **kwargs), ref, torch.float32)
+
+
 def test_offsets_padding_and_strided_views(interp):
     gen = torch.Generator().manual_seed(10)
     batch, hq, hkv, nq, nk, dim = 3, 4, 2, 21, 70, 32

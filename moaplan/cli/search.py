@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layer-max-density", type=density_value,
                         help="also bound every layer's mean density")
     add_objective_argument(parser)
+    parser.add_argument("--compensate", action="store_true",
+                        help="also offer every windowed rule with RazorAttention's compensation "
+                             "token (one extra entry: the mean of the dropped keys and values)")
     parser.add_argument("--out", default="plan.yaml", help="plan file to write (plan.yaml)")
     parser.set_defaults(run=run)
 
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.cli.session import ModelSession
     from moaplan.optimize import default_storage
     from moaplan.plan import Budget
+    from moaplan.rules import RuleSpace
     from moaplan.search import SearchSettings, search
 
     settings = SearchSettings(budget=Budget(args.density, args.budget), lengths=args.lengths,
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                               extend_to=args.extend_to, samples=args.samples,
                               trials=args.trials, time_limit=args.time_limit,
                               layer_max_density=args.layer_max_density,
-                              objective=args.objective)
+                              objective=args.objective,
+                              rule_space=RuleSpace(compensate=args.compensate))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     session = ModelSession.open(args)
     with session.progress(settings) as progress:
