@@ -45,7 +45,9 @@ GROUP = HQ // HKV
 MIXED_FRACTIONS = (1 / 32, 1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 1.0)
 SWEEP = (
     PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3),
-    PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 64, 8, 4),
+    PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 64, 8, 4), PrefillConfig(64, 32, 4, 3),
+    PrefillConfig(64, 64, 4, 4), PrefillConfig(64, 64, 8, 3), PrefillConfig(128, 64, 4, 3),
+    PrefillConfig(32, 64, 4, 3),
 )
 
 
