@@ -29,4 +29,4 @@ def provenance() -> dict[str, Any]:
     return {"date": datetime.date.today().isoformat(), "commit": commit, "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "python": platform.python_version()}

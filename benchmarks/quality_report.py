@@ -92,9 +92,17 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             # The optimizer minimises the predicted (first-order) dropped influence; the search
             # then keeps the candidate with the lowest measured loss.  Show both for both plans.
             d = by["duo"]
+            settings = report["meta"]["settings"]
+            total = (settings["samples"] * len(settings["depths"]) * len(settings["lengths"])
+                     * 2)  # passkey and key-value
             line += (f" (predicted dropped influence: searched {s.notes['predicted']:.3f}, duo "
                      f"{d.notes['predicted']:.3f}; measured val. loss: searched "
-                     f"{s.validation_loss:.3f}, duo {d.validation_loss:.3f})")
+                     f"{s.validation_loss:.3f}, duo {d.validation_loss:.3f}; "
+                     f"{round((best - s.retrieval) * total)} of {total} retrieval samples apart")
+            if abs(s.validation_loss - d.validation_loss) < 0.01:
+                line += ("; the held-out loss the search validates by cannot tell the two apart, "
+                         "so nothing in the search could prefer the other plan")
+            line += ")"
         if dense is not None and "streaming" in by:
             ours = s.accuracy("passkey", longest)
             ratio = ours / max(dense.accuracy("passkey", longest), 1e-9)
@@ -139,7 +147,9 @@ def describe(report: dict[str, Any]) -> str:
         f"{s['profile_samples']} sample(s) each, {s['trials']} optuna trials validated on "
         f"{s['validation_samples']} held-out sample(s) at {s['validation_length']}; `val. loss` "
         "is every plan's mean response-token loss on those samples (what the search ranks its "
-        "candidates by)."
+        "candidates by).  Filler and held-out text come from the running interpreter's standard "
+        f"library (Python {meta.get('python', '?')}), so perplexities compare within one "
+        "machine's table, not across machines."
     )
 
 

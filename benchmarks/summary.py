@@ -127,6 +127,11 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
     quality = _find(root, "quality.json", machine)
     if quality:
         parts += _quality(quality, base, h)
+        others = [_link(q.with_suffix(".md"), base) for q in sorted(root.glob("*/quality.json"))
+                  if q != quality]
+        if others:
+            parts.append("The same benchmark on the other machines: "
+                         + ", ".join(f"[{o}]({o})" for o in others) + ".")
     speed = [(_find(root, "prefill.json", machine), _prefill),
              (_find(root, "decode.json", machine), _decode)]
     profiler = _find(root, "profiler.md", machine)
