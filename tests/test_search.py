@@ -108,3 +108,17 @@ def test_too_little_data(checkpoint, monkeypatch, capsys):
                  str(checkpoint / "calib.jsonl"), "--lengths", "256", "2048",
                  "--validation-length", "384", "--out", "x.yaml"])
     assert code == 2 and "samples of at least 2048 tokens" in capsys.readouterr().err
+
+
+def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint)
+    scores = checkpoint / "induction.safetensors"
+    assert main(["profile", "--scorer", "induction", "--model", str(checkpoint / "model"),
+                 "--lengths", *LENGTHS, "--samples", "1", "--out", str(scores)]) == 0
+    out = checkpoint / "plan-induction.yaml"
+    assert main(["search", "--budget", "0.5", "--model", str(checkpoint / "model"), "--data",
+                 str(checkpoint / "calib.jsonl"), *SEARCH, "--profile", str(scores),
+                 "--out", str(out)]) == 0
+    plan = load_plan(out)
+    assert plan.provenance["profile"] == str(scores)
+    assert (plan.densities([256, 384, 512])["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
