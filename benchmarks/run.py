@@ -48,7 +48,7 @@ MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 class Section:
     name: str
     script: str
-    gpu: bool  # needs a CUDA GPU
+    gpus: int  # CUDA GPUs it needs
     modules: tuple[str, ...]  # Python packages it imports that a machine may lack
     quick_args: tuple[str, ...] = ()
 
@@ -56,24 +56,25 @@ class Section:
         return [sys.executable, str(HERE / self.script), "--out", str(out),
                 *(self.quick_args if quick else ())]
 
-    def cannot_run(self, has_gpu: bool) -> str | None:
-        """Why this machine cannot run the section, or None."""
-        if self.gpu and not has_gpu:
-            return "needs a CUDA GPU"
+    def cannot_run(self, gpus: int) -> str | None:
+        """Why this machine (with ``gpus`` CUDA GPUs) cannot run the section, or None."""
+        if gpus < self.gpus:
+            plural = "s" if self.gpus > 1 else ""
+            return f"needs {self.gpus} CUDA GPU{plural}, this machine has {gpus}"
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
         return f"needs {', '.join(missing)} (not installed)" if missing else None
 
 
 SECTIONS = (
-    Section("prefill", "bench_prefill.py", True, ("triton",), ("--quick",)),
-    Section("decode", "bench_decode.py", True, ("triton",), ("--skip-e2e",)),
-    Section("profiler", "bench_profiler.py", True, ("triton",),
+    Section("prefill", "bench_prefill.py", 1, ("triton",), ("--quick",)),
+    Section("decode", "bench_decode.py", 1, ("triton",), ("--skip-e2e",)),
+    Section("profiler", "bench_profiler.py", 1, ("triton",),
             ("--lengths", "16384", "--skip-model-check")),
-    Section("profiler-multi", "bench_profiler_multi.py", True, ("triton",),
+    Section("profiler-multi", "bench_profiler_multi.py", 2, ("triton",),
             ("--layers", "8", "--samples", "4")),
-    Section("optimizer", "bench_optimizer.py", False, ("cvxpy", "highspy")),
-    Section("quality", "bench_quality.py", False, ("cvxpy", "highspy", "optuna"), ("--quick",)),
-    Section("scorers", "bench_scorers.py", False, (), ("--quick",)),
+    Section("optimizer", "bench_optimizer.py", 0, ("cvxpy", "highspy")),
+    Section("quality", "bench_quality.py", 0, ("cvxpy", "highspy", "optuna"), ("--quick",)),
+    Section("scorers", "bench_scorers.py", 0, (), ("--quick",)),
 )
 BY_NAME = {s.name: s for s in SECTIONS}
 
@@ -88,13 +89,15 @@ def machine_name(card: str | None) -> str:
 
 def run_sections(names: list[str], out: Path, quick: bool, meta: dict) -> dict[str, dict]:
     """Run the sections in order; a failing section is recorded and the next one runs."""
-    has_gpu = meta["card"] is not None
+    import torch
+
+    gpus = torch.cuda.device_count()
     env = os.environ | {"MOAPLAN_COMMIT": meta["commit"]}  # bench_decode reads it
     status: dict[str, dict] = {}
     bar = tqdm(names, desc="bench", unit="section")
     for name in bar:
         section = BY_NAME[name]
-        reason = section.cannot_run(has_gpu)
+        reason = section.cannot_run(gpus)
         if reason:
             tqdm.write(f"skipped {name}: {reason}")
             status[name] = {"status": "skipped", "reason": reason}

@@ -157,13 +157,17 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
                   f"Top-head overlap of the gradient, retrieval, echo and induction scorers, and "
                   f"the AUC of attention-influence data scoring (`benchmarks/bench_scorers.py`): "
                   f"[{link}]({link})."]
+    suites = {path.parent.name: _load(path) for path in sorted(root.glob("*/suite.json"))}
     if suite is not None:
+        suites[machine] = suite
+    for name, run in suites.items():
         ran = ", ".join(f"{n}: {s['status']}" + (f" ({s['seconds']:.0f} s)" if "seconds" in s
                                                  else f" ({s['reason']})" if "reason" in s else "")
-                        for n, s in suite["sections"].items())
-        where = suite["card"] or f"{suite['cpu']}, {suite['cores']} cores"
-        parts.append(f"Last `make bench` run: {machine} ({where}), {suite['date']}, commit "
-                     f"`{_short(suite['commit'])}`, {suite['seconds'] / 60:.1f} min; {ran}.")
+                        for n, s in run["sections"].items())
+        where = run["card"] or f"{run['cpu']}, {run['cores']} cores"
+        parts.append(f"Last `make bench` run on {name} ({where}): {run['date']}, commit "
+                     f"`{_short(run['commit'])}`, {run['seconds'] / 60:.1f} min; {ran}."
+                     + (f" {run['note']}." if run.get("note") else ""))
     parts.append("Each result states the machine and commit it was measured on; "
                  "`python benchmarks/run.py --summary-only` redraws the plots and this text "
                  "from the result files.")

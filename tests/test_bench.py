@@ -38,7 +38,7 @@ def test_quick_quality_run_writes_results_plots_and_summary(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     assert suite["sections"]["quality"]["status"] == "ok"
     if not torch.cuda.is_available():
-        assert "skipped prefill: needs a CUDA GPU" in proc.stdout + proc.stderr
+        assert "skipped prefill: needs 1 CUDA GPU, this machine has 0" in proc.stdout + proc.stderr
         assert suite["sections"]["prefill"]["status"] == "skipped"
 
 
