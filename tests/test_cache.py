@@ -72,6 +72,17 @@ def test_generate_matches_dense(model_and_plan, seed, length):
     assert cache.get_seq_length() == length + new - 1
 
 
+def test_applied_plans_generate_through_their_compressed_cache(model_and_plan):
+    model, plan = model_and_plan
+    ids, new = prompt(5, 33), 9
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             return_dict_in_generate=True, **GREEDY)
+    assert isinstance(out.past_key_values, MoaplanCache)
+    assert out.past_key_values.max_length == 33 + new
+    assert torch.equal(out.sequences, generate(model, ids, new, DynamicCache()))
+
+
 def test_left_padded_batch_matches_each_prompt_alone(model_and_plan):
     model, plan = model_and_plan
     prompts = [prompt(10 + i, n)[0] for i, n in enumerate((23, 8, 41))]

@@ -19,6 +19,7 @@ same tokens would see, while earlier cached states were computed at the prefill'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +34,13 @@ from moaplan.errors import ModelError
 from moaplan.kernels.prefill import sparse_attention
 from moaplan.plan import Plan, load_plan
 from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
-from moaplan.runtime.cache import attend_cached
+from moaplan.runtime.cache import MoaplanCache, attend_cached
 from moaplan.runtime.reference import reference_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _PREFIX = "moaplan_"
 _PREVIOUS = "_moaplan_previous_attn_implementation"
+_PLAN = "_moaplan_plan"  # the applied plan, read by the generate wrapper
 
 
 def real_token_mask(
@@ -194,7 +196,8 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
 
     ``plan`` is a :class:`~moaplan.plan.Plan` or the path of a plan YAML.  With ``strict``,
     the plan's config fingerprint must match the model's (see ``Plan.check_model``).
-    Returns the same model object; :func:`remove` switches it back.
+    From then on ``model.generate`` keeps its KV cache in a :class:`MoaplanCache` of the plan
+    (unless given a cache).  Returns the same model object; :func:`remove` switches it back.
     """
     config = model.config
     model_type = getattr(config, "model_type", None)
@@ -213,7 +216,35 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
     if current and not current.startswith(_PREFIX):
         setattr(model, _PREVIOUS, current)
     model.set_attn_implementation(name)
+    setattr(model, _PLAN, plan)
+    if "generate" not in vars(model):
+        model.generate = _generate_with_compressed_cache(model)
     return model
+
+
+def _generate_with_compressed_cache(model: Any) -> Any:
+    """``model.generate`` that hands a :class:`MoaplanCache` of the applied plan to every call
+    that brings no cache (nor a ``cache_implementation``) of its own, sized for the prompt plus
+    the tokens asked for.  Beam search and several returned sequences grow the batch inside
+    ``generate``; they keep transformers' own cache (the plan still applies, masked)."""
+    plain = model.generate
+
+    @functools.wraps(plain)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        config = model.generation_config
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        single = (kwargs.get("num_beams", config.num_beams) or 1) == 1 and (
+            kwargs.get("num_return_sequences", config.num_return_sequences) or 1) == 1
+        own_cache = (kwargs.get("past_key_values") is not None or not kwargs.get("use_cache", True)
+                     or kwargs.get("cache_implementation", config.cache_implementation))
+        if not own_cache and single and isinstance(ids, torch.Tensor) and ids.dim() == 2 and new:
+            kwargs["past_key_values"] = MoaplanCache(
+                getattr(model, _PLAN), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
+                device=ids.device)
+        return plain(*args, **kwargs)
+
+    return generate
 
 
 def remove(model: Any) -> Any:
@@ -223,4 +254,6 @@ def remove(model: Any) -> Any:
         raise ModelError("this model has no moaplan plan applied")
     model.set_attn_implementation(previous)
     delattr(model, _PREVIOUS)
+    delattr(model, _PLAN)
+    del model.generate  # the class's generate again
     return model
