@@ -17,8 +17,8 @@ Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
 short heads few, so the launch stays balanced however different the heads are.  The chunk is
 picked per batch so that the launch has about ``_TARGET_ITEMS`` programs, in chunks of at most
-``_MAX_CHUNK`` slots (an H100 sweep found 2048-slot chunks fastest at both batch 8 / 32K and
-batch 1 / 128K).  One program loads each K/V tile once for all query heads of its GQA group
+``_MAX_CHUNK`` slots (an H100 sweep found 4096-slot chunks with 64-row tiles fastest over both
+batch 8 / 32K and batch 1 / 128K).  One program loads each K/V tile once for all query heads of its GQA group
 (packed into one ``tl.dot`` tile), and writes a partial output with its log-sum-exp for the
 group's real rows; a second small kernel, one program per (query head, sequence), merges that
 head's partials ``_MERGE_BLOCK`` at a time, so a long head split into hundreds of items costs a
@@ -49,11 +49,12 @@ import triton.language as tl
 from moaplan.errors import ModelError
 
 _LOG2E = 1.4426950408889634
-# Work items (split programs, all sequences together) the default chunk aims at: about two
-# waves on an H100's 132 SMs.  Chunks are multiples of 64 (whole key tiles) and at most
-# _MAX_CHUNK slots, so a large batch still splits its long heads.
-_TARGET_ITEMS = 256
-_MAX_CHUNK = 2048
+# Work items (split programs, all sequences together) the default chunk aims at: about one
+# per SM of an H100 (132); each program streams its chunk with several blocks resident per SM.
+# Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK slots, so a large batch
+# still splits its long heads.
+_TARGET_ITEMS = 128
+_MAX_CHUNK = 4096
 # Partials the merge reduces per step.
 _MERGE_BLOCK = 32
 
@@ -62,9 +63,9 @@ _MERGE_BLOCK = 32
 class DecodeConfig:
     """Launch parameters of the split kernel: key tile rows, warps, pipeline stages."""
 
-    # The fastest launch of the last H100 sweep at both measured shapes (fixed 2048-slot
-    # chunks, serial merge); benchmarks/bench_decode.py sweeps it against the auto chunk.
-    block_n: int = 32
+    # With 4096-slot chunks the best launch of the H100 sweep at both measured shapes;
+    # benchmarks/bench_decode.py sweeps it against other chunks and tiles.
+    block_n: int = 64
     num_warps: int = 4
     num_stages: int = 4
 

@@ -175,14 +175,14 @@ def test_stale_ring_slots_in_two_ranges(interp, dtype):
 
 
 def test_default_chunk_gives_enough_work_items():
-    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): the 2048-slot
-    chunks the H100 sweep picked at batch 1 / 128K and batch 8 / 32K (about 256 items or
-    more), capped chunks at batch 64, and short contexts split to about 256 items."""
+    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): the 4096-slot
+    chunks the H100 sweep picked at batch 1 / 128K and batch 8 / 32K (about 128 items or
+    more), capped chunks at batch 64, and short contexts split to about 128 items."""
     def mixed(n: int) -> tuple[list[int], list[int]]:
         return [64] * 5 + [0] * 3, [n // 32, n // 16, n // 8, n // 4, n // 2] + [n] * 3
 
-    for batch, n, chunk, items in ((1, 131072, 2048, 259), (8, 32768, 2048, 68 * 8),
-                                   (64, 32768, 2048, 68 * 64), (1, 4096, 128, 132)):
+    for batch, n, chunk, items in ((1, 131072, 4096, 132), (8, 32768, 4096, 36 * 8),
+                                   (64, 32768, 4096, 36 * 64), (1, 4096, 192, 89)):
         layout = decode_layout(*mixed(n), batch=batch)
         assert (layout.chunk, batch * layout.items.shape[0]) == (chunk, items)
     assert decode_layout([0], [10], batch=3).chunk == 64
