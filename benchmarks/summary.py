@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quality_report import describe, quality_table, verdicts
+from quality_report import compensation_verdicts, describe, quality_table, verdicts
 
 
 def _find(root: Path, name: str, machine: str) -> Path | None:
@@ -44,8 +44,11 @@ def _quality(path: Path, base: Path, h: str) -> list[str]:
     report = _load(path)
     images = [_image(path.with_name(f"quality_{n}.png"), base, n)
               for n in ("accuracy", "passkey", "kv")]
+    compensation = compensation_verdicts(report)
     return [f"{h} Quality: how much retrieval a plan keeps", describe(report),
-            quality_table(report), "\n".join(verdicts(report)), "\n".join(filter(None, images))]
+            quality_table(report), "\n".join(verdicts(report)),
+            "Compensation tokens (RazorAttention), off -> on:\n\n" + "\n".join(compensation)
+            if compensation else "", "\n".join(filter(None, images))]
 
 
 def _prefill(path: Path, base: Path) -> list[str]:
