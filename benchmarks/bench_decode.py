@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +37,9 @@ from moaplan.io import atomic_write_text
 from moaplan.kernels.decode import DecodeConfig, decode_attention, decode_layout
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 DEVICE = "cuda"
 HQ, HKV, DIM = 32, 8, 128
@@ -309,7 +312,7 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
     result = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  commit=os.environ.get("MOAPLAN_COMMIT", "unknown"),
+                  commit=provenance()["commit"],
                   torch=torch.__version__, triton=triton.__version__, kernel=[])
 
     def save() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ from moaplan.profile.influence import (
 )
 from moaplan.profile.profiler import _profiling_mode, response_loss
 from moaplan.rules import RuleSpace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 
 @dataclass
@@ -240,7 +244,8 @@ def stage(results: dict, name: str, fn) -> None:
 
 def markdown(res: dict) -> str:
     lines = [f"# Profiler benchmark ({res['device']}, bf16)", "",
-             f"date {res['date']}, torch {res['torch']}, layers {res['layers']}", "",
+             f"date {res['date']}, commit {res.get('commit', 'not recorded')}, torch "
+             f"{res['torch']}, layers {res['layers']}", "",
              "| N | plain fwd+bwd (s) | profile (s) | ratio | peak plain (GiB) | "
              "peak profile (GiB) | plain, SDPA flash backend (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -283,7 +288,8 @@ def main() -> None:
         print(json.dumps(res["reference"], indent=1))
         return
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "date": time.strftime("%Y-%m-%d"), "layers": args.layers}
+                 "date": time.strftime("%Y-%m-%d"), "commit": provenance()["commit"],
+                 "layers": args.layers}
     stage(res, "kernel_check", lambda: kernel_check("cuda"))
     if not args.skip_model_check:
         stage(res, "model_check", model_check)

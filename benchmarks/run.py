@@ -92,7 +92,7 @@ def run_sections(names: list[str], out: Path, quick: bool, meta: dict) -> dict[s
     import torch
 
     gpus = torch.cuda.device_count()
-    env = os.environ | {"MOAPLAN_COMMIT": meta["commit"]}  # bench_decode reads it
+    env = os.environ | {"MOAPLAN_COMMIT": meta["commit"]}  # every section's provenance()
     status: dict[str, dict] = {}
     bar = tqdm(names, desc="bench", unit="section")
     for name in bar:

@@ -84,13 +84,17 @@ def _check_samples(samples: Mapping[int, Sequence[Sample]]) -> None:
 OBJECTIVES = ("log_odds", "cross_entropy")
 
 
-def token_objective(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:
-    """Mean of ``objective`` (one of :data:`OBJECTIVES`) over rows of ``logits [T, vocab]``."""
-    if objective == "cross_entropy":
-        return torch.nn.functional.cross_entropy(logits, targets)
-    if objective != "log_odds":
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
         raise ProfileError(f"unknown profiling objective {objective!r}; choose one of "
                            f"{', '.join(OBJECTIVES)}")
+
+
+def token_objective(logits: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:
+    """Mean of ``objective`` (one of :data:`OBJECTIVES`) over rows of ``logits [T, vocab]``."""
+    check_objective(objective)
+    if objective == "cross_entropy":
+        return torch.nn.functional.cross_entropy(logits, targets)
     log_p = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=1)
     # log(1 - p) = log(-expm1(log p)), without a second [T, vocab] tensor.  log p is held just
     # below 0, so a token the model is certain of (p rounds to 1) keeps a finite log-odds.
@@ -215,9 +219,7 @@ def profile_model(
     counts = {n: len(samples[n]) for n in lengths}
     rank, world = _rank_world()
     ckpt = checkpoint_path(checkpoint, rank, world) if checkpoint else None
-    if objective not in OBJECTIVES:
-        raise ProfileError(f"unknown profiling objective {objective!r}; choose one of "
-                           f"{', '.join(OBJECTIVES)}")
+    check_objective(objective)  # before any sample is profiled
     profile = _start(ModelShape.from_config(model.config), lengths, counts, block, rule_space,
                      calibration_hash(samples), objective, ckpt if resume else None)
     own = {n: list(range(rank, counts[n], world)) for n in lengths}
