@@ -155,10 +155,7 @@ def protection_order(profile: Profile, settings: SearchSettings) -> list[int]:
     calibration samples, and often close enough to survive a wide window), so the search
     also tries plans that keep the likeliest of them whole and lets the measured loss decide.
     """
-    rule = uniform_rule(settings.budget, settings.target_lengths)
-    shares = [profile.dropped_influence([rule], n)[:, 0] / max(profile.total(n).sum(), 1e-30)
-              for n in settings.lengths]
-    loss = np.mean(shares, axis=0)
+    loss = profile.dropped_share(uniform_rule(settings.budget, settings.target_lengths))
     count = max(1, profile.num_heads // 8)
     return [int(h) for h in np.argsort(-loss, kind="stable")[:count] if loss[h] > 0]
 

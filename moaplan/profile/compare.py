@@ -33,10 +33,8 @@ STREAM_RECENT = 256
 def gradient_importance(profile: Profile) -> np.ndarray:
     """Per (layer, KV head), the normalised influence a streaming rule drops (see above)."""
     rule = Rule.window(STREAM_RECENT, sink=max(profile.rule_space.sinks))
-    shares = [profile.dropped_influence([rule], n)[:, 0] / max(profile.total(n).sum(), 1e-300)
-              for n in profile.lengths if profile.finished[n]]
     shape = profile.model
-    return np.mean(shares, 0).reshape(shape.num_layers, shape.num_key_value_heads)
+    return profile.dropped_share(rule).reshape(shape.num_layers, shape.num_key_value_heads)
 
 
 def profile_rankings(profile: Profile) -> dict[str, np.ndarray]:

@@ -126,6 +126,15 @@ class Profile:
         """The optimizer's cost matrix ``(heads, len(rules))`` at a profiled length."""
         return dropped_influence(self.far(length), self.sink(length), rules, length, self.block)
 
+    def dropped_share(self, rule: Rule) -> np.ndarray:
+        """``(heads,)`` the influence ``rule`` drops on each head as a share of all heads'
+        total, averaged over the profiled lengths that have samples: how much a head loses
+        under one rule, comparable across lengths whose raw influence differs by orders of
+        magnitude."""
+        shares = [self.dropped_influence([rule], n)[:, 0] / max(self.total(n).sum(), 1e-300)
+                  for n in self.lengths if self.finished[n]]
+        return np.mean(shares, axis=0)
+
     def add(self, length: int, far: np.ndarray, sink: np.ndarray, count: int = 1) -> None:
         """Add the summed summaries of ``count`` samples of ``length``."""
         self.far_sum[length] = self.far_sum[length] + far
