@@ -267,17 +267,17 @@ class MoaplanLayer(CacheLayerMixin):
         """Before a chunk is written: add to the sums the held ring tokens it pushes out and
         its own tokens that are never stored (``skipped``, ``[B, T, Hkv]``)."""
         weight = (skipped & self._comp).to(torch.float32)
-        self.key_sum += torch.einsum("bth,bhtd->bhd", weight, key.float())
-        self.value_sum += torch.einsum("bth,bhtd->bhd", weight, value.float())
+        pushed = {}  # compensating head -> [B, cap] weights of its held tokens pushed out
         for h in (h for h, comp in enumerate(self.compensate) if comp):
-            first, cap = self.layout.head_slots(h)
-            held = slot_positions(self.sinks[h], self.rings[h], self.n_real)  # [B, cap]
-            pushed = ((held >= self.sinks[h])
-                      & (held < (n_after - self.rings[h])[:, None])).to(torch.float32)
-            self.key_sum[:, h] += torch.einsum("bk,bkd->bd", pushed,
-                                               self.keys[:, first:first + cap].float())
-            self.value_sum[:, h] += torch.einsum("bk,bkd->bd", pushed,
-                                                 self.values[:, first:first + cap].float())
+            held = slot_positions(self.sinks[h], self.rings[h], self.n_real)
+            pushed[h] = ((held >= self.sinks[h])
+                         & (held < (n_after - self.rings[h])[:, None])).to(torch.float32)
+        for total, new, buf in ((self.key_sum, key, self.keys),
+                                (self.value_sum, value, self.values)):
+            total += torch.einsum("bth,bhtd->bhd", weight, new.float())
+            for h, out in pushed.items():
+                first, cap = self.layout.head_slots(h)
+                total[:, h] += torch.einsum("bk,bkd->bd", out, buf[:, first:first + cap].float())
 
     def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          pos: torch.Tensor, n_after: torch.Tensor, scale: float) -> torch.Tensor:
