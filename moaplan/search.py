@@ -33,7 +33,7 @@ from moaplan.profile import (
     save_profile,
 )
 from moaplan.profile.profile import metadata_path
-from moaplan.profile.profiler import response_loss
+from moaplan.profile.profiler import response_losses
 from moaplan.rules import RuleSpace
 from moaplan.runtime import apply, remove
 
@@ -174,10 +174,9 @@ def plan_from_solution(solution: Solution, profile: Profile, settings: SearchSet
                 provenance=dict(provenance or {}))
 
 
-@torch.no_grad()
 def measured_loss(model: torch.nn.Module, samples: Sequence[Any]) -> float:
     """Mean response-token cross-entropy over ``samples`` with the model as it is now."""
-    return float(np.mean([float(response_loss(model, s)[0]) for s in samples]))
+    return float(np.mean(response_losses(model, samples)))
 
 
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,

@@ -24,7 +24,7 @@ import torch
 from moaplan.errors import PlanError
 from moaplan.io import atomic_write_text
 from moaplan.plan import ModelShape, Plan
-from moaplan.profile.profiler import Sample, response_loss
+from moaplan.profile.profiler import Sample, response_losses
 from moaplan.rules import Rule
 from moaplan.runtime import apply, remove
 
@@ -56,25 +56,14 @@ def masked_heads_plan(shape: ModelShape, heads: Iterable[tuple[int, int]],
                 provenance={"masked_heads": sorted(map(list, heads)), "rule": rule.describe()})
 
 
-@torch.no_grad()
-def _losses(model: torch.nn.Module, samples: Sequence[Sample],
-            on_sample: Callable[[], None] | None) -> list[float]:
-    losses = []
-    for sample in samples:
-        losses.append(float(response_loss(model, sample)[0]))
-        if on_sample is not None:
-            on_sample()
-    return losses
-
-
 def influence_scores(model: torch.nn.Module, samples: Sequence[Sample], plan: Plan | str | Path,
                      *, on_sample: Callable[[], None] | None = None) -> list[InfluenceScore]:
     """Score every sample: its loss dense, then under ``plan`` (called back after each of the
     ``2 * len(samples)`` forward passes)."""
-    dense = _losses(model, samples, on_sample)
+    dense = response_losses(model, samples, on_sample)
     apply(model, plan)
     try:
-        masked = _losses(model, samples, on_sample)
+        masked = response_losses(model, samples, on_sample)
     finally:
         remove(model)
     return [InfluenceScore(i, (m - d) / max(d, 1e-12), d, m)

@@ -118,6 +118,19 @@ def response_loss(model: torch.nn.Module, sample: Sample, objective: str = "cros
     return token_objective(logits, targets, objective), embeds
 
 
+@torch.no_grad()
+def response_losses(model: torch.nn.Module, samples: Sequence[Sample],
+                    on_sample: Callable[[], None] | None = None) -> list[float]:
+    """Each sample's mean response-token cross-entropy with the model as it is now (called
+    back after each sample)."""
+    losses = []
+    for sample in samples:
+        losses.append(float(response_loss(model, sample)[0]))
+        if on_sample is not None:
+            on_sample()
+    return losses
+
+
 def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
     # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*.
     prefix = ("activation" if hasattr(model, "activation_checkpointing_enable") else "gradient")
