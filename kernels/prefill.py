@@ -360,7 +360,20 @@ def _per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.devi
                          f"{value.dtype} {tuple(value.shape)}")
     if value.device.type == "cpu" and value.numel() and int(value.min()) < minimum:
         raise ModelError(f"{name} must be >= {minimum}, got {value.tolist()}")
-    return value.to(device=device, dtype=torch.int32)
+    return _upload(value.to(torch.int32), device)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without waiting for the stream.  A copy from pageable memory
+    synchronises, and the GPU then idles while the kernel launch is prepared: ~60 us per call
+    on the H100, a quarter of a 4K window-1024 layer (benchmarks/NOTES_prefill.md, run 4).
+    Pinned memory copies asynchronously; torch's host allocator keeps the buffer until the
+    copy is done."""
+    if host.device == device:
+        return host
+    if device.type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -435,8 +448,8 @@ def sparse_attention(
     # Heavy heads first: the program's work grows with sink + span.
     order = sorted(range(n_kv_heads), key=lambda h: -(sinks[h] + spans[h]))
     comp_head = comp_heads + [0] * (n_kv_heads - len(comp_heads))  # slot -> KV head
-    table = torch.tensor([sinks, spans, order, comp_slot, comp_head],
-                         dtype=torch.int32).to(q.device)
+    table = _upload(torch.tensor([sinks, spans, order, comp_slot, comp_head],
+                                 dtype=torch.int32), q.device)
 
     if isinstance(q_offset, torch.Tensor):
         qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)

@@ -246,3 +246,21 @@ def test_bf16_on_gpu_within_sdpa_error(dim, group):
     allowed = (sdpa.float() - sdpa_ref).abs().max().item()
     assert not out.isnan().any()
     assert (out.float() - ref).abs().max().item() <= 1.5 * allowed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_call_never_waits_for_the_stream():
+    # A host sync per call left the GPU idle while the launch was prepared (~60 us a layer).
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(gen, 2, 8, 2, 300, 300, 64, torch.float16, "cuda")
+    q = q[:, :, 100:]  # a chunk of 200 queries after 100 keys of context
+    args = dict(seq_lens=torch.tensor([300, 250]), q_offset=torch.tensor([100, 100]),
+                compensate=[True, False])
+    sparse_attention(q, k, v, [4, 0], [64, 300], **args)  # compile outside the check
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sparse_attention(q, k, v, [4, 0], [64, 300], **args)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
