@@ -286,7 +286,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
            f"{meta['triton']}.  B=1, 32 q heads, 8 KV heads, D=128, bf16; times are medians of "
            f"triton.testing.do_bench.  ideal = density x T(SDPA default dense); "
            f"eta = ideal / T.", "",
-           "Tiles (BM x BN) are the kernel's default for each plan (`default_config`).", "",
+           "Tiles (BM x BN) are the kernel's default for each plan (`default_config`); "
+           "\"hm\": programs in head-major order.", "",
            "| N | plan | density | tiles | ours ms | flex ms | SDPA ms | SDPA-FA2 ms | ideal ms | "
            "ours TFLOP/s | flex TFLOP/s | ours/SDPA | ours/flex | eta ours | eta flex |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -294,7 +295,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
         ms = r["ms"]
         out.append(
             f"| {r['n']} | {r['plan']} | {r['density']:.3f} | "
-            f"{r['config']['block_m']}x{r['config']['block_n']} | {ms['ours']:.3f} | "
+            f"{r['config']['block_m']}x{r['config']['block_n']}"
+            f"{' hm' if r['config'].get('head_major') else ''} | {ms['ours']:.3f} | "
             f"{fmt(ms['flex'], '.3f')} | {ms['sdpa_default_dense']:.3f} | "
             f"{ms['sdpa_flash_dense']:.3f} | {ms['ideal']:.3f} | {r['tflops_ours']:.0f} | "
             f"{fmt(r['tflops_flex'], '.0f')} | {r['speedup_vs_sdpa']:.2f}x | "

@@ -97,6 +97,7 @@ def _cases(draw):
         compensate=compensate and torch.tensor(compensate),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
+        head_major=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31)),
     )
 
@@ -110,7 +111,8 @@ def test_random_plans_match_reference(interp, case):
     kwargs = dict(q_offset=case["q_offset"], seq_lens=case["seq_lens"],
                   compensate=case["compensate"])
     ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
-    config = PrefillConfig(*case["block"], num_warps=4, num_stages=1)
+    config = PrefillConfig(*case["block"], num_warps=4, num_stages=1,
+                           head_major=case["head_major"])
     out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
     _check(out, ref, case["dtype"])
 
@@ -174,14 +176,18 @@ def test_int_offset_and_default_tiles(interp):
     _check(interp(q, k, v, sink, span, q_offset=130), ref, torch.float16)
 
 
-def test_h100_tile_shapes(interp):
-    # The 128 x 128 tiles long plans use on the GPU, on a length that ends mid-tile.
+@pytest.mark.parametrize("head_major", [False, True])
+def test_h100_tile_shapes(interp, head_major):
+    # The 128 x 128 tiles long plans use on the GPU (in head-major order), on a batch with
+    # padding and a length that ends mid-tile.
     gen = torch.Generator().manual_seed(13)
-    q, k, v = _qkv(gen, 1, 4, 2, 300, 300, 32, torch.float16)
+    q, k, v = _qkv(gen, 2, 4, 2, 300, 300, 32, torch.float16)
     sink, span = _random_rule(gen, 2, 300)
-    ref = reference_attention(q, k, v, sink, span)
-    config = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    _check(interp(q, k, v, sink, span, config=config), ref, torch.float16)
+    seq_lens = torch.tensor([300, 170])
+    ref = reference_attention(q, k, v, sink, span, seq_lens=seq_lens)
+    config = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
+                           head_major=head_major)
+    _check(interp(q, k, v, sink, span, seq_lens=seq_lens, config=config), ref, torch.float16)
 
 
 def test_rows_without_visible_keys_are_zero_not_nan(interp):
