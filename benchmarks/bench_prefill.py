@@ -19,9 +19,11 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,8 +81,23 @@ def plans(n: int) -> list[Plan]:
     ]
 
 
+# Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
+# by up to 10% between runs minutes apart on the H100 (clocks), more than some margins.
+ROUNDS = 3
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_together(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median over ``ROUNDS`` rounds of each function's do_bench median, the functions
+    taking turns inside every round, so a drift of the card's speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Flex:
@@ -168,20 +185,25 @@ def time_length(n: int, flex: Flex | None, device, log) -> list[dict]:
     q, k, v = inputs(n, device, seed=n)
     kx, vx = k.repeat_interleave(GROUP, 1), v.repeat_interleave(GROUP, 1)
     sdpa = lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True)
-    t_dense = bench(sdpa)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        t_fa2 = bench(sdpa)
+
+    def sdpa_fa2():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa()
+
+    dense = bench_together({"default": sdpa, "fa2": sdpa_fa2})
+    t_dense, t_fa2 = dense["default"], dense["fa2"]
     log(f"N={n}: SDPA default {t_dense:.3f} ms, FA2 backend {t_fa2:.3f} ms")
     rows = []
     for plan in plans(n):
         density = plan.density(n)
         sink, span = torch.tensor(plan.sink), torch.tensor(plan.span)
-        t_ours = bench(lambda sink=sink, span=span: sparse_attention(q, k, v, sink, span))
-        t_flex = None
+        timed = {"ours": lambda sink=sink, span=span: sparse_attention(q, k, v, sink, span)}
         if flex is not None:
             run_flex = flex.prepare(plan, n)
             run_flex(q, k, v)  # compile outside the timing
-            t_flex = bench(lambda run_flex=run_flex: run_flex(q, k, v))
+            timed["flex"] = lambda run_flex=run_flex: run_flex(q, k, v)
+        times = bench_together(timed)
+        t_ours, t_flex = times["ours"], times.get("flex")
         entries = density * n * (n + 1) / 2 * HQ
         row = {
             "n": n, "plan": plan.name, "density": density, "config": asdict(plan.config(n)),
@@ -209,8 +231,10 @@ def compensation_overhead(n: int, device, log) -> dict:
     sink, span = torch.tensor(plan.sink), torch.tensor(plan.span)
     compensate = span < n
     q, k, v = inputs(n, device, seed=n + 1)
-    t_off = bench(lambda: sparse_attention(q, k, v, sink, span))
-    t_on = bench(lambda: sparse_attention(q, k, v, sink, span, compensate=compensate))
+    times = bench_together({
+        "off": lambda: sparse_attention(q, k, v, sink, span),
+        "on": lambda: sparse_attention(q, k, v, sink, span, compensate=compensate)})
+    t_off, t_on = times["off"], times["on"]
     row = {"n": n, "plan": "mixed", "compensating_heads": int(compensate.sum()),
            "ms_off": t_off, "ms_on": t_on, "overhead": t_on / t_off - 1}
     if n <= 4096:
@@ -283,8 +307,9 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
              comp_rows: list[dict] | None = None) -> str:
     out = [f"# Prefill attention on {meta['card']}", "",
            f"{meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
-           f"{meta['triton']}.  B=1, 32 q heads, 8 KV heads, D=128, bf16; times are medians of "
-           f"triton.testing.do_bench.  ideal = density x T(SDPA default dense); "
+           f"{meta['triton']}.  B=1, 32 q heads, 8 KV heads, D=128, bf16; times are the median "
+           f"of {ROUNDS} rounds of triton.testing.do_bench medians, ours and the baselines "
+           f"taking turns in each round.  ideal = density x T(SDPA default dense); "
            f"eta = ideal / T.", "",
            "Tiles (BM x BN) are the kernel's default for each plan (`default_config`); "
            "\"hm\": programs in head-major order.", "",
