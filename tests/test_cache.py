@@ -83,19 +83,38 @@ def test_applied_plans_generate_through_their_compressed_cache(model_and_plan):
     assert torch.equal(out.sequences, generate(model, ids, new, DynamicCache()))
 
 
-def test_left_padded_batch_matches_each_prompt_alone(model_and_plan):
-    model, plan = model_and_plan
-    prompts = [prompt(10 + i, n)[0] for i, n in enumerate((23, 8, 41))]
+def check_left_padded_batch(model, plan, device: str = "cpu") -> None:
+    """A left-padded batch through a MoaplanCache generates what each prompt generates alone
+    through a DynamicCache (the plan's masked dense path)."""
+    prompts = [prompt(10 + i, n)[0].to(device) for i, n in enumerate((23, 8, 41))]
     width, new = max(len(p) for p in prompts), 12
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
         ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
-    cache = MoaplanCache(plan, len(prompts), width + new)
+    cache = MoaplanCache(plan, len(prompts), width + new, device=device)
     out = generate(model, ids, new, cache, mask)
     for b, p in enumerate(prompts):
         alone = generate(model, p[None], new, DynamicCache())
         assert torch.equal(out[b, width:], alone[0, len(p):]), f"sequence {b}"
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model_and_plan):
+    check_left_padded_batch(*model_and_plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_cache_matches_dense(model_and_plan):
+    # The CUDA path in fp32: prefill kernel, one-launch decode write, split-KV decode kernel.
+    _, plan = model_and_plan
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval().cuda()
+    apply(model, plan)
+    check_left_padded_batch(model, plan, "cuda")
+    ids, new = prompt(3, 45).cuda(), 20
+    cache = MoaplanCache(plan, 1, 45 + new, device="cuda")
+    assert torch.equal(generate(model, ids, new, cache), generate(model, ids, new, DynamicCache()))
 
 
 def decode_logits(model, cache, ids, mask, steps) -> list[torch.Tensor]:

@@ -21,7 +21,8 @@ which is ``cache_step(key).attend(query, scale=..., chunk_real=real)`` with ``re
 chunk's attention and only then writes the chunk, because with a multi-token chunk (a
 prefill, or a second prompt in a multi-turn chat) the ring may have to evict keys that the
 chunk's first queries still see.  A single-token chunk (decode) is
-written first and read by the split-KV decode kernel.
+written first (on the GPU in one launch, :mod:`moaplan.kernels.append`) and read by the
+split-KV decode kernel.
 
 Rule length: like the dense path, a chunk's queries use ``span(N)`` with ``N`` the
 sequence's real length after the chunk; ``N <= max_length`` always, so the ring (sized at
@@ -44,6 +45,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
+from moaplan.kernels.append import SpanTable, append_token
 from moaplan.kernels.decode import (
     DecodeLayout,
     decode_attention,
@@ -65,24 +67,18 @@ def cache_step(key: torch.Tensor) -> MoaplanLayer | None:
 
 
 class _LayerRules:
-    """One layer's rules as device tensors, to evaluate ``span(n)`` without leaving the GPU."""
+    """One layer's rules, and their coefficients as device tensors to evaluate ``span(n)``
+    without leaving the GPU."""
 
     def __init__(self, rules: Sequence[Rule], device: torch.device):
         self.rules = tuple(rules)
         cols = rule_arrays(self.rules)
-        self.full = torch.from_numpy(cols["full"][:, 0]).to(device)
-        self.alpha = torch.from_numpy(cols["alpha"][:, 0]).to(device)
-        self.beta = torch.from_numpy(cols["beta"][:, 0]).to(device)
-        self.min_span = torch.from_numpy(cols["min_span"][:, 0]).to(device)
-        self.max_span = torch.from_numpy(cols["max_span"][:, 0]).to(device)
+        self.table = SpanTable(*(torch.from_numpy(cols[name][:, 0]).to(device) for name in
+                                 ("full", "alpha", "beta", "min_span", "max_span")))
 
     def spans(self, n: torch.Tensor) -> torch.Tensor:
-        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``); the same arithmetic as
-        :func:`moaplan.rules.rule_spans` (float64, round half up)."""
-        n = n.to(torch.int64)[:, None]
-        raw = torch.floor(self.alpha + self.beta * n.to(torch.float64) + 0.5).to(torch.int64)
-        span = torch.minimum(torch.maximum(raw, self.min_span), torch.minimum(self.max_span, n))
-        return torch.where(self.full, n, span)
+        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``)."""
+        return self.table.spans(n)
 
 
 class MoaplanLayer(CacheLayerMixin):
@@ -178,15 +174,19 @@ class MoaplanLayer(CacheLayerMixin):
             raise ModelError("attend() needs a chunk staged by update() first")
         key, value = self._pending
         self._pending = None
-        pos, real, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         if query.shape[2] == 1:
-            self._write_one(key, value, pos[:, 0], real[:, 0])
+            real = None if chunk_real is None else chunk_real[:, 0].to(torch.bool)
+            n_after = self.n_real + (1 if real is None else real)
+            self._check_capacity(1, n_after)
+            spans = self._write_one(key, value, n_after, real)
             out = decode_attention(query[:, :, 0], self.keys, self.values, self.layout, n_after,
-                                   self.rules.spans(n_after), scale=scale,
-                                   evicted=(self.key_sum, self.value_sum))
-            out = out.masked_fill(~real[:, 0, None, None], 0.0)[:, :, None]
+                                   spans, scale=scale, evicted=(self.key_sum, self.value_sum))
+            if real is not None:
+                out = out.masked_fill(~real[:, None, None], 0.0)
+            out = out[:, :, None]
         else:
+            pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
             out = self._chunk_attention(query, key, value, pos, n_after, scale)
             self._write_many(key, value, pos, n_after)
         self.n_real = n_after
@@ -231,11 +231,20 @@ class MoaplanLayer(CacheLayerMixin):
         local = torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
         return self._offset + local
 
-    def _write_one(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
-                   real: torch.Tensor) -> None:
-        """Decode write without a host sync: padding rows rewrite the slot's old content.  The
-        ring token it overwrites (at ``pos - ring``) joins a compensating head's sums."""
+    def _write_one(self, key: torch.Tensor, value: torch.Tensor, n_after: torch.Tensor,
+                   real: torch.Tensor | None) -> torch.Tensor:
+        """Decode write without a host sync: each sequence's token at position
+        ``n_after - 1`` (nothing where ``real`` is False); the ring token it overwrites (at
+        ``pos - ring``) joins a compensating head's sums.  Returns the heads' spans at
+        ``n_after``.  On the GPU one launch (:func:`moaplan.kernels.append.append_token`); the
+        torch version below is the CPU path and the oracle."""
+        if self.keys.is_cuda:
+            return append_token(key, value, self.keys, self.values, self.key_sum,
+                                self.value_sum, self.layout, n_after, real, self.rules.table)
         batch, capacity = self.batch_size, self.layout.capacity
+        if real is None:
+            real = torch.ones(batch, dtype=torch.bool, device=n_after.device)
+        pos = n_after - 1  # for padding rows the previous token, rewritten with its old content
         rows = (self._slots(pos.clamp(min=0))
                 + torch.arange(batch, device=pos.device)[:, None] * capacity).reshape(-1)
         keep = real[:, None, None]
@@ -248,6 +257,7 @@ class MoaplanLayer(CacheLayerMixin):
                 total += torch.where(evicts, old.float(), 0.0)
             merged = torch.where(keep, new[:, :, 0], old)
             flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
+        return self.rules.spans(n_after)
 
     def _write_many(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
                     n_after: torch.Tensor) -> None:

@@ -1,0 +1,74 @@
+"""The one-launch decode write of :mod:`moaplan.kernels.append` against the cache's torch
+path, step after step through ring wrap-around, with padding rows and compensating heads.
+
+The Triton kernel runs on the CPU in a worker whose Triton was imported with
+``TRITON_INTERPRET=1`` (see ``interpreter.py``); everything it writes must equal what the torch
+path writes, bit for bit: both only copy values, and add the same fp32 values to the sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interpreter import interpreter_pool
+from transformers import LlamaConfig
+
+from moaplan.plan import ModelShape, Plan
+from moaplan.rules import Rule
+from moaplan.runtime.cache import MoaplanCache
+
+HKV, DIM = 3, 32
+RULES = [Rule(sink=3, alpha=4.0, beta=0.25, compensate=True),  # elastic, compensating
+         Rule.window(5),  # fixed window, no sinks
+         Rule.full_attention()]
+
+
+def _interpreted(args: tuple) -> tuple[torch.Tensor, ...]:
+    """Runs in the worker: the kernel writes into its copies of the buffers, returned."""
+    from moaplan.kernels.append import append_token
+
+    key, value, keys, values, key_sum, value_sum, layout, n_after, real, table = args
+    spans = append_token(key, value, keys, values, key_sum, value_sum, layout, n_after, real,
+                         table)
+    return spans, keys, values, key_sum, value_sum
+
+
+@pytest.fixture(scope="module")
+def interp():
+    with interpreter_pool() as pool:
+        yield lambda *args: pool.submit(_interpreted, args).result()
+
+
+def _layer(dtype: torch.dtype, batch: int, max_length: int):
+    config = LlamaConfig(hidden_size=HKV * DIM * 2, num_attention_heads=HKV * 2,
+                         num_key_value_heads=HKV, num_hidden_layers=1, vocab_size=11)
+    plan = Plan(ModelShape.from_config(config), [RULES])
+    return MoaplanCache(plan, batch, max_length, dtype=dtype).layers[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_append_matches_the_torch_path(interp, dtype):
+    gen = torch.Generator().manual_seed(0)
+    batch, prefix, steps = 3, 6, 14
+    layer = _layer(dtype, batch, prefix + steps)
+    # A prefix with left padding, so the sequences start at different real lengths.
+    real = torch.ones(batch, prefix, dtype=torch.bool)
+    real[1, :2] = real[2, :5] = False
+    k = torch.randn(batch, HKV, prefix, DIM, generator=gen).to(dtype)
+    layer.append(k, torch.randn_like(k, dtype=torch.float32).to(dtype), chunk_real=real)
+    for step in range(steps):
+        # Strided new tokens (a slice of a wider tensor), as RoPE'd keys arrive.
+        wide = torch.randn(batch, HKV, 1, 2 * DIM, generator=gen).to(dtype)
+        key, value = wide[..., :DIM], wide[..., DIM:]
+        real = None if step % 3 else torch.tensor([True, step % 2 == 0, True])
+        n_after = layer.n_real + (1 if real is None else real)
+        state = tuple(x.clone() for x in (layer.keys, layer.values, layer.key_sum,
+                                          layer.value_sum))
+        got = interp(key, value, *state, layer.layout, n_after, real, layer.rules.table)
+        want_spans = layer._write_one(key, value, n_after, real)  # the torch path (CPU)
+        assert torch.equal(got[0], want_spans.to(torch.int32)), f"spans, step {step}"
+        for name, out, ref in zip(("keys", "values", "key_sum", "value_sum"), got[1:],
+                                  (layer.keys, layer.values, layer.key_sum, layer.value_sum)):
+            assert torch.equal(out, ref), f"{name}, step {step}"
+        layer.n_real = n_after
+    assert int(layer.key_sum.abs().sum()) > 0  # the compensating head's ring did overwrite
