@@ -19,11 +19,9 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
+from timing import ROUNDS, bench, bench_together, captured  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.prefill import PrefillConfig, default_config, sparse_attention
@@ -79,38 +78,6 @@ def plans(n: int) -> list[Plan]:
         Plan("half", (SINK,) * HKV, (n // 2,) * HKV),
         Plan("mixed", mixed.sink, mixed.span),
     ]
-
-
-# Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
-# by up to 10% between runs minutes apart on the H100 (clocks), more than some margins.
-ROUNDS = 3
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def captured(fn: Callable[[], object]) -> Callable[[], None]:
-    """A CUDA graph of ``fn``'s launches, to replay: the GPU's time without the host's."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # a first run on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def bench_together(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median over ``ROUNDS`` rounds of each function's do_bench median, the functions
-    taking turns inside every round, so a drift of the card's speed hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Flex:

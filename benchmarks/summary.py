@@ -76,13 +76,14 @@ def _decode(path: Path, base: Path) -> list[str]:
              f"{report['card']}, {report['date']}, commit `{_short(report['commit'])}`.",
              "",
              "| batch | context | moaplan ms (default launch) | useful TB/s | best launch TB/s "
-             "| SDPA dense cache ms | SDPA TB/s | speedup |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| GPU-only TB/s (graph) | SDPA dense cache ms | SDPA TB/s | speedup |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in report["kernel"]:
         default = k.get("default", k["best"])  # results from before defaults were recorded
+        graph = f"{k['graph']['useful_tb_s']:.2f}" if "graph" in k else "-"
         lines.append(f"| {k['batch']} | {k['n']} | {default['ms']:.3f} "
                      f"| {default['useful_tb_s']:.2f} | {k['best']['useful_tb_s']:.2f} "
-                     f"| {k['sdpa_ms']:.3f} | {k['sdpa_tb_s']:.2f} "
+                     f"| {graph} | {k['sdpa_ms']:.3f} | {k['sdpa_tb_s']:.2f} "
                      f"| {k['sdpa_ms'] / default['ms']:.2f}x |")
     e2e = report.get("e2e")
     if e2e:
@@ -93,7 +94,9 @@ def _decode(path: Path, base: Path) -> list[str]:
                       f"{dense['tokens_per_s']:.0f} tokens/s; largest batch "
                       f"{e2e['largest_batch']['moaplan']} vs {e2e['largest_batch']['dense']}: "
                       f"{ours['at_largest_batch']['tokens_per_s']:.0f} vs "
-                      f"{dense['at_largest_batch']['tokens_per_s']:.0f} tokens/s."]
+                      f"{dense['at_largest_batch']['tokens_per_s']:.0f} tokens/s"
+                      + (f" (DynamicCache with SDPA {dense['sdpa_backend']}, the faster)."
+                         if "sdpa_backend" in dense else ".")]
     return ["\n".join(lines), _image(path.with_name("decode_bandwidth.png"), base, "decode")]
 
 

@@ -105,11 +105,13 @@ def test_left_padded_batch_matches_each_prompt_alone(model_and_plan):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_cache_matches_dense(model_and_plan):
-    # The CUDA path in fp32: prefill kernel, one-launch decode write, split-KV decode kernel.
-    _, plan = model_and_plan
+@pytest.mark.parametrize("compensate", [False, True])
+def test_cuda_cache_matches_dense(compensate):
+    # The CUDA path in fp32: prefill kernel, one-launch decode write, split-KV decode kernel
+    # (head_dim 32: the kernels' smallest).
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval().cuda()
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG | dict(hidden_size=128))).eval().cuda()
+    plan = mixed_plan(model.config, compensate)
     apply(model, plan)
     check_left_padded_batch(model, plan, "cuda")
     ids, new = prompt(3, 45).cuda(), 20
