@@ -16,8 +16,9 @@ End to end: a random bf16 Llama-3-8B-shaped model, a plan of the same mixed head
 layer), caches filled with random keys for 32K-token contexts (no prefill: it does not change
 decode), then timed forward steps of one token: MoaplanCache + the plan's attention vs
 transformers' DynamicCache + SDPA (with and without cuDNN, whose per-length plan building
-costs a decode step; the faster is the baseline).  Cache memory is measured (allocator delta) and compared
-with ``kv_bytes``; the largest batch is computed from the memory left after the weights.
+costs a decode step; the faster is the baseline).  Cache memory is measured (allocator delta)
+and compared with ``kv_bytes``; the largest batch is computed from the memory left after the
+weights.
 
     python benchmarks/bench_decode.py --out DIR [--layers 32]
 """
