@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
-from timing import bench, captured  # noqa: E402
+from timing import ROUNDS, bench, bench_together, captured  # noqa: E402
 
 DEVICE = "cuda"
 ALL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -128,15 +129,16 @@ def compensation_overhead(rules: list[Rule], n: int, q, k_buf, v_buf, n_seen, sp
     plain = decode_layout(sinks, spans, batch=batch, device="cuda")
     comp = decode_layout(sinks, spans, batch=batch, device="cuda", compensate=compensate)
     evicted = tuple(torch.randn(batch, HKV, DIM, device="cuda") for _ in range(2))
-    ms_off = bench(lambda: decode_attention(q, k_buf, v_buf, plain, n_seen, span))
-    ms_on = bench(lambda: decode_attention(q, k_buf, v_buf, comp, n_seen, span,
-                                              evicted=evicted))
-    ours = decode_attention(q, k_buf, v_buf, comp, n_seen, span, evicted=evicted)
+    off = lambda: decode_attention(q, k_buf, v_buf, plain, n_seen, span)
+    on = lambda: decode_attention(q, k_buf, v_buf, comp, n_seen, span, evicted=evicted)
+    times = bench_together({"off": off, "on": on, "graph_off": captured(off),
+                            "graph_on": captured(on)})
     ref = decode_attention(q.float(), k_buf.float(), v_buf.float(), comp, n_seen, span,
                            evicted=evicted, backend="torch")
-    return dict(compensating_heads=sum(compensate), ms_off=ms_off, ms_on=ms_on,
-                overhead=ms_on / ms_off - 1,
-                rel_err_vs_fp32=float((ours.float() - ref).norm() / ref.norm()))
+    return dict(compensating_heads=sum(compensate), ms_off=times["off"], ms_on=times["on"],
+                overhead=times["on"] / times["off"] - 1,
+                graph_overhead=times["graph_on"] / times["graph_off"] - 1,
+                rel_err_vs_fp32=float((on().float() - ref).norm() / ref.norm()))
 
 
 def sdpa_bench(q: torch.Tensor, batch: int, n: int) -> tuple[float, float]:
@@ -176,21 +178,39 @@ def fill(cache, layers: int, batch: int, n: int, compressed: bool) -> None:
             cache.update(k.contiguous(), k.contiguous(), layer)
 
 
-def decode_tokens_per_s(model, cache, batch: int, n: int, steps: int = 8) -> float:
+def decode_speed(model, cache, batch: int, n: int, steps: int = 8) -> dict:
+    """Decode tokens/s from the host clock (median of ``ROUNDS`` rounds of ``steps`` steps,
+    after two warm-up steps), and from the GPU's busy time alone (the kernels of
+    ``steps`` more steps, from the profiler): eager decoding of a 32-layer model is partly
+    bound by the host's launch cost, which differs between machines; the second is not."""
     ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
+    position = iter(range(n, n + 2 + (ROUNDS + 1) * steps))
+
+    def step() -> None:
+        pos = torch.full((batch, 1), next(position), device=DEVICE)
+        model(ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    rates = []
     with torch.inference_mode():
-        for t in range(2 + steps):
-            if t == 2:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-            pos = torch.full((batch, 1), n + t, device=DEVICE)
-            model(ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+        step(), step()
+        for _ in range(ROUNDS):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            rates.append(batch * steps / (time.perf_counter() - start))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    busy_us = sum(e.device_time for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+    return dict(tokens_per_s=statistics.median(rates),
+                gpu_tokens_per_s=batch * steps / (busy_us * 1e-6))
 
 
-def e2e(layers: int, n: int, batch: int, new: int = 16) -> dict:
+def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
     from transformers import DynamicCache
 
     from moaplan.runtime import apply
@@ -206,37 +226,37 @@ def e2e(layers: int, n: int, batch: int, new: int = 16) -> dict:
                plan_kv_density=float(plan.densities([n])["kv"].mean()))
     reserve = 4 * 2**30  # decode activations, logits, the dense cache's torch.cat copy
 
-    def measure(make, compressed: bool, b: int) -> tuple[int, float]:
+    def measure(make, compressed: bool, b: int) -> tuple[int, dict]:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         cache = make(b)
         fill(cache, layers, b, n, compressed)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
-        tps = decode_tokens_per_s(model, cache, b, n)
+        speed = decode_speed(model, cache, b, n)
         del cache
         torch.cuda.empty_cache()
-        return held, tps
+        return held, speed
 
     make_dense = lambda b: DynamicCache()
     make_moa = lambda b: MoaplanCache(plan, b, n + new, torch.bfloat16, "cuda")
     # The dense baseline at its best: SDPA's default backend (cuDNN on the H100) builds a new
     # plan for every new key length, i.e. at every decode step; without cuDNN it does not.
-    by_backend = {}
+    speeds = {}
     for name, backends in DENSE_BACKENDS.items():
         with sdpa_kernel(backends):
-            dense_held, by_backend[name] = measure(make_dense, False, batch)
-    dense_backend = max(by_backend, key=by_backend.get)
-    out["dense"] = dict(batch=batch, held_bytes=dense_held,
-                        tokens_per_s=by_backend[dense_backend], sdpa_backend=dense_backend,
-                        tokens_per_s_by_backend=by_backend,
+            dense_held, speeds[name] = measure(make_dense, False, batch)
+    dense_backend = max(speeds, key=lambda name: speeds[name]["tokens_per_s"])
+    out["dense"] = dict(batch=batch, held_bytes=dense_held, **speeds[dense_backend],
+                        sdpa_backend=dense_backend,
+                        tokens_per_s_by_backend={k: v["tokens_per_s"] for k, v in speeds.items()},
                         predicted_bytes=kv_bytes(plan, model.config, n, batch, torch.bfloat16,
                                                  dense=True))
     apply(model, plan, strict=False)
-    moa_held, moa_tps = measure(make_moa, True, batch)
+    moa_held, moa_speed = measure(make_moa, True, batch)
     predicted = kv_bytes(plan, model.config, n + new, batch, torch.bfloat16)
     out["moaplan"] = dict(batch=batch, held_bytes=moa_held, predicted_bytes=predicted,
-                          prediction_error=moa_held / predicted - 1, tokens_per_s=moa_tps,
+                          prediction_error=moa_held / predicted - 1, **moa_speed,
                           memory_vs_dense=moa_held / dense_held)
     free = total - weights - reserve
     per_seq = {"dense": dense_held / batch, "moaplan": moa_held / batch}
@@ -250,8 +270,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 16) -> dict:
         backends = DENSE_BACKENDS[dense_backend] if name == "dense" else ALL_BACKENDS
         try:
             with sdpa_kernel(backends):
-                tps = measure(make, compressed, b)[1]
-            out[name]["at_largest_batch"] = dict(batch=b, tokens_per_s=tps)
+                out[name]["at_largest_batch"] = dict(batch=b, **measure(make, compressed, b)[1])
         except torch.cuda.OutOfMemoryError as err:
             out[name]["at_largest_batch"] = dict(batch=b, error=str(err).splitlines()[0])
             torch.cuda.empty_cache()
@@ -316,26 +335,34 @@ def markdown(result: dict) -> str:
     measured = [k for k in result["kernel"] if "compensation" in k]  # older results lack it
     if measured:
         lines += ["", "Compensation tokens on the 5 windowed heads (default launch):", "",
-                  "| batch | context | off ms | on ms | overhead | rel. err vs fp32 |",
-                  "|---|---|---|---|---|---|"]
+                  "| batch | context | off ms | on ms | overhead | GPU-only overhead (graph) "
+                  "| rel. err vs fp32 |", "|---|---|---|---|---|---|---|"]
     for k in measured:
         c = k["compensation"]
+        graph = f"{100 * c['graph_overhead']:+.1f}%" if "graph_overhead" in c else "-"
         lines.append(f"| {k['batch']} | {k['n']} | {c['ms_off']:.3f} | {c['ms_on']:.3f} | "
-                     f"{100 * c['overhead']:+.1f}% | {c['rel_err_vs_fp32']:.1e} |")
+                     f"{100 * c['overhead']:+.1f}% | {graph} | {c['rel_err_vs_fp32']:.1e} |")
     e = result.get("e2e")
     if e:
         d, m = e["dense"], e["moaplan"]
         lines += ["", f"End to end: random bf16 Llama-3-8B shape with {e['layers']} layers, "
                   f"{e['n']}-token contexts, plan KV density {e['plan_kv_density']:.3f}.", "",
-                  "| cache | batch | KV bytes held | predicted | decode tok/s | largest batch "
-                  "| tok/s at largest |", "|---|---|---|---|---|---|---|"]
+                  "| cache | batch | KV bytes held | predicted | decode tok/s | GPU-only tok/s "
+                  "| largest batch | tok/s at largest | GPU-only at largest |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
         for name, r in (("DynamicCache + SDPA", d), ("MoaplanCache + plan", m)):
             key = "dense" if r is d else "moaplan"
             big = r.get("at_largest_batch", {})
             lines.append(f"| {name} | {r['batch']} | {r['held_bytes'] / 2**30:.2f} GiB | "
                          f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s']:.1f} | "
-                         f"{e['largest_batch'][key]} | "
-                         f"{big.get('tokens_per_s', float('nan')):.1f} |")
+                         f"{r.get('gpu_tokens_per_s', nan):.1f} | {e['largest_batch'][key]} | "
+                         f"{big.get('tokens_per_s', nan):.1f} | "
+                         f"{big.get('gpu_tokens_per_s', nan):.1f} |")
+        lines += ["", "decode tok/s: host clock, the median of 3 rounds of 8 steps (eager "
+                  "PyTorch, so partly bound by the host's launch cost, which differs between "
+                  "machines); GPU-only: from the kernels' busy time over 8 more steps (the "
+                  "profiler), what a launch-free (CUDA-graph) decode loop would approach."]
         if "tokens_per_s_by_backend" in d:  # older results lack it
             lines += ["", "DynamicCache + SDPA decode tok/s at batch "
                       f"{d['batch']} by SDPA backend: " + ", ".join(
