@@ -204,7 +204,7 @@ def decode_speed(model, cache, batch: int, n: int, steps: int = 8) -> dict:
             for _ in range(steps):
                 step()
             torch.cuda.synchronize()
-    busy_us = sum(e.device_time for e in prof.events()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
     return dict(tokens_per_s=statistics.median(rates),
                 gpu_tokens_per_s=batch * steps / (busy_us * 1e-6))
