@@ -97,6 +97,12 @@ def _decode(path: Path, base: Path) -> list[str]:
                       f"{dense['at_largest_batch']['tokens_per_s']:.0f} tokens/s"
                       + (f" (DynamicCache with SDPA {dense['sdpa_backend']}, the faster)."
                          if "sdpa_backend" in dense else ".")]
+        if "gpu_tokens_per_s" in ours:
+            lines[-1] += (" From the GPU's busy time alone (no host launch cost): "
+                          f"{ours['gpu_tokens_per_s']:.0f} vs {dense['gpu_tokens_per_s']:.0f} "
+                          f"at batch {ours['batch']}, "
+                          f"{ours['at_largest_batch']['gpu_tokens_per_s']:.0f} vs "
+                          f"{dense['at_largest_batch']['gpu_tokens_per_s']:.0f} at the largest.")
     return ["\n".join(lines), _image(path.with_name("decode_bandwidth.png"), base, "decode")]
 
 
