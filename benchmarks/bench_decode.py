@@ -45,7 +45,9 @@ from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, bench, bench_together, captured  # noqa: E402
+from timing import ROUNDS, bench, bench_together  # noqa: E402
+
+from moaplan.runtime.graphed import capture_graph
 
 DEVICE = "cuda"
 ALL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -102,7 +104,7 @@ def kernel_bench(batch: int, n: int) -> dict:
     # Correctness of the default launch, against the torch path in float32.
     layout = decode_layout(sinks, spans, batch=batch, device="cuda")
     # The GPU's time alone (two launches, replayed from a CUDA graph), for ours and SDPA.
-    graph_ms = bench(captured(lambda: run(layout, None)))
+    graph_ms = bench(capture_graph(lambda: run(layout, None)))
     ref = decode_attention(q.float(), k_buf.float(), v_buf.float(), layout, n_seen, span,
                            backend="torch")
     check = float((run(layout, None).float() - ref).norm() / ref.norm())
@@ -131,8 +133,8 @@ def compensation_overhead(rules: list[Rule], n: int, q, k_buf, v_buf, n_seen, sp
     evicted = tuple(torch.randn(batch, HKV, DIM, device="cuda") for _ in range(2))
     off = lambda: decode_attention(q, k_buf, v_buf, plain, n_seen, span)
     on = lambda: decode_attention(q, k_buf, v_buf, comp, n_seen, span, evicted=evicted)
-    times = bench_together({"off": off, "on": on, "graph_off": captured(off),
-                            "graph_on": captured(on)})
+    times = bench_together({"off": off, "on": on, "graph_off": capture_graph(off),
+                            "graph_on": capture_graph(on)})
     ref = decode_attention(q.float(), k_buf.float(), v_buf.float(), comp, n_seen, span,
                            evicted=evicted, backend="torch")
     return dict(compensating_heads=sum(compensate), ms_off=times["off"], ms_on=times["on"],
@@ -147,7 +149,7 @@ def sdpa_bench(q: torch.Tensor, batch: int, n: int) -> tuple[float, float]:
     v = torch.randn_like(k)
     q4 = q[:, :, None]
     sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
-    return bench(sdpa), bench(captured(sdpa))
+    return bench(sdpa), bench(capture_graph(sdpa))
 
 
 def random_llama(layers: int):
@@ -178,36 +180,55 @@ def fill(cache, layers: int, batch: int, n: int, compressed: bool) -> None:
             cache.update(k.contiguous(), k.contiguous(), layer)
 
 
-def decode_speed(model, cache, batch: int, n: int, steps: int = 8) -> dict:
+def decode_speed(model, cache, batch: int, n: int, steps: int = 8,
+                 graphed: bool = False) -> dict:
     """Decode tokens/s from the host clock (median of ``ROUNDS`` rounds of ``steps`` steps,
-    after two warm-up steps), and from the GPU's busy time alone (the kernels of
-    ``steps`` more steps, from the profiler): eager decoding of a 32-layer model is partly
-    bound by the host's launch cost, which differs between machines; the second is not."""
+    after two warm-up steps), and from the GPU's busy time alone (the kernels of ``steps`` more
+    steps, from the profiler): eager decoding of a 32-layer model is partly bound by the host's
+    launch cost, which differs between machines; the second is not.  With ``graphed``, also
+    the tokens/s of steps replayed from a CUDA graph (a MoaplanCache; as
+    ``moaplan.greedy_generate`` decodes)."""
     ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
-    position = iter(range(n, n + 2 + (ROUNDS + 1) * steps))
+    position = iter(range(n, n + 3 + (ROUNDS + 1) * steps))
 
     def step() -> None:
         pos = torch.full((batch, 1), next(position), device=DEVICE)
         model(ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    rates = []
-    with torch.inference_mode():
-        step(), step()
+    def timed_rounds(run) -> float:
+        rates = []
         for _ in range(ROUNDS):
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                run()
             torch.cuda.synchronize()
             rates.append(batch * steps / (time.perf_counter() - start))
+        return statistics.median(rates)
+
+    with torch.inference_mode():
+        step(), step()
+        speed = dict(tokens_per_s=timed_rounds(step))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 step()
             torch.cuda.synchronize()
+        if graphed:
+            pos = torch.full((batch, 1), next(position), device=DEVICE)
+
+            def step_in_place() -> None:
+                model(ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                      logits_to_keep=1)
+                pos.add_(1)
+
+            replay = capture_graph(step_in_place)  # one step run, the next one recorded
+            cache.count_replayed(-1)
+            speed["graph_tokens_per_s"] = timed_rounds(replay)
+            cache.count_replayed(ROUNDS * steps)
     busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    return dict(tokens_per_s=statistics.median(rates),
-                gpu_tokens_per_s=batch * steps / (busy_us * 1e-6))
+    speed["gpu_tokens_per_s"] = batch * steps / (busy_us * 1e-6)
+    return speed
 
 
 def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
@@ -233,7 +254,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
         fill(cache, layers, b, n, compressed)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
-        speed = decode_speed(model, cache, b, n)
+        speed = decode_speed(model, cache, b, n, graphed=compressed)
         del cache
         torch.cuda.empty_cache()
         return held, speed
@@ -347,22 +368,24 @@ def markdown(result: dict) -> str:
         d, m = e["dense"], e["moaplan"]
         lines += ["", f"End to end: random bf16 Llama-3-8B shape with {e['layers']} layers, "
                   f"{e['n']}-token contexts, plan KV density {e['plan_kv_density']:.3f}.", "",
-                  "| cache | batch | KV bytes held | predicted | decode tok/s | GPU-only tok/s "
-                  "| largest batch | tok/s at largest | GPU-only at largest |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        nan = float("nan")
+                  "| cache | batch | KV bytes held | predicted | decode tok/s | CUDA graph tok/s "
+                  "| GPU-only tok/s | largest batch | tok/s at largest | CUDA graph at largest "
+                  "| GPU-only at largest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        def rates(row: dict) -> str:
+            return " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in
+                              ("tokens_per_s", "graph_tokens_per_s", "gpu_tokens_per_s"))
+
         for name, r in (("DynamicCache + SDPA", d), ("MoaplanCache + plan", m)):
             key = "dense" if r is d else "moaplan"
-            big = r.get("at_largest_batch", {})
             lines.append(f"| {name} | {r['batch']} | {r['held_bytes'] / 2**30:.2f} GiB | "
-                         f"{r['predicted_bytes'] / 2**30:.2f} GiB | {r['tokens_per_s']:.1f} | "
-                         f"{r.get('gpu_tokens_per_s', nan):.1f} | {e['largest_batch'][key]} | "
-                         f"{big.get('tokens_per_s', nan):.1f} | "
-                         f"{big.get('gpu_tokens_per_s', nan):.1f} |")
+                         f"{r['predicted_bytes'] / 2**30:.2f} GiB | {rates(r)} | "
+                         f"{e['largest_batch'][key]} | {rates(r.get('at_largest_batch', {}))} |")
         lines += ["", "decode tok/s: host clock, the median of 3 rounds of 8 steps (eager "
                   "PyTorch, so partly bound by the host's launch cost, which differs between "
-                  "machines); GPU-only: from the kernels' busy time over 8 more steps (the "
-                  "profiler), what a launch-free (CUDA-graph) decode loop would approach."]
+                  "machines); CUDA graph: the same, each step replayed from one graph (as "
+                  "`moaplan.greedy_generate` decodes; DynamicCache's growing tensors cannot be "
+                  "replayed); GPU-only: from the kernels' busy time over 8 eager steps (the "
+                  "profiler), what a launch-free decode loop would approach."]
         if "tokens_per_s_by_backend" in d:  # older results lack it
             lines += ["", "DynamicCache + SDPA decode tok/s at batch "
                       f"{d['batch']} by SDPA backend: " + ", ".join(

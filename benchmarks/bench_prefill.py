@@ -33,11 +33,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, bench, bench_together, captured  # noqa: E402
+from timing import ROUNDS, bench, bench_together  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.prefill import PrefillConfig, default_config, sparse_attention
 from moaplan.rules import attention_density
+from moaplan.runtime.graphed import capture_graph
 from moaplan.runtime.reference import reference_attention
 
 HQ, HKV, DIM, SINK = 32, 8, 128, 64
@@ -213,8 +214,8 @@ def compensation_overhead(n: int, device, log) -> dict:
     q, k, v = inputs(n, device, seed=n + 1)
     off = lambda: sparse_attention(q, k, v, sink, span)
     on = lambda: sparse_attention(q, k, v, sink, span, compensate=compensate)
-    times = bench_together({"off": off, "on": on, "off_graph": captured(off),
-                            "on_graph": captured(on)})
+    times = bench_together({"off": off, "on": on, "off_graph": capture_graph(off),
+                            "on_graph": capture_graph(on)})
     t_off, t_on = times["off"], times["on"]
     row = {"n": n, "plan": "mixed", "compensating_heads": int(compensate.sum()),
            "ms_off": t_off, "ms_on": t_on, "overhead": t_on / t_off - 1,

@@ -97,6 +97,10 @@ def _decode(path: Path, base: Path) -> list[str]:
                       f"{dense['at_largest_batch']['tokens_per_s']:.0f} tokens/s"
                       + (f" (DynamicCache with SDPA {dense['sdpa_backend']}, the faster)."
                          if "sdpa_backend" in dense else ".")]
+        if "graph_tokens_per_s" in ours:
+            lines[-1] += (" Decoding from a replayed CUDA graph (`moaplan.greedy_generate`): "
+                          f"{ours['graph_tokens_per_s']:.0f} tokens/s at batch {ours['batch']}, "
+                          f"{ours['at_largest_batch']['graph_tokens_per_s']:.0f} at the largest.")
         if "gpu_tokens_per_s" in ours:
             lines[-1] += (" From the GPU's busy time alone (no host launch cost): "
                           f"{ours['gpu_tokens_per_s']:.0f} vs {dense['gpu_tokens_per_s']:.0f} "

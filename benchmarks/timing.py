@@ -1,11 +1,11 @@
-"""GPU timing shared by the benchmarks: do_bench medians, interleaved rounds, graph replays."""
+"""GPU timing shared by the benchmarks: do_bench medians and interleaved rounds (graph replays
+come from ``moaplan.runtime.graphed.capture_graph``)."""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
 
-import torch
 import triton
 
 # Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
@@ -26,16 +26,3 @@ def bench_together(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         for name, fn in fns.items():
             times[name].append(bench(fn))
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def captured(fn: Callable[[], object]) -> Callable[[], None]:
-    """A CUDA graph of ``fn``'s launches, to replay: the GPU's time without the host's."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # a first run on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay

@@ -15,6 +15,7 @@ _LAZY = {
     "apply": "moaplan.runtime.apply",
     "remove": "moaplan.runtime.apply",
     "MoaplanCache": "moaplan.runtime.cache",
+    "greedy_generate": "moaplan.runtime.graphed",
     "kv_bytes": "moaplan.runtime.memory",
     "load_plan": "moaplan.plan",
     "save_plan": "moaplan.plan",

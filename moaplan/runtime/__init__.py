@@ -3,8 +3,9 @@ compressed KV cache."""
 
 from moaplan.runtime.apply import apply, layer_attention, remove
 from moaplan.runtime.cache import MoaplanCache, attend_cached
+from moaplan.runtime.graphed import greedy_generate
 from moaplan.runtime.memory import kv_bytes
 from moaplan.runtime.reference import reference_attention, visible
 
-__all__ = ["MoaplanCache", "apply", "attend_cached", "kv_bytes", "layer_attention",
-           "reference_attention", "remove", "visible"]
+__all__ = ["MoaplanCache", "apply", "attend_cached", "greedy_generate", "kv_bytes",
+           "layer_attention", "reference_attention", "remove", "visible"]

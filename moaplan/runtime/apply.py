@@ -222,6 +222,15 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
     return model
 
 
+def applied_plan(model: Any) -> Plan:
+    """The plan :func:`apply` switched ``model`` to."""
+    plan = getattr(model, _PLAN, None)
+    if plan is None:
+        raise ModelError("this model has no moaplan plan applied; call "
+                         "moaplan.apply(model, plan) first")
+    return plan
+
+
 def _generate_with_compressed_cache(model: Any) -> Any:
     """``model.generate`` that hands a :class:`MoaplanCache` of the applied plan to every call
     that brings no cache (nor a ``cache_implementation``) of its own, sized for the prompt plus
@@ -240,7 +249,7 @@ def _generate_with_compressed_cache(model: Any) -> Any:
                      or kwargs.get("cache_implementation", config.cache_implementation))
         if not own_cache and single and isinstance(ids, torch.Tensor) and ids.dim() == 2 and new:
             kwargs["past_key_values"] = MoaplanCache(
-                getattr(model, _PLAN), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
+                applied_plan(model), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
                 device=ids.device)
         return plain(*args, **kwargs)
 

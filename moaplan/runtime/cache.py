@@ -184,13 +184,21 @@ class MoaplanLayer(CacheLayerMixin):
                                    spans, scale=scale, evicted=(self.key_sum, self.value_sum))
             if real is not None:
                 out = out.masked_fill(~real[:, None, None], 0.0)
-            out = out[:, :, None]
-        else:
-            pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
-            out = self._chunk_attention(query, key, value, pos, n_after, scale)
-            self._write_many(key, value, pos, n_after)
+            self.n_real.copy_(n_after)  # in place, so that a replayed CUDA graph advances it
+            return out[:, :, None]
+        pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
+        out = self._chunk_attention(query, key, value, pos, n_after, scale)
+        self._write_many(key, value, pos, n_after)
         self.n_real = n_after
         return out
+
+    def count_replayed(self, steps: int) -> None:
+        """Bring the host counters up to date after ``steps`` decode steps replayed from a
+        CUDA graph, which advance the buffers and real lengths on the device but run no
+        Python; ``-1`` undoes the count of a captured step, whose Python ran but whose kernels
+        did not (:mod:`moaplan.runtime.graphed`)."""
+        self.written += steps
+        self._max_real += steps
 
     def append(self, key: torch.Tensor, value: torch.Tensor,
                chunk_real: torch.Tensor | None = None) -> None:
@@ -380,6 +388,11 @@ class MoaplanCache(Cache):
         super().__init__(layers=layers)
         self.plan = plan
         self.max_length = max_length
+
+    def count_replayed(self, steps: int) -> None:
+        """:meth:`MoaplanLayer.count_replayed` for every layer."""
+        for layer in self.layers:
+            layer.count_replayed(steps)
 
     def nbytes(self) -> int:
         """Bytes of the K/V buffers this cache holds (what :func:`moaplan.kv_bytes` predicts)."""
