@@ -55,6 +55,7 @@ from moaplan.kernels.decode import (
 )
 from moaplan.plan import Plan
 from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
+from moaplan.runtime.layer import layer_attention, real_token_attention
 
 _STEP_ATTR = "_moaplan_cache_step"
 # Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
@@ -304,8 +305,12 @@ class MoaplanLayer(CacheLayerMixin):
         n_kv = self.layout.num_kv_heads
         group = n_q_heads // n_kv
         empty = self.written == n_new  # nothing was cached before this chunk
-        if empty and query.is_cuda and chunk_is_plain(pos):
-            return self._first_prefill_kernel(query, key, value, scale)
+        if empty and query.is_cuda:  # a first prefill: the block-sparse kernel
+            if chunk_is_plain(pos):
+                return layer_attention(self.rules.rules, query, key, value, None, scale=scale)
+            real = pos >= 0
+            return real_token_attention(self.rules.rules, query, key, value, real, real,
+                                        scale=scale)
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         spans = self.rules.spans(n_after)  # [B, Hkv]: the rule length is N after the chunk
         out = torch.zeros_like(query)
@@ -337,17 +342,6 @@ class MoaplanLayer(CacheLayerMixin):
                 out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
                     qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part).to(query.dtype)
         return out
-
-    def _first_prefill_kernel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              scale: float) -> torch.Tensor:
-        """An unpadded first prefill on the GPU: the block-sparse prefill kernel at N = Nq."""
-        from moaplan.kernels.prefill import sparse_attention  # needs a CUDA-capable Triton
-
-        n = query.shape[2]
-        sink = rule_sinks(self.rules.rules, n).tolist()
-        span = rule_spans(self.rules.rules, n).tolist()
-        return sparse_attention(query, key, value, sink, span, scale=scale,
-                                compensate=self.compensate)
 
 
 def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -1,0 +1,100 @@
+"""One layer's attention under its rules, on a whole chunk of keys: the compute seam that
+``moaplan.apply``'s attention function and the first prefill of a ``MoaplanCache`` share.
+On CUDA the block-sparse Triton kernel (:mod:`moaplan.kernels.prefill`), elsewhere the torch
+reference (which is also the kernel's oracle).  Padding (left or right) is handled by moving
+each sequence's real tokens to the front, so real-token positions become slot indices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moaplan.kernels.prefill import sparse_attention
+from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
+from moaplan.runtime.reference import reference_attention
+
+
+@dataclass(frozen=True)
+class HeadRules:
+    """One layer's rules at one length, per KV head, as host tensors (the kernel plans its
+    tiles from them on the CPU, with no device sync): int64 ``sink`` and ``span``, and bool
+    ``compensate`` (RazorAttention's compensation token; False for full rules)."""
+
+    sink: torch.Tensor
+    span: torch.Tensor
+    compensate: torch.Tensor
+
+    @classmethod
+    def at(cls, rules: Sequence[Rule], n: int) -> HeadRules:
+        return cls(torch.from_numpy(rule_sinks(rules, n)), torch.from_numpy(rule_spans(rules, n)),
+                   torch.from_numpy(rule_arrays(rules)["compensate"][:, 0]))
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: HeadRules,
+    *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The compute seam: sequences with real tokens at key slots ``0 .. seq_lens-1``
+    (right-padded), all at one rule length.  On CUDA the block-sparse Triton kernel, elsewhere
+    the torch reference (which is also the kernel's oracle)."""
+    attend = sparse_attention if q.is_cuda else reference_attention
+    return attend(q, k, v, heads.sink, heads.span, scale=scale, q_offset=q_offset,
+                  seq_lens=seq_lens, compensate=heads.compensate)
+
+
+def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, order[b, t]]`` for ``x`` of shape ``[B, H, N, D]`` and ``order`` ``[B, N]``."""
+    index = order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    return x.gather(2, index)
+
+
+def layer_attention(
+    rules: Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: torch.Tensor | None, *, scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one layer under its rules (one per KV head, compensation tokens
+    included): ``[B, Hq, Nq, D]``.
+
+    ``mask`` is ``moaplan.runtime.apply.real_token_mask``'s: None (no padding, queries in the
+    last slots: one call at ``N = Nk``), or bool ``[B, 1, Nq, Nk]`` whose padding rows and
+    columns are all False (see :func:`real_token_attention`).
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    if mask is None:
+        return _attend(q, k, v, HeadRules.at(rules, nk), scale=scale, q_offset=nk - nq,
+                       seq_lens=None)
+    # A real query sees itself, so its row has a True; a real key is seen by its own query.
+    return real_token_attention(rules, q, k, v, mask[:, 0].any(1), mask[:, 0].any(2),
+                                scale=scale)
+
+
+def real_token_attention(
+    rules: Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_real: torch.Tensor, q_real: torch.Tensor, *, scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`layer_attention` with padding: ``key_real`` ``[B, Nk]`` and ``q_real``
+    ``[B, Nq]`` mark the real tokens.  Each sequence's real tokens are moved to the front (a
+    stable sort keeps their order), so real-token positions become slot indices; sequences
+    are grouped by their real length ``N`` (the rule length), and the outputs are moved back
+    to their query slots (padding rows stay zero)."""
+    key_order = torch.argsort((~key_real).to(torch.int8), dim=1, stable=True)
+    q_order = torch.argsort((~q_real).to(torch.int8), dim=1, stable=True)
+    seq_lens = key_real.sum(1)
+    # Every real key is a real query or precedes them all: the real queries are the last
+    # real tokens of their sequence, at consecutive positions.
+    q_offset = seq_lens - q_real.sum(1)
+    q_c = _gather_slots(q, q_order)
+    k_c, v_c = _gather_slots(k, key_order), _gather_slots(v, key_order)
+
+    out_c = q.new_zeros(q.shape[:3] + (v.shape[3],))
+    for n in seq_lens.unique().tolist():
+        if n == 0:
+            continue  # no real token yet: nothing to attend, the rows stay zero
+        rows = (seq_lens == n).nonzero().squeeze(1)
+        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], HeadRules.at(rules, n),
+                              scale=scale, q_offset=q_offset[rows], seq_lens=seq_lens[rows])
+    # q_order is a permutation of the query slots: scatter undoes the gather.
+    index = q_order[:, None, :, None].expand(-1, out_c.shape[1], -1, out_c.shape[3])
+    return torch.zeros_like(out_c).scatter(2, index, out_c)
