@@ -231,6 +231,33 @@ def decode_speed(model, cache, batch: int, n: int, steps: int = 8,
     return speed
 
 
+def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Token ids and attention masks: one ``n``-token prompt, and a left-padded batch of an
+    ``n``-token prompt and a ``3n/4``-token one."""
+    ids = torch.randint(0, 1000, (2, n), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :n // 4] = 0
+    return {"batch 1": (ids[:1], mask[:1]), "batch 2, left padding": (ids, mask)}
+
+
+def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Seconds to prefill ``ids`` into a fresh cache (time to first token): the median of
+    ``ROUNDS`` runs after one warm-up."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(ROUNDS + 1):
+            cache = make_cache(ids.shape[0])
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            del cache
+            torch.cuda.empty_cache()
+    return statistics.median(times[1:])
+
+
 def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
     from transformers import DynamicCache
 
@@ -261,6 +288,9 @@ def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
 
     make_dense = lambda b: DynamicCache()
     make_moa = lambda b: MoaplanCache(plan, b, n + new, torch.bfloat16, "cuda")
+    prompts = prefill_prompts(n)
+    out["prefill_s"] = {"dense": {name: prefill_seconds(model, make_dense, *p)
+                                  for name, p in prompts.items()}}
     # The dense baseline at its best: SDPA's default backend (cuDNN on the H100) builds a new
     # plan for every new key length, i.e. at every decode step; without cuDNN it does not.
     speeds = {}
@@ -274,6 +304,8 @@ def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
                         predicted_bytes=kv_bytes(plan, model.config, n, batch, torch.bfloat16,
                                                  dense=True))
     apply(model, plan, strict=False)
+    out["prefill_s"]["moaplan"] = {name: prefill_seconds(model, make_moa, *p)
+                                   for name, p in prompts.items()}
     moa_held, moa_speed = measure(make_moa, True, batch)
     predicted = kv_bytes(plan, model.config, n + new, batch, torch.bfloat16)
     out["moaplan"] = dict(batch=batch, held_bytes=moa_held, predicted_bytes=predicted,
@@ -391,6 +423,16 @@ def markdown(result: dict) -> str:
                       f"{d['batch']} by SDPA backend: " + ", ".join(
                           f"{k} {v:.1f}" for k, v in d["tokens_per_s_by_backend"].items())
                       + f"; the table uses the faster ({d['sdpa_backend']})."]
+        if "prefill_s" in e:  # older results lack it
+            p = e["prefill_s"]
+            lines += ["", f"Prefill of {e['n']}-token prompts (time to first token, median of "
+                      f"{ROUNDS}), DynamicCache + SDPA (default backend) vs MoaplanCache + plan "
+                      "(block-sparse kernel):", "", "| prompts | dense s | moaplan s | speedup |",
+                      "|---|---|---|---|"]
+            for name, dense_s in p["dense"].items():
+                ours_s = p["moaplan"][name]
+                lines.append(f"| {name} | {dense_s:.3f} | {ours_s:.3f} | "
+                             f"{dense_s / ours_s:.2f}x |")
         lines += ["", f"Memory vs DynamicCache: {m['memory_vs_dense']:.3f}; prediction error "
                   f"{100 * m['prediction_error']:+.2f}%; largest batch ratio "
                   f"{e['largest_batch_ratio']:.2f}x (computed from the memory left after the "

@@ -101,6 +101,10 @@ def _decode(path: Path, base: Path) -> list[str]:
             lines[-1] += (" Decoding from a replayed CUDA graph (`moaplan.greedy_generate`): "
                           f"{ours['graph_tokens_per_s']:.0f} tokens/s at batch {ours['batch']}, "
                           f"{ours['at_largest_batch']['graph_tokens_per_s']:.0f} at the largest.")
+        if "prefill_s" in e2e:
+            parts = [f"{name} {e2e['prefill_s']['moaplan'][name]:.2f} s vs {dense_s:.2f} s"
+                     for name, dense_s in e2e["prefill_s"]["dense"].items()]
+            lines[-1] += " Prefill (time to first token): " + "; ".join(parts) + "."
         if "gpu_tokens_per_s" in ours:
             lines[-1] += (" From the GPU's busy time alone (no host launch cost): "
                           f"{ours['gpu_tokens_per_s']:.0f} vs {dense['gpu_tokens_per_s']:.0f} "
