@@ -39,7 +39,7 @@ from moaplan.errors import BudgetError, MoaplanError
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
 from moaplan.io import atomic_write_text
 from moaplan.plan import Budget, ModelShape, Plan, duo_plan, uniform_plan
-from moaplan.rules import Rule, RuleSpace
+from moaplan.rules import RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.search import SearchSettings, measured_loss, obtain_profile, search
 
@@ -141,11 +141,9 @@ def duo_baseline(shape: ModelShape, profile, budget: Budget, settings: QualitySe
     candidates = []
     recent = settings.recent
     while recent >= 32:
-        stream = Rule.window(recent, sink=settings.sink)
-        scores = profile.dropped_influence([stream], max(profile.lengths))[:, 0]
         try:
-            plan = duo_plan(shape, scores.reshape(shape.num_layers, shape.num_key_value_heads),
-                            budget, settings.target_lengths, settings.sink, recent)
+            plan = duo_plan(shape, profile.duo_scores(settings.sink, recent), budget,
+                            settings.target_lengths, settings.sink, recent)
         except BudgetError:
             recent //= 2
             continue

@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moaplan.plan import Budget, ModelShape, duo_plan, save_plan, uniform_plan
-    from moaplan.rules import Rule
 
     budget = Budget(args.density, args.budget)
     lengths = sorted({*args.lengths, *args.extend_to})
@@ -47,11 +46,8 @@ def run(args: argparse.Namespace) -> int:
         samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
         profile = obtain_profile(session.model, samples, session.profile_path, block=64,
                                  rule_space=RuleSpace())
-        stream = Rule.window(args.recent, sink=args.sink)
-        scores = profile.dropped_influence([stream], max(args.lengths))[:, 0]
-        shape = profile.model
-        plan = duo_plan(shape, scores.reshape(shape.num_layers, shape.num_key_value_heads),
-                        budget, lengths, args.sink, args.recent)
+        plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
+                        lengths, args.sink, args.recent)
     save_plan(plan, args.out)
     print(f"wrote {args.out}: {args.kind} plan, {args.density} density {args.budget}")
     return 0

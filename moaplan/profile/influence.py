@@ -94,13 +94,15 @@ def summarize_dense(e: torch.Tensor, block: int, num_sink_blocks: int, kv_heads:
     return summary
 
 
-def _rows_per_slab(batch: int, q_heads: int, n: int, block: int) -> int:
+def rows_per_slab(batch: int, q_heads: int, n: int, block: int) -> int:
+    """Query rows per slab (a multiple of ``block``) so that a slab's scores stay within
+    ``_SLAB_ELEMENTS``; shared with the head scorers, which walk rows the same way."""
     rows = _SLAB_ELEMENTS // max(batch * q_heads * n, 1)
     return max(block, rows // block * block)
 
 
-def _causal_scores(q: torch.Tensor, k: torch.Tensor, r0: int, r1: int, scale: float
-                   ) -> torch.Tensor:
+def causal_scores(q: torch.Tensor, k: torch.Tensor, r0: int, r1: int, scale: float
+                  ) -> torch.Tensor:
     """Masked scores ``[B, Hkv, g, r1 - r0, r1]`` of query rows ``r0:r1`` (keys ``0:r1``)."""
     s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2) * scale
     rows = torch.arange(r0, r1, device=q.device)[:, None]
@@ -108,7 +110,7 @@ def _causal_scores(q: torch.Tensor, k: torch.Tensor, r0: int, r1: int, scale: fl
     return s.masked_fill(keys > rows, -torch.inf)
 
 
-def _grouped(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
+def grouped_queries(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``q`` as ``[B, Hkv, g, N, d]`` float32 so GQA needs no copy of ``k``/``v``."""
     b, hq, n, d = q.shape
     group = hq // k.shape[1]
@@ -119,14 +121,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention slab by slab: ``(O [B, Hq, N, d] in q's dtype, lse [B, Hq, N] float32)``."""
     b, hq, n, d = q.shape
-    qg, _ = _grouped(q, k)
+    qg, _ = grouped_queries(q, k)
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]
     out = torch.empty(qg.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
-    rows = _rows_per_slab(b, hq, n, block)
+    rows = rows_per_slab(b, hq, n, block)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        s = _causal_scores(qg, kf, r0, r1, scale)
+        s = causal_scores(qg, kf, r0, r1, scale)
         lse[..., r0:r1] = torch.logsumexp(s, -1)
         out[..., r0:r1, :] = torch.exp(s - lse[..., r0:r1, None]) @ vf[..., :r1, :]
     return out.reshape(b, hq, n, d).to(q.dtype), lse.reshape(b, hq, n)
@@ -172,7 +174,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
     ``P = exp(S - lse)``, ``dP = dO V^T`` (= G), ``dS = P (dP - D)``, ``E = -dS / (1 - P + EPS)``.
     """
     b, hq, n, d = q.shape
-    qg, group = _grouped(q, k)
+    qg, group = grouped_queries(q, k)
     dog = do.float().reshape(qg.shape)
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]
     dd = (dog * o.float().reshape(qg.shape)).sum(-1)  # D_i
@@ -180,10 +182,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
     dq = torch.empty_like(qg)
     dk = torch.zeros(kf.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    rows = _rows_per_slab(b, hq, n, block)
+    rows = rows_per_slab(b, hq, n, block)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        p = torch.exp(_causal_scores(qg, kf, r0, r1, scale) - lse[..., r0:r1, None])
+        p = torch.exp(causal_scores(qg, kf, r0, r1, scale) - lse[..., r0:r1, None])
         dp = dog[..., r0:r1, :] @ vf[..., :r1, :].transpose(-1, -2)
         ds = p * (dp - dd[..., r0:r1, None])
         dq[..., r0:r1, :] = ds @ kf[..., :r1, :] * scale

@@ -135,6 +135,13 @@ class Profile:
                   for n in self.lengths if self.finished[n]]
         return np.mean(shares, axis=0)
 
+    def duo_scores(self, sink: int, recent: int) -> np.ndarray:
+        """``(layers, kv_heads)`` DuoAttention-style head scores for ``duo_plan``: the
+        influence the streaming rule (``sink`` + ``recent`` keys) drops on each head at the
+        longest profiled length."""
+        dropped = self.dropped_influence([Rule.window(recent, sink=sink)], max(self.lengths))
+        return dropped[:, 0].reshape(self.model.num_layers, self.model.num_key_value_heads)
+
     def add(self, length: int, far: np.ndarray, sink: np.ndarray, count: int = 1) -> None:
         """Add the summed summaries of ``count`` samples of ``length``."""
         self.far_sum[length] = self.far_sum[length] + far

@@ -52,7 +52,7 @@ from moaplan.errors import DataError, ProfileError
 from moaplan.eval.tasks import MIN_LENGTH, TASKS, TaskSample
 from moaplan.plan import ModelShape
 from moaplan.profile.attention import plain_causal_scale, profiling_attention
-from moaplan.profile.influence import _causal_scores, _grouped, _rows_per_slab
+from moaplan.profile.influence import causal_scores, grouped_queries, rows_per_slab
 from moaplan.profile.profile import Profile, num_blocks, sink_blocks
 from moaplan.profile.profiler import Progress
 from moaplan.rules import RuleSpace
@@ -82,13 +82,13 @@ class RowProbe:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale,
             enable_gqa=query.shape[1] != key.shape[1])
-        qg, _ = _grouped(query, key)
+        qg, _ = grouped_queries(query, key)
         kf = key.float()[:, :, None]
         b, hq, n, _ = query.shape
-        rows = _rows_per_slab(b, hq, n, 1)
+        rows = rows_per_slab(b, hq, n, 1)
         for r0 in range(self.start, self.end, rows):
             r1 = min(r0 + rows, self.end)
-            probs = torch.softmax(_causal_scores(qg, kf, r0, r1, scale), -1)
+            probs = torch.softmax(causal_scores(qg, kf, r0, r1, scale), -1)
             self.observe(module.layer_idx, r0, probs.flatten(1, 2))
         return out.transpose(1, 2).contiguous(), None
 
