@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,32 @@ def test_convert_moa_and_duo(tmp_path):
 def test_convert_needs_a_shape(tmp_path):
     result = run_cli("convert", "moa", "x.json", "--out", str(tmp_path / "o.yaml"))
     assert result.returncode == 2 and "give --model DIR" in result.stderr
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_plans_fit_the_reference_model(path):
+    from moaplan.model import load_model
+
+    plan = load_plan(path)
+    plan.check_model(load_model()[0].config, strict=True)
+    per_length = plan.densities(plan.lengths)["kv"].mean(axis=(0, 1))
+    assert plan.budget is not None and per_length.max() <= plan.budget.value + 1e-9
+
+
+def test_generate_continues_a_prompt_under_a_shipped_plan(capsys):
+    plan = next(p for p in SHIPPED if "searched" in p.name)
+    assert main(["generate", "--plan", str(plan), "--prompt", "import os\n",
+                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    text, stats = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert text.startswith("import os\n") and len(text) > len("import os\n")
+    assert stats.startswith("-- 12 new tokens") and "KV cache" in stats
+
+
+def test_generate_reports_a_missing_prompt_file(tmp_path):
+    plan = next(p for p in SHIPPED if "streaming" in p.name)
+    missing = run_cli("generate", "--plan", str(plan), "--prompt-file", str(tmp_path / "no"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.count("\n") == 1 and "cannot read --prompt-file" in missing.stderr

@@ -12,8 +12,8 @@ import sys
 
 from moaplan.errors import MoaplanError
 
-SUBCOMMANDS = ("search", "baseline", "profile", "eval", "show", "convert", "compare-scorers",
-               "influence")
+SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "convert",
+               "compare-scorers", "influence")
 
 
 def build_parser() -> argparse.ArgumentParser:

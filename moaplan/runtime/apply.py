@@ -31,7 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from moaplan.errors import ModelError
 from moaplan.plan import Plan, load_plan
 from moaplan.rules import Rule
-from moaplan.runtime.cache import MoaplanCache, attend_cached
+from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
 from moaplan.runtime.layer import layer_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -168,10 +168,11 @@ def _generate_with_compressed_cache(model: Any) -> Any:
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
         single = (kwargs.get("num_beams", config.num_beams) or 1) == 1 and (
             kwargs.get("num_return_sequences", config.num_return_sequences) or 1) == 1
-        own_cache = (kwargs.get("past_key_values") is not None or not kwargs.get("use_cache", True)
+        own_cache = (kwargs.get("past_key_values") is not None
+                     or kwargs.get("cache") is not None or not kwargs.get("use_cache", True)
                      or kwargs.get("cache_implementation", config.cache_implementation))
         if not own_cache and single and isinstance(ids, torch.Tensor) and ids.dim() == 2 and new:
-            kwargs["past_key_values"] = MoaplanCache(
+            kwargs[cache_keyword(model)] = MoaplanCache(
                 applied_plan(model), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
                 device=ids.device)
         return plain(*args, **kwargs)

@@ -38,6 +38,7 @@ The tokens a query drops are those plus the held ring tokens older than its span
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,12 @@ from moaplan.runtime.layer import layer_attention, real_token_attention
 _STEP_ATTR = "_moaplan_cache_step"
 # Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
 _SCORE_ELEMENTS = 1 << 25
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword this model's ``forward`` and ``generate`` take a cache by: ``cache`` on
+    newer ``transformers`` releases, ``past_key_values`` (deprecated there) on older ones."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def cache_step(key: torch.Tensor) -> MoaplanLayer | None:

@@ -26,7 +26,7 @@ import torch
 
 from moaplan.errors import ModelError
 from moaplan.runtime.apply import applied_plan
-from moaplan.runtime.cache import MoaplanCache
+from moaplan.runtime.cache import MoaplanCache, cache_keyword
 
 
 @torch.inference_mode()
@@ -64,10 +64,10 @@ def greedy_generate(
     eos = _token_list(eos_token_id, model.generation_config.eos_token_id)
     pad = _token_list(pad_token_id, model.generation_config.pad_token_id) or eos or [0]
 
+    with_cache = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
     # Prefill, with generate's positions: real tokens count from 0, padding sits at 1.
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    logits = model(input_ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids, attention_mask=mask, position_ids=positions, **with_cache).logits
     ids = logits[:, -1].argmax(-1, keepdim=True)
     tokens = torch.full((batch, max_new_tokens), pad[0], dtype=torch.long, device=device)
     tokens[:, :1] = ids
@@ -76,8 +76,7 @@ def greedy_generate(
 
     def step() -> None:
         # Every tensor it changes is changed in place, so a graph replay repeats it exactly.
-        out = model(ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1).logits
+        out = model(ids, position_ids=pos, **with_cache).logits
         chosen = out[:, -1].argmax(-1, keepdim=True)
         tokens.scatter_(1, column, chosen)
         ids.copy_(chosen)
