@@ -4,7 +4,7 @@ KV heads keep, and every head's span at the new length.
 A decode step of ``MoaplanCache`` otherwise costs some forty small torch kernels per layer
 (slot arithmetic, gathers for the compensation sums, the two scatters, the span formula);
 their launch overhead, not the GPU, set the speed of end-to-end decoding
-(benchmarks/results/h100/decode.md).  The torch version in ``moaplan.runtime.cache`` stays
+(benchmarks/NOTES_decode.md).  The torch version in ``moaplan.runtime.cache`` stays
 the CPU path and the oracle.
 
 The slot layout is the one of :mod:`moaplan.kernels.decode`: head ``h``'s token at position

@@ -1,5 +1,6 @@
-"""Running a model under a plan: the reference attention, ``apply``/``remove``, and the
-compressed KV cache."""
+"""Running a model under a plan: the reference attention, one layer's attention under its
+rules, ``apply``/``remove``, the compressed KV cache, and greedy generation that replays its
+decode steps from a CUDA graph."""
 
 from moaplan.runtime.apply import apply, remove
 from moaplan.runtime.cache import MoaplanCache, attend_cached
