@@ -10,7 +10,8 @@ from test_cache import CONFIG, generate, mixed_plan, prompt
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moaplan.errors import ModelError
-from moaplan.runtime import apply, greedy_generate
+from moaplan.runtime import MoaplanCache, apply, greedy_generate
+from moaplan.runtime.apply import applied_plan
 
 
 def _model(device: str, compensate: bool):
@@ -60,6 +61,10 @@ def test_bad_input_is_a_clear_error():
         greedy_generate(model, prompt(1, 5), max_new_tokens=3, graph=True)
     with pytest.raises(ModelError, match="int64"):
         greedy_generate(model, prompt(1, 5).float(), max_new_tokens=3)
+    used = MoaplanCache(applied_plan(model), 1, 64)
+    greedy_generate(model, prompt(1, 5), max_new_tokens=2, cache=used)
+    with pytest.raises(ModelError, match="empty MoaplanCache"):
+        greedy_generate(model, prompt(1, 5), max_new_tokens=2, cache=used)
 
 
 @pytest.mark.gpu

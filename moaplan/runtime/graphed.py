@@ -61,6 +61,9 @@ def greedy_generate(
     if cache is None:
         cache = MoaplanCache(applied_plan(model), batch, width + max_new_tokens,
                              dtype=model.dtype, device=device)
+    elif not isinstance(cache, MoaplanCache) or cache.get_seq_length():
+        raise ModelError("greedy_generate fills a new, empty MoaplanCache; pass none to get one "
+                         "sized for the request")
     eos = _token_list(eos_token_id, model.generation_config.eos_token_id)
     pad = _token_list(pad_token_id, model.generation_config.pad_token_id) or eos or [0]
 
