@@ -61,6 +61,9 @@ def test_bad_input_is_a_clear_error():
         greedy_generate(model, prompt(1, 5), max_new_tokens=3, graph=True)
     with pytest.raises(ModelError, match="int64"):
         greedy_generate(model, prompt(1, 5).float(), max_new_tokens=3)
+    with pytest.raises(ModelError, match="holds 7 tokens per sequence but generation needs 9"):
+        greedy_generate(model, prompt(1, 5), max_new_tokens=5,
+                        cache=MoaplanCache(applied_plan(model), 1, 7))
     used = MoaplanCache(applied_plan(model), 1, 64)
     greedy_generate(model, prompt(1, 5), max_new_tokens=2, cache=used)
     with pytest.raises(ModelError, match="empty MoaplanCache"):

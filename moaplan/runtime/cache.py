@@ -200,6 +200,16 @@ class MoaplanLayer(CacheLayerMixin):
         self.n_real = n_after
         return out
 
+    def reserve(self, steps: int) -> None:
+        """Check that ``steps`` more tokens per sequence fit, and set the host bound of the
+        real lengths to their exact value (one sync), so that the next ``steps`` single-token
+        steps check their room without looking at the device, as a CUDA graph must."""
+        self._max_real = int(self.n_real.max())
+        if self._max_real + steps > self.max_length:
+            raise ModelError(f"the MoaplanCache holds {self.max_length} tokens per sequence but "
+                             f"generation needs {self._max_real + steps}; make it with a larger "
+                             "max_length")
+
     def count_replayed(self, steps: int) -> None:
         """Bring the host counters up to date after ``steps`` decode steps replayed from a
         CUDA graph, which advance the buffers and real lengths on the device but run no
@@ -389,6 +399,11 @@ class MoaplanCache(Cache):
         super().__init__(layers=layers)
         self.plan = plan
         self.max_length = max_length
+
+    def reserve(self, steps: int) -> None:
+        """:meth:`MoaplanLayer.reserve` for every layer."""
+        for layer in self.layers:
+            layer.reserve(steps)
 
     def count_replayed(self, steps: int) -> None:
         """:meth:`MoaplanLayer.count_replayed` for every layer."""
