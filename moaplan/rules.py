@@ -121,6 +121,16 @@ def rule_sinks(rules: Sequence[Rule], n: ArrayLike) -> np.ndarray:
     return np.minimum(sink, n.reshape(1, -1)).reshape((len(rules),) + n.shape)
 
 
+def cache_slots(rules: Sequence[Rule], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sink slots and ring slots of every rule in a cache sized for ``length`` tokens: the
+    sinks, and a ring of the span at ``length`` but no longer than the tokens after the sinks
+    (``sink + span`` can exceed a short length), at least one slot.  So a head never holds
+    more than ``length`` slots, as :func:`kv_density` counts."""
+    sinks = rule_sinks(rules, length)
+    rings = np.maximum(np.minimum(rule_spans(rules, length), length - sinks), 1)
+    return sinks, rings
+
+
 def kept_per_row(sink: ArrayLike, span: ArrayLike, i: ArrayLike) -> np.ndarray:
     """Keys query ``i`` sees: ``min(i + 1, span + sink)`` (the sink and window never overlap
     in count because sink keys are only counted when they lie outside the window)."""

@@ -196,6 +196,20 @@ def test_memory_matches_prediction(model_and_plan):
     assert kv_bytes(plan, model.config, 4096, 1) < 0.5 * dense
 
 
+def test_short_requests_hold_no_more_than_a_dense_cache():
+    # sink + span(13) = 6 + 20 > 13: the ring is capped at the tokens left after the sinks.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    wide = Rule(sink=6, alpha=20.0, compensate=True)
+    plan = Plan(ModelShape.from_config(model.config), [[wide, Rule.full_attention()]] * LAYERS)
+    apply(model, plan)
+    ids, new = prompt(7, 5), 8
+    cache = MoaplanCache(plan, 1, 5 + new)
+    assert all(layer.layout.capacity == KV_HEADS * 13 for layer in cache.layers)
+    assert cache.nbytes() == kv_bytes(plan, model.config, 13, 1)
+    assert torch.equal(generate(model, ids, new, cache), generate(model, ids, new, DynamicCache()))
+
+
 def test_overflow_and_misuse_are_clear_errors(model_and_plan):
     model, plan = model_and_plan
     cache = MoaplanCache(plan, 1, 12)

@@ -174,6 +174,19 @@ def test_stale_ring_slots_in_two_ranges(interp, dtype):
     assert rel_err(torch_path, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_spans_wider_than_rings_that_hold_every_token(interp, dtype):
+    """A short request's rings are capped at the tokens after the sinks (``cache_slots``), so
+    a span can exceed its ring; every token is held and the rule still decides."""
+    case = make_case(70, [4, 0, 2], [10, 14, 12], [14, 9, 5], 6, 32, dtype, chunk=8,
+                     compensate=[True, False, True])
+    case["span"] = torch.tensor([[13, 14, 14], [9, 9, 8], [5, 2, 5]])  # up to n > ring
+    ref = reference(case)
+    assert rel_err(run(case, interp), ref) < TOL[dtype]
+    torch_path = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="torch"))
+    assert rel_err(torch_path, ref) < TOL[dtype]
+
+
 def test_default_chunk_gives_enough_work_items():
     """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): the 4096-slot
     chunks the H100 sweep picked at batch 1 / 128K and batch 8 / 32K (about 128 items or

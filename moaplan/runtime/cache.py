@@ -55,7 +55,7 @@ from moaplan.kernels.decode import (
     slot_positions,
 )
 from moaplan.plan import Plan
-from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
+from moaplan.rules import Rule, cache_slots, rule_arrays
 from moaplan.runtime.layer import layer_attention, real_token_attention
 
 _STEP_ATTR = "_moaplan_cache_step"
@@ -103,8 +103,7 @@ class MoaplanLayer(CacheLayerMixin):
         self.rules = _LayerRules(rules, device)
         self.max_length = max_length
         self.num_q_heads = num_q_heads
-        self.sinks = rule_sinks(rules, max_length).tolist()
-        self.rings = rule_spans(rules, max_length).tolist()
+        self.sinks, self.rings = (x.tolist() for x in cache_slots(rules, max_length))
         self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
         # The work list's chunk depends on the batch (enough work items to fill the GPU).
         self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,

@@ -9,7 +9,7 @@ import torch
 
 from moaplan.errors import ModelError
 from moaplan.plan import Plan
-from moaplan.rules import rule_arrays, rule_sinks, rule_spans
+from moaplan.rules import cache_slots, rule_arrays
 
 
 def _config_and_dtype(model_or_config: Any, dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
@@ -27,8 +27,9 @@ def _config_and_dtype(model_or_config: Any, dtype: torch.dtype | None) -> tuple[
 def kv_bytes(plan: Plan, model_or_config: Any, length: int, batch: int = 1,
              dtype: torch.dtype | None = None, *, dense: bool = False) -> int:
     """Bytes of keys and values a plan's cache holds for ``batch`` sequences of up to
-    ``length`` tokens: ``batch x sum over (layer, KV head) of (sink + span(length)) x head_dim
-    x 2 x itemsize``, plus, in every layer with a compensating head, float32 sums of evicted
+    ``length`` tokens: ``batch x sum over (layer, KV head) of (sink + ring) x head_dim x 2 x
+    itemsize`` (:func:`moaplan.rules.cache_slots`: the span at ``length``, capped at
+    ``length`` in all), plus, in every layer with a compensating head, float32 sums of evicted
     keys and values for each of its KV heads (``batch x kv_heads x head_dim x 2 x 4``).
     ``dense=True`` gives a dense cache of the same shape (``DynamicCache``).  ``dtype``
     defaults to the model's parameter dtype (or the config's dtype)."""
@@ -42,7 +43,7 @@ def kv_bytes(plan: Plan, model_or_config: Any, length: int, batch: int = 1,
         slots = shape.num_layers * shape.num_key_value_heads * length
     else:
         rules = plan.flat_rules
-        slots = int((rule_sinks(rules, length) + rule_spans(rules, length)).sum())
+        slots = int(sum(x.sum() for x in cache_slots(rules, length)))
         compensating = sum(bool(rule_arrays(layer)["compensate"].any()) for layer in plan.rules)
         sums = compensating * shape.num_key_value_heads * shape.head_dim * 2
     itemsize = torch.empty((), dtype=dtype).element_size()
