@@ -16,7 +16,7 @@ from moaplan.errors import ModelError
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule
 from moaplan.runtime import apply
-from moaplan.runtime.cache import MoaplanCache
+from moaplan.runtime.cache import MoaplanCache, cache_keyword
 from moaplan.runtime.memory import kv_bytes
 
 LAYERS, KV_HEADS = 3, 2
@@ -58,7 +58,7 @@ def generate(model, ids, new, cache=None, mask=None) -> torch.Tensor:
         mask = torch.ones_like(ids)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=new,
-                              past_key_values=cache, **GREEDY)
+                              **{cache_keyword(model): cache}, **GREEDY)
 
 
 @pytest.mark.parametrize("seed,length", [(0, 9), (1, 30), (2, 57)])
@@ -123,12 +123,12 @@ def decode_logits(model, cache, ids, mask, steps) -> list[torch.Tensor]:
     """Prefill ``ids`` then feed ``steps`` ([B, T]) one token at a time; last-token logits."""
     logits = []
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **{cache_keyword(model): cache})
         for t in range(steps.shape[1]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = mask.sum(1, keepdim=True) - 1
             out = model(steps[:, t:t + 1], attention_mask=mask, position_ids=pos,
-                        past_key_values=cache)
+                        **{cache_keyword(model): cache})
             logits.append(out.logits[:, -1])
     return logits
 
@@ -228,8 +228,8 @@ def test_append_stores_what_a_prefill_stores(model_and_plan):
     ids = prompt(50, 40)
     dense, by_model, loaded = DynamicCache(), MoaplanCache(plan, 1, 48), MoaplanCache(plan, 1, 48)
     with torch.no_grad():
-        model(ids, past_key_values=dense)
-        model(ids, past_key_values=by_model)
+        model(ids, **{cache_keyword(model): dense})
+        model(ids, **{cache_keyword(model): by_model})
     for layer in range(LAYERS):
         loaded.layers[layer].append(dense.layers[layer].keys, dense.layers[layer].values)
         torch.testing.assert_close(loaded.layers[layer].keys, by_model.layers[layer].keys)
