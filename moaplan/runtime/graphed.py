@@ -89,8 +89,7 @@ def greedy_generate(
     remaining = max_new_tokens - 1
     cache.reserve(remaining)  # a clear error now, and no room check on the device later
     if use_graph and remaining >= 2:
-        replay = capture_graph(step)  # runs one step for real, then records the next
-        cache.count_replayed(-1)  # the recorded step's Python counted a step that did not run
+        replay = capture_decode_step(cache, step)  # runs one step, records the next
         for _ in range(remaining - 1):
             replay()
         cache.count_replayed(remaining - 1)
@@ -106,6 +105,16 @@ def _token_list(given: int | Sequence[int] | None,
     if value is None:
         return []
     return [int(value)] if isinstance(value, int) else [int(x) for x in value]
+
+
+def capture_decode_step(cache: MoaplanCache, step: Callable[[], object]) -> Callable[[], None]:
+    """:func:`capture_graph` of a decode step through ``cache``: one step runs, the next is
+    recorded.  The recording ran the step's Python, which counted a step whose kernels did
+    not run; that count is taken back here.  The caller counts its replays with
+    ``cache.count_replayed``."""
+    replay = capture_graph(step)
+    cache.count_replayed(-1)
+    return replay
 
 
 def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
