@@ -26,6 +26,7 @@ weights.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -45,9 +46,10 @@ from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, bench, bench_together  # noqa: E402
+from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
 
-from moaplan.runtime.graphed import capture_graph
+from moaplan.runtime.cache import cache_keyword
+from moaplan.runtime.graphed import capture_decode_step, capture_graph
 
 DEVICE = "cuda"
 ALL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -190,40 +192,36 @@ def decode_speed(model, cache, batch: int, n: int, steps: int = 8,
     ``moaplan.greedy_generate`` decodes)."""
     ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
     position = iter(range(n, n + 3 + (ROUNDS + 1) * steps))
+    with_cache = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
+
+    def forward(pos: torch.Tensor) -> None:
+        model(ids, position_ids=pos, **with_cache)
 
     def step() -> None:
-        pos = torch.full((batch, 1), next(position), device=DEVICE)
-        model(ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forward(torch.full((batch, 1), next(position), device=DEVICE))
+
+    def run_steps(run) -> None:
+        for _ in range(steps):
+            run()
 
     def timed_rounds(run) -> float:
-        rates = []
-        for _ in range(ROUNDS):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            torch.cuda.synchronize()
-            rates.append(batch * steps / (time.perf_counter() - start))
+        rates = [batch * steps / wall_seconds(lambda: run_steps(run)) for _ in range(ROUNDS)]
         return statistics.median(rates)
 
     with torch.inference_mode():
         step(), step()
         speed = dict(tokens_per_s=timed_rounds(step))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
+            run_steps(step)
             torch.cuda.synchronize()
         if graphed:
             pos = torch.full((batch, 1), next(position), device=DEVICE)
 
             def step_in_place() -> None:
-                model(ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                      logits_to_keep=1)
+                forward(pos)
                 pos.add_(1)
 
-            replay = capture_graph(step_in_place)  # one step run, the next one recorded
-            cache.count_replayed(-1)
-            speed["graph_tokens_per_s"] = timed_rounds(replay)
+            speed["graph_tokens_per_s"] = timed_rounds(capture_decode_step(cache, step_in_place))
             cache.count_replayed(ROUNDS * steps)
     busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -243,16 +241,15 @@ def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """Seconds to prefill ``ids`` into a fresh cache (time to first token): the median of
     ``ROUNDS`` runs after one warm-up."""
+    def prefill_into(cache) -> None:
+        model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+              **{cache_keyword(model): cache})
+
     times = []
     with torch.inference_mode():
         for _ in range(ROUNDS + 1):
             cache = make_cache(ids.shape[0])
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(wall_seconds(functools.partial(prefill_into, cache)))
             del cache
             torch.cuda.empty_cache()
     return statistics.median(times[1:])

@@ -49,6 +49,7 @@ from moaplan.rules import RuleSpace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
+from timing import wall_seconds  # noqa: E402
 
 
 @dataclass
@@ -165,13 +166,8 @@ def timed(fn, reps: int) -> tuple[float, float]:
     """(median seconds, peak GiB) of ``fn`` after one warm-up run."""
     fn()
     torch.cuda.synchronize()
-    times = []
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [wall_seconds(fn) for _ in range(reps)]
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2 ** 30
 
 

@@ -4,8 +4,10 @@ come from ``moaplan.runtime.graphed.capture_graph``)."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
+import torch
 import triton
 
 # Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
@@ -26,3 +28,13 @@ def bench_together(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         for name, fn in fns.items():
             times[name].append(bench(fn))
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def wall_seconds(fn: Callable[[], object]) -> float:
+    """Host-clock seconds of ``fn`` with the GPU drained before and after: for work whose
+    host cost is part of what is measured (a model step, a prefill)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
