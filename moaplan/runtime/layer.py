@@ -1,8 +1,9 @@
 """One layer's attention under its rules, on a whole chunk of keys: the compute seam that
 ``moaplan.apply``'s attention function and the first prefill of a ``MoaplanCache`` share.
-On CUDA the block-sparse Triton kernel (:mod:`moaplan.kernels.prefill`), elsewhere the torch
-reference (which is also the kernel's oracle).  Padding (left or right) is handled by moving
-each sequence's real tokens to the front, so real-token positions become slot indices."""
+On CUDA the block-sparse Triton kernel (:mod:`moaplan.kernels.prefill`), elsewhere a windowed
+torch attention (:mod:`moaplan.runtime.windowed`) or the torch reference (the kernels'
+oracle).  Padding (left or right) is handled by moving each sequence's real tokens to the
+front, so real-token positions become slot indices."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from moaplan.kernels.prefill import sparse_attention
 from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
 from moaplan.runtime.reference import reference_attention
+from moaplan.runtime.windowed import windowed_attention
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,16 @@ def _attend(
     *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
 ) -> torch.Tensor:
     """The compute seam: sequences with real tokens at key slots ``0 .. seq_lens-1``
-    (right-padded), all at one rule length.  On CUDA the block-sparse Triton kernel, elsewhere
+    (right-padded), all at one rule length.  On CUDA the block-sparse Triton kernel; elsewhere
+    the windowed torch attention where it applies (no padding, no compensation token), else
     the torch reference (which is also the kernel's oracle)."""
-    attend = sparse_attention if q.is_cuda else reference_attention
+    if q.is_cuda:
+        attend = sparse_attention
+    elif seq_lens is None and isinstance(q_offset, int) and not heads.compensate.any():
+        return windowed_attention(q, k, v, heads.sink, heads.span, scale=scale,
+                                  q_offset=q_offset)
+    else:
+        attend = reference_attention
     return attend(q, k, v, heads.sink, heads.span, scale=scale, q_offset=q_offset,
                   seq_lens=seq_lens, compensate=heads.compensate)
 
