@@ -9,7 +9,7 @@ import numpy as np
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
 from moaplan.eval.scoring import answers_correct
-from moaplan.eval.tasks import TASKS
+from moaplan.eval.tasks import PHRASINGS, TASKS
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -76,14 +76,18 @@ def retrieval_accuracy(
     seed: int = 0,
     batch_size: int = 8,
     corpus: TextCorpus | None = None,
+    phrasing: str = "reference",
 ) -> RetrievalResult:
-    """Score ``samples`` prompts of ``task`` ("passkey" or "kv") per (length, depth) cell."""
+    """Score ``samples`` prompts of ``task`` ("passkey" or "kv") per (length, depth) cell, in
+    the wording ``phrasing`` (a name of :data:`moaplan.eval.tasks.PHRASINGS`)."""
     corpus = corpus or stdlib_corpus("heldout")
+    wording = PHRASINGS[phrasing]
     cells = []
     for length in lengths:
         for depth in depths:
             rng = cell_rng(seed, task, length, depth)
-            prompts = [TASKS[task](tokenizer, corpus, length, depth, rng) for _ in range(samples)]
+            prompts = [TASKS[task](tokenizer, corpus, length, depth, rng, wording)
+                       for _ in range(samples)]
             hits = answers_correct(model, prompts, batch_size)
             cells.append(RetrievalCell(length, float(depth), sum(hits), len(hits)))
     return RetrievalResult(task, seed, tuple(cells))

@@ -34,11 +34,14 @@ from transformers import AutoModelForCausalLM
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
 from moaplan.data.tokens import text_row
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
-from moaplan.eval.tasks import TASKS
+from moaplan.eval.tasks import PHRASINGS, TASKS
 from moaplan.io import atomic_write, atomic_write_text
 from moaplan.model.card import plot_loss_curve, write_model_card
 from moaplan.model.config import CONTEXT, reference_config
 from moaplan.model.tokenizer import byte_tokenizer
+
+# The second test bed's shape: fewer layers, fewer and wider heads, a 2:1 GQA ratio.
+SECOND_SHAPE = dict(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TrainConfig:
     eval_lengths: tuple[int, ...] = (1024, 2048, CONTEXT)
     eval_samples: int = 20
     model_overrides: dict[str, object] = field(default_factory=dict)
+    phrasing: str = "reference"  # the wording of the retrieval tasks (eval.tasks.PHRASINGS)
     workers: int = 6  # processes that build batches while the GPU trains
     stdlib_root: str | None = None  # None: the running interpreter's standard library
 
@@ -75,7 +79,8 @@ def make_batch(
         if kind == "text":
             ids = text_row(tokenizer, corpus, length, rng)
         else:
-            sample = TASKS[kind](tokenizer, corpus, length, float(rng.uniform()), rng)
+            sample = TASKS[kind](tokenizer, corpus, length, float(rng.uniform()), rng,
+                                 PHRASINGS[cfg.phrasing])
             ids = sample.input_ids
             answer[sample.answer_start :] = True
         rows.append(ids)
@@ -202,6 +207,7 @@ def train(cfg: TrainConfig, device: str) -> TrainRun:
                     samples=4,
                     seed=cfg.seed,
                     corpus=stdlib_corpus("heldout", cfg.stdlib_root),
+                    phrasing=cfg.phrasing,
                 )
             probes.append({"step": step, "passkey": probe.accuracy()})
             print(f"step {step}: passkey@{max(cfg.lengths)} {probe.accuracy():.2f}", flush=True)
@@ -225,8 +231,9 @@ def evaluate(model, tokenizer, cfg: TrainConfig) -> dict:
     common = dict(
         samples=cfg.eval_samples, seed=cfg.seed, corpus=stdlib_corpus("heldout", cfg.stdlib_root)
     )
-    passkey = passkey_accuracy(model, tokenizer, lengths=cfg.eval_lengths, **common)
-    kv = kv_accuracy(model, tokenizer, lengths=cfg.eval_lengths, **common)
+    wording = dict(phrasing=cfg.phrasing)
+    passkey = passkey_accuracy(model, tokenizer, lengths=cfg.eval_lengths, **common, **wording)
+    kv = kv_accuracy(model, tokenizer, lengths=cfg.eval_lengths, **common, **wording)
     ppl = perplexity(
         model, tokenizer, lengths=sorted({cfg.eval_lengths[0], cfg.eval_lengths[-1]}), **common
     )
@@ -275,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         help="standard-library directory to read text from (default: the running interpreter's)",
     )
     parser.add_argument(
+        "--second",
+        action="store_true",
+        help="the second test bed: another shape (6 layers x 4 query / 2 KV heads, head_dim 64) "
+        "trained on its own task wording ('record', which no default calibration data uses)",
+    )
+    parser.add_argument(
         "--tiny",
         action="store_true",
         help="a 2-layer model on 512-token rows: checks the script on a CPU in seconds",
@@ -287,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_samples=args.eval_samples,
         stdlib_root=args.stdlib,
     )
+    if args.second:
+        cfg.phrasing = "record"
+        cfg.model_overrides = dict(SECOND_SHAPE)
     if args.tiny:
         cfg.tokens_per_step, cfg.lengths, cfg.eval_lengths, cfg.warmup_steps = (
             1024,
