@@ -205,13 +205,13 @@ def reference_ranking(lengths: list[int], samples: int) -> dict:
     :func:`moaplan.eval.headmap.far_attention_share`).  Runs on the CPU."""
     from scipy.stats import spearmanr
 
-    from moaplan.data import reference_calibration
+    from moaplan.data import model_calibration
     from moaplan.eval.headmap import far_attention_share
     from moaplan.model import load_model
     from moaplan.rules import Rule
 
     model, tokenizer = load_model()
-    data = {n: reference_calibration(model, tokenizer, n, samples, seed=0) for n in lengths}
+    data = {n: model_calibration(model, tokenizer, n, samples, seed=0) for n in lengths}
     profile = profile_model(model, data)
     head_map = far_attention_share(model, tokenizer, length=4096, far=1024)
     out = {"lengths": lengths, "samples": samples}

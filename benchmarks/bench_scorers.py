@@ -31,7 +31,7 @@ import torch
 from provenance import provenance
 from tqdm import tqdm
 
-from moaplan.data import CalibrationSample, reference_calibration, stdlib_corpus
+from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
 from moaplan.data.tokens import text_row
 from moaplan.eval.data_influence import LOCAL_WINDOW, auc, influence_scores, masked_heads_plan
 from moaplan.eval.tasks import TASKS
@@ -85,7 +85,7 @@ def run(settings: Settings, out: Path) -> dict:
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model()
     started = time.perf_counter()
-    calibration = {n: reference_calibration(model, tokenizer, n, settings.gradient_samples,
+    calibration = {n: model_calibration(model, tokenizer, n, settings.gradient_samples,
                                             settings.seed) for n in settings.lengths}
     total = len(settings.lengths) * (settings.gradient_samples + 2 * settings.scorer_samples)
     with tqdm(total=total, desc="scorers", unit="input") as bar:

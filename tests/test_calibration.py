@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moaplan.data import CalibrationSample, load_calibration, reference_calibration
+from moaplan.data import CalibrationSample, load_calibration, model_calibration
 from moaplan.errors import DataError
 from moaplan.model import byte_tokenizer, load_model
 from moaplan.model.tokenizer import BOS_ID
@@ -27,9 +27,9 @@ def _write_jsonl(path, records):
     return path
 
 
-def test_reference_calibration_responses_are_the_models_greedy_continuations():
+def test_model_calibration_responses_are_the_models_greedy_continuations():
     model, tok = load_model()
-    samples = reference_calibration(model, tok, length=512, n_samples=3, seed=0,
+    samples = model_calibration(model, tok, length=512, n_samples=3, seed=0,
                                     response_tokens=16)
     assert len(samples) == 3
     # 496-token prompts fit passkey and text (not kv): passkey, text, passkey.  A passkey
@@ -49,10 +49,10 @@ def test_reference_calibration_responses_are_the_models_greedy_continuations():
         assert torch.equal(predicted[row, positions - 1], s.input_ids[positions])
 
 
-def test_reference_calibration_rejects_too_short_lengths():
+def test_model_calibration_rejects_too_short_lengths():
     model, tok = load_model()
     with pytest.raises(DataError, match="too short"):
-        reference_calibration(model, tok, length=100, n_samples=1, seed=0)
+        model_calibration(model, tok, length=100, n_samples=1, seed=0)
 
 
 def test_jsonl_without_chat_template_is_bos_prompt_response(tmp_path):

@@ -50,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
-        from moaplan.data import reference_calibration
+        from moaplan.data import model_calibration
         from moaplan.model import load_model
         from moaplan.profile.compare import scorer_rankings
 
         model, tokenizer = load_model(args.model, device=args.device)
-        calibration = {n: reference_calibration(model, tokenizer, n, args.samples, args.seed)
+        calibration = {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
                        for n in args.lengths}
         with tqdm(total=3 * args.samples * len(set(args.lengths)), unit="input",
                   desc="scoring") as bar:

@@ -74,11 +74,11 @@ def _load(args: argparse.Namespace, local_rank: int):
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
-    from moaplan.data import load_calibration, reference_calibration
+    from moaplan.data import load_calibration, model_calibration
 
     if args.data:
         return {n: load_calibration(args.data, tokenizer, n, args.samples) for n in args.lengths}
-    return {n: reference_calibration(model, tokenizer, n, args.samples, args.seed)
+    return {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
             for n in args.lengths}
 
 

@@ -29,7 +29,7 @@ class ModelSession:
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> ModelSession:
-        from moaplan.data import load_calibration, reference_calibration
+        from moaplan.data import load_calibration, model_calibration
         from moaplan.model import load_model
 
         model, tokenizer = load_model(args.model, device=args.device)
@@ -45,7 +45,7 @@ class ModelSession:
                 return samples[-count:] if held_out else samples[:count]
         else:
             def source(length: int, count: int, held_out: bool) -> list:
-                return reference_calibration(model, tokenizer, length, count,
+                return model_calibration(model, tokenizer, length, count,
                                              seed=SEED + int(held_out))
         shape = ModelShape.from_config(model.config)
         name = f"{shape.model_type or 'model'}-{shape.fingerprint}.safetensors"

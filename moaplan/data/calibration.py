@@ -1,7 +1,8 @@
 """Calibration data for the profiler: token ids plus a mask of the tokens the loss is taken on.
 
-Following MoA, the loss is taken on *model-aligned* responses: for the reference model, long
-prompts (retrieval tasks and running text) are completed greedily by the dense model itself.
+Following MoA, the loss is taken on *model-aligned* responses: long prompts (retrieval tasks
+in several wordings, copying, multi-document lookup, running text) are completed greedily by
+the dense model itself.
 Users bring JSONL prompt/response pairs (formatted with the tokenizer's chat template when it
 has one) or plain text (every token after the first counts).
 
@@ -19,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moaplan.data.corpus import stdlib_corpus
+from moaplan.data.corpus import TextCorpus, stdlib_corpus
 from moaplan.data.tokens import bos_ids, encode, text_row
 from moaplan.errors import DataError
 from moaplan.eval.scoring import batches
-from moaplan.eval.tasks import MIN_LENGTH, TASKS
-
-REFERENCE_KINDS = ("passkey", "kv", "text")  # cycled through, those that fit the length
+from moaplan.eval.tasks import (
+    CALIBRATION_PHRASINGS,
+    CALIBRATION_TASKS,
+    MIN_LENGTH,
+    PHRASINGS,
+    chat_frame,
+)
 
 
 @dataclass(frozen=True)
@@ -48,59 +53,85 @@ def _sample(prompt: list[int], response: list[int], scored: int | None = None
     return CalibrationSample(torch.tensor(prompt + response, dtype=torch.long), mask)
 
 
+# The families the default calibration data cycles through (those that fit the length):
+# retrieval in several wordings, copying, multi-document lookup, and running text.
+DEFAULT_KINDS = ("passkey", "kv", "copy", "text", "multidoc")
+TEXT_RESPONSE_TOKENS = 64  # what the model writes after a plain text prompt
+CHAT_ANSWER_TOKENS = 16  # scored after a chat prompt: chat models often restate the question
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    ids: list[int]
+    scored: int | None  # response tokens the loss is taken on (None: all)
+    respond: int  # response tokens to generate
+
+
+def _prompt(kind: str, index: int, tokenizer, corpus, length: int, depth: float,
+            rng: np.random.Generator, frame) -> _Prompt:
+    """One calibration prompt of ``kind``; retrieval prompts take the wordings of
+    :data:`CALIBRATION_PHRASINGS` in turn (by ``index``) and leave room for the answer only."""
+    if kind == "text":
+        return _Prompt(text_row(tokenizer, corpus, length - TEXT_RESPONSE_TOKENS, rng), None,
+                       TEXT_RESPONSE_TOKENS)
+    phrasing = PHRASINGS[CALIBRATION_PHRASINGS[index % len(CALIBRATION_PHRASINGS)]]
+    # The model writes its response in place of the task's own answer (and a few more tokens
+    # after a chat prompt), so the whole sample is ``length`` tokens.
+    extra = CHAT_ANSWER_TOKENS if frame else 0
+    task = CALIBRATION_TASKS[kind](tokenizer, corpus, length - extra, depth, rng, phrasing,
+                                   frame)
+    respond = len(task.answer_ids) + extra
+    return _Prompt(task.input_ids[: task.answer_start], respond, respond)
+
+
 @torch.inference_mode()
-def reference_calibration(
+def model_calibration(
     model,
     tokenizer,
     length: int,
     n_samples: int,
     seed: int,
-    response_tokens: int = 64,
     batch_size: int = 8,
+    corpus: TextCorpus | None = None,
 ) -> list[CalibrationSample]:
-    """``n_samples`` sequences of exactly ``length`` tokens: a long prompt (passkey, key-value
-    or running text, in turn; filler from the training split of the standard library) and the
-    last ``response_tokens`` tokens generated greedily by ``model``, which should be dense.
+    """``n_samples`` sequences of at most ``length`` tokens for any causal LM: long prompts of
+    the :data:`DEFAULT_KINDS` families in turn (retrieval in several wordings, copying,
+    multi-document lookup, running text; filler from the training split of the standard
+    library, through the tokenizer's chat template when it has one) completed greedily by
+    ``model``, which should be dense (MoA's *model-aligned* data).
 
-    On a text prompt the loss is taken on every generated token.  On a retrieval prompt it is
-    taken on the model's answer alone (as many tokens as the task's answer has): what the
-    model rambles on with after answering depends on recent text only, and would drown the
-    few tokens that depend on the needle."""
-    if response_tokens < 1 or length < 4 * response_tokens:
-        raise DataError(f"length {length} is too short for {response_tokens} response tokens")
-    corpus = stdlib_corpus("train")
+    On a text prompt the loss is taken on every generated token; on a retrieval prompt on the
+    model's answer alone (as many tokens as the task's answer has, more after a chat prompt):
+    what a model rambles on with after answering depends on recent text only, and would drown
+    the few tokens that depend on the needle.  Needle depths are stratified over the retrieval
+    prompts, so that even a few samples include a needle far back; a prompt is built around
+    its needles at the exact length, never cut."""
+    if length < 4 * TEXT_RESPONSE_TOKENS:
+        raise DataError(f"length {length} is too short for calibration prompts; give lengths "
+                        f"of at least {4 * TEXT_RESPONSE_TOKENS} tokens")
+    corpus = corpus or stdlib_corpus("train")
+    frame = chat_frame(tokenizer)
     rng = np.random.default_rng([seed, length])
-    prompt_len = length - response_tokens
-    kinds = [k for k in REFERENCE_KINDS if prompt_len >= MIN_LENGTH.get(k, 0)]
+    kinds = [k for k in DEFAULT_KINDS if length >= 2 * MIN_LENGTH.get(k, 0)] or ["text"]
     sample_kinds = [kinds[i % len(kinds)] for i in range(n_samples)]
-    # Needle depths are stratified over the retrieval prompts, so that even a few samples
-    # include a needle far back (which only the widest rules still see).
     n_tasks = sum(kind != "text" for kind in sample_kinds)
     depths = iter((np.arange(n_tasks) + rng.uniform(size=n_tasks)) / max(n_tasks, 1))
-    prompts, scored = [], []
-    for kind in sample_kinds:
-        if kind == "text":
-            prompts.append(text_row(tokenizer, corpus, prompt_len, rng))
-            scored.append(None)
-        else:
-            task = TASKS[kind](tokenizer, corpus, prompt_len, float(next(depths)), rng)
-            prompts.append(task.input_ids[: task.answer_start])  # the model answers for itself
-            scored.append(len(task.answer_ids))
+    prompts = [_prompt(kind, i, tokenizer, corpus, length,
+                       0.0 if kind == "text" else float(next(depths)), rng, frame)
+               for i, kind in enumerate(sample_kinds)]
     responses: dict[int, list[int]] = {}
-    # prompts of one length are completed together: one batch, no padding
-    for n in sorted({len(p) for p in prompts}):
-        rows = [i for i, p in enumerate(prompts) if len(p) == n]
+    # prompts of one shape are completed together: one batch, no padding
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((len(p.ids), p.respond), []).append(i)
+    for (_, respond), rows in sorted(groups.items()):
         for chunk in batches(rows, batch_size):
-            ids = torch.tensor([prompts[i] for i in chunk], device=model.device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=length - n,
-                min_new_tokens=length - n,
-                do_sample=False,
-            )
-            responses.update(zip(chunk, out[:, n:].tolist()))
-    return [_sample(p, responses[i], scored[i]) for i, p in enumerate(prompts)]
+            ids = torch.tensor([prompts[i].ids for i in chunk], device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=respond, min_new_tokens=respond,
+                                 do_sample=False)
+            responses.update(zip(chunk, out[:, ids.shape[1]:].tolist()))
+    return [_sample(p.ids, responses[i], p.scored) for i, p in enumerate(prompts)]
 
 
 def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:

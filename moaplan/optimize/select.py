@@ -1,12 +1,12 @@
-"""From one knapsack problem to the plan that is kept: a Pareto set over length trade-offs and
-an optuna study that picks by *measured* loss.
+"""From the optimizer's plans and the baselines to the plan that is kept: an optuna study that
+measures every candidate plan on held-out data and keeps the best.
 
-The optimizer's objective is a prediction (first-order influence at the profiled lengths);
-what matters is the loss at lengths that were not profiled.  ``choose`` lets optuna tune the
-optimizer's own knob, the weighting of the profiled lengths, against a caller-supplied
-``evaluate(solution) -> loss`` (the search command applies the plan and measures held-out
-loss).  Identical plans are evaluated once: every trial stores its plan in the study, so the
-cache survives interruptions and is shared by all workers on the same storage.
+The optimizer's objective is a prediction (influence at the profiled lengths); what matters is
+how much of the dense model's behaviour a plan keeps at lengths and on samples it was not
+made from.  :func:`measure` queues each candidate as one trial of a study (SQLite by default,
+any RDB URL for several workers), stops clearly worse candidates early with optuna's pruner,
+and survives interruptions; :func:`pareto_plans` gives the optimizer's plans over several
+trade-offs between the profiled lengths.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,6 @@ from moaplan.errors import MoaplanError
 from moaplan.optimize.milp import solve
 from moaplan.optimize.problem import KnapsackProblem, Solution
 
-# Weights are sampled log-uniformly in this range, then normalised to sum to one.
-_WEIGHT_RANGE = (0.01, 1.0)
 # A worker that stops beating its heartbeat for the grace period is taken for dead; its
 # trial is failed and re-queued by the next worker (or the next run of the same command).
 _HEARTBEAT_S, _GRACE_S = 30, 120
@@ -58,15 +57,9 @@ def default_storage(out_path: str | Path) -> str:
     return f"sqlite:///{Path(out_path).resolve().with_suffix('.optuna.db')}"
 
 
-def _plan_digest(solution: Solution) -> str:
-    return hashlib.sha1(np.asarray(solution.choice, dtype=np.int64).tobytes()).hexdigest()
-
-
-def _cached_loss(study: optuna.Study, digest: str) -> float | None:
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if trial.user_attrs.get("plan") == digest:
-            return trial.value
-    return None
+def plan_digest(choice: np.ndarray) -> str:
+    """A short name for one plan's rule choice, to recognise the same plan again."""
+    return hashlib.sha1(np.asarray(choice, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
@@ -83,87 +76,98 @@ def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
         raise MoaplanError(f"cannot open the optuna storage {url!r}: {err}") from err
 
 
-Proposer = Callable[[optuna.Trial], Solution]
+@dataclass(frozen=True)
+class Candidate:
+    """One plan to measure: a name for the tables, and a digest of its rules (two candidates
+    with one digest are one plan, measured once).  ``pruned`` says whether it may be stopped
+    early when its running score is clearly worse than the others' (baselines are not, so
+    the plan that is kept is never worse than a fully measured baseline)."""
+
+    name: str
+    digest: str
+    prunable: bool = True
 
 
-def _weight_search(problem: KnapsackProblem, protect: Sequence[int], seed: int,
-                   time_limit: float | None, mip_gap: float
-                   ) -> tuple[optuna.samplers.BaseSampler, Proposer, dict]:
-    """TPE over the length weights and over how many heads of ``protect`` (most important
-    first) are kept full; first trial: the problem's own weights, no head kept."""
-    def propose(trial: optuna.Trial) -> Solution:
-        weights = [trial.suggest_float(f"weight_{i}", *_WEIGHT_RANGE, log=True)
-                   for i in range(len(problem.length_weights))]
-        kept = trial.suggest_int("keep_full", 0, len(protect)) if protect else 0
-        variant = problem.with_weights(np.array(weights)).with_keep_full(protect[:kept])
-        return solve(variant, time_limit=time_limit, mip_gap=mip_gap)
-
-    own = np.clip(problem.length_weights / problem.length_weights.max(), *_WEIGHT_RANGE)
-    first = {f"weight_{i}": float(w) for i, w in enumerate(own)}
-    if protect:
-        first["keep_full"] = 0
-    return optuna.samplers.TPESampler(seed=seed), propose, first
+# (candidate index, report) -> score; ``report(step, running score)`` lets the study stop a
+# clearly worse candidate early (it raises optuna.TrialPruned).
+Evaluate = Callable[[int, Callable[[int, float], None]], float]
 
 
-def _candidate_walk(candidates: list[Solution],
-                    seed: int) -> tuple[optuna.samplers.BaseSampler, Proposer, None]:
-    """Every candidate once, in a seeded random order."""
-    indices = list(range(len(candidates)))
-
-    def propose(trial: optuna.Trial) -> Solution:
-        return candidates[trial.suggest_categorical("candidate", indices)]
-
-    return optuna.samplers.GridSampler({"candidate": indices}, seed=seed), propose, None
+def _finished(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
+    """Candidate index -> its completed or pruned trial."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return {t.params["candidate"]: t for t in study.get_trials(deepcopy=False, states=done)}
 
 
-def choose(source: KnapsackProblem | Sequence[Solution],
-           evaluate: Callable[[Solution], float], *, n_trials: int,
-           storage: str | None = None, study_name: str = "moaplan", seed: int = 0,
-           time_limit: float | None = None, mip_gap: float = 1e-3,
-           protect: Sequence[int] = (),
-           ) -> tuple[Solution, optuna.Study]:
-    """The plan with the lowest measured loss, and the study that found it.
+def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *,
+            storage: str | None = None, study_name: str = "moaplan",
+            prune_after: int = 1) -> optuna.Study:
+    """Measure every candidate once, in the given order (put the likeliest first: the
+    pruner compares each newcomer with those measured before it), and return the study.
 
-    ``source`` is either a problem, whose length weights optuna tunes (TPE; the first trial
-    of a new study uses the problem's own weights; ``time_limit`` and ``mip_gap`` go to each
-    :func:`solve`), together with how many of the first heads of ``protect`` (heads, most
-    important first) must stay full; or a list of candidate plans (e.g. from
-    :func:`pareto_plans`), each tried
-    once.  ``storage`` is an RDB URL (``sqlite:///...``, ``postgresql://...``; see
-    :func:`default_storage`) or None for in memory.  ``n_trials`` counts the study's completed
-    trials, by every worker and every earlier run: after an interruption the same call only
-    does what is left.
-    """
-    if n_trials < 1:
-        raise MoaplanError(f"n_trials must be >= 1, got {n_trials}")
-    if isinstance(source, KnapsackProblem):
-        sampler, propose, first = _weight_search(source, list(protect), seed, time_limit,
-                                                 mip_gap)
-    else:
-        candidates = list(source)
-        if not candidates:
-            raise MoaplanError("choose() needs at least one candidate plan")
-        n_trials = min(n_trials, len(candidates))  # the grid is exhausted after that
-        sampler, propose, first = _candidate_walk(candidates, seed)
-
-    study = optuna.create_study(study_name=study_name, storage=_storage(storage),
-                                sampler=sampler, direction="minimize", load_if_exists=True)
-    if first is not None and not study.trials:
-        study.enqueue_trial(first)
+    Each candidate is one trial, queued up front, so several workers on one ``storage`` (an
+    RDB URL; see :func:`default_storage`; None: in memory) split the candidates between them,
+    and an interrupted run measures only what is left: a trial that was interrupted or whose
+    worker died (no heartbeat for the grace period) is not counted and is queued again.  A
+    candidate whose digest was already measured takes that score without running.  From its
+    report ``prune_after`` on, a prunable candidate whose running score is worse than the best
+    quarter of the others' at the same step is stopped (optuna's ``PercentilePruner``)."""
+    if not candidates:
+        raise MoaplanError("measure() needs at least one candidate plan")
+    study = optuna.create_study(
+        study_name=study_name, storage=_storage(storage), direction="minimize",
+        load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2,
+                                               n_warmup_steps=prune_after))
+    queued = {t.params.get("candidate") for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.WAITING,))}
+    for index in range(len(candidates)):
+        if index not in _finished(study) and index not in queued:
+            study.enqueue_trial({"candidate": index})
 
     def objective(trial: optuna.Trial) -> float:
-        solution = propose(trial)
-        digest = _plan_digest(solution)
-        trial.set_user_attr("plan", digest)
-        trial.set_user_attr("solution", solution.to_dict())
-        cached = _cached_loss(study, digest)
-        trial.set_user_attr("cached", cached is not None)
-        return cached if cached is not None else float(evaluate(solution))
+        index = trial.suggest_categorical("candidate", list(range(len(candidates))))
+        candidate = candidates[index]
+        trial.set_user_attr("name", candidate.name)
+        trial.set_user_attr("plan", candidate.digest)
+        for earlier in _finished(study).values():
+            if earlier.user_attrs.get("plan") == candidate.digest:
+                trial.set_user_attr("same_as", earlier.user_attrs.get("name"))
+                for step, value in earlier.intermediate_values.items():
+                    trial.report(value, step)
+                if earlier.state == optuna.trial.TrialState.PRUNED:
+                    raise optuna.TrialPruned()
+                return float(earlier.value)
 
-    complete = (optuna.trial.TrialState.COMPLETE,)
-    done = len(study.get_trials(deepcopy=False, states=complete))
-    if done < n_trials:
-        # The callback stops this worker once all workers together have completed n_trials.
-        study.optimize(objective, n_trials=n_trials - done,
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=complete)])
-    return Solution.from_dict(study.best_trial.user_attrs["solution"]), study
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if candidate.prunable and trial.should_prune():
+                raise optuna.TrialPruned()
+
+        return float(evaluate(index, report))
+
+    while any(t.state == optuna.trial.TrialState.WAITING
+              for t in study.get_trials(deepcopy=False)):
+        study.optimize(objective, n_trials=1)
+    return study
+
+
+def scores(study: optuna.Study) -> dict[int, tuple[str, float]]:
+    """Candidate index -> (state, score): the full score of a completed candidate, the last
+    running score of a pruned one."""
+    out = {}
+    for index, trial in _finished(study).items():
+        value = trial.value if trial.value is not None else (
+            trial.intermediate_values[max(trial.intermediate_values)]
+            if trial.intermediate_values else float("nan"))
+        out[index] = (trial.state.name.lower(), float(value))
+    return out
+
+
+def best_candidate(study: optuna.Study) -> int:
+    """The completed candidate with the lowest score."""
+    complete = [t for t in _finished(study).values()
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise MoaplanError("no candidate plan was measured to the end")
+    return int(min(complete, key=lambda t: t.value).params["candidate"])

@@ -1,0 +1,164 @@
+"""How much of the dense model's behaviour a plan keeps, measured on held-out samples.
+
+A plan is scored by the divergence of its next-token distributions from the dense model's on
+the response tokens of held-out samples (whose responses the dense model wrote itself):
+``KL(dense || plan)`` averaged over each sample's response tokens, then over samples.  Unlike
+the response loss, it does not saturate: a plan that keeps a retrieved answer still pays for
+every bit of confidence it loses, and a plan can never score better than dense.  Beside it,
+the *match* rate: the share of samples whose every response token is still the plan's top
+token, i.e. greedy decoding would write the dense model's answer.
+
+The dense distributions are measured once and kept as their ``top_k`` most likely tokens
+plus one bucket for the rest; the KL is that of the two distributions coarsened to those
+``top_k + 1`` outcomes (a lower bound of the full KL, exact for small vocabularies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+from moaplan.errors import DataError
+from moaplan.profile.profiler import Sample
+
+TOP_K = 256
+BATCH = 4
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over samples with its 95% t-interval."""
+
+    mean: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Interval:
+        x = np.asarray(values, dtype=np.float64)
+        if x.size < 2 or not np.ptp(x):
+            return cls(float(x.mean()), float(x.mean()), float(x.mean()), int(x.size))
+        half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+        return cls(float(x.mean()), float(x.mean() - half), float(x.mean() + half), int(x.size))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One plan on the held-out samples: per-sample KL and match, in sample order."""
+
+    kl: tuple[float, ...]
+    match: tuple[bool, ...]
+
+    @property
+    def mean_kl(self) -> float:
+        return float(np.mean(self.kl))
+
+    def kl_interval(self) -> Interval:
+        return Interval.of(self.kl)
+
+    def match_rate(self) -> float:
+        return float(np.mean(self.match))
+
+    def paired_difference(self, other: Score) -> Interval:
+        """``self.kl - other.kl`` per sample, with its 95% interval (same samples)."""
+        if len(self.kl) != len(other.kl):
+            raise ValueError("paired comparison of scores on different sample counts")
+        return Interval.of(np.subtract(self.kl, other.kl))
+
+
+@dataclass
+class _Reference:
+    positions: torch.Tensor  # [T] positions t whose next token t + 1 is a response token
+    targets: torch.Tensor  # [T] the dense model's tokens there
+    top_ids: torch.Tensor  # [T, k] the dense model's most likely tokens
+    top_logp: torch.Tensor  # [T, k + 1] their log-probabilities, then the rest's
+
+
+def _response_positions(sample: Sample) -> torch.Tensor:
+    return sample.response_mask[1:].nonzero().squeeze(1)
+
+
+def _coarse_logp(logits: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """``[T, k + 1]`` log-probabilities of the ``top_ids`` tokens and of all the others."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.gather(1, top_ids)
+    rest = torch.log1p(-top.exp().sum(1).clamp(max=1 - 1e-7))
+    return torch.cat([top, rest[:, None]], 1)
+
+
+@torch.inference_mode()
+def _response_logits(model: torch.nn.Module, samples: Sequence[Sample]
+                     ) -> list[torch.Tensor]:
+    """Each sample's logits ``[T, vocab]`` at its response positions (samples of one length
+    are run together, ``BATCH`` at a time)."""
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_length.setdefault(int(s.input_ids.shape[0]), []).append(i)
+    device = next(model.parameters()).device
+    for n, rows in by_length.items():
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
+            ids = torch.stack([samples[i].input_ids for i in chunk]).to(device)
+            first = min(int(_response_positions(samples[i])[0]) for i in chunk)
+            logits = model(input_ids=ids, logits_to_keep=n - first).logits.float().cpu()
+            for row, i in enumerate(chunk):
+                out[i] = logits[row, _response_positions(samples[i]) - first]
+    return out  # type: ignore[return-value]
+
+
+class DenseReference:
+    """The dense model's distributions on the response tokens of ``samples``, against which
+    plans are scored (:meth:`score`)."""
+
+    def __init__(self, model: torch.nn.Module, samples: Sequence[Sample], top_k: int = TOP_K):
+        if not samples:
+            raise DataError("no held-out samples to validate plans on")
+        for s in samples:
+            if not bool(s.response_mask[1:].any()):
+                raise DataError("a held-out sample has no response tokens")
+        self.samples = list(samples)
+        self.refs: list[_Reference] = []
+        for s, logits in zip(self.samples, _response_logits(model, self.samples)):
+            k = min(top_k, logits.shape[1] - 1)
+            top_ids = logits.topk(k, dim=1).indices
+            positions = _response_positions(s)
+            self.refs.append(_Reference(positions, s.input_ids[positions + 1], top_ids,
+                                        _coarse_logp(logits, top_ids)))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def score(self, model: torch.nn.Module, chunk: int = 8,
+              report: Callable[[int, Score], None] | None = None) -> Score:
+        """The model as it is now (a plan applied) against the dense reference, ``chunk``
+        samples at a time; ``report(step, running score)`` is called after each chunk (it may
+        raise to stop early, e.g. ``optuna.TrialPruned``)."""
+        kl: list[float] = []
+        match: list[bool] = []
+        for step, start in enumerate(range(0, len(self.samples), chunk)):
+            part = slice(start, start + chunk)
+            for ref, logits in zip(self.refs[part], _response_logits(model, self.samples[part])):
+                plan_logp = _coarse_logp(logits, ref.top_ids)
+                p = ref.top_logp.exp()
+                kl.append(float((p * (ref.top_logp - plan_logp)).sum(1).clamp(min=0).mean()))
+                match.append(bool((logits.argmax(1) == ref.targets).all()))
+            if report is not None:
+                report(step, Score(tuple(kl), tuple(match)))
+        return Score(tuple(kl), tuple(match))
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (nan with fewer than 3 pairs or a constant side)."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
