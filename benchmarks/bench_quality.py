@@ -1,20 +1,28 @@
-"""Quality benchmark on the reference model: how much retrieval accuracy a plan keeps.
+"""Quality benchmark: how much of a dense model's behaviour each plan keeps, on a test bed.
 
-Methods, each at KV budgets 0.5, 0.3 and 0.2 (dense once): a uniform StreamingLLM-style
-plan (``uniform_plan``: the same elastic sink + window for every head); a DuoAttention-style
-plan (``duo_plan``: the heads whose 64-sink + 256-recent rule drops the most influence at the
-longest profiled length keep full attention, the rest that rule); the plan ``search`` finds
-(MoA-style elastic rules per head).  One profile serves the Duo scores and every search.
-At the budgets in ``comp_budgets`` (0.3 and 0.2), the uniform and the searched plans are also
-measured with RazorAttention's compensation token on every non-full head ("uniform +comp",
-"searched +comp"): the same rules, so their KV density is one key per head higher (at most
-1/N above the budget).
+Test beds (``--testbed``):
 
-Every plan meets its budget at every length it is evaluated at.  For each method: passkey
-and key-value retrieval accuracy over length x depth, perplexity on held-out text, and KV /
-attention density per length.  Writes ``quality.json`` and ``quality.md`` to ``--out``.
+- ``reference``: the shipped reference model (8 layers x 8 query / 4 KV heads, head_dim 32),
+  evaluated in the task wording it was trained on;
+- ``second``: ``benchmarks/models/second`` (6 layers x 4 query / 2 KV heads, head_dim 64),
+  trained by ``python -m moaplan.model.train --second`` on its own wording ("record"), which
+  the default calibration data never uses;
+- ``smollm2``: SmolLM2-135M-Instruct, a real pretrained model (30 layers x 9 query / 3 KV
+  heads, head_dim 64), from its GGUF file (``make smollm2`` fetches it); a weak long-range
+  retriever, so judge plans on it by what they keep of dense behaviour.
 
-    python benchmarks/bench_quality.py [--quick] [--out benchmarks/results/cpu]
+Methods at each KV budget: ``streaming`` (the same elastic sink + window for every head),
+``duo`` (DuoAttention-style: the heads whose sink + recent rule drops the most influence keep
+full attention, the best recent window of 256 ... 32), ``searched`` (``moaplan search`` with
+its defaults) and ``first order`` (the optimizer's plan from the uncorrected profile, one of
+the search's candidates).  One profile serves every method.
+
+Measured per plan on the same samples (paired): passkey and key-value retrieval accuracy over
+length x depth (``--samples`` per cell and task), perplexity and KL to dense on held-out
+text, and the search's validation score (mean KL to dense on its held-out samples).  Writes
+``quality-<testbed>.json`` and ``.md`` to ``--out``.
+
+    python benchmarks/bench_quality.py --testbed reference [--quick] [--out benchmarks/results/cpu]
 """
 
 from __future__ import annotations
@@ -32,240 +40,255 @@ import numpy as np
 import optuna
 import torch
 from provenance import provenance
-from quality_report import COMP_METHODS, METHODS, MethodResult, markdown
+from quality_report import markdown
 from tqdm import tqdm
 
+from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
+from moaplan.data.tokens import text_row
 from moaplan.errors import BudgetError, MoaplanError
-from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
+from moaplan.eval import perplexity, retrieval_accuracy
 from moaplan.io import atomic_write_text
+from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, Plan, duo_plan, uniform_plan
 from moaplan.rules import RuleSpace
 from moaplan.runtime import apply, remove
-from moaplan.search import SearchSettings, measured_loss, obtain_profile, search
+from moaplan.search import SearchSettings, dropped_shares, obtain_profile, search
+from moaplan.validation import DenseReference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Testbed:
+    name: str
+    model: str | None  # a model directory or .gguf file (None: the shipped reference model)
+    phrasing: str  # the task wording the model answers (moaplan.eval.tasks.PHRASINGS)
+    lengths: tuple[int, ...]  # retrieval grid, profiled lengths
+    validation_length: int  # the search's unprofiled validation length
+
+
+TESTBEDS = {
+    "reference": Testbed("reference", None, "reference", (1024, 2048, 4096), 3072),
+    "second": Testbed("second", str(REPO / "benchmarks/models/second"), "record",
+                      (1024, 2048, 4096), 3072),
+    # Dense SmolLM2 retrieves little past 2K tokens: profile and judge it where it works.
+    "smollm2": Testbed("smollm2", str(REPO / "build/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+                       "longlora", (1024, 2048), 1536),
+}
 
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """What the benchmark measures.  The plans' attention runs on the CPU through the runtime's
-    exact reference path (about 10x a dense SDPA forward), so retrieval is scored on a small
-    grid: the defaults took 31 minutes on 2 CPU cores (AMD EPYC, 2026-11-25) before the
-    four +comp rows were added (expect about a quarter more)."""
-
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2)
-    lengths: tuple[int, ...] = (1024, 2048, 4096)  # retrieval grid
     # Depth 1 (the needle just before the question) is left out: every plan's window sees it.
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-    samples: int = 2  # per (length, depth) cell and task
-    ppl_lengths: tuple[int, ...] = (1024, 4096)
-    ppl_samples: int = 1
-    profile_lengths: tuple[int, ...] = (1024, 2048, 4096)
-    validation_length: int = 3072
-    # The search runs with `moaplan search`'s defaults.
-    profile_samples: int = 4
-    validation_samples: int = 2
-    trials: int = 8
+    samples: int = 16  # per (length, depth) cell and task
+    text_windows: int = 8  # held-out text windows at the longest length (ppl and KL)
     sink: int = 64
     recent: int = 256  # the longest recent window of Duo streaming heads (see duo_baseline)
-    batch_size: int = 4
+    batch_size: int = 8
     seed: int = 0
-    comp_budgets: tuple[float, ...] = (0.3, 0.2)  # where compensation tokens are measured too
-
-    @property
-    def target_lengths(self) -> list[int]:
-        """Every length a plan must meet its budget at: profiled, validated and evaluated."""
-        return sorted({*self.profile_lengths, self.validation_length, *self.lengths,
-                       *self.ppl_lengths})
+    search: SearchSettings | None = None  # None: moaplan search's defaults, per test bed
+    lengths: tuple[int, ...] | None = None  # None: the test bed's
 
 
-QUICK = QualitySettings(budgets=(0.5,), lengths=(512,), depths=(0.0,), samples=1,
-                        ppl_lengths=(512,), ppl_samples=1, profile_lengths=(256,),
-                        validation_length=384, profile_samples=1, trials=1)
+QUICK = QualitySettings(budgets=(0.5,), depths=(0.0,), samples=2, text_windows=1,
+                        lengths=(512,))
 
 
-def evaluate(model, tokenizer, plan: Plan | None, settings: QualitySettings,
-             held_out: list) -> dict[str, Any]:
-    """Retrieval, perplexity and the loss the search validates by (response-token loss on
-    ``held_out``) of ``model`` under ``plan`` (None: dense)."""
-    grid = dict(lengths=settings.lengths, depths=settings.depths, samples=settings.samples,
-                seed=settings.seed, batch_size=settings.batch_size)
-    if plan is not None:
-        apply(model, plan)
-    try:
-        return {
-            "passkey": passkey_accuracy(model, tokenizer, **grid).to_dict(),
-            "kv": kv_accuracy(model, tokenizer, **grid).to_dict(),
-            "perplexity": perplexity(model, tokenizer, lengths=settings.ppl_lengths,
-                                     samples=settings.ppl_samples, seed=settings.seed,
-                                     batch_size=settings.batch_size).to_dict(),
-            "validation_loss": measured_loss(model, held_out),
-        }
-    finally:
-        if plan is not None:
-            remove(model)
+def load_testbed(testbed: Testbed, device: str):
+    """The test bed's model (float32 on the CPU, bfloat16 on a GPU) and tokenizer."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if testbed.model is None or not testbed.model.endswith(".gguf"):
+        return load_model(testbed.model, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(testbed.model)
+    if not path.is_file():
+        raise MoaplanError(f"no GGUF file at {path}; run `make smollm2` first")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.to(device).eval(), tokenizer
 
 
-def with_compensation(plan: Plan) -> Plan:
-    """The same plan with a compensation token on every non-full head."""
-    rules = [[r if r.full else replace(r, compensate=True) for r in layer] for layer in plan.rules]
-    return replace(plan, rules=rules, provenance={**plan.provenance, "compensate": True})
-
-
-def densities(plan: Plan | None, lengths: list[int]) -> dict[str, dict[int, float]]:
-    if plan is None:
-        return {"kv_density": dict.fromkeys(lengths, 1.0),
-                "attention_density": dict.fromkeys(lengths, 1.0)}
-    dens = plan.densities(lengths)
-    return {f"{kind}_density": {n: float(dens[kind][..., i].mean()) for i, n in enumerate(lengths)}
-            for kind in ("kv", "attention")}
-
-
-def predicted_dropped(profile, plan: Plan) -> float:
-    """The optimizer's objective for any plan: the dropped influence of its rules summed over
-    the profiled lengths, each length normalised by the total influence."""
-    rules = plan.flat_rules
-    unique = list(dict.fromkeys(rules))
-    column = [unique.index(r) for r in rules]
-    cost = 0.0
-    for n in profile.lengths:
-        dropped = profile.dropped_influence(unique, n)[np.arange(len(rules)), column]
-        cost += float(dropped.sum() / profile.total(n).sum())
-    return cost
-
-
-def duo_baseline(shape: ModelShape, profile, budget: Budget, settings: QualitySettings) -> Plan:
-    """The best DuoAttention-style plan: heads scored like ``moaplan baseline duo`` (the
-    influence their sink + recent rule drops at the longest profiled length), trying the
-    recent windows ``recent``, ``recent / 2``, ... 32 and keeping the feasible plan with the
-    least predicted dropped influence.  A shorter window leaves room for more full heads, and
-    at low budgets 64 + 256 keys do not fit at 1K at all (KV density 0.31)."""
-    candidates = []
-    recent = settings.recent
+def duo_baseline(shape: ModelShape, profile, budget: Budget, lengths: list[int],
+                 settings: QualitySettings) -> Plan:
+    """The best DuoAttention-style plan: heads scored like ``moaplan baseline duo``, trying
+    the recent windows ``recent``, ``recent / 2``, ... 32 and keeping the feasible plan with
+    the least dropped influence (the optimizer's first-order prediction)."""
+    best, best_cost, recent = None, np.inf, settings.recent
     while recent >= 32:
         try:
-            plan = duo_plan(shape, profile.duo_scores(settings.sink, recent), budget,
-                            settings.target_lengths, settings.sink, recent)
+            plan = duo_plan(shape, profile.duo_scores(settings.sink, recent), budget, lengths,
+                            settings.sink, recent)
         except BudgetError:
             recent //= 2
             continue
-        plan.provenance.update(recent=recent, predicted=predicted_dropped(profile, plan))
-        candidates.append(plan)
+        cost = dropped_shares(profile, plan.flat_rules).sum()
+        if cost < best_cost:
+            best, best_cost = replace(plan, provenance={**plan.provenance, "recent": recent}), cost
         recent //= 2
-    if not candidates:
-        raise BudgetError(f"no DuoAttention-style plan with {settings.sink} sinks meets KV "
-                          f"budget {budget.value} at lengths {settings.target_lengths}")
-    return min(candidates, key=lambda p: p.provenance["predicted"])
+    if best is None:
+        raise BudgetError(f"no DuoAttention-style plan meets KV budget {budget.value}")
+    return best
 
 
-def run(settings: QualitySettings, out: Path, work: Path, device: str = "cpu") -> dict[str, Any]:
-    """Every method at every budget on ``device``; results are written after each method, so
-    a run cut short still leaves what it measured."""
-    from moaplan.data import model_calibration
-    from moaplan.model import load_model
+def text_samples(tokenizer, length: int, count: int, seed: int) -> list[CalibrationSample]:
+    """Held-out text windows; every token after the first 64 is scored."""
+    corpus = stdlib_corpus("heldout")
+    rng = np.random.default_rng([seed, length, 7])
+    out = []
+    for _ in range(count):
+        ids = torch.tensor(text_row(tokenizer, corpus, length, rng))
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[64:] = True
+        out.append(CalibrationSample(ids, mask))
+    return out
 
+
+def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
+        device: str) -> dict[str, Any]:
+    """Every method at every budget; results are written after each plan."""
     started = time.perf_counter()
-    model, tokenizer = load_model(device=device)
+    model, tokenizer = load_testbed(testbed, device)
     shape = ModelShape.from_config(model.config)
-    lengths = sorted({*settings.lengths, *settings.ppl_lengths})
+    lengths = list(settings.lengths or testbed.lengths)
+    validation_length = (testbed.validation_length if settings.lengths is None
+                         else lengths[-1] * 3 // 4)
 
     @functools.cache
     def source(length: int, count: int, held_out: bool) -> list:
-        # Generated by the dense model, as `moaplan search` does; cached so that every
-        # search sees the very samples the shared profile was made from.
         return model_calibration(model, tokenizer, length, count,
-                                     seed=settings.seed + int(held_out))
+                                 seed=settings.seed + 1000 * int(held_out))
 
     def search_settings(budget: float) -> SearchSettings:
-        extra = [n for n in settings.target_lengths
-                 if n not in settings.profile_lengths and n != settings.validation_length]
-        return SearchSettings(budget=Budget("kv", budget), lengths=list(settings.profile_lengths),
-                              validation_length=settings.validation_length, extend_to=extra,
-                              samples=settings.profile_samples,
-                              validation_samples=settings.validation_samples,
-                              trials=settings.trials, seed=settings.seed)
+        base = settings.search or SearchSettings(budget=Budget("kv", budget), lengths=lengths,
+                                                 validation_length=validation_length)
+        return replace(base, budget=Budget("kv", budget))
 
-    described = asdict(settings) | {"target_lengths": settings.target_lengths}
-    report: dict[str, Any] = {"meta": provenance() | {"settings": described, "device": device},
-                              "methods": []}
+    probe = search_settings(settings.budgets[0])
+    held_out = [s for n, c in probe.validation_counts().items() for s in source(n, c, True)]
+    validation = DenseReference(model, held_out)
+    text = text_samples(tokenizer, max(lengths), settings.text_windows, settings.seed)
+    text_reference = DenseReference(model, text)
+    targets = sorted({*probe.target_lengths, *lengths})
+    report: dict[str, Any] = {"meta": provenance() | {
+        "testbed": asdict(testbed), "device": device,
+        "settings": asdict(replace(settings, search=None)) | {
+            "lengths": lengths, "validation_length": validation_length,
+            "validation_samples": len(held_out), "profile_samples": probe.samples,
+            "candidates": probe.candidates, "ablate": probe.ablate,
+            "target_lengths": targets}},
+        "methods": [], "searches": []}
+    grid = dict(lengths=lengths, depths=settings.depths, samples=settings.samples,
+                seed=settings.seed, batch_size=settings.batch_size, phrasing=testbed.phrasing)
+    bar = tqdm(total=1 + 4 * len(settings.budgets), desc=f"quality {testbed.name}", unit="plan")
 
     def record(method: str, budget: float | None, plan: Plan | None, **notes: Any) -> None:
         t0 = time.perf_counter()
-        held_out = source(settings.validation_length, settings.validation_samples, True)
-        scores = evaluate(model, tokenizer, plan, settings, held_out)
-        result = MethodResult(method=method, budget=budget, **densities(plan, lengths), **scores,
-                              seconds=round(time.perf_counter() - t0, 1), notes=notes)
-        report["methods"].append(asdict(result))
+        if plan is not None:
+            apply(model, plan)
+        try:
+            result = {
+                "method": method, "budget": budget,
+                "kv_density": {n: 1.0 if plan is None else
+                               float(plan.densities([n])["kv"].mean()) for n in lengths},
+                "attention_density": {n: 1.0 if plan is None else
+                                      float(plan.densities([n])["attention"].mean())
+                                      for n in lengths},
+                "passkey": retrieval_accuracy("passkey", model, tokenizer, **grid).to_dict(),
+                "kv": retrieval_accuracy("kv", model, tokenizer, **grid).to_dict(),
+                "perplexity": perplexity(model, tokenizer, lengths=[max(lengths)],
+                                         samples=settings.text_windows, seed=settings.seed,
+                                         batch_size=settings.batch_size).to_dict(),
+                "text_kl": list(text_reference.score(model).kl),
+                "validation_kl": list(validation.score(model).kl),
+            }
+        finally:
+            if plan is not None:
+                remove(model)
+        result.update(seconds=round(time.perf_counter() - t0, 1), notes=notes)
+        report["methods"].append(result)
         report["meta"]["seconds"] = round(time.perf_counter() - started, 1)
-        write(report, out)
-        bar.set_postfix(last=f"{method} {budget or ''}", retrieval=f"{result.retrieval:.2f}")
+        write(report, out, testbed.name)
+        bar.set_postfix(last=f"{method} {budget or ''}")
         bar.update()
 
-    profile_path = work / f"profile-{shape.fingerprint}.safetensors"
-    compensated = [b for b in settings.budgets if b in settings.comp_budgets]
-    bar = tqdm(total=1 + len(METHODS) * len(settings.budgets) + len(COMP_METHODS)
-               * len(compensated), desc="quality", unit="plan")
+    profile_path = work / f"profile-{testbed.name}-{shape.fingerprint}.safetensors"
     try:
         record("dense", None, None)
-        samples = {n: source(n, settings.profile_samples, False)
-                   for n in settings.profile_lengths}
+        samples = {n: source(n, probe.samples, False) for n in lengths}
         profile_path.unlink(missing_ok=True)  # one fresh profile per run, shared below
         t0 = time.perf_counter()
-        profile = obtain_profile(model, samples, profile_path, block=64, rule_space=RuleSpace())
+        profile = obtain_profile(model, samples, profile_path, block=probe.block,
+                                 rule_space=RuleSpace(), objective=probe.objective)
         report["meta"]["profile_seconds"] = round(time.perf_counter() - t0, 1)
         for value in settings.budgets:
             budget = Budget("kv", value)
-            uniform = uniform_plan(shape, budget, settings.target_lengths, settings.sink)
-            record("streaming", value, uniform)
-            if value in compensated:
-                record("uniform +comp", value, with_compensation(uniform))
-            duo = duo_baseline(shape, profile, budget, settings)
+            record("streaming", value, uniform_plan(shape, budget, targets, settings.sink))
+            duo = duo_baseline(shape, profile, budget, targets, settings)
             record("duo", value, duo, full_heads=duo.provenance["full_heads"],
-                   recent=duo.provenance["recent"], predicted=duo.provenance["predicted"])
+                   recent=duo.provenance["recent"])
             t0 = time.perf_counter()
-            found = search(model, source, search_settings(value),
-                           out=work / f"plan-kv{value}.yaml", profile_path=profile_path,
-                           storage=None)
-            record("searched", value, found.plan, search_seconds=round(time.perf_counter() - t0, 1),
-                   solver_gap=float(found.solution.gap), trials=found.trials,
-                   predicted=predicted_dropped(profile, found.plan),
+            found = search(model, source, replace(search_settings(value), extend_to=targets),
+                           out=work / f"plan-{testbed.name}-kv{value}.yaml",
+                           profile_path=profile_path, storage=None)
+            seconds = round(time.perf_counter() - t0, 1)
+            report["searches"].append({
+                "budget": value, "seconds": seconds, "chosen": found.chosen,
+                "agreement": found.agreement, "ablation": found.ablation,
+                "candidates": [{"name": c.name, "state": c.state, "kl": c.value,
+                                "predicted": c.predicted, "corrected": c.corrected}
+                               for c in found.candidates]})
+            record("searched", value, found.plan, chosen=found.chosen, search_seconds=seconds,
                    rules=sorted({r.describe() for r in found.plan.flat_rules}))
-            if value in compensated:
-                record("searched +comp", value, with_compensation(found.plan))
+            first = next((c for c in found.candidates if c.name == "optimizer, first order"),
+                         None)
+            if first is not None:
+                record("first order", value, first.plan)
     finally:
         bar.close()
     return report
 
 
-def write(report: dict[str, Any], out: Path) -> None:
-    atomic_write_text(out / "quality.json", json.dumps(report, indent=1) + "\n")
-    atomic_write_text(out / "quality.md", markdown(report))
+def write(report: dict[str, Any], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"quality-{name}.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / f"quality-{name}.md", markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbed", choices=sorted(TESTBEDS), nargs="+",
+                        default=["reference", "second"],
+                        help="test beds to run (default: the two shipped models)")
     parser.add_argument("--quick", action="store_true",
-                        help="one budget, one length, one depth: a smoke test (< 1 min)")
+                        help="one budget, one length, one depth: a smoke test")
     parser.add_argument("--budgets", type=float, nargs="+", help="override the KV budgets")
-    parser.add_argument("--depths", type=float, nargs="+", help="override the needle depths")
     parser.add_argument("--samples", type=int, help="override the samples per cell and task")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--work", type=Path,
-                        help="profile and plans (default build/bench-quality[-quick])")
+                        help="profiles and plans (default build/bench-quality[-quick])")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device of the model (default: cuda when there is one)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else QualitySettings()
-    overrides = {"budgets": args.budgets and tuple(args.budgets),
-                 "depths": args.depths and tuple(args.depths), "samples": args.samples}
+    if args.quick:
+        settings = replace(settings, search=SearchSettings(
+            budget=Budget("kv", 0.5), lengths=[512], validation_length=384, samples=2,
+            validation_samples=4, candidates=4, ablate=2))
+    overrides = {"budgets": args.budgets and tuple(args.budgets), "samples": args.samples}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v})
     work = args.work or Path("build/bench-quality-quick" if args.quick else "build/bench-quality")
     work.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports plans
-    try:
-        report = run(settings, args.out, work, args.device)
-    except MoaplanError as err:
-        print(f"bench_quality: {err}", file=sys.stderr)
-        return 1
-    print(markdown(report))
+    for name in args.testbed:
+        try:
+            report = run(TESTBEDS[name], settings, args.out, work, args.device)
+        except MoaplanError as err:
+            print(f"bench_quality: {name}: {err}", file=sys.stderr)
+            return 1
+        print(markdown(report))
     return 0
 
 

@@ -18,7 +18,8 @@ from quality_report import METHODS, MethodResult, results  # noqa: E402
 from moaplan.io import atomic_write  # noqa: E402
 
 TASKS = {"passkey": "passkey retrieval", "kv": "key-value retrieval"}
-COLORS = {"dense": "black", "streaming": "tab:orange", "duo": "tab:green", "searched": "tab:blue"}
+COLORS = {"dense": "black", "streaming": "tab:orange", "duo": "tab:green", "searched": "tab:blue",
+          "first order": "tab:purple"}
 OURS, BASE = "tab:blue", "tab:gray"
 
 
@@ -54,7 +55,7 @@ def quality_accuracy(report: dict[str, Any], path: Path) -> Path:
 
 
 def _grid(r: MethodResult, task: str) -> tuple[list[int], list[float], np.ndarray]:
-    cells = getattr(r, task)["cells"]
+    cells = r.raw[task]["cells"]
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     acc = np.full((len(lengths), len(depths)), np.nan)

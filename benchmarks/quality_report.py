@@ -1,165 +1,186 @@
-"""Reading and rendering ``quality.json``: the method records, the quality table and the
-claims checked.  No model or solver imports, so any machine can summarise the results."""
+"""Reading and rendering ``quality-<testbed>.json``: the table, the paired comparisons with
+their intervals, and the claims checked.  No model or solver imports, so any machine can
+summarise the results.
+
+Every comparison is paired (the same prompts and text windows for every plan).  Retrieval:
+the difference in accuracy with its 95% interval, and McNemar's exact test on the prompts
+where the two plans disagree; a difference is called only when p < 0.05, else "tie".  Text
+and validation KL: the mean per-window (per-sample) difference with its 95% t-interval.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("streaming", "duo", "searched")  # the sparse methods, compared at each budget
-# The uniform (streaming) and searched plans with compensation tokens, at some budgets.
-COMP_METHODS = ("uniform +comp", "searched +comp")
+import numpy as np
+from scipy import stats
+
+METHODS = ("streaming", "duo", "searched", "first order")  # compared at each budget
+TASKS = ("passkey", "kv")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodResult:
-    method: str  # "dense", one of METHODS or one of COMP_METHODS
+    method: str  # "dense" or one of METHODS
     budget: float | None
-    kv_density: dict[int, float]  # mean over heads, per evaluated length
-    attention_density: dict[int, float]
-    passkey: dict[str, Any]  # RetrievalResult.to_dict()
-    kv: dict[str, Any]
-    perplexity: dict[str, Any]
-    validation_loss: float  # mean response-token loss on the search's held-out samples
-    seconds: float
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def accuracy(self, task: str, length: int | None = None) -> float:
-        cells = [c for c in getattr(self, task)["cells"] if length is None or c["length"] == length]
-        return sum(c["correct"] for c in cells) / sum(c["total"] for c in cells)
+    raw: dict[str, Any]
 
     @property
-    def retrieval(self) -> float:
-        """Passkey and key-value accuracy together (equal sample counts: the plain mean)."""
-        return (self.accuracy("passkey") + self.accuracy("kv")) / 2
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method} @ {self.budget:g}"
+
+    def hits(self, task: str | None = None, length: int | None = None) -> np.ndarray:
+        """Per-prompt correctness, in one fixed order (tasks, then cells, then samples)."""
+        out = []
+        for t in TASKS if task is None else (task,):
+            for c in self.raw[t]["cells"]:
+                if length is None or c["length"] == length:
+                    out += c["hits"]
+        return np.asarray(out, dtype=float)
+
+    def accuracy(self, task: str | None = None, length: int | None = None) -> float:
+        return float(self.hits(task, length).mean())
+
+    def kv_density(self) -> float:
+        return self.raw["kv_density"][max(self.raw["kv_density"], key=int)]
+
+    def attention_density(self) -> float:
+        return self.raw["attention_density"][max(self.raw["attention_density"], key=int)]
+
+    def ppl(self) -> float:
+        return self.raw["perplexity"]["cells"][-1]["perplexity"]
 
 
 def results(report: dict[str, Any]) -> list[MethodResult]:
-    """The method records of a ``quality.json`` (JSON keys of the density maps are strings)."""
-    out = []
-    for m in report["methods"]:
-        m = dict(m)
-        for key in ("kv_density", "attention_density"):
-            m[key] = {int(n): v for n, v in m[key].items()}
-        out.append(MethodResult(**m))
-    return out
+    return [MethodResult(m["method"], m["budget"], m) for m in report["methods"]]
 
 
-def _label(r: MethodResult) -> str:
-    return r.method if r.budget is None else f"{r.method} @ {r.budget:g}"
+def interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if x.size < 2 or not np.ptp(x):
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value of paired binary outcomes."""
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def compare(ours: MethodResult, other: MethodResult) -> dict[str, Any]:
+    """``ours`` vs ``other``: retrieval difference (interval, McNemar p, verdict) and text /
+    validation KL differences (intervals; lower KL is better)."""
+    a, b = ours.hits(), other.hits()
+    diff = interval(a - b)
+    p = mcnemar(a, b)
+    verdict = "tie" if p >= 0.05 else ("better" if diff[0] > 0 else "worse")
+    text = interval(np.subtract(ours.raw["text_kl"], other.raw["text_kl"]))
+    val = interval(np.subtract(ours.raw["validation_kl"], other.raw["validation_kl"]))
+    return {"diff": diff, "p": p, "verdict": verdict, "text_kl": text, "validation_kl": val,
+            "n": a.size}
+
+
+def _fmt(t: tuple[float, float, float], digits: int = 2) -> str:
+    return f"{t[0]:+.{digits}f} [{t[1]:+.{digits}f}, {t[2]:+.{digits}f}]"
+
+
+def describe(report: dict[str, Any]) -> str:
+    meta, s, bed = report["meta"], report["meta"]["settings"], report["meta"]["testbed"]
+    where = meta["card"] or f"{meta['cpu']} ({meta['cores']} cores)"
+    cells = len(s["lengths"]) * len(s["depths"])
+    return (
+        f"Test bed `{bed['name']}` (task wording `{bed['phrasing']}`) on {where}, "
+        f"{meta['date']}, commit `{meta['commit'][:12]}`, {meta.get('seconds', 0) / 60:.1f} min. "
+        f"KV budgets {', '.join(map(str, s['budgets']))}; every plan meets its budget at each "
+        f"of {s['target_lengths']}.  Retrieval: {s['samples']} prompts per (length, depth) "
+        f"cell and task, lengths {s['lengths']}, depths "
+        f"{', '.join(f'{d:g}' for d in s['depths'])}: {2 * cells * s['samples']} prompts per "
+        f"plan, the same for every plan.  Text: perplexity and KL(dense || plan) per token on "
+        f"{s['text_windows']} held-out windows of {max(s['lengths'])} tokens.  Validation KL: "
+        f"the search's score, on its {s['validation_samples']} held-out samples at "
+        f"{s['validation_length']} and {max(s['lengths'])} tokens.  Search: "
+        f"{s['profile_samples']} calibration samples per profiled length (the default, "
+        f"model-generated data in the calibration wordings, never the test bed's own unless "
+        f"it is `reference`), {s['ablate']} single-head ablations, at most "
+        f"{s['candidates']} candidates."
+    )
 
 
 def quality_table(report: dict[str, Any]) -> str:
-    """One row per method: densities at the longest length, retrieval per length, perplexity."""
     rows = results(report)
-    settings = report["meta"]["settings"]
-    lengths, ppl_lengths = settings["lengths"], settings["ppl_lengths"]
-    validation = settings["validation_length"]
-    longest = max(rows[0].kv_density)
-    head = (["method", f"KV dens. @{longest}", f"attn dens. @{longest}"]
-            + [f"passkey @{n}" for n in lengths] + [f"KV-ret. @{n}" for n in lengths]
-            + [f"ppl @{n}" for n in ppl_lengths] + [f"val. loss @{validation}"])
+    dense = next(r for r in rows if r.method == "dense")
+    lengths = report["meta"]["settings"]["lengths"]
+    head = (["method", "KV dens.", "attn dens."] + [f"retrieval @{n}" for n in lengths]
+            + ["retrieval [95% CI]", "kept where dense right", "ppl", "text KL",
+               "validation KL"])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    right = dense.hits() == 1
     for r in rows:
-        ppl = {c["length"]: c["perplexity"] for c in r.perplexity["cells"]}
-        cells = ([_label(r), f"{r.kv_density[longest]:.3f}", f"{r.attention_density[longest]:.3f}"]
-                 + [f"{r.accuracy('passkey', n):.2f}" for n in lengths]
-                 + [f"{r.accuracy('kv', n):.2f}" for n in lengths]
-                 + [f"{ppl[n]:.3f}" for n in ppl_lengths] + [f"{r.validation_loss:.3f}"])
+        acc = interval(r.hits())
+        kept = float(r.hits()[right].mean()) if right.any() else float("nan")
+        cells = ([r.label, f"{r.kv_density():.3f}", f"{r.attention_density():.3f}"]
+                 + [f"{r.accuracy(length=n):.2f}" for n in lengths]
+                 + [f"{acc[0]:.2f} [{acc[1]:.2f}, {acc[2]:.2f}]", f"{kept:.2f}",
+                    f"{r.ppl():.3f}", f"{np.mean(r.raw['text_kl']):.4f}",
+                    f"{np.mean(r.raw['validation_kl']):.4f}"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
-    """The claims checked, one line each: searched vs the baselines at every budget, and the
-    passkey ratio to dense at the longest length (issue 5)."""
+    """Searched against every other method at each budget, and against dense."""
     rows = results(report)
-    dense = next((r for r in rows if r.method == "dense"), None)
-    longest = max(report["meta"]["settings"]["lengths"])
+    dense = next(r for r in rows if r.method == "dense")
     lines = []
     for budget in report["meta"]["settings"]["budgets"]:
         by = {r.method: r for r in rows if r.budget == budget}
         if "searched" not in by:
             continue
         s = by["searched"]
-        others = {m: by[m].retrieval for m in ("streaming", "duo") if m in by}
-        best = max(others.values(), default=0.0)
-        outcome = ("searched keeps the most" if s.retrieval > best else
-                   "a tie" if s.retrieval == best else "searched does NOT keep the most")
-        versus = ", ".join(f"{m} {v:.2f}" for m, v in others.items())
-        line = f"- KV budget {budget:g}: retrieval searched {s.retrieval:.2f}, {versus}: {outcome}"
-        if s.retrieval < best and "duo" in by:
-            # The optimizer minimises the predicted (first-order) dropped influence; the search
-            # then keeps the candidate with the lowest measured loss.  Show both for both plans.
-            d = by["duo"]
-            settings = report["meta"]["settings"]
-            total = (settings["samples"] * len(settings["depths"]) * len(settings["lengths"])
-                     * 2)  # passkey and key-value
-            line += (f" (predicted dropped influence: searched {s.notes['predicted']:.3f}, duo "
-                     f"{d.notes['predicted']:.3f}; measured val. loss: searched "
-                     f"{s.validation_loss:.3f}, duo {d.validation_loss:.3f}; "
-                     f"{round((best - s.retrieval) * total)} of {total} retrieval samples apart")
-            if abs(s.validation_loss - d.validation_loss) < 0.01:
-                line += ("; the held-out loss the search validates by cannot tell the two apart, "
-                         "so nothing in the search could prefer the other plan")
-            line += ")"
-        if dense is not None and "streaming" in by:
-            ours = s.accuracy("passkey", longest)
-            ratio = ours / max(dense.accuracy("passkey", longest), 1e-9)
-            line += (f"; passkey @{longest}: {ours:.2f} = {ratio:.2f}x dense "
-                     f"({'>=' if ratio >= 0.95 else 'below'} 0.95x), uniform "
-                     f"{by['streaming'].accuracy('passkey', longest):.2f}")
-        lines.append(line)
+        ratio = s.accuracy() / max(dense.accuracy(), 1e-9)
+        parts = [f"- KV {budget:g}: searched retrieval {s.accuracy():.2f} = {ratio:.2f}x dense "
+                 f"({dense.accuracy():.2f})"]
+        for m in ("streaming", "duo", "first order"):
+            if m in by:
+                c = compare(s, by[m])
+                parts.append(f"vs {m}: {_fmt(c['diff'])} (McNemar p={c['p']:.2g}, "
+                             f"{c['n']} paired prompts) -> **{c['verdict']}**; text KL "
+                             f"{_fmt(c['text_kl'], 4)}")
+        lines.append("; ".join(parts))
     return lines
 
 
-def compensation_verdicts(report: dict[str, Any]) -> list[str]:
-    """Compensation tokens on vs off, one line per (budget, plan) measured both ways."""
-    rows = results(report)
+def validation_agreement(report: dict[str, Any]) -> list[str]:
+    """Does the search's validation score rank plans the way measured retrieval does?  And
+    does the ablation correction make the optimizer's prediction agree better?"""
+    rows = [r for r in results(report) if r.method != "dense"]
     lines = []
-    for budget in report["meta"]["settings"]["budgets"]:
-        by = {r.method: r for r in rows if r.budget == budget}
-        for plain, comp in zip(("streaming", "searched"), COMP_METHODS):
-            if plain not in by or comp not in by:
-                continue
-            off, on = by[plain], by[comp]
-            ppl = "; ".join(
-                f"ppl @{a['length']} {a['perplexity']:.3f} -> {b['perplexity']:.3f}"
-                for a, b in zip(off.perplexity["cells"], on.perplexity["cells"]))
-            lines.append(f"- KV budget {budget:g}, {comp.split()[0]} plan, compensation off -> "
-                         f"on: retrieval {off.retrieval:.2f} -> {on.retrieval:.2f}; {ppl}; "
-                         f"val. loss {off.validation_loss:.3f} -> {on.validation_loss:.3f}")
+    if len(rows) >= 3:
+        rho = stats.spearmanr([-np.mean(r.raw["validation_kl"]) for r in rows],
+                              [r.accuracy() for r in rows]).statistic
+        lines.append(f"- Validation score vs measured retrieval over {len(rows)} plans: "
+                     f"Spearman {rho:.2f} (minus the mean validation KL against retrieval "
+                     "accuracy; 1 = the same ranking)")
+    for s in report.get("searches", []):
+        a = s["agreement"]
+        lines.append(f"- Search at KV {s['budget']:g} ({s['seconds']:.0f} s, chose "
+                     f"`{s['chosen']}`): predicted vs measured validation KL over its complete "
+                     f"candidates, Spearman {a['first_order']:.2f} first order -> "
+                     f"{a['corrected']:.2f} after the ablation correction")
     return lines
-
-
-def describe(report: dict[str, Any]) -> str:
-    """Where, when and with which settings, as one paragraph."""
-    meta, s = report["meta"], report["meta"]["settings"]
-    where = meta["card"] or f"{meta['cpu']} ({meta['cores']} cores)"
-    return (
-        f"Reference model on {where}, {meta['date']}, commit `{meta['commit'][:12]}`, "
-        f"{meta.get('seconds', 0) / 60:.1f} min in all.  KV budgets "
-        f"{', '.join(map(str, s['budgets']))}; every plan meets its budget at each of "
-        f"{s['target_lengths']}.  Retrieval: "
-        f"{s['samples']} sample(s) per (length, depth) cell and task, depths "
-        f"{', '.join(f'{d:g}' for d in s['depths'])}.  Perplexity: {s['ppl_samples']} window(s) "
-        f"of held-out text per length.  Search: profile at {list(s['profile_lengths'])} with "
-        f"{s['profile_samples']} sample(s) each, {s['trials']} optuna trials validated on "
-        f"{s['validation_samples']} held-out sample(s) at {s['validation_length']}; `val. loss` "
-        "is every plan's mean response-token loss on those samples (what the search ranks its "
-        "candidates by).  Filler and held-out text come from the running interpreter's standard "
-        f"library (Python {meta.get('python', '?')}), so perplexities compare within one "
-        "machine's table, not across machines."
-    )
 
 
 def markdown(report: dict[str, Any]) -> str:
-    parts = ["# Quality benchmark", describe(report), quality_table(report),
-             "\n".join(verdicts(report))]
-    comp = compensation_verdicts(report)
-    if comp:
-        parts += ["## Compensation tokens (RazorAttention)\n\n`uniform +comp` is the streaming "
-                  "plan and `searched +comp` the searched plan, each with a compensation token "
-                  "on every non-full head (KV density one key per head higher).",
-                  "\n".join(comp)]
-    return "\n\n".join(parts) + "\n"
+    parts = [f"# Quality: `{report['meta']['testbed']['name']}`", describe(report),
+             quality_table(report), "Paired comparisons (searched minus the other; retrieval "
+             "as a share of prompts, a verdict only where McNemar's p < 0.05):",
+             "\n".join(verdicts(report)), "\n".join(validation_agreement(report))]
+    return "\n\n".join(p for p in parts if p) + "\n"

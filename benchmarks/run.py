@@ -117,12 +117,13 @@ def run_sections(names: list[str], out: Path, quick: bool, meta: dict) -> dict[s
 def draw_plots(root: Path) -> list[Path]:
     """Every plot whose result JSON exists under ``root/<machine>/``, beside that JSON."""
     drawn = []
-    for result in sorted(root.glob("*/quality.json")):
+    for result in sorted(root.glob("*/quality-*.json")):
         report = plots.load(result)
-        drawn.append(plots.quality_accuracy(report, result.with_name("quality_accuracy.png")))
+        drawn.append(plots.quality_accuracy(report,
+                                            result.with_name(f"{result.stem}_accuracy.png")))
         for task in plots.TASKS:
             drawn.append(plots.quality_heatmaps(report, task,
-                                                result.with_name(f"quality_{task}.png")))
+                                                result.with_name(f"{result.stem}_{task}.png")))
     for result in sorted(root.glob("*/prefill.json")):
         drawn.append(plots.prefill_speedup(plots.load(result),
                                            result.with_name("prefill_speedup.png")))

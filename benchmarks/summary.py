@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quality_report import compensation_verdicts, describe, quality_table, verdicts
+from quality_report import describe, quality_table, validation_agreement, verdicts
 
 
 def _find(root: Path, name: str, machine: str) -> Path | None:
@@ -42,13 +42,12 @@ def _image(png: Path, base: Path, alt: str) -> str:
 
 def _quality(path: Path, base: Path, h: str) -> list[str]:
     report = _load(path)
-    images = [_image(path.with_name(f"quality_{n}.png"), base, n)
+    images = [_image(path.with_name(f"{path.stem}_{n}.png"), base, n)
               for n in ("accuracy", "passkey", "kv")]
-    compensation = compensation_verdicts(report)
-    return [f"{h} Quality: how much retrieval a plan keeps", describe(report),
-            quality_table(report), "\n".join(verdicts(report)),
-            "Compensation tokens (RazorAttention), off -> on:\n\n" + "\n".join(compensation)
-            if compensation else "", "\n".join(filter(None, images))]
+    return [f"{h}# Test bed `{report['meta']['testbed']['name']}`", describe(report),
+            quality_table(report), "Paired comparisons (searched minus the other; a verdict "
+            "only where McNemar's p < 0.05):", "\n".join(verdicts(report)),
+            "\n".join(validation_agreement(report)), "\n".join(filter(None, images))]
 
 
 def _prefill(path: Path, base: Path) -> list[str]:
@@ -144,14 +143,12 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
           level: int) -> str:
     h = "#" * level
     parts: list[str] = []
-    quality = _find(root, "quality.json", machine)
-    if quality:
-        parts += _quality(quality, base, h)
-        others = [_link(q.with_suffix(".md"), base) for q in sorted(root.glob("*/quality.json"))
-                  if q != quality]
-        if others:
-            parts.append("The same benchmark on the other machines: "
-                         + ", ".join(f"[{o}]({o})" for o in others) + ".")
+    own = sorted((root / machine).glob("quality-*.json"))
+    beds = own or sorted(root.glob("*/quality-*.json"))
+    if beds:
+        parts.append(f"{h} Quality: how much of the dense model's behaviour a plan keeps")
+        for quality in beds:
+            parts += _quality(quality, base, h)
     speed = [(_find(root, "prefill.json", machine), _prefill),
              (_find(root, "decode.json", machine), _decode)]
     profiler = _find(root, "profiler.md", machine)

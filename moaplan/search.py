@@ -1,17 +1,25 @@
-"""``search``: calibration data -> profile -> optimizer -> validated plan.
+"""``search``: calibration data -> profile -> ablations -> optimizer -> validated plan.
 
-The search profiles the model at a few lengths (or reuses a matching profile), builds the
-multiple-choice knapsack over the rule space with a density budget at every target length
-(the profiled lengths, the validation length and the lengths the plan must extend to), and
-lets optuna tune the optimizer's length weights by the *measured* response-token loss on
-held-out calibration samples at a length that was not profiled.  The plan with the lowest
-measured loss is written.
+1. Profile the model at a few lengths (or reuse a matching profile).
+2. Correct the profile beyond first order: for the heads it ranks highest, restrict one KV
+   head at a time to the budget's uniform rule and measure what the model loses
+   (:func:`ablate`); the first-order influence of many small entries and of the one entry
+   that carries a needle add up linearly, dropping the needle does not.
+3. Build the candidates: the multiple-choice knapsack over the rule space (a density budget
+   at every target length) with first-order and corrected costs, with the heads that lose
+   most kept full or not, the "top heads full, the rest one uniform rule" plans a head scorer
+   gives, and the baselines (streaming, DuoAttention-style) at the same budget.
+4. Measure every candidate on held-out samples that were not profiled (disjoint by
+   construction, at an unprofiled length and the longest profiled one) by KL(dense || plan)
+   on the dense model's own responses (:mod:`moaplan.validation`), in one optuna study, and
+   write the candidate with the lowest mean KL.  It is never worse there than a baseline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +28,10 @@ import numpy as np
 import torch
 
 from moaplan.errors import BudgetError, DataError, ProfileError
-from moaplan.optimize import KnapsackProblem, Solution, choose
+from moaplan.optimize import Candidate, KnapsackProblem, best_candidate, measure, solve
 from moaplan.optimize.milp import check_reachable
-from moaplan.plan import Budget, ModelShape, Plan, save_plan
+from moaplan.optimize.select import open_study, scores
+from moaplan.plan import Budget, ModelShape, Plan, duo_plan, save_plan, uniform_plan
 from moaplan.plan.baselines import uniform_rule
 from moaplan.profile import (
     Profile,
@@ -33,9 +42,9 @@ from moaplan.profile import (
     save_profile,
 )
 from moaplan.profile.profile import metadata_path
-from moaplan.profile.profiler import response_losses
-from moaplan.rules import RuleSpace
+from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
+from moaplan.validation import DenseReference, Score, rank_correlation
 
 Samples = dict[int, list[Any]]  # length -> calibration samples of that length
 
@@ -49,8 +58,9 @@ class SearchSettings:
     validation_length: int = 3072
     extend_to: list[int] = field(default_factory=list)
     samples: int = 4
-    validation_samples: int = 4
-    trials: int = 8
+    validation_samples: int = 32
+    candidates: int = 12  # at most this many candidate plans are measured
+    ablate: int = 8  # heads whose restriction is measured one at a time (0: none)
     block: int = 64
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0
@@ -63,28 +73,60 @@ class SearchSettings:
         if self.validation_length in self.lengths:
             raise BudgetError(f"the validation length {self.validation_length} is also profiled; "
                               "validate at a length that was not profiled")
-        if min(self.samples, self.validation_samples, self.trials) < 1:
-            raise BudgetError("samples, validation samples and trials must all be >= 1")
+        if min(self.samples, self.validation_samples, self.candidates) < 1:
+            raise BudgetError("samples, validation samples and candidates must all be >= 1")
+        if self.validation_samples < 2 * len(self.validation_lengths):
+            raise BudgetError(f"give at least {2 * len(self.validation_lengths)} validation "
+                              f"samples (two per validation length)")
+        if self.ablate < 0:
+            raise BudgetError(f"the number of heads to ablate must be >= 0, got {self.ablate}")
 
     @property
     def target_lengths(self) -> list[int]:
         """Every length the plan must meet the budget at."""
         return sorted({*self.lengths, self.validation_length, *self.extend_to})
 
+    @property
+    def validation_lengths(self) -> list[int]:
+        """The held-out samples' lengths: the unprofiled validation length and the longest
+        profiled one."""
+        return sorted({self.validation_length, max(self.lengths)})
+
+    def validation_counts(self) -> dict[int, int]:
+        """Held-out samples per validation length (split as evenly as possible)."""
+        lengths = self.validation_lengths
+        base, extra = divmod(self.validation_samples, len(lengths))
+        return {n: base + (i < extra) for i, n in enumerate(lengths)}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One candidate plan and what was measured of it."""
+
+    name: str
+    plan: Plan
+    state: str  # "complete", "pruned" (stopped early: clearly worse), or "not measured"
+    value: float  # mean KL (complete) or the running mean when it was stopped
+    score: Score | None  # every sample's KL and match, for a complete candidate
+    predicted: float  # first-order dropped share (mean over profiled lengths)
+    corrected: float  # the same with the ablation-corrected costs
+
 
 @dataclass
 class SearchResult:
     plan: Plan
-    solution: Solution
+    chosen: str
+    candidates: list[Measured]
     profile: Profile
-    dense_loss: float  # measured at the validation length
-    plan_loss: float
-    trials: int
+    ablation: dict[int, float]  # KV head -> measured KL with that head alone restricted
+    agreement: dict[str, float]  # rank correlation of predicted vs measured, before / after
 
 
 # (length, count, held_out) -> samples of that length; held-out samples are never the ones
 # the profile is made from.
 SampleSource = Callable[[int, int, bool], list[Any]]
+# Progress callback: (stage, done, total, note).
+OnStep = Callable[[str, int, int, str], None]
 
 
 def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int,
@@ -133,10 +175,15 @@ def check_budget(settings: SearchSettings) -> None:
                                     target_lengths=tuple(settings.target_lengths)))
 
 
-def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
+def knapsack(profile: Profile, settings: SearchSettings,
+             head_factors: np.ndarray | None = None) -> KnapsackProblem:
+    """The optimizer's problem; ``head_factors`` (one per KV head) scale each head's costs
+    (the ablation correction, :func:`correction_factors`)."""
     space, targets = settings.rule_space, settings.target_lengths
     cost = np.stack([profile.dropped_influence(space.rules, n) for n in settings.lengths])
     cost = cost * space.cost_factors()  # compensating rules' prior discount (RuleSpace)
+    if head_factors is not None:
+        cost = cost * head_factors[None, :, None]
     density = target_densities(settings)
     shape = profile.model
     layer_of_head = np.repeat(np.arange(shape.num_layers), shape.num_key_value_heads)
@@ -146,82 +193,260 @@ def knapsack(profile: Profile, settings: SearchSettings) -> KnapsackProblem:
                            target_lengths=tuple(targets))
 
 
-def protection_order(profile: Profile, settings: SearchSettings) -> list[int]:
-    """The heads the search may keep full, most important first: the eighth of all heads
-    (at least one) that lose the most under the uniform sink + window rule of this budget,
-    each profiled length's loss as a share of all heads' loss at that length.
-
-    First-order influence undervalues heads that retrieve from far back (a needle is in few
-    calibration samples, and often close enough to survive a wide window), so the search
-    also tries plans that keep the likeliest of them whole and lets the measured loss decide.
-    """
-    loss = profile.dropped_share(uniform_rule(settings.budget, settings.target_lengths))
-    count = max(1, profile.num_heads // 8)
-    return [int(h) for h in np.argsort(-loss, kind="stable")[:count] if loss[h] > 0]
+def dropped_shares(profile: Profile, rules: list[Rule]) -> np.ndarray:
+    """``(heads,)`` what each head's rule drops, as a share of all heads' total influence,
+    averaged over the profiled lengths."""
+    unique = list(dict.fromkeys(rules))
+    column = [unique.index(r) for r in rules]
+    heads = np.arange(len(rules))
+    return np.mean([profile.dropped_influence(unique, n)[heads, column]
+                    / max(profile.total(n).sum(), 1e-300) for n in profile.lengths], axis=0)
 
 
-def plan_from_solution(solution: Solution, profile: Profile, settings: SearchSettings,
-                       provenance: dict[str, Any] | None = None) -> Plan:
+def _single_head_plan(shape: ModelShape, head: int, rule: Rule, settings: SearchSettings
+                      ) -> Plan:
+    rules = [[Rule.full_attention()] * shape.num_key_value_heads for _ in range(shape.num_layers)]
+    layer, kv = divmod(head, shape.num_key_value_heads)
+    rules[layer][kv] = rule
+    return Plan(model=shape, rules=rules, budget=settings.budget,
+                lengths=settings.target_lengths)
+
+
+def _scored(model: torch.nn.Module, plan: Plan, reference: DenseReference,
+            report: Callable[[int, Score], None] | None = None) -> Score:
+    apply(model, plan)
+    try:
+        return reference.score(model, report=report)
+    finally:
+        remove(model)
+
+
+def ablate(model: torch.nn.Module, profile: Profile, settings: SearchSettings,
+           samples: list[Any], on_step: OnStep | None = None) -> dict[int, float]:
+    """KV head -> mean KL(dense || model) on ``samples`` when that head alone takes the
+    budget's uniform rule, for the ``settings.ablate`` heads that lose the largest share of
+    their influence under that rule (DuoAttention's and AttentionInfluence's measurement)."""
+    if not settings.ablate:
+        return {}
+    rule = uniform_rule(settings.budget, settings.target_lengths)
+    share = profile.dropped_share(rule)
+    heads = [int(h) for h in np.argsort(-share, kind="stable")[:settings.ablate]
+             if share[h] > 0]
+    reference = DenseReference(model, samples)
+    measured = {}
+    for done, head in enumerate(heads):
+        plan = _single_head_plan(profile.model, head, rule, settings)
+        measured[head] = _scored(model, plan, reference).mean_kl
+        if on_step is not None:
+            on_step("ablate", done + 1, len(heads), f"head {head}")
+    return measured
+
+
+# A measured head's cost is scaled by at most this factor either way.
+_MAX_CORRECTION = 100.0
+
+
+def correction_factors(profile: Profile, settings: SearchSettings,
+                       measured: dict[int, float]) -> np.ndarray:
+    """``(heads,)`` multipliers of each head's costs so that, for the ablated heads, the
+    first-order share the uniform rule drops is proportional to the measured loss (one scale
+    for all, the ratio of the sums); heads that were not measured keep their costs."""
+    factors = np.ones(profile.num_heads)
+    if not measured:
+        return factors
+    share = profile.dropped_share(uniform_rule(settings.budget, settings.target_lengths))
+    heads = np.array(sorted(measured))
+    loss = np.array([measured[h] for h in heads])
+    scale = loss.sum() / max(share[heads].sum(), 1e-300)
+    if scale <= 0:
+        return factors
+    ratio = loss / np.maximum(scale * share[heads], 1e-300)
+    factors[heads] = np.clip(ratio, 1 / _MAX_CORRECTION, _MAX_CORRECTION)
+    return factors
+
+
+def protection_order(profile: Profile, settings: SearchSettings,
+                     measured: dict[int, float]) -> list[int]:
+    """Heads most worth keeping full, most important first: the ablated heads by measured
+    loss, then the others by the share of influence the uniform rule drops on them."""
+    share = profile.dropped_share(uniform_rule(settings.budget, settings.target_lengths))
+    rest = [int(h) for h in np.argsort(-share, kind="stable") if int(h) not in measured]
+    return sorted(measured, key=lambda h: -measured[h]) + rest
+
+
+def _keep_counts(heads: int) -> list[int]:
+    """How many heads the keep-full candidates keep: 1, 2, 4, ... up to a quarter of all."""
+    counts, k = [], 1
+    while k <= max(1, heads // 4):
+        counts.append(k)
+        k *= 2
+    return counts
+
+
+def plan_from_solution(choice: np.ndarray, profile: Profile, settings: SearchSettings
+                       ) -> Plan:
     shape = profile.model
-    rules = [settings.rule_space.rules[c] for c in solution.choice]
+    rules = [settings.rule_space.rules[c] for c in choice]
     kv = shape.num_key_value_heads
     by_layer = [rules[i * kv:(i + 1) * kv] for i in range(shape.num_layers)]
-    totals = [float(profile.total(n).sum()) for n in settings.lengths]
-    predicted = {n: float(c) / t if t else 0.0
-                 for n, c, t in zip(settings.lengths, solution.costs, totals)}
     return Plan(model=shape, rules=by_layer, budget=settings.budget,
-                lengths=settings.target_lengths, predicted_loss=predicted,
-                provenance=dict(provenance or {}))
+                lengths=settings.target_lengths)
 
 
-def measured_loss(model: torch.nn.Module, samples: Sequence[Any]) -> float:
-    """Mean response-token cross-entropy over ``samples`` with the model as it is now."""
-    return float(np.mean(response_losses(model, samples)))
+def _top_heads_plan(profile: Profile, settings: SearchSettings, order: list[int],
+                    count: int) -> Plan | None:
+    """The first ``count`` heads of ``order`` full, every other head one uniform rule that
+    spends the rest of the budget (None if nothing is left for them)."""
+    heads = profile.num_heads
+    rest = (settings.budget.value * heads - count) / (heads - count) if count < heads else 0
+    if rest <= 0:
+        return None
+    try:
+        rule = uniform_rule(Budget(settings.budget.kind, min(rest, 1.0)),
+                            settings.target_lengths)
+    except BudgetError:
+        return None
+    flat = [Rule.full_attention() if h in order[:count] else rule for h in range(heads)]
+    kv = profile.model.num_key_value_heads
+    return Plan(model=profile.model, rules=[flat[i:i + kv] for i in range(0, heads, kv)],
+                budget=settings.budget, lengths=settings.target_lengths)
+
+
+def candidate_plans(profile: Profile, settings: SearchSettings,
+                    factors: np.ndarray, order: list[int]) -> list[tuple[str, Plan, bool]]:
+    """``(name, plan, prunable)`` for every candidate, likeliest first, duplicates (the same
+    rules) dropped, at most ``settings.candidates``.  The baselines are not prunable."""
+    shape, budget, targets = profile.model, settings.budget, settings.target_lengths
+    out: list[tuple[str, Plan, bool]] = []
+
+    def add(name: str, plan: Plan | None, prunable: bool = True) -> None:
+        if plan is not None and all(plan.rules != p.rules for _, p, _ in out):
+            out.append((name, plan, prunable))
+
+    corrected = knapsack(profile, settings, factors)
+    kw = dict(time_limit=settings.time_limit)
+    add("optimizer", plan_from_solution(solve(corrected, **kw).choice, profile, settings))
+    try:
+        add("duo", duo_plan(shape, profile.duo_scores(64, 256), budget, targets), False)
+    except BudgetError:
+        pass  # no room for the 64 + 256 streaming heads at the shortest length
+    for k in _keep_counts(profile.num_heads):
+        keep = corrected.with_keep_full(order[:k])
+        add(f"optimizer, {k} kept full",
+            plan_from_solution(solve(keep, **kw).choice, profile, settings))
+        add(f"top {k} full, rest uniform", _top_heads_plan(profile, settings, order, k))
+    add("streaming", uniform_plan(shape, budget, targets), False)
+    if settings.ablate:
+        first_order = knapsack(profile, settings)
+        add("optimizer, first order",
+            plan_from_solution(solve(first_order, **kw).choice, profile, settings))
+    baselines = [c for c in out if not c[2]]
+    others = [c for c in out if c[2]][:max(0, settings.candidates - len(baselines))]
+    return [c for c in out if c in baselines or c in others]
+
+
+def _digest(plan: Plan) -> str:
+    return hashlib.sha1(repr(plan.rules).encode()).hexdigest()
+
+
+def _sample_digest(sample: Any) -> bytes:
+    return hashlib.sha1(np.asarray(sample.input_ids.cpu(), dtype=np.int64).tobytes()).digest()
+
+
+def check_disjoint(profiled: Samples, held_out: list[Any]) -> None:
+    """Held-out samples must not be profiling samples (nor repeat each other)."""
+    seen = {_sample_digest(s) for group in profiled.values() for s in group}
+    mine = [_sample_digest(s) for s in held_out]
+    if len(set(mine)) < len(mine) or seen & set(mine):
+        raise DataError("the held-out samples overlap the profiling samples or repeat; give "
+                        "more data, or fewer --samples / --validation-samples")
+
+
+def _study_name(profile: Profile, settings: SearchSettings, held_out: list[Any]) -> str:
+    digest = hashlib.sha1(b"".join(_sample_digest(s) for s in held_out))
+    digest.update(repr((settings.ablate, settings.candidates, settings.rule_space.compensate,
+                        settings.layer_max_density)).encode())
+    return (f"moaplan-{profile.model.fingerprint or 'model'}-{profile.data_hash}-"
+            f"{settings.budget.kind}{settings.budget.value}-"
+            f"{'-'.join(map(str, settings.target_lengths))}-{digest.hexdigest()[:12]}")
 
 
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
            out: str | Path, profile_path: str | Path, storage: str | None,
-           on_sample: Callable | None = None,
-           on_trial: Callable[[float], None] | None = None) -> SearchResult:
+           on_sample: Callable | None = None, on_step: OnStep | None = None) -> SearchResult:
     """Run the whole search and write the plan to ``out`` (atomically)."""
     start = time.perf_counter()
     check_budget(settings)
     samples = {n: source(n, settings.samples, False) for n in settings.lengths}
-    held_out = source(settings.validation_length, settings.validation_samples, True)
-    if not held_out:
-        raise DataError(f"no held-out samples of length {settings.validation_length}")
+    held_out = [s for n, count in settings.validation_counts().items()
+                for s in source(n, count, True)]
+    check_disjoint(samples, held_out)
     profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
                              rule_space=settings.rule_space, objective=settings.objective,
                              on_sample=on_sample)
-    problem = knapsack(profile, settings)
-    dense = measured_loss(model, held_out)
+    study = open_study(storage, _study_name(profile, settings, held_out))
+    measured = {int(h): float(v) for h, v in study.user_attrs.get("ablation", {}).items()}
+    if settings.ablate and not measured:
+        measured = ablate(model, profile, settings, samples[max(settings.lengths)], on_step)
+        study.set_user_attr("ablation", {str(h): v for h, v in measured.items()})
+    factors = correction_factors(profile, settings, measured)
+    order = protection_order(profile, settings, measured)
+    candidates = candidate_plans(profile, settings, factors, order)
+    if on_step is not None:
+        on_step("reference", 0, 1, "dense model on the held-out samples")
+    reference = DenseReference(model, held_out)
 
-    def evaluate(solution: Solution) -> float:
-        apply(model, plan_from_solution(solution, profile, settings))
-        try:
-            loss = measured_loss(model, held_out)
-        finally:
-            remove(model)
-        if on_trial is not None:
-            on_trial(loss)
-        return loss
+    def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
+        score = _scored(model, candidates[index][1], reference,
+                        report=lambda step, running: report(step, running.mean_kl))
+        return score.mean_kl, {"kl": list(score.kl), "match": list(score.match)}
 
-    fingerprint = profile.model.fingerprint or "model"
-    study_name = (f"moaplan-{fingerprint}-{profile.data_hash}-{settings.budget.kind}"
-                  f"{settings.budget.value}-{'-'.join(map(str, settings.target_lengths))}")
-    best, study = choose(problem, evaluate, n_trials=settings.trials, storage=storage,
-                         study_name=study_name, seed=settings.seed,
-                         time_limit=settings.time_limit,
-                         protect=protection_order(profile, settings))
-    provenance = {
+    def measured_one(index: int, state: str, value: float) -> None:
+        if on_step is not None:
+            on_step("validate", index + 1, len(candidates),
+                    f"{candidates[index][0]}: {state} {value:.4f}")
+
+    study = measure([Candidate(name, _digest(plan), prunable)
+                     for name, plan, prunable in candidates], evaluate, study=study,
+                    on_measured=measured_one)
+    chosen = best_candidate(study)
+    results = _measured(study, candidates, profile, factors)
+    fo = [r.predicted for r in results if r.state == "complete"]
+    corr = [r.corrected for r in results if r.state == "complete"]
+    kl = [r.value for r in results if r.state == "complete"]
+    agreement = {"first_order": rank_correlation(fo, kl), "corrected": rank_correlation(corr, kl)}
+    name, plan, _ = candidates[chosen]
+    best = results[chosen].score
+    plan.provenance = {
         "profile": str(profile_path),
-        "search": {"validation_length": settings.validation_length,
-                   "validation_loss": float(study.best_value), "dense_loss": dense,
-                   "trials": len(study.trials), "solver_gap": float(best.gap),
-                   "solver_status": best.status,
-                   "seconds": round(time.perf_counter() - start, 1)},
+        "search": {
+            "chosen": name,
+            "validation": {"lengths": settings.validation_lengths, "samples": len(held_out),
+                           "kl": round(best.mean_kl, 6),
+                           "kl_95": [round(best.kl_interval().low, 6),
+                                     round(best.kl_interval().high, 6)],
+                           "match": round(best.match_rate(), 4)},
+            "candidates": {r.name: {"state": r.state, "kl": round(r.value, 6)}
+                           for r in results},
+            "ablated_heads": {int(h): round(v, 6) for h, v in measured.items()},
+            "predicted_vs_measured_spearman": {k: round(v, 4) for k, v in agreement.items()},
+            "seconds": round(time.perf_counter() - start, 1),
+        },
     }
-    plan = plan_from_solution(best, profile, settings, provenance)
     save_plan(plan, out)
-    return SearchResult(plan=plan, solution=best, profile=profile, dense_loss=dense,
-                        plan_loss=float(study.best_value), trials=len(study.trials))
+    return SearchResult(plan=plan, chosen=name, candidates=results, profile=profile,
+                        ablation=measured, agreement=agreement)
+
+
+def _measured(study, candidates: list[tuple[str, Plan, bool]], profile: Profile,
+              factors: np.ndarray) -> list[Measured]:
+    """Every candidate with its score (from this run or the study's stored trials)."""
+    done = scores(study)
+    out = []
+    for index, (name, plan, _) in enumerate(candidates):
+        state, value, attrs = done.get(index, ("not measured", float("nan"), {}))
+        score = Score(tuple(attrs["kl"]), tuple(attrs["match"])) if "kl" in attrs else None
+        share = dropped_shares(profile, plan.flat_rules)
+        out.append(Measured(name, plan, state, value, score, float(share.sum()),
+                            float((share * factors).sum())))
+    return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
-from moaplan.data import CalibrationSample, load_calibration, model_calibration
+from moaplan.data import CalibrationFile, CalibrationSample, load_calibration, model_calibration
 from moaplan.errors import DataError
 from moaplan.model import byte_tokenizer, load_model
 from moaplan.model.tokenizer import BOS_ID
@@ -29,17 +30,18 @@ def _write_jsonl(path, records):
 
 def test_model_calibration_responses_are_the_models_greedy_continuations():
     model, tok = load_model()
-    samples = model_calibration(model, tok, length=512, n_samples=3, seed=0,
-                                    response_tokens=16)
-    assert len(samples) == 3
-    # 496-token prompts fit passkey and text (not kv): passkey, text, passkey.  A passkey
-    # prompt stops before its 6-byte answer (" " + 5 digits), so the model writes 22 tokens and
-    # the loss is on the first 6 (its answer); on text, on all 16.
-    expected = [[True] * 6 + [False] * 16, [False] * 6 + [True] * 16, [True] * 6 + [False] * 16]
-    for s, mask in zip(samples, expected, strict=True):
+    samples = model_calibration(model, tok, length=1024, n_samples=5, seed=0)
+    assert len(samples) == 5
+    # The families in turn: passkey, kv (two wordings), copy, text, multidoc.  A retrieval
+    # prompt stops before its answer and the model writes exactly that many tokens, all
+    # scored; a text prompt is followed by 64 scored tokens.
+    for s in samples:
         assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
-        assert s.input_ids.shape == (512,)
-        assert s.response_mask[-22:].tolist() == mask and not s.response_mask[:-22].any()
+        assert s.input_ids.shape == (1024,)
+        scored = s.response_mask.nonzero().squeeze(1)
+        assert scored[-1] == 1023 and len(scored) == scored[-1] - scored[0] + 1
+    assert len(samples[0].response_mask.nonzero()) == 6  # " " + 5 digits
+    assert len(samples[3].response_mask.nonzero()) == 64  # text
     # greedy: every response token is the model's argmax given everything before it
     batch = torch.stack([s.input_ids for s in samples])
     with torch.no_grad():
@@ -47,6 +49,20 @@ def test_model_calibration_responses_are_the_models_greedy_continuations():
     for row, s in enumerate(samples):
         positions = s.response_mask.nonzero().squeeze(1)
         assert torch.equal(predicted[row, positions - 1], s.input_ids[positions])
+
+
+def test_model_calibration_uses_the_chat_template_and_cuts_no_needle():
+    model, tok = load_model()
+    tok.chat_template = CHAT_TEMPLATE
+    samples = model_calibration(model, tok, length=1024, n_samples=2, seed=1)
+    texts = [bytes(s.input_ids.tolist()).decode("utf-8", errors="replace") for s in samples]
+    for s, text in zip(samples, texts):
+        assert s.input_ids.shape == (1024,)
+        assert "<user>" in text[:10] and "</user>\n<assistant>" in text
+        # the answer comes after the template's generation prompt
+        assert text.index("<assistant>") < int(s.response_mask.nonzero()[0])
+    # the needle's whole sentence is in the prompt (a prompt is built around it, never cut)
+    assert re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key", texts[0])
 
 
 def test_model_calibration_rejects_too_short_lengths():
@@ -123,3 +139,37 @@ def test_missing_file_and_short_text_are_data_errors(tmp_path):
 def test_sample_shapes_are_checked():
     with pytest.raises(ValueError):
         CalibrationSample(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.bool))
+
+
+def test_calibration_file_buckets_records_by_length_and_keeps_held_out_apart(tmp_path):
+    # bos + prompt + response: 100, 200, 220, 250, 300 and 500 tokens
+    sizes = [100, 200, 220, 250, 300, 500]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p" * (n - 11) + str(i), "response":
+                                                 "r" * 9} for i, n in enumerate(sizes)])
+    data = CalibrationFile(path, byte_tokenizer(), [128, 256])
+    # 100 serves 128; 200, 220, 250 serve 256 (within 25%); 300 and 500 fit no length
+    assert [len(p) + len(r) for p, r in data.buckets[128]] == [100]
+    assert [len(p) + len(r) for p, r in data.buckets[256]] == [200, 220, 250]
+    assert data.left_out == 2
+    profiled = data.samples(256, 2, held_out=False)
+    held_out = data.samples(256, 1, held_out=True)
+    assert [len(s.input_ids) for s in profiled] == [200, 220]
+    assert [len(s.input_ids) for s in held_out] == [250]  # never cut, never shared
+    with pytest.raises(DataError, match="must not overlap"):
+        data.samples(256, 2, held_out=True)
+
+
+def test_calibration_text_windows_for_validation_come_from_the_end(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("".join(chr(97 + i % 26) for i in range(1000)), encoding="utf-8")
+    data = CalibrationFile(path, byte_tokenizer(), [100])
+    first = data.samples(100, 2, held_out=False)
+    last = data.samples(100, 2, held_out=True)
+    assert bytes(first[0].input_ids[1:].tolist()).decode() == data_text(path)[:99]
+    assert bytes(last[0].input_ids[1:].tolist()).decode() == data_text(path)[-99:]
+    with pytest.raises(DataError, match="must not overlap"):
+        data.samples(100, 9, held_out=True)
+
+
+def data_text(path) -> str:
+    return path.read_text(encoding="utf-8")

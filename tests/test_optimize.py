@@ -10,18 +10,21 @@ import pytest
 
 from moaplan.errors import BudgetError, ProfileError
 from moaplan.optimize import (
+    Candidate,
     KnapsackProblem,
-    Solution,
-    choose,
+    best_candidate,
     default_storage,
     greedy,
     lagrangian_bound,
+    measure,
     pareto_plans,
     prune_dominated,
+    scores,
     simplex_weights,
     solve,
 )
 from moaplan.optimize.milp import run_highs
+from moaplan.optimize.select import open_study
 from moaplan.optimize.synthetic import dropped_influence, synthetic_problem
 from moaplan.rules import RuleSpace
 
@@ -188,44 +191,55 @@ def _toy_problem() -> KnapsackProblem:
                              profiled_lengths=(1024, 4096), target_lengths=(1024, 4096, 16384))
 
 
-def _held_out_loss(solution: Solution) -> float:
-    # A stand-in for measured loss: the cost at the longest profiled length weighs most.
-    return float(solution.costs @ np.array([0.2, 1.0]))
+def _walk(values: dict[str, list[float]], names: list[str], digests: list[str], storage,
+          calls: list[str], interrupt_at: int | None = None):
+    """Measure candidates whose running scores per step are ``values[digest]``."""
+    candidates = [Candidate(n, d, prunable=not n.startswith("baseline"))
+                  for n, d in zip(names, digests)]
+    study = open_study(storage, "s")
+
+    def evaluate(index, report):
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            calls.append("interrupted")
+            raise KeyboardInterrupt  # the user hits ^C during this evaluation
+        calls.append(digests[index])
+        for step, value in enumerate(values[digests[index]]):
+            report(step, value)
+        return values[digests[index]][-1], {"seen": digests[index]}
+
+    return measure(candidates, evaluate, study=study)
 
 
-def test_choose_tunes_weights_caches_plans_and_resumes(tmp_path) -> None:
-    problem, storage = _toy_problem(), default_storage(tmp_path / "plan.yaml")
+def test_measure_walks_each_candidate_once_caches_and_resumes(tmp_path) -> None:
+    storage = default_storage(tmp_path / "plan.yaml")
     assert storage.startswith("sqlite:///") and storage.endswith("plan.optuna.db")
-    calls: list[tuple[int, ...]] = []
-
-    def evaluate(solution: Solution) -> float:
-        if len(calls) == 1 and not interrupted:
-            interrupted.append(True)
-            raise KeyboardInterrupt  # the user hits ^C during the second evaluation
-        calls.append(solution.key())
-        return _held_out_loss(solution)
-
-    interrupted: list[bool] = []
+    values = {"a": [0.5, 0.5], "b": [0.2, 0.1], "c": [0.3, 0.3]}
+    names, digests = ["one", "two", "three", "again"], ["a", "b", "c", "b"]
+    calls: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        choose(problem, evaluate, n_trials=8, storage=storage, study_name="s", seed=0)
-    best, study = choose(problem, evaluate, n_trials=8, storage=storage, study_name="s", seed=0)
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 8
-    assert len(calls) == len(set(calls))  # every distinct plan measured once, cache for repeats
-    assert len(set(calls)) == len({t.user_attrs["plan"] for t in complete})
-    assert _held_out_loss(best) == pytest.approx(min(t.value for t in complete))
-    assert complete[0].params == {"weight_0": 1.0, "weight_1": 1.0}  # the problem's own first
+        _walk(values, names, digests, storage, calls, interrupt_at=1)
+    study = _walk(values, names, digests, storage, calls)
+    assert calls == ["a", "interrupted", "c", "b"]  # "two" is requeued; "again" is "two"
+    done = scores(study)
+    assert sorted(done) == [0, 1, 2, 3]  # the interrupted trial is not counted
+    assert all(state == "complete" for state, _, _ in done.values())
+    assert done[3][1] == done[1][1] == 0.1 and done[3][2]["seen"] == "b"
+    assert names[best_candidate(study)] == "two"
+    # A finished study measures nothing more.
+    _walk(values, names, digests, storage, calls)
+    assert len(calls) == 4
 
 
-def test_choose_among_candidates_walks_each_once() -> None:
-    problem = _toy_problem()
-    candidates = pareto_plans(problem, simplex_weights(2, 3))
-    seen: list[tuple[int, ...]] = []
-    best, study = choose(candidates, lambda s: seen.append(s.key()) or _held_out_loss(s),
-                         n_trials=50, seed=1)
-    assert sorted(seen) == sorted(c.key() for c in candidates)
-    assert _held_out_loss(best) == min(_held_out_loss(c) for c in candidates)
-    assert best.key() in seen and len(study.trials) == len(candidates)
+def test_measure_prunes_clearly_worse_candidates_but_never_baselines() -> None:
+    good, bad = [0.1, 0.1, 0.1], [5.0, 5.0, 5.0]
+    values = {"g1": good, "g2": [0.11] * 3, "g3": [0.12] * 3, "bad": bad, "base": bad}
+    names = ["g1", "g2", "g3", "worse", "baseline"]
+    calls: list[str] = []
+    study = _walk(values, names, ["g1", "g2", "g3", "bad", "base"], None, calls)
+    done = scores(study)
+    assert done[3][0] == "pruned" and done[3][1] == 5.0  # stopped at its second step
+    assert done[4][0] == "complete"  # the baseline is measured to the end
+    assert names[best_candidate(study)] == "g1"
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -250,14 +264,3 @@ def test_kept_heads_stay_full_when_the_budget_allows(seed: int) -> None:
     assert _feasible(tight, solve(tight).choice)
     with pytest.raises(ProfileError, match="keep_full names heads outside"):
         problem.with_keep_full([4])
-
-
-def test_choose_tries_keeping_the_protected_heads_full() -> None:
-    problem = _toy_problem()
-
-    def loss(solution: Solution) -> float:  # a measured loss that only full heads 0, 1 fix
-        return float(sum(problem.cost[:, h, solution.choice[h]].sum() > 0 for h in (0, 1)))
-
-    best, study = choose(problem, loss, n_trials=12, seed=0, protect=[1, 0, 5])
-    assert loss(best) == 0 and study.best_trial.params["keep_full"] >= 2
-    assert study.trials[0].params["keep_full"] == 0  # the optimizer alone comes first

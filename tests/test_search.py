@@ -17,7 +17,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             bos_token_id=256, eos_token_id=257, pad_token_id=258)
 LENGTHS = ["256", "512"]
 SEARCH = ["--lengths", *LENGTHS, "--validation-length", "384", "--samples", "2",
-          "--trials", "3"]
+          "--validation-samples", "4", "--candidates", "5", "--ablate", "2"]
 
 
 def save_tiny(kind: str, path) -> None:
@@ -31,13 +31,18 @@ def save_tiny(kind: str, path) -> None:
 
 
 def write_calibration(path, count: int = 6) -> None:
+    """``count`` records for each of the lengths 256, 384 and 512 (within 25% below each)."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "key", "value", "the", "is", "of"]
     with path.open("w") as f:
-        for i in range(count):
-            prompt = " ".join(rng.choice(words, 150)) + f" the key {i} is"
-            response = " ".join(rng.choice(words, 60))
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        for size in (230, 350, 470):
+            for i in range(count):
+                prompt = ""
+                while len(prompt) < size - 40:
+                    prompt += " " + str(rng.choice(words))
+                response = " ".join(rng.choice(words, 6))[:30]
+                record = {"prompt": prompt + f" the key {i} is", "response": response}
+                f.write(json.dumps(record) + "\n")
 
 
 @pytest.fixture(scope="module", params=["qwen2", "mistral"])
@@ -55,12 +60,19 @@ def test_search_end_to_end(checkpoint, monkeypatch, capsys):
             str(checkpoint / "calib.jsonl"), *SEARCH, "--out", str(out)]
     assert main(args) == 0
     summary = capsys.readouterr().out
-    assert "measured loss" in summary and "solver: optimal" in summary
+    assert "KL to dense [95% CI]" in summary and "chosen: " in summary
+    for name in ("streaming", "optimizer"):  # baselines and optimizer plans are candidates
+        assert f"\n{name} " in summary
     plan = load_plan(out)
     targets = [256, 384, 512]
     assert plan.lengths == targets
     assert (plan.densities(targets)["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
-    assert plan.provenance["search"]["trials"] == 3
+    search = plan.provenance["search"]
+    assert search["validation"]["samples"] == 4 and len(search["candidates"]) <= 5
+    assert search["candidates"]["streaming"]["state"] == "complete"  # never pruned
+    chosen = search["candidates"][search["chosen"]]["kl"]
+    assert chosen <= min(c["kl"] for c in search["candidates"].values()
+                         if c["state"] == "complete")
     profile = next((checkpoint / "profiles").glob("*.safetensors"))
     assert plan.provenance["profile"] == str(profile.relative_to(checkpoint))
 
@@ -107,7 +119,7 @@ def test_too_little_data(checkpoint, monkeypatch, capsys):
     code = main(["search", "--budget", "0.5", "--model", str(checkpoint / "model"), "--data",
                  str(checkpoint / "calib.jsonl"), "--lengths", "256", "2048",
                  "--validation-length", "384", "--out", "x.yaml"])
-    assert code == 2 and "samples of at least 2048 tokens" in capsys.readouterr().err
+    assert code == 2 and "records of 1537 to 2048 tokens" in capsys.readouterr().err
 
 
 def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):

@@ -37,9 +37,10 @@ def add_objective_argument(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search", help="find a plan under a density budget",
-        description="Profile the model's heads, solve for one rule per KV head under the budget "
-                    "at every target length, validate candidate plans by measured loss at an "
-                    "unprofiled length, and write the best plan.")
+        description="Profile the model's heads, correct the profile by measured single-head "
+                    "ablations, solve for one rule per KV head under the budget at every "
+                    "target length, measure every candidate plan (the baselines included) by "
+                    "KL to the dense model on held-out samples, and write the best.")
     parser.add_argument("--budget", type=density_value, required=True,
                         help="mean density every target length must stay under, e.g. 0.5")
     add_model_arguments(parser)
@@ -47,8 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="unprofiled length the candidate plans are measured at (3072)")
     parser.add_argument("--extend-to", type=positive_int, nargs="*", default=[],
                         help="longer lengths the plan must also meet the budget at")
-    parser.add_argument("--trials", type=positive_int, default=8,
-                        help="optuna trials (plans measured) (default 8)")
+    parser.add_argument("--validation-samples", type=positive_int, default=32,
+                        help="held-out samples every candidate plan is measured on, split "
+                             "between the validation length and the longest profiled one "
+                             "(default 32)")
+    parser.add_argument("--candidates", type=positive_int, default=12,
+                        help="candidate plans measured at most, the baselines included "
+                             "(default 12)")
+    parser.add_argument("--ablate", type=int, default=8,
+                        help="heads whose restriction is measured one at a time to correct "
+                             "the profile beyond first order (default 8; 0: none)")
     parser.add_argument("--storage", help="optuna storage URL (default: SQLite beside --out); "
                                           "share one RDB URL between workers")
     parser.add_argument("--time-limit", type=float, default=60.0,
@@ -66,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import optuna
 
-    from moaplan.cli.session import ModelSession
+    from moaplan.cli.session import ModelSession, search_summary
     from moaplan.optimize import default_storage
     from moaplan.plan import Budget
     from moaplan.rules import RuleSpace
@@ -75,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     settings = SearchSettings(budget=Budget(args.density, args.budget), lengths=args.lengths,
                               validation_length=args.validation_length,
                               extend_to=args.extend_to, samples=args.samples,
-                              trials=args.trials, time_limit=args.time_limit,
+                              validation_samples=args.validation_samples,
+                              candidates=args.candidates, ablate=args.ablate,
+                              time_limit=args.time_limit,
                               layer_max_density=args.layer_max_density,
                               objective=args.objective,
                               rule_space=RuleSpace(compensate=args.compensate))
@@ -84,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     with session.progress(settings) as progress:
         result = search(session.model, session.sample_source, settings, out=args.out,
                         profile_path=session.profile_path, on_sample=progress.sample,
-                        on_trial=progress.trial,
+                        on_step=progress.step,
                         storage=args.storage or default_storage(args.out))
-    print(session.summary(result, settings))
+    print(search_summary(result, settings))
     print(f"wrote {Path(args.out)}")
     return 0

@@ -12,7 +12,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moaplan.errors import DataError
 from moaplan.plan import ModelShape
 from moaplan.plan.report import plan_table
 from moaplan.search import SampleSource, SearchResult, SearchSettings
@@ -29,24 +28,18 @@ class ModelSession:
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> ModelSession:
-        from moaplan.data import load_calibration, model_calibration
+        from moaplan.data import CalibrationFile, model_calibration
         from moaplan.model import load_model
 
         model, tokenizer = load_model(args.model, device=args.device)
         if args.data:
-            def source(length: int, count: int, held_out: bool) -> list:
-                # Only samples that fill the length: a profile length is a real length.
-                samples = [s for s in load_calibration(args.data, tokenizer, length, None)
-                           if len(s.input_ids) == length]
-                if len(samples) < count:
-                    raise DataError(f"{args.data} has {len(samples)} samples of at least "
-                                    f"{length} tokens, {count} are needed; give longer or more "
-                                    "data, or shorter --lengths / fewer --samples")
-                return samples[-count:] if held_out else samples[:count]
+            lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
+            source = CalibrationFile(args.data, tokenizer, lengths).samples
         else:
             def source(length: int, count: int, held_out: bool) -> list:
+                # Held-out samples come from their own seed; search checks they are disjoint.
                 return model_calibration(model, tokenizer, length, count,
-                                             seed=SEED + int(held_out))
+                                         seed=SEED + 1000 * int(held_out))
         shape = ModelShape.from_config(model.config)
         name = f"{shape.model_type or 'model'}-{shape.fingerprint}.safetensors"
         default = Path("profiles") / name
@@ -60,55 +53,72 @@ class ModelSession:
         finally:
             bars.close()
 
-    @staticmethod
-    def summary(result: SearchResult, settings: SearchSettings) -> str:
-        plan = result.plan
-        dens = plan.densities(settings.target_lengths)
-        lines = [f"{'length':>8}  {'kv density':>10}  {'attn density':>12}  "
-                 f"{'predicted dropped':>17}  {'measured loss':>22}"]
-        for i, n in enumerate(settings.target_lengths):
-            predicted = plan.predicted_loss.get(n)
-            measured = (f"{result.plan_loss:.4f} (dense {result.dense_loss:.4f})"
-                        if n == settings.validation_length else "-")
-            lines.append(f"{n:>8}  {dens['kv'][..., i].mean():>10.3f}  "
-                         f"{dens['attention'][..., i].mean():>12.3f}  "
-                         f"{'-' if predicted is None else f'{predicted:.4f}':>17}  "
-                         f"{measured:>22}")
-        solver = (f"solver: {result.solution.status}, gap {result.solution.gap:.2%}, "
-                  f"{result.solution.seconds:.1f} s; {result.trials} plans measured")
-        return "\n".join(lines + ["", solver, "", plan_table(plan, [max(settings.target_lengths)])])
+
+def search_summary(result: SearchResult, settings: SearchSettings) -> str:
+    """The closing report of ``moaplan search``: every candidate's validation score (mean
+    KL to dense with its 95% interval, match rate, paired difference to the chosen plan),
+    predictions, and the chosen plan's densities and rules."""
+    longest = max(settings.target_lengths)
+    chosen = next(c for c in result.candidates if c.name == result.chosen)
+    lines = [f"{'candidate':<30} {'KV dens.':>8} {'attn dens.':>10} {'KL to dense [95% CI]':>26} "
+             f"{'match':>6} {'vs chosen [95% CI]':>28} {'predicted':>9} {'corrected':>9}"]
+    for c in result.candidates:
+        dens = c.plan.densities([longest])
+        if c.score is not None:
+            kl = str(c.score.kl_interval())
+            match = f"{c.score.match_rate():.2f}"
+            diff = ("(chosen)" if c is chosen else str(c.score.paired_difference(chosen.score)))
+        else:
+            kl, match, diff = f"{c.state} at {c.value:.4f}", "-", "-"
+        lines.append(f"{c.name:<30} {dens['kv'].mean():>8.3f} {dens['attention'].mean():>10.3f} "
+                     f"{kl:>26} {match:>6} {diff:>28} {c.predicted:>9.4f} {c.corrected:>9.4f}")
+    n = len(chosen.score.kl)
+    lines += [
+        "",
+        f"validation: {n} held-out samples at lengths "
+        f"{', '.join(map(str, settings.validation_lengths))}; KL(dense || plan) per response "
+        f"token; densities at {longest}",
+        "predicted vs measured rank correlation (Spearman, complete candidates): first order "
+        f"{result.agreement['first_order']:.2f}, after the ablation correction "
+        f"{result.agreement['corrected']:.2f}",
+        f"chosen: {result.chosen}",
+        "",
+        plan_table(result.plan, [longest]),
+    ]
+    return "\n".join(lines)
 
 
 class _Progress:
-    """tqdm bars for the profile (samples x lengths, tokens/s) and the validation trials,
-    each opened on its first update (a reused profile shows no profile bar)."""
+    """tqdm bars for the profile (samples x lengths, tokens/s), the ablations and the
+    validation of the candidates, each opened on its first update (a reused profile shows
+    no profile bar)."""
 
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
-        self.profile_bar: tqdm | None = None
-        self.trial_bar: tqdm | None = None
+        self.bars: dict[str, tqdm] = {}
         self.tokens = 0
         self.seconds = 0.0
 
+    def _bar(self, stage: str, total: int, unit: str) -> tqdm:
+        if stage not in self.bars:
+            for bar in self.bars.values():
+                bar.close()
+            self.bars[stage] = tqdm(total=total, desc=stage, unit=unit)
+        return self.bars[stage]
+
     def sample(self, progress: Any) -> None:
-        if self.profile_bar is None:
-            total = self.settings.samples * len(self.settings.lengths)
-            self.profile_bar = tqdm(total=total, desc="profile", unit="sample")
+        bar = self._bar("profile", self.settings.samples * len(self.settings.lengths), "sample")
         self.tokens += progress.tokens
         self.seconds += progress.seconds
-        self.profile_bar.set_postfix(length=progress.length,
-                                     tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}")
-        self.profile_bar.update()
+        bar.set_postfix(length=progress.length,
+                        tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}")
+        bar.update()
 
-    def trial(self, loss: float) -> None:
-        if self.trial_bar is None:
-            if self.profile_bar is not None:
-                self.profile_bar.close()
-            self.trial_bar = tqdm(total=self.settings.trials, desc="validate", unit="plan")
-        self.trial_bar.set_postfix(loss=f"{loss:.4f}")
-        self.trial_bar.update()
+    def step(self, stage: str, done: int, total: int, note: str) -> None:
+        bar = self._bar(stage, total, "plan" if stage == "validate" else "head")
+        bar.set_postfix_str(note)
+        bar.update(max(0, done - bar.n) if stage != "validate" else 1)
 
     def close(self) -> None:
-        for bar in (self.profile_bar, self.trial_bar):
-            if bar is not None:
-                bar.close()
+        for bar in self.bars.values():
+            bar.close()

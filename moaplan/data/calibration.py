@@ -163,12 +163,12 @@ def _fit(prompt: list[int], response: list[int], length: int) -> tuple[list[int]
     return prompt[:head] + prompt[len(prompt) - (room - head) :], response
 
 
-def _load_jsonl(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
-    samples = []
+def _jsonl_pairs(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Prompt and response ids of every record of a JSONL file (through the chat template
+    when the tokenizer has one)."""
+    pairs = []
     with path.open(encoding="utf-8") as lines:
         for lineno, line in enumerate(lines, 1):
-            if limit is not None and len(samples) >= limit:
-                break
             if not line.strip():
                 continue
             try:
@@ -181,8 +181,13 @@ def _load_jsonl(path: Path, tokenizer, length: int, limit: int | None) -> list[C
                 ) from None
             if not isinstance(prompt, str) or not isinstance(response, str) or not response:
                 raise DataError(f"{path}:{lineno}: prompt and response must be non-empty strings")
-            samples.append(_sample(*_fit(*_chat_pair(tokenizer, prompt, response), length)))
-    return samples
+            pairs.append(_chat_pair(tokenizer, prompt, response))
+    return pairs
+
+
+def _load_jsonl(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
+    pairs = _jsonl_pairs(path, tokenizer)[:limit]
+    return [_sample(*_fit(prompt, response, length)) for prompt, response in pairs]
 
 
 def _load_text(path: Path, tokenizer, length: int, limit: int | None) -> list[CalibrationSample]:
@@ -211,3 +216,75 @@ def load_calibration(
     if not samples:
         raise DataError(f"{path} holds no calibration sample of up to {length} tokens")
     return samples
+
+
+# A JSONL record serves a length N when it has between (1 - LENGTH_TOLERANCE) * N and N tokens.
+LENGTH_TOLERANCE = 0.25
+
+
+class CalibrationFile:
+    """User calibration data for a search, read once, with profiling and held-out samples
+    disjoint by construction.
+
+    JSONL records are never cut (a cut could go through the needle): each serves the
+    smallest of ``lengths`` it fits within :data:`LENGTH_TOLERANCE`, and a record longer
+    than every length or shorter than its bucket is left out.  Profiling samples are a
+    bucket's first records, held-out samples its last ones.  A plain text file is cut into
+    windows of each length: profiling windows from its start, held-out windows from its end.
+    Asking for samples that would overlap raises :class:`DataError`.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer, lengths: list[int]) -> None:
+        self.path, self.tokenizer = Path(path), tokenizer
+        if not self.path.is_file():
+            raise DataError(f"no calibration file at {self.path}")
+        self.lengths = sorted(set(lengths))
+        self.jsonl = self.path.suffix == ".jsonl"
+        self.buckets: dict[int, list[tuple[list[int], list[int]]]] = {n: [] for n in self.lengths}
+        self.left_out = 0
+        if self.jsonl:
+            for prompt, response in _jsonl_pairs(self.path, tokenizer):
+                size = len(prompt) + len(response)
+                home = next((n for n in self.lengths if size <= n), None)
+                if home is None or size <= (1 - LENGTH_TOLERANCE) * home:
+                    self.left_out += 1
+                else:
+                    self.buckets[home].append((prompt, response))
+        else:
+            self.ids = encode(tokenizer, self.path.read_text(encoding="utf-8", errors="replace"))
+        self.taken: dict[tuple[int, bool], int] = {}  # (bucket or 0 for text, held out) -> count
+
+    def _check(self, key: tuple[int, bool], count: int, available: int, what: str) -> None:
+        other = self.taken.get((key[0], not key[1]), 0)
+        if count + other > available:
+            raise DataError(
+                f"{self.path} has {available} {what}; {count} are needed here and {other} "
+                f"are already used for {'profiling' if key[1] else 'validation'} (profiling "
+                "and held-out samples must not overlap): give more data, or fewer --samples "
+                "/ --validation-samples")
+        self.taken[key] = max(self.taken.get(key, 0), count)
+
+    def samples(self, length: int, count: int, held_out: bool) -> list[CalibrationSample]:
+        """``count`` samples of (up to) ``length`` tokens, from the profiling or held-out
+        side."""
+        if self.jsonl:
+            bucket = self.buckets.get(length)
+            if bucket is None:
+                raise DataError(f"length {length} was not among the lengths {self.lengths} "
+                                "this calibration file was bucketed for")
+            low = int((1 - LENGTH_TOLERANCE) * length) + 1
+            self._check((length, held_out), count, len(bucket),
+                        f"records of {low} to {length} tokens ({self.left_out} of other lengths "
+                        "left out)")
+            chosen = bucket[len(bucket) - count:][::-1] if held_out else bucket[:count]
+            return [_sample(p, r) for p, r in chosen]
+        bos = bos_ids(self.tokenizer)
+        step = length - len(bos)
+        windows = len(self.ids) // step
+        # Profiling windows of every length start at token 0, held-out ones end at the last
+        # token; counting tokens keeps the two sides apart across lengths.
+        need = count * step
+        self._check((0, held_out), need, len(self.ids), "tokens of text")
+        starts = ([len(self.ids) - (i + 1) * step for i in range(count)] if held_out
+                  else [i * step for i in range(min(count, windows))])
+        return [_sample(bos, self.ids[s:s + step]) for s in starts]

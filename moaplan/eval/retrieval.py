@@ -21,6 +21,7 @@ class RetrievalCell:
     depth: float
     correct: int
     total: int
+    hits: tuple[bool, ...] = ()  # per sample, in the cell's (seeded) sample order
 
     @property
     def accuracy(self) -> float:
@@ -89,7 +90,7 @@ def retrieval_accuracy(
             prompts = [TASKS[task](tokenizer, corpus, length, depth, rng, wording)
                        for _ in range(samples)]
             hits = answers_correct(model, prompts, batch_size)
-            cells.append(RetrievalCell(length, float(depth), sum(hits), len(hits)))
+            cells.append(RetrievalCell(length, float(depth), sum(hits), len(hits), tuple(hits)))
     return RetrievalResult(task, seed, tuple(cells))
 
 

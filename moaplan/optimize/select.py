@@ -79,7 +79,7 @@ def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
 @dataclass(frozen=True)
 class Candidate:
     """One plan to measure: a name for the tables, and a digest of its rules (two candidates
-    with one digest are one plan, measured once).  ``pruned`` says whether it may be stopped
+    with one digest are one plan, measured once).  ``prunable`` says whether it may be stopped
     early when its running score is clearly worse than the others' (baselines are not, so
     the plan that is kept is never worse than a fully measured baseline)."""
 
@@ -88,9 +88,20 @@ class Candidate:
     prunable: bool = True
 
 
-# (candidate index, report) -> score; ``report(step, running score)`` lets the study stop a
-# clearly worse candidate early (it raises optuna.TrialPruned).
-Evaluate = Callable[[int, Callable[[int, float], None]], float]
+# (candidate index, report) -> (score, details kept with the trial); ``report(step, running
+# score)`` lets the study stop a clearly worse candidate early (it raises optuna.TrialPruned).
+Evaluate = Callable[[int, Callable[[int, float], None]], tuple[float, dict]]
+
+
+def open_study(storage: str | None, name: str) -> optuna.Study:
+    """The study of one search (created, or loaded to resume): ``storage`` is an RDB URL
+    (see :func:`default_storage`) or None for in memory.  From its third measured candidate
+    on, a prunable candidate whose running score is worse than the best quarter of the
+    others' at the same step, from the second step on, is stopped (``PercentilePruner``)."""
+    return optuna.create_study(
+        study_name=name, storage=_storage(storage), direction="minimize", load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=1))
 
 
 def _finished(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
@@ -99,28 +110,25 @@ def _finished(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
     return {t.params["candidate"]: t for t in study.get_trials(deepcopy=False, states=done)}
 
 
-def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *,
-            storage: str | None = None, study_name: str = "moaplan",
-            prune_after: int = 1) -> optuna.Study:
-    """Measure every candidate once, in the given order (put the likeliest first: the
-    pruner compares each newcomer with those measured before it), and return the study.
+def _waiting(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
 
-    Each candidate is one trial, queued up front, so several workers on one ``storage`` (an
-    RDB URL; see :func:`default_storage`; None: in memory) split the candidates between them,
-    and an interrupted run measures only what is left: a trial that was interrupted or whose
-    worker died (no heartbeat for the grace period) is not counted and is queued again.  A
-    candidate whose digest was already measured takes that score without running.  From its
-    report ``prune_after`` on, a prunable candidate whose running score is worse than the best
-    quarter of the others' at the same step is stopped (optuna's ``PercentilePruner``)."""
+
+def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *, study: optuna.Study,
+            on_measured: Callable[[int, str, float], None] | None = None) -> optuna.Study:
+    """Measure every candidate once, in the given order (put the likeliest first: the
+    pruner compares each newcomer with those measured before it), in ``study``
+    (:func:`open_study`), and return it.
+
+    Each candidate is one trial, queued up front, so several workers on one study split the
+    candidates between them, and an interrupted run measures only what is left: a trial
+    that was interrupted or whose worker died (no heartbeat for the grace period) is not
+    counted and is queued again.  A candidate whose digest was already measured takes that
+    result without running.  ``on_measured(index, state, score)`` is told of each."""
     if not candidates:
         raise MoaplanError("measure() needs at least one candidate plan")
-    study = optuna.create_study(
-        study_name=study_name, storage=_storage(storage), direction="minimize",
-        load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0),
-        pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2,
-                                               n_warmup_steps=prune_after))
-    queued = {t.params.get("candidate") for t in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.WAITING,))}
+    # A queued trial holds its candidate in the fixed parameters it will be run with.
+    queued = {t.system_attrs.get("fixed_params", {}).get("candidate") for t in _waiting(study)}
     for index in range(len(candidates)):
         if index not in _finished(study) and index not in queued:
             study.enqueue_trial({"candidate": index})
@@ -132,7 +140,9 @@ def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *,
         trial.set_user_attr("plan", candidate.digest)
         for earlier in _finished(study).values():
             if earlier.user_attrs.get("plan") == candidate.digest:
-                trial.set_user_attr("same_as", earlier.user_attrs.get("name"))
+                for key, value in earlier.user_attrs.items():
+                    if key not in ("name", "plan"):
+                        trial.set_user_attr(key, value)
                 for step, value in earlier.intermediate_values.items():
                     trial.report(value, step)
                 if earlier.state == optuna.trial.TrialState.PRUNED:
@@ -144,30 +154,40 @@ def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *,
             if candidate.prunable and trial.should_prune():
                 raise optuna.TrialPruned()
 
-        return float(evaluate(index, report))
+        value, details = evaluate(index, report)
+        for key, item in details.items():
+            trial.set_user_attr(key, item)
+        return float(value)
 
-    while any(t.state == optuna.trial.TrialState.WAITING
-              for t in study.get_trials(deepcopy=False)):
-        study.optimize(objective, n_trials=1)
+    def told(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_measured is not None and trial.state.is_finished() and "candidate" in trial.params:
+            on_measured(trial.params["candidate"], trial.state.name.lower(),
+                        _value(trial))
+
+    while _waiting(study):
+        study.optimize(objective, n_trials=1, callbacks=[told])
     return study
 
 
-def scores(study: optuna.Study) -> dict[int, tuple[str, float]]:
-    """Candidate index -> (state, score): the full score of a completed candidate, the last
-    running score of a pruned one."""
-    out = {}
-    for index, trial in _finished(study).items():
-        value = trial.value if trial.value is not None else (
-            trial.intermediate_values[max(trial.intermediate_values)]
-            if trial.intermediate_values else float("nan"))
-        out[index] = (trial.state.name.lower(), float(value))
-    return out
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    """A completed trial's score, or a pruned one's last running score."""
+    if trial.value is not None:
+        return float(trial.value)
+    steps = trial.intermediate_values
+    return float(steps[max(steps)]) if steps else float("nan")
+
+
+def scores(study: optuna.Study) -> dict[int, tuple[str, float, dict]]:
+    """Candidate index -> (state, score, details): "complete" with its full score, or
+    "pruned" with its last running score."""
+    return {index: (t.state.name.lower(), _value(t), dict(t.user_attrs))
+            for index, t in _finished(study).items()}
 
 
 def best_candidate(study: optuna.Study) -> int:
-    """The completed candidate with the lowest score."""
+    """The completed candidate with the lowest score (the earliest of equals)."""
     complete = [t for t in _finished(study).values()
                 if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise MoaplanError("no candidate plan was measured to the end")
-    return int(min(complete, key=lambda t: t.value).params["candidate"])
+    return int(min(complete, key=lambda t: (t.value, t.params["candidate"])).params["candidate"])
