@@ -221,18 +221,39 @@ def _scored(model: torch.nn.Module, plan: Plan, reference: DenseReference,
         remove(model)
 
 
+# What a token can lean on without long-range attention: the sinks and the recent window of
+# DuoAttention's streaming heads.  Tokens the dense model predicts much better with the whole
+# context are the long-range tokens (moaplan.validation).
+LOCAL_RULE = Rule.window(256, sink=64)
+
+
+def attend_locally(model: torch.nn.Module, lengths: list[int]) -> Callable[[], Callable]:
+    """A callable that makes every head of ``model`` follow :data:`LOCAL_RULE` and returns
+    the callable that undoes it (``DenseReference``'s ``local``)."""
+    shape = ModelShape.from_config(model.config)
+    plan = Plan(model=shape, rules=[[LOCAL_RULE] * shape.num_key_value_heads
+                                    for _ in range(shape.num_layers)],
+                budget=Budget("kv", 1.0), lengths=sorted(lengths))
+
+    def local() -> Callable[[], None]:
+        apply(model, plan)
+        return lambda: remove(model)
+
+    return local
+
+
 def ablate(model: torch.nn.Module, profile: Profile, settings: SearchSettings,
-           samples: list[Any], on_step: OnStep | None = None) -> dict[int, float]:
-    """KV head -> mean KL(dense || model) on ``samples`` when that head alone takes the
-    budget's uniform rule, for the ``settings.ablate`` heads that lose the largest share of
-    their influence under that rule (DuoAttention's and AttentionInfluence's measurement)."""
+           reference: DenseReference, on_step: OnStep | None = None) -> dict[int, float]:
+    """KV head -> validation score (``reference``: the calibration samples of one length)
+    when that head alone takes the budget's uniform rule, for the ``settings.ablate`` heads
+    that lose the largest share of their influence under that rule (DuoAttention's and
+    AttentionInfluence's measurement)."""
     if not settings.ablate:
         return {}
     rule = uniform_rule(settings.budget, settings.target_lengths)
     share = profile.dropped_share(rule)
     heads = [int(h) for h in np.argsort(-share, kind="stable")[:settings.ablate]
              if share[h] > 0]
-    reference = DenseReference(model, samples)
     measured = {}
     for done, head in enumerate(heads):
         plan = _single_head_plan(profile.model, head, rule, settings)
@@ -381,20 +402,25 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     held_out = [s for n, count in settings.validation_counts().items()
                 for s in source(n, count, True)]
     check_disjoint(samples, held_out)
+    local = attend_locally(model, settings.target_lengths)
+    # The profile is taken on the long-range response tokens: the rest would drown them.
+    calibration = {n: DenseReference(model, group, local=local) for n, group in samples.items()}
+    samples = {n: reference.focused() for n, reference in calibration.items()}
     profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
                              rule_space=settings.rule_space, objective=settings.objective,
                              on_sample=on_sample)
     study = open_study(storage, _study_name(profile, settings, held_out))
     measured = {int(h): float(v) for h, v in study.user_attrs.get("ablation", {}).items()}
     if settings.ablate and not measured:
-        measured = ablate(model, profile, settings, samples[max(settings.lengths)], on_step)
+        measured = ablate(model, profile, settings, calibration[max(settings.lengths)],
+                          on_step)
         study.set_user_attr("ablation", {str(h): v for h, v in measured.items()})
     factors = correction_factors(profile, settings, measured)
     order = protection_order(profile, settings, measured)
     candidates = candidate_plans(profile, settings, factors, order)
     if on_step is not None:
         on_step("reference", 0, 1, "dense model on the held-out samples")
-    reference = DenseReference(model, held_out)
+    reference = DenseReference(model, held_out, local=local)
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         score = _scored(model, candidates[index][1], reference,
@@ -422,6 +448,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         "search": {
             "chosen": name,
             "validation": {"lengths": settings.validation_lengths, "samples": len(held_out),
+                           "long_range_tokens": round(reference.long_range_share(), 4),
                            "kl": round(best.mean_kl, 6),
                            "kl_95": [round(best.kl_interval().low, 6),
                                      round(best.kl_interval().high, 6)],

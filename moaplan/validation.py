@@ -2,11 +2,19 @@
 
 A plan is scored by the divergence of its next-token distributions from the dense model's on
 the response tokens of held-out samples (whose responses the dense model wrote itself):
-``KL(dense || plan)`` averaged over each sample's response tokens, then over samples.  Unlike
-the response loss, it does not saturate: a plan that keeps a retrieved answer still pays for
-every bit of confidence it loses, and a plan can never score better than dense.  Beside it,
-the *match* rate: the share of samples whose every response token is still the plan's top
-token, i.e. greedy decoding would write the dense model's answer.
+``KL(dense || plan)``.  Unlike the response loss, it does not saturate: a plan that keeps a
+retrieved answer still pays for every bit of confidence it loses, and a plan can never score
+better than dense.  Beside it, the *match* rate: the share of samples whose every response
+token is still the plan's top token, i.e. greedy decoding would write the dense model's
+answer.
+
+Most tokens are predicted as well from the last few hundred tokens as from the whole
+context; a plain mean over them hides the few that need the far context, which is exactly
+what a sparse plan can lose (LongPPL's observation, Fang et al. 2024).  So the response
+tokens are split once, with the dense model under a *local* plan (every head sees 64 sink
+tokens and the last 256): a token is *long-range* when the dense model predicts it at least
+``LONG_RANGE_GAIN`` nats better with the whole context.  A sample's score is the mean of
+its long-range tokens' KL and its other tokens' KL (whichever it has).
 
 The dense distributions are measured once and kept as their ``top_k`` most likely tokens
 plus one bucket for the rest; the KL is that of the two distributions coarsened to those
@@ -23,11 +31,13 @@ import numpy as np
 import torch
 from scipy import stats
 
+from moaplan.data import CalibrationSample
 from moaplan.errors import DataError
 from moaplan.profile.profiler import Sample
 
 TOP_K = 256
 BATCH = 4
+LONG_RANGE_GAIN = 1.0  # nats of log-probability the whole context adds to a long-range token
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,12 @@ class _Reference:
     targets: torch.Tensor  # [T] the dense model's tokens there
     top_ids: torch.Tensor  # [T, k] the dense model's most likely tokens
     top_logp: torch.Tensor  # [T, k + 1] their log-probabilities, then the rest's
+    long_range: torch.Tensor  # [T] bool: the token needs the far context
+
+    def sample_score(self, kl: torch.Tensor) -> float:
+        """The mean of the long-range tokens' KL and the other tokens' KL."""
+        parts = [kl[m].mean() for m in (self.long_range, ~self.long_range) if m.any()]
+        return float(torch.stack(parts).mean())
 
 
 def _response_positions(sample: Sample) -> torch.Tensor:
@@ -116,27 +132,63 @@ def _response_logits(model: torch.nn.Module, samples: Sequence[Sample]
     return out  # type: ignore[return-value]
 
 
+def _target_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+
+
 class DenseReference:
     """The dense model's distributions on the response tokens of ``samples``, against which
-    plans are scored (:meth:`score`)."""
+    plans are scored (:meth:`score`).  ``local`` (a callable that makes the model attend
+    locally and returns an undo callable, e.g. applying a plan) marks the long-range
+    tokens; without it every token counts alike."""
 
-    def __init__(self, model: torch.nn.Module, samples: Sequence[Sample], top_k: int = TOP_K):
+    def __init__(self, model: torch.nn.Module, samples: Sequence[Sample], top_k: int = TOP_K,
+                 local: Callable[[], Callable[[], None]] | None = None):
         if not samples:
             raise DataError("no held-out samples to validate plans on")
         for s in samples:
             if not bool(s.response_mask[1:].any()):
                 raise DataError("a held-out sample has no response tokens")
         self.samples = list(samples)
+        dense = _response_logits(model, self.samples)
+        local_logits: list[torch.Tensor | None] = [None] * len(dense)
+        if local is not None:
+            undo = local()
+            try:
+                local_logits = _response_logits(model, self.samples)
+            finally:
+                undo()
         self.refs: list[_Reference] = []
-        for s, logits in zip(self.samples, _response_logits(model, self.samples)):
+        for s, logits, near in zip(self.samples, dense, local_logits):
             k = min(top_k, logits.shape[1] - 1)
             top_ids = logits.topk(k, dim=1).indices
             positions = _response_positions(s)
-            self.refs.append(_Reference(positions, s.input_ids[positions + 1], top_ids,
-                                        _coarse_logp(logits, top_ids)))
+            targets = s.input_ids[positions + 1]
+            long_range = torch.zeros(len(positions), dtype=torch.bool) if near is None else (
+                _target_logp(logits, targets) - _target_logp(near, targets) >= LONG_RANGE_GAIN)
+            self.refs.append(_Reference(positions, targets, top_ids,
+                                        _coarse_logp(logits, top_ids), long_range))
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def long_range_share(self) -> float:
+        """The share of response tokens that are long-range."""
+        flags = torch.cat([r.long_range for r in self.refs])
+        return float(flags.float().mean())
+
+    def focused(self) -> list[Sample]:
+        """The samples with their response masks narrowed to the long-range tokens (a sample
+        without any keeps its mask): what a profile should be taken on."""
+        out = []
+        for s, ref in zip(self.samples, self.refs):
+            if not ref.long_range.any():
+                out.append(s)
+                continue
+            mask = torch.zeros_like(s.response_mask)
+            mask[ref.positions[ref.long_range] + 1] = True
+            out.append(CalibrationSample(s.input_ids, mask))
+        return out
 
     def score(self, model: torch.nn.Module, chunk: int = 8,
               report: Callable[[int, Score], None] | None = None) -> Score:
@@ -150,7 +202,8 @@ class DenseReference:
             for ref, logits in zip(self.refs[part], _response_logits(model, self.samples[part])):
                 plan_logp = _coarse_logp(logits, ref.top_ids)
                 p = ref.top_logp.exp()
-                kl.append(float((p * (ref.top_logp - plan_logp)).sum(1).clamp(min=0).mean()))
+                token_kl = (p * (ref.top_logp - plan_logp)).sum(1).clamp(min=0)
+                kl.append(ref.sample_score(token_kl))
                 match.append(bool((logits.argmax(1) == ref.targets).all()))
             if report is not None:
                 report(step, Score(tuple(kl), tuple(match)))
