@@ -60,7 +60,7 @@ class SearchSettings:
     samples: int = 4
     validation_samples: int = 32
     candidates: int = 12  # at most this many candidate plans are measured
-    ablate: int = 8  # heads whose restriction is measured one at a time (0: none)
+    ablate: int = 32  # heads whose restriction is measured one at a time (0: none)
     block: int = 64
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0

@@ -55,9 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--candidates", type=positive_int, default=12,
                         help="candidate plans measured at most, the baselines included "
                              "(default 12)")
-    parser.add_argument("--ablate", type=int, default=8,
+    parser.add_argument("--ablate", type=int, default=32,
                         help="heads whose restriction is measured one at a time to correct "
-                             "the profile beyond first order (default 8; 0: none)")
+                             "the profile beyond first order, those it ranks highest "
+                             "(default 32; 0: none)")
     parser.add_argument("--storage", help="optuna storage URL (default: SQLite beside --out); "
                                           "share one RDB URL between workers")
     parser.add_argument("--time-limit", type=float, default=60.0,

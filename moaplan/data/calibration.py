@@ -70,7 +70,8 @@ class _Prompt:
 def _prompt(kind: str, index: int, tokenizer, corpus, length: int, depth: float,
             rng: np.random.Generator, frame) -> _Prompt:
     """One calibration prompt of ``kind``; retrieval prompts take the wordings of
-    :data:`CALIBRATION_PHRASINGS` in turn (by ``index``) and leave room for the answer only."""
+    :data:`CALIBRATION_PHRASINGS` in turn (by ``index``, the round) and leave room for the answer
+    only."""
     if kind == "text":
         return _Prompt(text_row(tokenizer, corpus, length - TEXT_RESPONSE_TOKENS, rng), None,
                        TEXT_RESPONSE_TOKENS)
@@ -116,7 +117,8 @@ def model_calibration(
     sample_kinds = [kinds[i % len(kinds)] for i in range(n_samples)]
     n_tasks = sum(kind != "text" for kind in sample_kinds)
     depths = iter((np.arange(n_tasks) + rng.uniform(size=n_tasks)) / max(n_tasks, 1))
-    prompts = [_prompt(kind, i, tokenizer, corpus, length,
+    # One round of the families per wording: the first round in the reference wording.
+    prompts = [_prompt(kind, i // len(kinds), tokenizer, corpus, length,
                        0.0 if kind == "text" else float(next(depths)), rng, frame)
                for i, kind in enumerate(sample_kinds)]
     responses: dict[int, list[int]] = {}
