@@ -47,6 +47,7 @@ from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
 from moaplan.data.tokens import text_row
 from moaplan.errors import BudgetError, MoaplanError
 from moaplan.eval import perplexity, retrieval_accuracy
+from moaplan.eval.tasks import CALIBRATION_PHRASINGS
 from moaplan.io import atomic_write_text
 from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, Plan, duo_plan, uniform_plan
@@ -89,6 +90,9 @@ class QualitySettings:
     seed: int = 0
     search: SearchSettings | None = None  # None: moaplan search's defaults, per test bed
     lengths: tuple[int, ...] | None = None  # None: the test bed's
+    # Calibrate in the test bed's own task wording (what a user's JSONL in their model's format
+    # gives) instead of the default wordings.
+    own_wording: bool = False
 
 
 QUICK = QualitySettings(budgets=(0.5,), depths=(0.0,), samples=2, text_windows=1,
@@ -149,6 +153,7 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         device: str) -> dict[str, Any]:
     """Every method at every budget; results are written after each plan."""
     started = time.perf_counter()
+    name = testbed.name + ("-own-wording" if settings.own_wording else "")
     model, tokenizer = load_testbed(testbed, device)
     shape = ModelShape.from_config(model.config)
     lengths = list(settings.lengths or testbed.lengths)
@@ -157,8 +162,9 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
 
     @functools.cache
     def source(length: int, count: int, held_out: bool) -> list:
+        wordings = (testbed.phrasing,) if settings.own_wording else CALIBRATION_PHRASINGS
         return model_calibration(model, tokenizer, length, count,
-                                 seed=settings.seed + 1000 * int(held_out))
+                                 seed=settings.seed + 1000 * int(held_out), wordings=wordings)
 
     def search_settings(budget: float) -> SearchSettings:
         base = settings.search or SearchSettings(budget=Budget("kv", budget), lengths=lengths,
@@ -209,7 +215,7 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         result.update(seconds=round(time.perf_counter() - t0, 1), notes=notes)
         report["methods"].append(result)
         report["meta"]["seconds"] = round(time.perf_counter() - started, 1)
-        write(report, out, testbed.name)
+        write(report, out, name)
         bar.set_postfix(last=f"{method} {budget or ''}")
         bar.update()
 
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="one budget, one length, one depth: a smoke test")
     parser.add_argument("--budgets", type=float, nargs="+", help="override the KV budgets")
     parser.add_argument("--samples", type=int, help="override the samples per cell and task")
+    parser.add_argument("--own-wording", action="store_true",
+                        help="calibrate in the test bed's own task wording (as a user's data in "
+                             "their model's format would), not the default wordings")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--work", type=Path,
                         help="profiles and plans (default build/bench-quality[-quick])")
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, search=SearchSettings(
             budget=Budget("kv", 0.5), lengths=[512], validation_length=384, samples=2,
             validation_samples=4, candidates=4, ablate=2))
-    overrides = {"budgets": args.budgets and tuple(args.budgets), "samples": args.samples}
+    overrides = {"budgets": args.budgets and tuple(args.budgets), "samples": args.samples,
+                 "own_wording": args.own_wording}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v})
     work = args.work or Path("build/bench-quality-quick" if args.quick else "build/bench-quality")
     work.mkdir(parents=True, exist_ok=True)

@@ -107,10 +107,12 @@ def describe(report: dict[str, Any]) -> str:
         f"{s['text_windows']} held-out windows of {max(s['lengths'])} tokens.  Validation KL: "
         f"the search's score, on its {s['validation_samples']} held-out samples at "
         f"{s['validation_length']} and {max(s['lengths'])} tokens.  Search: "
-        f"{s['profile_samples']} calibration samples per profiled length (the default, "
-        f"model-generated data in the calibration wordings, never the test bed's own unless "
-        f"it is `reference`), {s['ablate']} single-head ablations, at most "
-        f"{s['candidates']} candidates."
+        f"{s['profile_samples']} calibration samples per profiled length, "
+        + ("model-generated, in the test bed's own task wording (as a user's data in their "
+           "model's format would be)" if s.get("own_wording") else
+           "the default model-generated data in the calibration wordings (never the test "
+           "bed's own unless it is `reference`)")
+        + f", {s['ablate']} single-head ablations, at most {s['candidates']} candidates."
     )
 
 
@@ -179,7 +181,9 @@ def validation_agreement(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    parts = [f"# Quality: `{report['meta']['testbed']['name']}`", describe(report),
+    parts = [f"# Quality: `{report['meta']['testbed']['name']}`"
+             + (" calibrated in its own wording" if report["meta"]["settings"].get("own_wording")
+                else ""), describe(report),
              quality_table(report), "Paired comparisons (searched minus the other; retrieval "
              "as a share of prompts, a verdict only where McNemar's p < 0.05):",
              "\n".join(verdicts(report)), "\n".join(validation_agreement(report))]

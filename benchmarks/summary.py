@@ -44,7 +44,8 @@ def _quality(path: Path, base: Path, h: str) -> list[str]:
     report = _load(path)
     images = [_image(path.with_name(f"{path.stem}_{n}.png"), base, n)
               for n in ("accuracy", "passkey", "kv")]
-    return [f"{h}# Test bed `{report['meta']['testbed']['name']}`", describe(report),
+    own = " calibrated in its own wording" if report["meta"]["settings"].get("own_wording") else ""
+    return [f"{h}# Test bed `{report['meta']['testbed']['name']}`{own}", describe(report),
             quality_table(report), "Paired comparisons (searched minus the other; a verdict "
             "only where McNemar's p < 0.05):", "\n".join(verdicts(report)),
             "\n".join(validation_agreement(report)), "\n".join(filter(None, images))]

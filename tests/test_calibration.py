@@ -32,9 +32,10 @@ def test_model_calibration_responses_are_the_models_greedy_continuations():
     model, tok = load_model()
     samples = model_calibration(model, tok, length=1024, n_samples=5, seed=0)
     assert len(samples) == 5
-    # The families in turn: passkey, kv (two wordings), copy, text, multidoc.  A retrieval
-    # prompt stops before its answer and the model writes exactly that many tokens, all
-    # scored; a text prompt is followed by 64 scored tokens.
+    # The families in turn (1024 tokens leave out multidoc): passkey, kv, copy, text, then
+    # passkey again in the next wording.  A retrieval prompt stops before its answer and the
+    # model writes exactly that many tokens, all scored; a text prompt is followed by 64
+    # scored tokens.
     for s in samples:
         assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
         assert s.input_ids.shape == (1024,)

@@ -67,15 +67,14 @@ class _Prompt:
     respond: int  # response tokens to generate
 
 
-def _prompt(kind: str, index: int, tokenizer, corpus, length: int, depth: float,
+def _prompt(kind: str, wording: str, tokenizer, corpus, length: int, depth: float,
             rng: np.random.Generator, frame) -> _Prompt:
-    """One calibration prompt of ``kind``; retrieval prompts take the wordings of
-    :data:`CALIBRATION_PHRASINGS` in turn (by ``index``, the round) and leave room for the answer
-    only."""
+    """One calibration prompt of ``kind`` (a retrieval prompt in ``wording``) that leaves
+    room for the answer only."""
     if kind == "text":
         return _Prompt(text_row(tokenizer, corpus, length - TEXT_RESPONSE_TOKENS, rng), None,
                        TEXT_RESPONSE_TOKENS)
-    phrasing = PHRASINGS[CALIBRATION_PHRASINGS[index % len(CALIBRATION_PHRASINGS)]]
+    phrasing = PHRASINGS[wording]
     # The model writes its response in place of the task's own answer (and a few more tokens
     # after a chat prompt), so the whole sample is ``length`` tokens.
     extra = CHAT_ANSWER_TOKENS if frame else 0
@@ -94,12 +93,14 @@ def model_calibration(
     seed: int,
     batch_size: int = 8,
     corpus: TextCorpus | None = None,
+    wordings: tuple[str, ...] = CALIBRATION_PHRASINGS,
 ) -> list[CalibrationSample]:
     """``n_samples`` sequences of at most ``length`` tokens for any causal LM: long prompts of
     the :data:`DEFAULT_KINDS` families in turn (retrieval in several wordings, copying,
     multi-document lookup, running text; filler from the training split of the standard
     library, through the tokenizer's chat template when it has one) completed greedily by
-    ``model``, which should be dense (MoA's *model-aligned* data).
+    ``model``, which should be dense (MoA's *model-aligned* data).  Each round of the
+    families takes the next of ``wordings`` (names of :data:`moaplan.eval.tasks.PHRASINGS`).
 
     On a text prompt the loss is taken on every generated token; on a retrieval prompt on the
     model's answer alone (as many tokens as the task's answer has, more after a chat prompt):
@@ -118,7 +119,7 @@ def model_calibration(
     n_tasks = sum(kind != "text" for kind in sample_kinds)
     depths = iter((np.arange(n_tasks) + rng.uniform(size=n_tasks)) / max(n_tasks, 1))
     # One round of the families per wording: the first round in the reference wording.
-    prompts = [_prompt(kind, i // len(kinds), tokenizer, corpus, length,
+    prompts = [_prompt(kind, wordings[i // len(kinds) % len(wordings)], tokenizer, corpus, length,
                        0.0 if kind == "text" else float(next(depths)), rng, frame)
                for i, kind in enumerate(sample_kinds)]
     responses: dict[int, list[int]] = {}
