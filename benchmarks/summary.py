@@ -144,8 +144,7 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
           level: int) -> str:
     h = "#" * level
     parts: list[str] = []
-    own = sorted((root / machine).glob("quality-*.json"))
-    beds = own or sorted(root.glob("*/quality-*.json"))
+    beds = sorted(root.glob("*/quality-*.json"))
     if beds:
         parts.append(f"{h} Quality: how much of the dense model's behaviour a plan keeps")
         for quality in beds:

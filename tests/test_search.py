@@ -70,6 +70,8 @@ def test_search_end_to_end(checkpoint, monkeypatch, capsys):
     search = plan.provenance["search"]
     assert search["validation"]["samples"] == 4 and len(search["candidates"]) <= 5
     assert search["candidates"]["streaming"]["state"] == "complete"  # never pruned
+    assert len(search["ablated_heads"]) == 2  # --ablate 2: measured one head at a time
+    assert set(search["predicted_vs_measured_spearman"]) == {"first_order", "corrected"}
     chosen = search["candidates"][search["chosen"]]["kl"]
     assert chosen <= min(c["kl"] for c in search["candidates"].values()
                          if c["state"] == "complete")
@@ -134,3 +136,23 @@ def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):
     plan = load_plan(out)
     assert plan.provenance["profile"] == str(scores)
     assert (plan.densities([256, 384, 512])["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
+
+
+def test_ablation_correction_rescales_the_measured_heads_only():
+    from moaplan.plan import Budget, ModelShape
+    from moaplan.profile import Profile
+    from moaplan.search import SearchSettings, correction_factors, protection_order
+
+    shape = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    rng = np.random.default_rng(0)
+    profile = Profile(model=shape, block=64, lengths=[1024], samples={1024: 1})
+    profile.add(1024, rng.random((4, 16, 2)), rng.random((4, 1, 16, 2)))
+    settings = SearchSettings(budget=Budget("kv", 0.5), lengths=[1024], validation_length=768)
+    share = profile.dropped_share(moaplan.plan.uniform_rule(settings.budget,
+                                                            settings.target_lengths))
+    # Head 2 loses ten times what its share predicts relative to head 0.
+    measured = {0: float(share[0]), 2: float(10 * share[2])}
+    factors = correction_factors(profile, settings, measured)
+    assert factors[1] == factors[3] == 1.0  # not measured: unchanged
+    assert factors[2] / factors[0] == pytest.approx(10.0)
+    assert protection_order(profile, settings, measured)[:2] == [2, 0]
