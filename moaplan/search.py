@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -399,8 +400,9 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     start = time.perf_counter()
     check_budget(settings)
     samples = {n: source(n, settings.samples, False) for n in settings.lengths}
-    held_out = [s for n, count in settings.validation_counts().items()
-                for s in source(n, count, True)]
+    # The validation lengths alternate, so every step of a running score sees them all.
+    by_length = [source(n, count, True) for n, count in settings.validation_counts().items()]
+    held_out = [s for group in itertools.zip_longest(*by_length) for s in group if s is not None]
     check_disjoint(samples, held_out)
     local = attend_locally(model, settings.target_lengths)
     # The profile is taken on the long-range response tokens: the rest would drown them.
