@@ -2,8 +2,9 @@
 
 One launch computes a whole layer.  Query ``t`` of sequence ``b`` sits at absolute position
 ``i = q_offset[b] + t`` and sees key ``j`` iff ``j <= i and (j < sink[h] or i - j < span[h])``
-(``h`` is the query head's KV head; ``span >= Nk`` is full causal attention).  Rows at positions
-``>= seq_lens[b]`` (right padding) come out as zeros.
+(``h`` is the query head, or its KV head when the rule is given per KV head; ``span >= Nk`` is
+full causal attention; a head with ``sink = span = 0`` sees nothing and costs nothing).  Rows at
+positions ``>= seq_lens[b]`` (right padding) come out as zeros.
 
 Each program owns one query block of one query head and works out analytically which key
 tiles its rows can see (no lookup tables):
@@ -288,8 +289,8 @@ def _sparse_prefill_kernel(
     kv_rank = (slot % HQ) // GROUP
     kvh = tl.load(HEAD_ORDER + kv_rank)  # KV heads sorted widest first
     hq = kvh * GROUP + slot % GROUP
-    sink = tl.load(SINK + kvh)
-    span = tl.load(SPAN + kvh)
+    sink = tl.load(SINK + hq)  # per query head
+    span = tl.load(SPAN + hq)
     if HAS_QOFF:
         q_offset = tl.load(QOFF + b)
     seq_len = n_keys
@@ -301,7 +302,9 @@ def _sparse_prefill_kernel(
     i0 = q_offset + t0
     i_last = i0 + BLOCK_M - 1
     hi = tl.minimum(tl.minimum(i_last, seq_len - 1), q_offset + n_queries - 1)
-    has_rows = hi >= i0
+    # A query head with neither sink nor window sees nothing (``routed_attention`` leaves the
+    # heads it sends to SDPA so): no tiles, zero rows.
+    has_rows = (hi >= i0) & ((sink > 0) | (span > 0))
 
     # Key-tile ranges (all bounds non-negative, so integer division is floor division).
     d = tl.where(has_rows, hi // BLOCK_N + 1, 0)
@@ -366,6 +369,16 @@ def _int_list(name: str, values: torch.Tensor | Sequence[int], n_heads: int) -> 
     if len(values) != n_heads:
         raise ModelError(f"{name} has {len(values)} entries but k/v have {n_heads} KV heads")
     return values
+
+
+def _head_list(name: str, values: torch.Tensor | Sequence[int], n_kv_heads: int,
+               group: int) -> list[int]:
+    """One value per query head, from one per KV head (shared by its group) or one per query
+    head (query head ``h`` belongs to KV head ``h // group``)."""
+    n_values = values.numel() if isinstance(values, torch.Tensor) else len(values)
+    if n_values == n_kv_heads * group:
+        return _int_list(name, values, n_values)
+    return [x for x in _int_list(name, values, n_kv_heads) for _ in range(group)]
 
 
 def _per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
@@ -433,10 +446,12 @@ def sparse_attention(
     ``moaplan.runtime.reference.reference_attention``.
 
     ``q`` is ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (any strides), ``sink``/``span``
-    hold one value per KV head (CPU tensors or lists avoid a device sync), ``q_offset`` is the
+    hold one value per KV head or one per query head (a plan's per-query-head spans; CPU
+    tensors or lists avoid a device sync), ``q_offset`` is the
     absolute position of the first query (an int, or one per sequence), ``seq_lens`` the number
     of valid keys per sequence (right padding; default ``Nk``), ``compensate`` one flag per KV
-    head for the compensation token (default none; a CPU tensor or list avoids a sync).
+    head for the compensation token (default none; a CPU tensor or list avoids a sync; a
+    compensating head's query heads must share one sink and span).
     Returns a contiguous ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
     """
     _check_inputs(q, k, v)
@@ -445,8 +460,9 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not scale > 0:
         raise ModelError(f"scale must be > 0, got {scale}")
-    sinks = _int_list("sink", sink, n_kv_heads)
-    spans = _int_list("span", span, n_kv_heads)
+    group = n_q_heads // n_kv_heads
+    sinks = _head_list("sink", sink, n_kv_heads, group)
+    spans = _head_list("span", span, n_kv_heads, group)
     if min(sinks) < 0 or min(spans) < 0:
         raise ModelError(f"sink and span must be >= 0, got sink={sinks} span={spans}")
     # Valid rows sit below n_keys, so this clamp keeps "full" spans like 2**62 inside int32.
@@ -456,15 +472,26 @@ def sparse_attention(
     # Heads whose rows can drop keys get a slot in the dropped-key means; the others -1.
     flags = [False] * n_kv_heads if compensate is None else [
         bool(x) for x in _int_list("compensate", torch.as_tensor(compensate).long(), n_kv_heads)]
-    comp_heads = [h for h in range(n_kv_heads) if flags[h] and sinks[h] + spans[h] < n_keys]
+    members = [range(h * group, (h + 1) * group) for h in range(n_kv_heads)]
+    comp_heads = [h for h in range(n_kv_heads) if flags[h] and sinks[h * group] + spans[h * group]
+                  < n_keys]
+    for h in comp_heads:
+        if len({(sinks[i], spans[i]) for i in members[h]}) > 1:
+            raise ModelError(f"KV head {h} compensates but its query heads have different "
+                             "sinks or spans; the compensation token needs one rule per group")
     comp_slot = [-1] * n_kv_heads
     for slot, h in enumerate(comp_heads):
         comp_slot[h] = slot
     # Heavy heads first: the program's work grows with sink + span.
-    order = sorted(range(n_kv_heads), key=lambda h: -(sinks[h] + spans[h]))
+    reaches = [sinks[i] + spans[i] for i in range(n_q_heads)]
+    order = sorted(range(n_kv_heads), key=lambda h: -max(reaches[i] for i in members[h]))
     comp_head = comp_heads + [0] * (n_kv_heads - len(comp_heads))  # slot -> KV head
-    table = _upload(torch.tensor([sinks, spans, order, comp_slot, comp_head],
-                                 dtype=torch.int32), q.device)
+    # One upload: per query head sink and span, then per KV head the order, the compensation
+    # slots and the sink and span of its group's first query head (the compensation passes').
+    per_kv = [order, comp_slot, comp_head, sinks[::group], spans[::group]]
+    flat = _upload(torch.tensor(sinks + spans + sum(per_kv, []), dtype=torch.int32), q.device)
+    table = (flat[:n_q_heads], flat[n_q_heads:2 * n_q_heads],
+             *flat[2 * n_q_heads:].view(len(per_kv), n_kv_heads))
 
     if isinstance(q_offset, torch.Tensor):
         qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
@@ -475,7 +502,7 @@ def sparse_attention(
         qoff, q_offset_scalar = None, int(q_offset)
     lens = None if seq_lens is None else _per_sequence("seq_lens", seq_lens, batch, q.device, 0)
 
-    reach = min(max(x + y for x, y in zip(sinks, spans)), n_keys)
+    reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach)
     out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -483,13 +510,13 @@ def sparse_attention(
     if comp_heads:
         means = _dropped_means(q, k, v, table, comp_heads, qoff, q_offset_scalar)
     else:
-        means = (table[0], table[0])  # never read
+        means = (flat, flat)  # never read
     grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
     if cfg.head_major:
         grid = (grid[0] * grid[1],)
     _sparse_prefill_kernel[grid](
         q, k, v, out, table[0], table[1], table[2],
-        qoff if qoff is not None else table[0], lens if lens is not None else table[0],
+        qoff if qoff is not None else flat, lens if lens is not None else flat,
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * _LOG2E,
@@ -517,7 +544,7 @@ def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
     sums = torch.empty((slots, grid[0] + 1, 2, head_dim), dtype=torch.float32, device=q.device)
     common = dict(HAS_QOFF=qoff is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
                   BLOCK_D=block_d, num_warps=8)
-    heads = (table[0], table[1], table[4], qoff if qoff is not None else table[0])
+    heads = (table[5], table[6], table[4], qoff if qoff is not None else table[5])
     _dropped_sums_kernel[grid](k, v, sums, *heads, *k.stride(), *v.stride(), q_offset,
                                k.shape[2], len(comp_heads), **common)
     _dropped_means_kernel[grid](k, v, sums, mean_k, mean_v, *heads, *k.stride(), *v.stride(),

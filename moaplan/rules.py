@@ -32,6 +32,12 @@ class Rule:
     ``span(N) = clamp(round(alpha + beta * N), min_span, min(max_span, N))``; a ``full`` rule
     sees every causal key.  ``compensate`` adds RazorAttention's compensation token (one extra
     entry carrying the mean of the dropped keys and values).
+
+    ``query_windows`` (optional) narrows the prefill of each query head of the KV head's GQA
+    group: one ``(alpha, beta)`` per query head, whose span is computed like the rule's and
+    capped at it (so the cache, which holds the rule's span, still has every key a query head
+    needs); every query head keeps the rule's sinks.  Without it every query head uses the
+    rule's span.
     """
 
     sink: int = 0
@@ -41,8 +47,18 @@ class Rule:
     max_span: int | None = None
     full: bool = False
     compensate: bool = False
+    query_windows: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.query_windows is not None:
+            if self.full or self.compensate:
+                raise ValueError("query_windows need a windowed rule without compensation (a "
+                                 "full rule's query heads see every key; the compensation "
+                                 "token needs one window per group)")
+            if not self.query_windows or any(len(w) != 2 or w[1] < 0
+                                             for w in self.query_windows):
+                raise ValueError(f"query_windows must be (alpha, beta >= 0) pairs, one per "
+                                 f"query head, got {self.query_windows}")
         if self.full:
             return
         if self.sink < 0:
@@ -78,6 +94,8 @@ class Rule:
         text = f"{self.sink} sinks + {window}" if self.sink else window
         if self.max_span is not None:
             text += f" (<= {self.max_span})"
+        if self.query_windows is not None:
+            text += f" [{len(self.query_windows)} query windows]"
         return text + (" +comp" if self.compensate else "")
 
 
@@ -112,6 +130,27 @@ def rule_spans(rules: Sequence[Rule], n: ArrayLike) -> np.ndarray:
     span = np.minimum(np.maximum(raw, c["min_span"]), np.minimum(c["max_span"], flat))
     span = np.where(c["full"], flat, span)
     return span.reshape((len(rules),) + n.shape)
+
+
+def query_spans(rules: Sequence[Rule], n: ArrayLike, group: int) -> np.ndarray:
+    """Prefill span of every query head at every length: int64 ``(len(rules) * group,
+    *shape(n))``, query head ``r * group + g`` belonging to rule ``r``.  A rule's
+    ``query_windows`` give its heads' spans (each capped at the rule's span); a rule without
+    them gives every head its own span."""
+    n = np.asarray(n, dtype=np.int64)
+    spans = np.repeat(rule_spans(rules, n), group, axis=0)
+    for r, rule in enumerate(rules):
+        if rule.query_windows is None:
+            continue
+        if len(rule.query_windows) != group:
+            raise ValueError(f"rule {r} has {len(rule.query_windows)} query windows for a "
+                             f"group of {group} query heads")
+        alpha, beta = np.array(rule.query_windows, dtype=np.float64).T
+        heads = [replace(rule, alpha=float(a), beta=float(b), query_windows=None)
+                 for a, b in zip(alpha, beta)]
+        rows = slice(r * group, (r + 1) * group)
+        spans[rows] = np.minimum(rule_spans(heads, n), spans[rows])
+    return spans
 
 
 def rule_sinks(rules: Sequence[Rule], n: ArrayLike) -> np.ndarray:
@@ -263,12 +302,18 @@ class RuleSpace:
 
 def density(rules: Iterable[Rule], n: ArrayLike, kind: str = "kv") -> np.ndarray:
     """Per-rule density of ``kind`` (``"kv"`` or ``"attention"``) at length(s) ``n``, the
-    compensation token included (one extra key where a compensating rule drops keys)."""
+    compensation token included (one extra key where a compensating rule drops keys); a rule's
+    attention density is its query heads' mean (their ``query_windows``, if any)."""
     rules = list(rules)
     sinks, spans = rule_sinks(rules, n), rule_spans(rules, n)
     compensate = rule_arrays(rules)["compensate"].reshape((len(rules),) + (1,) * np.ndim(n))
     if kind == "kv":
         return kv_density(sinks, spans, n, compensate)
     if kind == "attention":
-        return attention_density(sinks, spans, n, compensate)
+        dens = attention_density(sinks, spans, n, compensate)
+        for r, rule in enumerate(rules):  # a rule's query heads, averaged
+            if rule.query_windows is not None:
+                group = len(rule.query_windows)
+                dens[r] = attention_density(sinks[r], query_spans([rule], n, group), n).mean(0)
+        return dens
     raise ValueError(f"unknown density kind {kind!r}; use 'kv' or 'attention'")

@@ -1,6 +1,7 @@
 """The plan file: round trips, one clear error per kind of problem, imports, baselines."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,11 +16,13 @@ from moaplan.plan import (
     import_duo,
     import_moa,
     load_plan,
+    plan_from_dict,
     plan_to_dict,
     save_plan,
     uniform_plan,
 )
-from moaplan.rules import Rule
+from moaplan.plan.interop import moa_rules_from_json
+from moaplan.rules import Rule, attention_density, query_spans
 
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    model_type="llama", fingerprint="0123456789abcdef")
@@ -155,8 +158,46 @@ def test_import_moa_gqa_takes_widest_rule(tmp_path):
     path.write_text(json.dumps({"alphas": [[100, 300, 50, 60]], "betas": [[0.5, 0.1, 0, 0]]}))
     with pytest.warns(UserWarning, match="widest rule of each group of 2"):
         plan = import_moa(path, ModelShape(1, 4, 2, 16))
-    assert plan.rules[0][0] == Rule(sink=64, alpha=300.0, beta=0.5)
-    assert plan.rules[0][1] == Rule(sink=64, alpha=60.0, beta=0.0)
+    # The cache keeps the widest; the prefill keeps each query head's own span.
+    assert plan.rules[0][0] == Rule(sink=64, alpha=300.0, beta=0.5,
+                                    query_windows=((100.0, 0.5), (300.0, 0.1)))
+    assert plan.rules[0][1] == Rule(sink=64, alpha=60.0, beta=0.0,
+                                    query_windows=((50.0, 0.0), (60.0, 0.0)))
+    n = 1000
+    assert query_spans(plan.rules[0], n, 2).tolist() == [600, 400, 50, 60]
+    assert plan.densities([n])["kv"][0, 0, 0] == pytest.approx((64 + 800) / n)
+    by_head = attention_density(64, np.array([600, 400]), n).mean()
+    assert plan.densities([n])["attention"][0, 0, 0] == pytest.approx(by_head)
+    # Members that all match the widest need no windows; a full widest member keeps 64
+    # sinks and a span of N for the narrower ones.
+    rules = moa_rules_from_json({"alphas": [[5, 5, 0, 100]], "betas": [[0.5, 0.5, 1, 0.25]]}, 2)
+    assert rules[0][0] == Rule(sink=64, alpha=5.0, beta=0.5)
+    assert rules[0][1] == Rule(sink=64, alpha=0.0, beta=1.0,
+                               query_windows=((0.0, 1.0), (100.0, 0.25)))
+    assert query_spans(rules[0][1:], n, 2).tolist() == [n, 350]
+
+
+def test_query_windows_round_trip_and_validation(tmp_path):
+    shape = ModelShape(1, 4, 2, 16)
+    windows = Rule(sink=8, alpha=50.0, beta=0.5, query_windows=((10.0, 0.25), (-5.0, 0.5)))
+    plan = Plan(model=shape, rules=[[windows, Rule.full_attention()]], lengths=[256])
+    path = save_plan(plan, tmp_path / "p.yaml")
+    assert load_plan(path).rules == plan.rules
+    assert "query_windows" in path.read_text()
+    with pytest.raises(PlanError, match="3 query windows"):
+        Plan(model=shape, rules=[[replace(windows, query_windows=((1.0, 0.0),) * 3),
+                                  windows]])
+    with pytest.raises(ValueError, match="without compensation"):
+        replace(windows, compensate=True)
+    with pytest.raises(ValueError, match="windowed rule"):
+        Rule(full=True, query_windows=((1.0, 0.0),))
+    data = plan_to_dict(plan)
+    data["rules"][0][0]["query_windows"] = [[1, -0.5], "x"]
+    with pytest.raises(PlanError, match=r"query_windows must be a list of \[alpha, beta\]"):
+        plan_from_dict(data)
+    data["rules"][0][0]["query_windows"] = [[1, -0.5], [2, 0]]
+    with pytest.raises(PlanError, match=r"query_windows\[0\]\[1\] must be >= 0"):
+        plan_from_dict(data)
 
 
 def test_import_moa_rejects_bad_files(tmp_path):

@@ -85,10 +85,13 @@ def _cases(draw):
     offsets = [draw(st.integers(0, nk - nq)) for _ in range(batch)]
     lens = [draw(st.integers(0, nk)) for _ in range(batch)]
     sink = [draw(st.integers(0, 40)) for _ in range(hkv)]
+    # One span per KV head, or one per query head (a plan's query windows).
+    per_query = group > 1 and draw(st.booleans())
     span = [draw(st.sampled_from([0, 1, 2, 15, 16, 17, 33, nk, 2**40]) | st.integers(0, nk))
-            for _ in range(hkv)]
-    # Compensation tokens on some heads (None: the plain kernel).
-    compensate = draw(st.none() | st.lists(st.booleans(), min_size=hkv, max_size=hkv))
+            for _ in range(hkv * group if per_query else hkv)]
+    # Compensation tokens on some heads (None: the plain kernel); they need one span a group.
+    compensate = None if per_query else draw(
+        st.none() | st.lists(st.booleans(), min_size=hkv, max_size=hkv))
     return dict(
         shape=(batch, hkv * group, hkv, nq, nk),
         sink=torch.tensor(sink), span=torch.tensor(span),
@@ -135,6 +138,29 @@ def test_compensation_mixed_with_plain_heads(interp, dtype, group):
                                 seq_lens=kwargs["seq_lens"])
     assert (out.float() - plain.float()).abs().max() > 0.1  # the token really changes rows
     assert (out[1, :, 30:] == 0).all()  # padding rows stay zero
+
+
+def test_per_query_head_rules_and_skipped_heads(interp):
+    """Spans (and sinks) per query head, as query windows and the split route give them: a
+    head with no sink and no window is skipped (zero rows); every other head follows its own
+    rule on its KV head's keys."""
+    gen = torch.Generator().manual_seed(40)
+    hkv, group, n = 2, 4, 150
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, n, n, 32, torch.float16)
+    sink = torch.tensor([0, 8, 8, 8, 0, 4, 0, 4])
+    span = torch.tensor([0, 2**40, 60, 17, 0, 150, 33, 1])
+    ref = reference_attention(q, k, v, sink, span)
+    out = interp(q, k, v, sink, span, config=SMALL)
+    _check(out, ref, torch.float16)
+    assert (out[:, [0, 4]] == 0).all()
+    # Per-KV-head sinks with per-query-head spans, long tiles, padding.
+    kv_sink, seq_lens = torch.tensor([8, 4]), torch.tensor([n, 97])
+    ref = reference_attention(q, k, v, kv_sink, span, seq_lens=seq_lens)
+    config = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, head_major=True)
+    _check(interp(q, k, v, kv_sink, span, seq_lens=seq_lens, config=config), ref,
+           torch.float16)
+    with pytest.raises(ModelError, match="compensates but its query heads"):
+        interp(q, k, v, kv_sink, span, compensate=[True, False])
 
 
 def test_compensation_on_a_long_chunk_far_into_the_sequence(interp):

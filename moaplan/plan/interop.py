@@ -29,7 +29,9 @@ def moa_rules_from_json(data: dict, group_size: int) -> list[list[Rule]]:
     MoA gives one ``(alpha, beta)`` per *query* head with span ``alpha + beta * N`` and a
     64-token sink; moaplan keeps one rule per KV head so the cache really shrinks, and takes
     the widest rule of each GQA group (the largest span at every length, since spans are
-    linear).  A rule with ``beta >= 1`` spans every length and is full.
+    linear).  A rule with ``beta >= 1`` spans every length and is full.  Where the members of
+    a group differ, the rule keeps them as its ``query_windows``: the prefill computes each
+    query head's own span, the cache the widest.
     """
     try:
         alphas = np.asarray(data["alphas"], dtype=np.float64)
@@ -52,10 +54,25 @@ def moa_rules_from_json(data: dict, group_size: int) -> list[list[Rule]]:
     # member dominates, as is usual).
     alpha = alphas.reshape(layers, kv, group_size).max(-1)
     beta = betas.reshape(layers, kv, group_size).max(-1)
-    rules = [[Rule.full_attention() if beta[layer, h] >= 1 else
-              Rule(sink=MOA_SINK, alpha=float(alpha[layer, h]), beta=float(beta[layer, h]))
+    members = np.stack([alphas, betas], -1).reshape(layers, kv, group_size, 2)
+    rules = [[_group_rule(alpha[layer, h], beta[layer, h], members[layer, h])
               for h in range(kv)] for layer in range(layers)]
     return rules
+
+
+def _group_rule(alpha: float, beta: float, members: np.ndarray) -> Rule:
+    """The rule of one GQA group: the widest ``(alpha, beta)``, full from ``beta >= 1``, with
+    the members' own ``(alpha, beta)`` as query windows where they differ from it.  A group
+    whose widest member is full but others are not keeps 64 sinks and a span of ``N`` (as
+    wide as full) so that its narrower members keep MoA's sinks."""
+    narrower = bool((members != [alpha, beta]).any()) and (members[:, 1] < 1).any()
+    if not narrower:
+        return Rule.full_attention() if beta >= 1 else Rule(
+            sink=MOA_SINK, alpha=float(alpha), beta=float(beta))
+    windows = tuple((float(a), float(b)) for a, b in members)
+    if beta >= 1:
+        return Rule(sink=MOA_SINK, alpha=0.0, beta=1.0, query_windows=windows)
+    return Rule(sink=MOA_SINK, alpha=float(alpha), beta=float(beta), query_windows=windows)
 
 
 def import_moa(path: str | os.PathLike, shape: ModelShape) -> Plan:
@@ -68,7 +85,8 @@ def import_moa(path: str | os.PathLike, shape: ModelShape) -> Plan:
         raise PlanError(f"{path}: a MoA plan is a JSON object with 'alphas' and 'betas'")
     if shape.group_size > 1:
         warnings.warn(f"MoA gives one rule per query head; moaplan keeps one per KV head and took "
-                      f"the widest rule of each group of {shape.group_size}", stacklevel=2)
+                      f"the widest rule of each group of {shape.group_size} for the cache (the "
+                      "prefill keeps each query head's span)", stacklevel=2)
     rules = moa_rules_from_json(data, shape.group_size)
     if len(rules) != shape.num_layers or len(rules[0]) != shape.num_key_value_heads:
         raise PlanError(f"{path}: MoA plan has {len(rules)} layers x "

@@ -106,6 +106,12 @@ class Plan:
             if len(layer_rules) != self.model.num_key_value_heads:
                 raise PlanError(f"layer {layer} has {len(layer_rules)} rules but the model has "
                                 f"{self.model.num_key_value_heads} KV heads (one rule per KV head)")
+            for head, rule in enumerate(layer_rules):
+                windows = rule.query_windows
+                if windows is not None and len(windows) != self.model.group_size:
+                    raise PlanError(f"layer {layer} KV head {head} has {len(windows)} query "
+                                    f"windows but the model has {self.model.group_size} query "
+                                    "heads per KV head")
 
     @property
     def flat_rules(self) -> list[Rule]:

@@ -26,7 +26,7 @@ FORMAT = "moaplan/1"
 _TOP_KEYS = {"format", "model", "budget", "lengths", "rules", "predicted", "provenance"}
 _MODEL_KEYS = {"num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                "model_type", "fingerprint"}
-_RULE_KEYS = {"sink", "alpha", "beta", "min_span", "max_span", "compensate"}
+_RULE_KEYS = {"sink", "alpha", "beta", "min_span", "max_span", "compensate", "query_windows"}
 
 
 def rule_to_yaml(rule: Rule) -> str | dict[str, Any]:
@@ -39,6 +39,8 @@ def rule_to_yaml(rule: Rule) -> str | dict[str, Any]:
         out["max_span"] = rule.max_span
     if rule.compensate:
         out["compensate"] = True
+    if rule.query_windows is not None:
+        out["query_windows"] = [[alpha, beta] for alpha, beta in rule.query_windows]
     return out
 
 
@@ -129,13 +131,35 @@ def _parse_rule(where: str, raw: Any, problems: _Problems) -> Rule | None:
     compensate = raw.get("compensate", False)
     if not isinstance(compensate, bool):
         problems.add(f"{where}.compensate must be true or false, got {compensate!r}")
+    windows = _parse_query_windows(f"{where}.query_windows", raw.get("query_windows"), problems)
     if len(problems.items) > before:
         return None
     if max_span is not None and max_span < min_span:
         problems.add(f"{where}.max_span ({max_span}) is smaller than min_span ({min_span})")
         return None
-    return Rule(sink=sink, alpha=float(alpha), beta=float(beta), min_span=min_span,
-                max_span=max_span, compensate=compensate)
+    try:
+        return Rule(sink=sink, alpha=float(alpha), beta=float(beta), min_span=min_span,
+                    max_span=max_span, compensate=compensate, query_windows=windows)
+    except ValueError as err:
+        problems.add(f"{where}: {err}")
+        return None
+
+
+def _parse_query_windows(where: str, raw: Any,
+                         problems: _Problems) -> tuple[tuple[float, float], ...] | None:
+    """Optional per-query-head ``[[alpha, beta], ...]`` of a rule (see ``Rule``)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw or any(
+            not isinstance(w, list) or len(w) != 2 for w in raw):
+        problems.add(f"{where} must be a list of [alpha, beta] pairs, one per query head, "
+                     f"got {raw!r}")
+        return None
+    pairs = [(problems.number(f"{where}[{i}][0]", a, minimum=None),
+              problems.number(f"{where}[{i}][1]", b)) for i, (a, b) in enumerate(raw)]
+    if any(None in pair for pair in pairs):
+        return None
+    return tuple((float(a), float(b)) for a, b in pairs)
 
 
 def plan_from_dict(data: Any, source: str = "plan") -> Plan:

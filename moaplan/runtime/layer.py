@@ -1,9 +1,10 @@
 """One layer's attention under its rules, on a whole chunk of keys: the compute seam that
 ``moaplan.apply``'s attention function and the first prefill of a ``MoaplanCache`` share.
-On CUDA the block-sparse Triton kernel (:mod:`moaplan.kernels.prefill`), elsewhere a windowed
-torch attention (:mod:`moaplan.runtime.windowed`) or the torch reference (the kernels'
-oracle).  Padding (left or right) is handled by moving each sequence's real tokens to the
-front, so real-token positions become slot indices."""
+On CUDA the block-sparse Triton kernel (:mod:`moaplan.kernels.prefill`) or, for the heads
+where it is faster, SDPA (:mod:`moaplan.runtime.routing`); elsewhere a windowed torch
+attention (:mod:`moaplan.runtime.windowed`) or the torch reference (the kernels' oracle), or
+SDPA likewise.  Padding (left or right) is handled by moving each sequence's real tokens to
+the front, so real-token positions become slot indices."""
 
 from __future__ import annotations
 
@@ -12,45 +13,41 @@ from dataclasses import dataclass
 
 import torch
 
-from moaplan.kernels.prefill import sparse_attention
-from moaplan.rules import Rule, rule_arrays, rule_sinks, rule_spans
-from moaplan.runtime.reference import reference_attention
-from moaplan.runtime.windowed import windowed_attention
+from moaplan.rules import Rule, query_spans, rule_arrays, rule_sinks, rule_spans
+from moaplan.runtime.routing import routed_attention
 
 
 @dataclass(frozen=True)
 class HeadRules:
-    """One layer's rules at one length, per KV head, as host tensors (the kernel plans its
-    tiles from them on the CPU, with no device sync): int64 ``sink`` and ``span``, and bool
-    ``compensate`` (RazorAttention's compensation token; False for full rules)."""
+    """One layer's rules at one length as host tensors (the kernel plans its tiles from them
+    on the CPU, with no device sync): int64 ``sink`` per KV head, ``span`` per KV head or,
+    where a rule has ``query_windows``, per query head (the prefill's spans), and bool
+    ``compensate`` per KV head (RazorAttention's compensation token; False for full rules)."""
 
     sink: torch.Tensor
     span: torch.Tensor
     compensate: torch.Tensor
 
     @classmethod
-    def at(cls, rules: Sequence[Rule], n: int) -> HeadRules:
-        return cls(torch.from_numpy(rule_sinks(rules, n)), torch.from_numpy(rule_spans(rules, n)),
+    def at(cls, rules: Sequence[Rule], n: int, group: int = 1) -> HeadRules:
+        windows = any(rule.query_windows is not None for rule in rules)
+        spans = query_spans(rules, n, group) if windows else rule_spans(rules, n)
+        return cls(torch.from_numpy(rule_sinks(rules, n)), torch.from_numpy(spans),
                    torch.from_numpy(rule_arrays(rules)["compensate"][:, 0]))
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: HeadRules,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rules: Sequence[Rule], n: int,
     *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
 ) -> torch.Tensor:
     """The compute seam: sequences with real tokens at key slots ``0 .. seq_lens-1``
-    (right-padded), all at one rule length.  On CUDA the block-sparse Triton kernel; elsewhere
-    the windowed torch attention where it applies (no padding, no compensation token), else
-    the torch reference (which is also the kernel's oracle)."""
-    if q.is_cuda:
-        attend = sparse_attention
-    elif seq_lens is None and isinstance(q_offset, int) and not heads.compensate.any():
-        return windowed_attention(q, k, v, heads.sink, heads.span, scale=scale,
-                                  q_offset=q_offset)
-    else:
-        attend = reference_attention
-    return attend(q, k, v, heads.sink, heads.span, scale=scale, q_offset=q_offset,
-                  seq_lens=seq_lens, compensate=heads.compensate)
+    (right-padded), all at rule length ``n``.  On CUDA the block-sparse Triton kernel, or
+    SDPA for the heads where it is faster (:func:`moaplan.runtime.routing.routed_attention`);
+    elsewhere the windowed torch attention where it applies (no padding, no compensation
+    token), else the torch reference (which is also the kernel's oracle), or SDPA likewise."""
+    heads = HeadRules.at(rules, n, q.shape[1] // k.shape[1])
+    return routed_attention(q, k, v, heads.sink, heads.span, scale=scale, q_offset=q_offset,
+                            seq_lens=seq_lens, compensate=heads.compensate)
 
 
 def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -72,8 +69,7 @@ def layer_attention(
     """
     nq, nk = q.shape[2], k.shape[2]
     if mask is None:
-        return _attend(q, k, v, HeadRules.at(rules, nk), scale=scale, q_offset=nk - nq,
-                       seq_lens=None)
+        return _attend(q, k, v, rules, nk, scale=scale, q_offset=nk - nq, seq_lens=None)
     # A real query sees itself, so its row has a True; a real key is seen by its own query.
     return real_token_attention(rules, q, k, v, mask[:, 0].any(1), mask[:, 0].any(2),
                                 scale=scale)
@@ -102,8 +98,8 @@ def real_token_attention(
         if n == 0:
             continue  # no real token yet: nothing to attend, the rows stay zero
         rows = (seq_lens == n).nonzero().squeeze(1)
-        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], HeadRules.at(rules, n),
-                              scale=scale, q_offset=q_offset[rows], seq_lens=seq_lens[rows])
+        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], rules, n, scale=scale,
+                              q_offset=q_offset[rows], seq_lens=seq_lens[rows])
     # q_order is a permutation of the query slots: scatter undoes the gather.
     index = q_order[:, None, :, None].expand(-1, out_c.shape[1], -1, out_c.shape[3])
     return torch.zeros_like(out_c).scatter(2, index, out_c)

@@ -35,6 +35,15 @@ def _per_sequence(value: int | torch.Tensor, batch: int, device: torch.device) -
     return out
 
 
+def _per_query_head(value: torch.Tensor, hkv: int, group: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """Per-KV-head or per-query-head values as int64 ``[Hkv, G]`` (None: neither count)."""
+    flat = torch.as_tensor(value, dtype=torch.int64, device=device).reshape(-1)
+    if flat.numel() == hkv * group:
+        return flat.reshape(hkv, group)
+    return flat[:, None].expand(hkv, group) if flat.numel() == hkv else None
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,8 +60,9 @@ def reference_attention(
 
     ``q``: ``[B, Hq, Nq, D]``; ``k``, ``v``: ``[B, Hkv, Nk, D]`` with ``Hq`` a multiple of
     ``Hkv`` (query head ``h`` uses KV head ``h // (Hq // Hkv)``); ``sink``, ``span``: int
-    ``[Hkv]`` (``span >= Nk`` means full).  Query ``t`` of sequence ``b`` sits at absolute
-    position ``q_offset + t`` (``q_offset`` an int or an int ``[B]``), key ``j`` at ``j``.
+    ``[Hkv]``, or ``[Hq]`` for a rule per query head (``span >= Nk`` means full).  Query
+    ``t`` of sequence ``b`` sits at absolute position ``q_offset + t`` (``q_offset`` an int
+    or an int ``[B]``), key ``j`` at ``j``.
     ``seq_lens`` (int ``[B]``) marks right padding: keys at ``j >= seq_lens[b]`` are invisible
     and query rows at positions ``>= seq_lens[b]`` are zeros.  A row that sees no key at all
     is zeros as well.  ``compensate`` (bool or int ``[Hkv]``, default none) marks the heads with
@@ -70,22 +80,21 @@ def reference_attention(
     if hkv == 0 or hq % hkv:
         raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads")
     device = q.device
-    sink = torch.as_tensor(sink, dtype=torch.int64, device=device).reshape(-1)
-    span = torch.as_tensor(span, dtype=torch.int64, device=device).reshape(-1)
+    group = hq // hkv
+    sink, span = (_per_query_head(x, hkv, group, device) for x in (sink, span))
     comp = torch.zeros(hkv, dtype=torch.bool, device=device) if compensate is None else (
         torch.as_tensor(compensate, device=device).reshape(-1).to(torch.bool))
-    if sink.shape != (hkv,) or span.shape != (hkv,) or comp.shape != (hkv,):
-        raise ValueError(f"sink, span and compensate need one entry per KV head ({hkv}), got "
-                         f"{tuple(sink.shape)}, {tuple(span.shape)} and {tuple(comp.shape)}")
+    if sink is None or span is None or comp.shape != (hkv,):
+        raise ValueError(f"sink and span need one entry per KV head ({hkv}) or per query head "
+                         f"({hq}), compensate one per KV head, got {tuple(comp.shape)} flags")
     offsets = _per_sequence(q_offset, batch, device)
     lens = _per_sequence(nk if seq_lens is None else seq_lens, batch, device)
     scale = dim ** -0.5 if scale is None else scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = hq // hkv
 
     out = torch.zeros(batch, hkv, group, nq, v.shape[-1], dtype=compute, device=device)
     k_pos = torch.arange(nk, device=device)
-    rule_sink, rule_span = sink[:, None, None], span[:, None, None]  # [Hkv, 1, 1]
+    rule_sink, rule_span = sink[:, :, None, None], span[:, :, None, None]  # [Hkv, G, 1, 1]
     chunk = max(1, _SCORE_ELEMENTS // max(1, hq * nk))
     for b in range(batch):
         qb = q[b].to(compute).reshape(hkv, group, nq, dim)
@@ -95,22 +104,22 @@ def reference_attention(
             stop = min(start + chunk, nq)
             q_pos = (offsets[b] + torch.arange(start, stop, device=device))[:, None]
             real = (k_pos <= q_pos) & key_ok & (q_pos < lens[b])  # padding rows: zeros
-            mask = visible(rule_sink, rule_span, q_pos, k_pos) & real  # [Hkv, c, Nk]
+            mask = visible(rule_sink, rule_span, q_pos, k_pos) & real  # [Hkv, G, c, Nk]
             qc = qb[:, :, start:stop]
             scores = torch.einsum("hgqd,hkd->hgqk", qc, kb) * scale
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf"))
             if comp.any():
                 # The dropped entries of each row, averaged into one extra column.
-                dropped = (real & ~mask & comp[:, None, None]).to(compute)
-                count = dropped.sum(-1)  # [Hkv, c]
-                mean_k, mean_v = (torch.einsum("hqk,hkd->hqd", dropped, x)
+                dropped = (real & ~mask & comp[:, None, None, None]).to(compute)
+                count = dropped.sum(-1)  # [Hkv, G, c]
+                mean_k, mean_v = (torch.einsum("hgqk,hkd->hgqd", dropped, x)
                                   / count.clamp(min=1)[..., None] for x in (kb, vb))
-                extra = torch.einsum("hgqd,hqd->hgq", qc, mean_k) * scale + count.log()[:, None]
+                extra = torch.einsum("hgqd,hgqd->hgq", qc, mean_k) * scale + count.log()
                 scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
             # A row with no visible key is all -inf; its softmax is NaN, and its output is 0.
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             rows = torch.einsum("hgqk,hkd->hgqd", probs[..., :nk], vb)
             if comp.any():
-                rows += probs[..., nk:] * mean_v[:, None]
+                rows += probs[..., nk:] * mean_v
             out[b, :, :, start:stop] = rows
     return out.reshape(batch, hq, nq, -1).to(q.dtype)

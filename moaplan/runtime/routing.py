@@ -1,0 +1,279 @@
+"""Never slower than dense: which kernel computes each query head of a prefill.
+
+A layer whose heads all see every key is dense attention, which SDPA (cuDNN on Hopper) does
+faster than the block-sparse kernel; a layer of narrow windows is the kernel's.  Between the
+two, a layer can send its full heads to SDPA and its windowed heads to the kernel (the
+"split" route), at the cost of gathering the full heads' queries and keys and a second launch.
+:func:`choose_route` predicts the three routes' times with a :class:`CostModel` and takes the
+fastest; :func:`routed_attention` runs it, on CUDA (the Triton kernel) and on the CPU (the torch
+reference stands in for the kernel), with the same result either way.
+
+The cost model is measured once per GPU (:func:`calibrate`: a few SDPA and kernel timings and
+a copy, about a second) and kept on disk, keyed by the card and the torch and Triton versions,
+under ``$MOAPLAN_CACHE_DIR`` (default ``~/.cache/moaplan``).  Until a card is measured -- and
+always during CUDA-graph capture, and on the CPU -- :data:`DEFAULT_COST` stands in (H200
+figures, kernel efficiency rounded down).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moaplan.io import atomic_write_text
+from moaplan.kernels.prefill import default_config, sparse_attention
+from moaplan.rules import block_attention_density
+from moaplan.runtime.reference import reference_attention
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("sparse", "dense", "split")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prefill speeds of one GPU, enough to predict each route's time.
+
+    ``sdpa_tflops``: dense causal SDPA (``4 * D * N(N+1)/2`` FLOPs a query head);
+    ``efficiency_short`` / ``efficiency_long``: the block-sparse kernel's speed on the tiles
+    it visits relative to SDPA's (tile density x T_SDPA / T_kernel), with its short (reach
+    <= 4096 keys) and long tiles; ``copy_tbps``: device copy bandwidth (bytes read plus
+    written); ``gqa_native``: SDPA's ``enable_gqa`` is as fast as SDPA on keys repeated per
+    query head (else the dense route repeats them, a copy); ``launch_us``: the host time
+    of one more kernel call.
+    """
+
+    sdpa_tflops: float = 600.0
+    efficiency_short: float = 0.8
+    efficiency_long: float = 0.8
+    copy_tbps: float = 4.0
+    gqa_native: bool = False
+    launch_us: float = 30.0
+
+    def efficiency(self, head_dim: int, reach: int) -> float:
+        return self.efficiency_short if default_config(head_dim, reach).block_m <= 64 else (
+            self.efficiency_long)
+
+
+DEFAULT_COST = CostModel()
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one layer's prefill is computed: ``kind`` is one of :data:`ROUTES`; ``dense``
+    marks the query heads SDPA computes (all for ``dense``, none for ``sparse``);
+    ``predicted_s`` the cost model's time of each route."""
+
+    kind: str
+    dense: tuple[bool, ...]
+    predicted_s: dict[str, float]
+
+
+def choose_route(sink: Sequence[int], span: Sequence[int], n: int, head_dim: int,
+                 cost: CostModel = DEFAULT_COST) -> Route:
+    """The fastest route for a whole-prompt prefill of ``n`` tokens whose query heads have
+    ``sink`` and ``span`` (one value per query head).  A head is full when its sinks and
+    window cover every key (``sink + span >= n``)."""
+    sink = np.minimum(np.asarray(sink, dtype=np.int64), n)
+    span = np.minimum(np.asarray(span, dtype=np.int64), n)
+    full = sink + span >= n
+    head_s = 4 * head_dim * n * (n + 1) / 2 / (cost.sdpa_tflops * 1e12)  # SDPA, one head
+    head_bytes = n * head_dim * 2 * 2  # one head's [n, D] bf16 tensor, read and written
+
+    def ours(heads: np.ndarray) -> float:
+        if not heads.any():
+            return 0.0
+        reach = int(min((sink + span)[heads].max(), n))
+        cfg = default_config(head_dim, reach)
+        tiles = block_attention_density(sink[heads], span[heads], n, cfg.block_m, cfg.block_n)
+        return float(tiles.sum()) * head_s / cost.efficiency(head_dim, reach)
+
+    def sdpa(n_heads: int, gathered: bool) -> float:
+        # Repeating keys and values per query head (two tensors), unless SDPA does GQA;
+        # a split also gathers the queries and scatters the outputs.
+        copies = (0 if cost.gqa_native else 2) + (2 if gathered else 0)
+        return n_heads * (head_s + copies * head_bytes / (cost.copy_tbps * 1e12))
+
+    predicted = {"sparse": ours(np.ones_like(full)), "dense": sdpa(len(full), False)}
+    if full.any() and not full.all():
+        predicted["split"] = (sdpa(int(full.sum()), True) + ours(~full)
+                              + cost.launch_us * 1e-6)
+    if not full.all():
+        del predicted["dense"]  # windowed heads need the kernel
+    kind = min(predicted, key=predicted.get)
+    dense = full if kind == "split" else np.full_like(full, kind == "dense")
+    return Route(kind, tuple(bool(x) for x in dense), predicted)
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """Maximal ``[start, stop)`` runs of True in ``flags``."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        elif flag:
+            runs.append((i, i + 1))
+    return runs
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None,
+                    gqa_native: bool) -> torch.Tensor:
+    """Causal SDPA of ``[B, Hq, N, D]`` queries on ``[B, Hkv, N, D]`` keys (GQA by SDPA's own
+    ``enable_gqa``, or by repeating the keys per query head)."""
+    group = q.shape[1] // k.shape[1]
+    if gqa_native or group == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=group > 1)
+    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def routed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
+    *, scale: float | None = None, q_offset: int | torch.Tensor = 0,
+    seq_lens: torch.Tensor | None = None, compensate: torch.Tensor | None = None,
+    route: str | None = None,
+) -> torch.Tensor:
+    """``sparse_attention``'s contract (on the CPU, the reference's), computed by the fastest
+    route: a whole-prompt prefill (``q_offset`` the int 0, as many queries as keys, no
+    padding) may go to SDPA in part or whole (:func:`choose_route`); anything else runs the
+    block-sparse kernel.  ``sink``/``span`` are host tensors, one value per KV head or per
+    query head.  ``route`` forces one of :data:`ROUTES` where it applies (tests)."""
+    attend = sparse_attention if q.is_cuda else reference_attention
+    kwargs = dict(scale=scale, q_offset=q_offset, seq_lens=seq_lens, compensate=compensate)
+    n, n_q_heads = k.shape[2], q.shape[1]
+    whole = (isinstance(q_offset, int) and q_offset == 0 and seq_lens is None
+             and q.shape[2] == n)
+    if not whole:
+        return attend(q, k, v, sink, span, **kwargs)
+    group = n_q_heads // k.shape[1]
+    sinks, spans = (_per_query_head(x, n_q_heads) for x in (sink, span))
+    cost = cost_model(q.device) if q.is_cuda else DEFAULT_COST
+    chosen = choose_route(sinks, spans, n, q.shape[3], cost)
+    if route is not None and route != chosen.kind:
+        full = tuple(bool(x) for x in np.minimum(sinks, n) + np.minimum(spans, n) >= n)
+        chosen = Route(route, full if route == "split" else (route == "dense",) * n_q_heads,
+                       {})
+        if route == "dense" and not all(full):
+            raise ValueError("the dense route needs every head to see every key")
+    if not any(chosen.dense):
+        return attend(q, k, v, sink, span, **kwargs)
+    if all(chosen.dense):
+        return dense_attention(q, k, v, scale=scale, gqa_native=cost.gqa_native)
+    # Split: the kernel skips the dense heads (no sink, no window: no tiles, zero rows),
+    # SDPA computes them on gathered queries and per-query-head keys.
+    skip = torch.tensor(chosen.dense)
+    if compensate is not None:  # a KV head whose queries all go to SDPA drops nothing
+        kwargs["compensate"] = torch.as_tensor(compensate).cpu().bool() & ~skip.view(
+            -1, group).all(1)
+    out = attend(q, k, v, torch.from_numpy(sinks).masked_fill(skip, 0),
+                 torch.from_numpy(spans).masked_fill(skip, 0), **kwargs)
+    runs = _runs(chosen.dense)
+    kv_heads = [h // group for start, stop in runs for h in range(start, stop)]
+    q_d = torch.cat([q[:, start:stop] for start, stop in runs], 1)
+    k_d, v_d = (torch.cat([x[:, h:h + 1] for h in kv_heads], 1) for x in (k, v))
+    dense = F.scaled_dot_product_attention(q_d, k_d, v_d, is_causal=True, scale=scale)
+    at = 0
+    for start, stop in runs:
+        out[:, start:stop] = dense[:, at:at + stop - start]
+        at += stop - start
+    return out
+
+
+def _per_query_head(values: torch.Tensor, n_q_heads: int) -> np.ndarray:
+    """One value per KV head or per query head, as int64 per query head."""
+    flat = torch.as_tensor(values).reshape(-1).cpu().numpy().astype(np.int64)
+    return flat if flat.size == n_q_heads else np.repeat(flat, n_q_heads // flat.size)
+
+
+def _cache_file(device: torch.device) -> Path:
+    name = f"{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+           f"{_triton_version()}"
+    root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
+    return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+_COSTS: dict[int, CostModel] = {}  # by CUDA device index, once read or measured
+
+
+def cost_model(device: torch.device) -> CostModel:
+    """The cost model of ``device``'s GPU: read from disk, else measured now and kept
+    (:func:`calibrate`); :data:`DEFAULT_COST` while a CUDA graph is being captured and the
+    card has not been measured yet."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index in _COSTS:
+        return _COSTS[index]
+    if torch.cuda.is_current_stream_capturing():
+        return DEFAULT_COST
+    path = _cache_file(torch.device("cuda", index))
+    try:
+        cost = CostModel(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        cost = calibrate(torch.device("cuda", index))
+        try:
+            atomic_write_text(path, json.dumps(dataclasses.asdict(cost), indent=1))
+        except OSError as err:
+            log.warning("could not keep the prefill cost model in %s: %s", path, err)
+    _COSTS[index] = cost
+    return cost
+
+
+def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
+              head_dim: int = 128) -> CostModel:
+    """Measures a :class:`CostModel` on ``device`` in bf16 (about a second): SDPA and the
+    kernel on all-full and half-window layers at 4K (short tiles) and 16K (long tiles),
+    SDPA with ``enable_gqa`` against repeated keys, and a device copy."""
+    import triton
+
+    log.info("measuring the prefill cost model of %s", torch.cuda.get_device_name(device))
+    bench = functools.partial(triton.testing.do_bench, warmup=10, rep=40, return_mode="median")
+    short, long = (_measure_length(bench, device, n, heads, head_dim) for n in (4096, 16384))
+    x = torch.empty(1 << 28, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    t_copy = bench(lambda: y.copy_(x))
+    cost = CostModel(sdpa_tflops=long["tflops"], efficiency_short=short["efficiency"],
+                     efficiency_long=long["efficiency"],
+                     copy_tbps=2 * x.numel() * 4 / t_copy * 1e-9,
+                     gqa_native=long["gqa_native"] and short["gqa_native"])
+    log.info("prefill cost model: %s", cost)
+    return cost
+
+
+def _measure_length(bench: Callable[[Callable[[], object]], float], device: torch.device,
+                    n: int, heads: tuple[int, int], head_dim: int) -> dict:
+    """SDPA's rate, whether its ``enable_gqa`` keeps it, and the kernel's efficiency (the
+    lower of an all-full and a half-window layer) at length ``n``."""
+    gen = torch.Generator(device=device).manual_seed(n)
+    n_q, n_kv = heads
+    q = torch.randn(1, n_q, n, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(1, n_kv, n, head_dim, device=device, dtype=torch.bfloat16,
+                        generator=gen) for _ in range(2))
+    kx, vx = (x.repeat_interleave(n_q // n_kv, 1) for x in (k, v))
+    t_dense = bench(lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True))
+    t_gqa = bench(lambda: dense_attention(q, k, v, scale=None, gqa_native=True))
+    ratios = []
+    for sink, span in ((0, n), (64, n // 2)):
+        cfg = default_config(head_dim, min(sink + span, n))
+        tiles = float(block_attention_density(sink, span, n, cfg.block_m, cfg.block_n))
+        t = bench(lambda sink=sink, span=span: sparse_attention(q, k, v, [sink] * n_kv,
+                                                                [span] * n_kv))
+        ratios.append(tiles * t_dense / t)
+    return {"tflops": 4 * head_dim * n * (n + 1) / 2 * n_q / t_dense * 1e-9,
+            "gqa_native": t_gqa <= 1.02 * t_dense, "efficiency": min(ratios)}
