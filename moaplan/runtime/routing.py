@@ -84,7 +84,15 @@ def choose_route(sink: Sequence[int], span: Sequence[int], n: int, head_dim: int
                  cost: CostModel = DEFAULT_COST) -> Route:
     """The fastest route for a whole-prompt prefill of ``n`` tokens whose query heads have
     ``sink`` and ``span`` (one value per query head).  A head is full when its sinks and
-    window cover every key (``sink + span >= n``)."""
+    window cover every key (``sink + span >= n``).  Remembered per layer and length, so the
+    host does the arithmetic once."""
+    return _choose_route(tuple(int(x) for x in sink), tuple(int(x) for x in span), n,
+                         head_dim, cost)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim: int,
+                  cost: CostModel) -> Route:
     sink = np.minimum(np.asarray(sink, dtype=np.int64), n)
     span = np.minimum(np.asarray(span, dtype=np.int64), n)
     full = sink + span >= n
