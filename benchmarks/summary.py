@@ -22,6 +22,11 @@ def _find(root: Path, name: str, machine: str) -> Path | None:
     return next(iter(sorted(root.glob(f"*/{name}"))), None)
 
 
+def _every(root: Path, name: str, machine: str) -> list[Path]:
+    """``root/*/<name>`` of every machine folder, ``machine``'s first."""
+    return sorted(root.glob(f"*/{name}"), key=lambda p: (p.parent.name != machine, p))
+
+
 def _short(commit: str) -> str:
     """A 12-digit hash, keeping any suffix such as ``+uncommitted``."""
     head, plus, rest = commit.partition("+")
@@ -57,23 +62,53 @@ def _prefill(path: Path, base: Path) -> list[str]:
     rows = [r for r in report["rows"] if r["plan"] == "mixed"]
     lines = [f"Prefill attention (`benchmarks/bench_prefill.py`), the mixed plan (per-head spans "
              f"N/32 .. full, 64 sinks); B=1, 32 query / 8 KV heads, D=128, bf16; "
-             f"{meta['card']}, {meta['date']}, commit `{_short(meta['commit'])}`.",
+             f"{meta['card']}, {meta['date']}, commit `{_short(meta['commit'])}`.  vs SDPA: "
+             "dense causal SDPA, default backend (cuDNN), keys repeated per query head "
+             "beforehand; vs Flex: compiled FlexAttention with the same mask; eta = ideal / "
+             "moaplan (ideal = density x SDPA).",
              "",
              "| N | attention density | moaplan ms | FlexAttention ms | SDPA dense ms | ideal ms "
-             "| vs SDPA | vs Flex |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs SDPA | vs Flex | eta |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {r['n']} | {r['density']:.3f} | {ms['ours']:.3f} | {ms['flex']:.3f} "
                      f"| {ms['sdpa_default_dense']:.3f} | {ms['ideal']:.3f} "
-                     f"| {r['speedup_vs_sdpa']:.2f}x | {r['speedup_vs_flex']:.2f}x |")
+                     f"| {r['speedup_vs_sdpa']:.2f}x | {r['speedup_vs_flex']:.2f}x "
+                     f"| {ms['ideal'] / ms['ours']:.2f} |")
     return ["\n".join(lines), _image(path.with_name("prefill_speedup.png"), base, "prefill")]
+
+
+def _layers(path: Path, base: Path) -> list[str]:
+    report = _load(path)
+    meta = report["meta"]
+    details = _link(path.with_suffix(".md"), base)
+    lines = [f"Prefill layer by layer (`benchmarks/bench_layers.py`): a MoA-like plan of 8 layers "
+             f"(attention densities 0.5-1.0 per layer), each layer routed between SDPA and the "
+             f"block-sparse kernel (`moaplan.runtime.routing`); B=1, 32 query / 8 KV heads, "
+             f"D=128, bf16, CUDA-graph replays; {meta['card']}, {meta['date']}, commit "
+             f"`{_short(meta['commit'])}`.  Against dense: SDPA (cuDNN) with enable_gqa, the "
+             f"fastest dense setup there, timed beside each layer.  Per-KV-head rules: the "
+             f"widest span of each group of 4 (what the cache keeps); per-query-head: MoA's own "
+             f"spans in the prefill.  Details: [{details}]({details}).",
+             "",
+             "| N | dense ms (8 layers) | per-KV-head rules ms | vs dense | ideal | "
+             "per-query-head spans ms | vs dense | ideal | slowest layer vs dense |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["lengths"]:
+        slow = min(x["speedup"][name] for x in r["layers"] for name in ("kv", "q"))
+        lines.append(f"| {r['n']} | {r['dense_total_ms']:.2f} | {r['total_ms']['kv']:.2f} "
+                     f"| {r['speedup']['kv']:.2f}x | {r['ideal_speedup']['kv']:.2f}x "
+                     f"| {r['total_ms']['q']:.2f} | {r['speedup']['q']:.2f}x "
+                     f"| {r['ideal_speedup']['q']:.2f}x | {slow:.2f}x |")
+    return ["\n".join(lines)]
 
 
 def _decode(path: Path, base: Path) -> list[str]:
     report = _load(path)
     lines = [f"Decode attention (`benchmarks/bench_decode.py`), a mixed plan at KV density 0.5; "
-             f"{report['card']}, {report['date']}, commit `{_short(report['commit'])}`.",
+             f"{report['card']}, {report['date']}, commit `{_short(report['commit'])}`; "
+             "speedup against SDPA (default backend) reading the dense cache.",
              "",
              "| batch | context | moaplan ms (default launch) | useful TB/s | best launch TB/s "
              "| GPU-only TB/s (graph) | SDPA dense cache ms | SDPA TB/s | speedup |",
@@ -149,14 +184,17 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
         parts.append(f"{h} Quality: how much of the dense model's behaviour a plan keeps")
         for quality in beds:
             parts += _quality(quality, base, h)
-    speed = [(_find(root, "prefill.json", machine), _prefill),
-             (_find(root, "decode.json", machine), _decode)]
+    # Every machine's speed results, this machine's first: each table names its card.
+    speed = [(path, render) for name, render in (("prefill.json", _prefill),
+                                                 ("layers.json", _layers),
+                                                 ("decode.json", _decode))
+             for path in _every(root, name, machine)]
+    speed.sort(key=lambda item: (item[0].parent.name != machine, item[0].parent.name))
     profiler = _find(root, "profiler.md", machine)
-    if any(path for path, _ in speed) or profiler:
+    if speed or profiler:
         parts.append(f"{h} Speed")
         for path, render in speed:
-            if path:
-                parts += render(path, base)
+            parts += render(path, base)
         if profiler:
             link = _link(profiler, base)
             parts.append(f"Profiler (`benchmarks/bench_profiler.py`): cost and memory against a "

@@ -10,9 +10,9 @@ reference stands in for the kernel), with the same result either way.
 
 The cost model is measured once per GPU (:func:`calibrate`: a few SDPA and kernel timings and
 a copy, about a second) and kept on disk, keyed by the card and the torch and Triton versions,
-under ``$MOAPLAN_CACHE_DIR`` (default ``~/.cache/moaplan``).  Until a card is measured -- and
-always during CUDA-graph capture, and on the CPU -- :data:`DEFAULT_COST` stands in (H200
-figures, kernel efficiency rounded down).
+under ``$MOAPLAN_CACHE_DIR`` (default ``~/.cache/moaplan``).  On the CPU, and during a
+CUDA-graph capture before the card is measured, :data:`DEFAULT_COST` stands in: an H200's
+figures, rounded (benchmarks/results/h200/layers.md).
 """
 
 from __future__ import annotations
@@ -50,20 +50,30 @@ class CostModel:
     it visits relative to SDPA's (tile density x T_SDPA / T_kernel), with its short (reach
     <= 4096 keys) and long tiles; ``copy_tbps``: device copy bandwidth (bytes read plus
     written); ``gqa_native``: SDPA's ``enable_gqa`` is as fast as SDPA on keys repeated per
-    query head (else the dense route repeats them, a copy); ``launch_us``: the host time
-    of one more kernel call.
+    query head (else the dense route repeats them, a copy); ``split_short`` /
+    ``split_long``: the split route's measured time over its prediction from the rest (two
+    launches that each fill the GPU less than one, the gathers), at lengths up to 4096 and
+    beyond.
     """
 
     sdpa_tflops: float = 600.0
-    efficiency_short: float = 0.8
+    efficiency_short: float = 0.7
     efficiency_long: float = 0.8
-    copy_tbps: float = 4.0
-    gqa_native: bool = False
-    launch_us: float = 30.0
+    copy_tbps: float = 4.2
+    gqa_native: bool = True
+    split_short: float = 1.2
+    split_long: float = 1.0
 
     def efficiency(self, head_dim: int, reach: int) -> float:
-        return self.efficiency_short if default_config(head_dim, reach).block_m <= 64 else (
-            self.efficiency_long)
+        return self.efficiency_short if _short(head_dim, reach) else self.efficiency_long
+
+    def split(self, head_dim: int, n: int) -> float:
+        return self.split_short if _short(head_dim, n) else self.split_long
+
+
+def _short(head_dim: int, reach: int) -> bool:
+    """Whether the kernel takes its short programs' tiles for this reach."""
+    return default_config(head_dim, reach).block_m <= 64
 
 
 DEFAULT_COST = CostModel()
@@ -115,8 +125,8 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
 
     predicted = {"sparse": ours(np.ones_like(full)), "dense": sdpa(len(full), False)}
     if full.any() and not full.all():
-        predicted["split"] = (sdpa(int(full.sum()), True) + ours(~full)
-                              + cost.launch_us * 1e-6)
+        predicted["split"] = (sdpa(int(full.sum()), True) + ours(~full)) * cost.split(
+            head_dim, n)
     if not full.all():
         del predicted["dense"]  # windowed heads need the kernel
     kind = min(predicted, key=predicted.get)
@@ -165,7 +175,6 @@ def routed_attention(
              and q.shape[2] == n)
     if not whole:
         return attend(q, k, v, sink, span, **kwargs)
-    group = n_q_heads // k.shape[1]
     sinks, spans = (_per_query_head(x, n_q_heads) for x in (sink, span))
     cost = cost_model(q.device) if q.is_cuda else DEFAULT_COST
     chosen = choose_route(sinks, spans, n, q.shape[3], cost)
@@ -179,22 +188,31 @@ def routed_attention(
         return attend(q, k, v, sink, span, **kwargs)
     if all(chosen.dense):
         return dense_attention(q, k, v, scale=scale, gqa_native=cost.gqa_native)
-    # Split: the kernel skips the dense heads (no sink, no window: no tiles, zero rows),
-    # SDPA computes them on gathered queries and per-query-head keys.
-    skip = torch.tensor(chosen.dense)
+    return _split_attention(q, k, v, sinks, spans, chosen.dense, **kwargs)
+
+
+def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: np.ndarray,
+                     spans: np.ndarray, dense: Sequence[bool], *, scale: float | None,
+                     compensate: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The split route: the kernel (the reference off CUDA) skips the ``dense`` query heads
+    (no sink, no window: no tiles, zero rows), SDPA computes them on gathered queries and
+    per-query-head keys; ``sinks``/``spans`` per query head."""
+    attend = sparse_attention if q.is_cuda else reference_attention
+    group = q.shape[1] // k.shape[1]
+    skip = torch.tensor(dense)
     if compensate is not None:  # a KV head whose queries all go to SDPA drops nothing
-        kwargs["compensate"] = torch.as_tensor(compensate).cpu().bool() & ~skip.view(
-            -1, group).all(1)
+        compensate = torch.as_tensor(compensate).cpu().bool() & ~skip.view(-1, group).all(1)
     out = attend(q, k, v, torch.from_numpy(sinks).masked_fill(skip, 0),
-                 torch.from_numpy(spans).masked_fill(skip, 0), **kwargs)
-    runs = _runs(chosen.dense)
+                 torch.from_numpy(spans).masked_fill(skip, 0), scale=scale,
+                 compensate=compensate, **kwargs)
+    runs = _runs(dense)
     kv_heads = [h // group for start, stop in runs for h in range(start, stop)]
     q_d = torch.cat([q[:, start:stop] for start, stop in runs], 1)
     k_d, v_d = (torch.cat([x[:, h:h + 1] for h in kv_heads], 1) for x in (k, v))
-    dense = F.scaled_dot_product_attention(q_d, k_d, v_d, is_causal=True, scale=scale)
+    dense_out = F.scaled_dot_product_attention(q_d, k_d, v_d, is_causal=True, scale=scale)
     at = 0
     for start, stop in runs:
-        out[:, start:stop] = dense[:, at:at + stop - start]
+        out[:, start:stop] = dense_out[:, at:at + stop - start]
         at += stop - start
     return out
 
@@ -259,20 +277,28 @@ def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
     cost = CostModel(sdpa_tflops=long["tflops"], efficiency_short=short["efficiency"],
                      efficiency_long=long["efficiency"],
                      copy_tbps=2 * x.numel() * 4 / t_copy * 1e-9,
-                     gqa_native=long["gqa_native"] and short["gqa_native"])
+                     gqa_native=long["gqa_native"] and short["gqa_native"],
+                     split_short=1.0, split_long=1.0)
+    cost = dataclasses.replace(cost, **{
+        f"split_{name}": _split_factor(bench, device, n, heads, head_dim, cost)
+        for name, n in (("short", 4096), ("long", 16384))})
     log.info("prefill cost model: %s", cost)
     return cost
+
+
+def _inputs(device: torch.device, n: int, heads: tuple[int, int],
+            head_dim: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=device).manual_seed(n)
+    return tuple(torch.randn(1, h, n, head_dim, device=device, dtype=torch.bfloat16,
+                             generator=gen) for h in (heads[0], heads[1], heads[1]))
 
 
 def _measure_length(bench: Callable[[Callable[[], object]], float], device: torch.device,
                     n: int, heads: tuple[int, int], head_dim: int) -> dict:
     """SDPA's rate, whether its ``enable_gqa`` keeps it, and the kernel's efficiency (the
     lower of an all-full and a half-window layer) at length ``n``."""
-    gen = torch.Generator(device=device).manual_seed(n)
     n_q, n_kv = heads
-    q = torch.randn(1, n_q, n, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-    k, v = (torch.randn(1, n_kv, n, head_dim, device=device, dtype=torch.bfloat16,
-                        generator=gen) for _ in range(2))
+    q, k, v = _inputs(device, n, heads, head_dim)
     kx, vx = (x.repeat_interleave(n_q // n_kv, 1) for x in (k, v))
     t_dense = bench(lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True))
     t_gqa = bench(lambda: dense_attention(q, k, v, scale=None, gqa_native=True))
@@ -285,3 +311,17 @@ def _measure_length(bench: Callable[[Callable[[], object]], float], device: torc
         ratios.append(tiles * t_dense / t)
     return {"tflops": 4 * head_dim * n * (n + 1) / 2 * n_q / t_dense * 1e-9,
             "gqa_native": t_gqa <= 1.02 * t_dense, "efficiency": min(ratios)}
+
+
+def _split_factor(bench: Callable[[Callable[[], object]], float], device: torch.device,
+                  n: int, heads: tuple[int, int], head_dim: int, cost: CostModel) -> float:
+    """The split route's measured time over its prediction by ``cost``, on a layer whose
+    first half of KV heads is full and whose other half keeps 64 sinks and a window of N/4."""
+    n_q, n_kv = heads
+    q, k, v = _inputs(device, n, heads, head_dim)
+    group = n_q // n_kv
+    full = np.arange(n_q) < n_q // 2 // group * group
+    sinks, spans = np.where(full, 0, 64), np.where(full, n, n // 4)
+    predicted = choose_route(sinks, spans, n, head_dim, cost).predicted_s
+    t = bench(lambda: _split_attention(q, k, v, sinks, spans, tuple(full), scale=None))
+    return t * 1e-3 / predicted["split"]
