@@ -44,8 +44,9 @@ def test_choice_follows_the_cost():
     assert choose_route([64] * 32, [n // 2] * 32, n, dim).kind == "sparse"
 
 
+@pytest.mark.parametrize("with_compensation", [False, True])  # the windowed path, the reference
 @pytest.mark.parametrize("route", ["sparse", "split", "dense"])
-def test_every_route_gives_the_reference(route):
+def test_every_route_gives_the_reference(route, with_compensation):
     hkv, group, n = 4, 4, 96
     q, k, v = _qkv(1, 2, hkv * group, hkv, n)
     if route == "dense":
@@ -53,7 +54,8 @@ def test_every_route_gives_the_reference(route):
     else:  # per-query-head spans: full, windowed and narrow heads in one group
         sink = torch.tensor([0, 4, 0, 2])
         span = torch.tensor([FULL] * 4 + [FULL, 30, 7, FULL] + [40] * 4 + [FULL, 1, 96, 50])
-    compensate = torch.tensor([False, False, True, False])  # KV head 2: one span a group
+    # KV head 2 has one span for its group, as the compensation token needs.
+    compensate = torch.tensor([False, False, with_compensation, False])
     ref = reference_attention(q, k, v, sink, span, compensate=compensate, scale=0.2)
     out = routed_attention(q, k, v, sink, span, compensate=compensate, scale=0.2, route=route)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -61,8 +63,8 @@ def test_every_route_gives_the_reference(route):
 
 def test_chunks_and_padding_stay_on_the_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(routing, "reference_attention",
-                        lambda *a, **kw: calls.append(kw) or reference_attention(*a, **kw))
+    sparse = routing._sparse
+    monkeypatch.setattr(routing, "_sparse", lambda *a, **kw: calls.append(kw) or sparse(*a, **kw))
     # SDPA with native GQA: an all-full layer is always dense.
     monkeypatch.setattr(routing, "DEFAULT_COST", CostModel(gqa_native=True))
     q, k, v = _qkv(2, 1, 4, 2, 50)

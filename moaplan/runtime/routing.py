@@ -5,8 +5,9 @@ faster than the block-sparse kernel; a layer of narrow windows is the kernel's. 
 two, a layer can send its full heads to SDPA and its windowed heads to the kernel (the
 "split" route), at the cost of gathering the full heads' queries and keys and a second launch.
 :func:`choose_route` predicts the three routes' times with a :class:`CostModel` and takes the
-fastest; :func:`routed_attention` runs it, on CUDA (the Triton kernel) and on the CPU (the torch
-reference stands in for the kernel), with the same result either way.
+fastest; :func:`routed_attention` runs it, on CUDA (the Triton kernel) and elsewhere (the
+windowed torch attention or the reference stand in for the kernel), with the same result
+either way.
 
 The cost model is measured once per GPU (:func:`calibrate`: a few SDPA and kernel timings and
 a copy, about a second) and kept on disk, keyed by the card and the torch and Triton versions,
@@ -35,6 +36,7 @@ from moaplan.io import atomic_write_text
 from moaplan.kernels.prefill import default_config, sparse_attention
 from moaplan.rules import block_attention_density
 from moaplan.runtime.reference import reference_attention
+from moaplan.runtime.windowed import windowed_attention
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,12 @@ def routed_attention(
     padding) may go to SDPA in part or whole (:func:`choose_route`); anything else runs the
     block-sparse kernel.  ``sink``/``span`` are host tensors, one value per KV head or per
     query head.  ``route`` forces one of :data:`ROUTES` where it applies (tests)."""
-    attend = sparse_attention if q.is_cuda else reference_attention
     kwargs = dict(scale=scale, q_offset=q_offset, seq_lens=seq_lens, compensate=compensate)
     n, n_q_heads = k.shape[2], q.shape[1]
     whole = (isinstance(q_offset, int) and q_offset == 0 and seq_lens is None
              and q.shape[2] == n)
     if not whole:
-        return attend(q, k, v, sink, span, **kwargs)
+        return _sparse(q, k, v, sink, span, **kwargs)
     sinks, spans = (_per_query_head(x, n_q_heads) for x in (sink, span))
     cost = cost_model(q.device) if q.is_cuda else DEFAULT_COST
     chosen = choose_route(sinks, spans, n, q.shape[3], cost)
@@ -185,24 +186,38 @@ def routed_attention(
         if route == "dense" and not all(full):
             raise ValueError("the dense route needs every head to see every key")
     if not any(chosen.dense):
-        return attend(q, k, v, sink, span, **kwargs)
+        return _sparse(q, k, v, sink, span, **kwargs)
     if all(chosen.dense):
         return dense_attention(q, k, v, scale=scale, gqa_native=cost.gqa_native)
     return _split_attention(q, k, v, sinks, spans, chosen.dense, **kwargs)
 
 
+def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor,
+            span: torch.Tensor, *, scale: float | None, q_offset: int | torch.Tensor,
+            seq_lens: torch.Tensor | None, compensate: torch.Tensor | None) -> torch.Tensor:
+    """The rules without SDPA: the block-sparse kernel on CUDA; elsewhere the windowed torch
+    attention where it applies (no padding, no compensation token), else the reference."""
+    if q.is_cuda:
+        return sparse_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                                seq_lens=seq_lens, compensate=compensate)
+    if seq_lens is None and isinstance(q_offset, int) and (
+            compensate is None or not torch.as_tensor(compensate).any()):
+        return windowed_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset)
+    return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                               seq_lens=seq_lens, compensate=compensate)
+
+
 def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: np.ndarray,
                      spans: np.ndarray, dense: Sequence[bool], *, scale: float | None,
                      compensate: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """The split route: the kernel (the reference off CUDA) skips the ``dense`` query heads
+    """The split route: the kernel (or what stands in for it) skips the ``dense`` query heads
     (no sink, no window: no tiles, zero rows), SDPA computes them on gathered queries and
     per-query-head keys; ``sinks``/``spans`` per query head."""
-    attend = sparse_attention if q.is_cuda else reference_attention
     group = q.shape[1] // k.shape[1]
     skip = torch.tensor(dense)
     if compensate is not None:  # a KV head whose queries all go to SDPA drops nothing
         compensate = torch.as_tensor(compensate).cpu().bool() & ~skip.view(-1, group).all(1)
-    out = attend(q, k, v, torch.from_numpy(sinks).masked_fill(skip, 0),
+    out = _sparse(q, k, v, torch.from_numpy(sinks).masked_fill(skip, 0),
                  torch.from_numpy(spans).masked_fill(skip, 0), scale=scale,
                  compensate=compensate, **kwargs)
     runs = _runs(dense)

@@ -2,9 +2,10 @@
 
 The reference attention (:mod:`moaplan.runtime.reference`) masks every score of a dense
 ``N x N`` product, which on a CPU is about ten times slower than the dense SDPA kernel.  Here
-each KV head's query heads are handled by the cheapest exact call: a full head by one causal
-SDPA call, a windowed head by one SDPA call per block of queries over only the keys that block
-can see (its sinks and the window before it), with a small boolean mask.  The work of a
+each KV head's query heads (those of one rule together) are handled by the cheapest exact
+call: a full head by one causal SDPA call, a windowed head by one SDPA call per block of
+queries over only the keys that block can see (its sinks and the window before it), with a
+small boolean mask.  The work of a
 windowed head is then proportional to its kept entries, as in the kernel.
 
 It covers the common case (no padding, no compensation token); the caller falls back to the
@@ -26,18 +27,27 @@ def windowed_attention(
     *, scale: float | None = None, q_offset: int = 0,
 ) -> torch.Tensor:
     """``reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset)`` for
-    unpadded sequences without compensation tokens (shapes as there)."""
+    unpadded sequences without compensation tokens (shapes as there; ``sink`` and ``span``
+    one value per KV head or per query head)."""
     batch, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
+    sinks, spans = (_per_query_head(x, hkv, group) for x in (sink, span))
     out = q.new_empty(batch, hq, nq, v.shape[-1])
-    for h in range(hkv):
-        heads = slice(h * group, (h + 1) * group)
+    # Query heads of one KV head that share a rule go together.
+    calls = [(h, first, last) for h in range(hkv) for first, last in
+             _same_rule_runs(sinks[h * group:(h + 1) * group], spans[h * group:(h + 1) * group])]
+    for h, first, last in calls:
+        heads = slice(h * group + first, h * group + last)
+        group_size = last - first
         qh, kh, vh = q[:, heads], k[:, h : h + 1], v[:, h : h + 1]
-        h_sink, h_span = int(sink[h]), int(span[h])
+        h_sink, h_span = sinks[heads.start], spans[heads.start]
+        if h_sink == 0 and h_span == 0:  # sees nothing: zero rows
+            out[:, heads] = 0
+            continue
         if h_span >= nk and nq == nk and q_offset == 0:  # a full head: the causal kernel
             out[:, heads] = F.scaled_dot_product_attention(
-                qh, kh.expand(-1, group, -1, -1), vh.expand(-1, group, -1, -1),
+                qh, kh.expand(-1, group_size, -1, -1), vh.expand(-1, group_size, -1, -1),
                 is_causal=True, scale=scale)
             continue
         for start in range(0, nq, QUERY_BLOCK):
@@ -45,6 +55,22 @@ def windowed_attention(
             out[:, heads, start:stop] = _block(qh, kh, vh, h_sink, h_span, start, stop,
                                                q_offset, scale)
     return out
+
+
+def _per_query_head(values: torch.Tensor, hkv: int, group: int) -> list[int]:
+    flat = [int(x) for x in torch.as_tensor(values).reshape(-1).tolist()]
+    return flat if len(flat) == hkv * group else [x for x in flat for _ in range(group)]
+
+
+def _same_rule_runs(sinks: list[int], spans: list[int]) -> list[tuple[int, int]]:
+    """``[first, last)`` runs of consecutive query heads with one (sink, span)."""
+    runs: list[tuple[int, int]] = []
+    for i, rule in enumerate(zip(sinks, spans)):
+        if runs and (sinks[runs[-1][0]], spans[runs[-1][0]]) == rule:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, span: int,
