@@ -101,6 +101,16 @@ def test_cost_model_is_read_from_disk(tmp_path, monkeypatch):
     assert routing.cost_model(torch.device("cuda", 0)) == saved
 
 
+def test_split_calibration_runs_the_split_route():
+    # The calibration's own plumbing, on the CPU with a stand-in timer (1 ms per call).
+    calls = []
+    bench = lambda fn: calls.append(fn()) or 1.0
+    factor = routing._split_factor(bench, torch.device("cpu"), 256, (4, 2), 32, DEFAULT_COST)
+    predicted = choose_route([0, 0, 64, 64], [256, 256, 64, 64], 256, 32).predicted_s["split"]
+    assert factor == pytest.approx(1e-3 / predicted)
+    assert len(calls) == 1 and calls[0].shape == (1, 4, 256, 32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("route", ["sparse", "split", "dense"])

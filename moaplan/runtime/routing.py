@@ -338,5 +338,6 @@ def _split_factor(bench: Callable[[Callable[[], object]], float], device: torch.
     full = np.arange(n_q) < n_q // 2 // group * group
     sinks, spans = np.where(full, 0, 64), np.where(full, n, n // 4)
     predicted = choose_route(sinks, spans, n, head_dim, cost).predicted_s
-    t = bench(lambda: _split_attention(q, k, v, sinks, spans, tuple(full), scale=None))
+    t = bench(lambda: _split_attention(q, k, v, sinks, spans, tuple(full), scale=None,
+                                       q_offset=0, seq_lens=None))
     return t * 1e-3 / predicted["split"]
