@@ -99,6 +99,16 @@ def test_cost_model_is_read_from_disk(tmp_path, monkeypatch):
     assert path.parent == tmp_path and "Card_X" in path.name
     path.write_text(json.dumps(dataclasses.asdict(saved)))
     assert routing.cost_model(torch.device("cuda", 0)) == saved
+    # A card that cannot be measured (out of memory, say) routes by the defaults.
+    path.unlink()
+    monkeypatch.setattr(routing, "_COSTS", {})
+
+    def fail(device):
+        raise torch.cuda.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(routing, "calibrate", fail)
+    assert routing.cost_model(torch.device("cuda", 0)) == DEFAULT_COST
+    assert not path.exists()
 
 
 def test_split_calibration_runs_the_split_route():

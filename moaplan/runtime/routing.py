@@ -257,7 +257,7 @@ _COSTS: dict[int, CostModel] = {}  # by CUDA device index, once read or measured
 def cost_model(device: torch.device) -> CostModel:
     """The cost model of ``device``'s GPU: read from disk, else measured now and kept
     (:func:`calibrate`); :data:`DEFAULT_COST` while a CUDA graph is being captured and the
-    card has not been measured yet."""
+    card has not been measured yet, or for this process if the measurement fails."""
     index = torch.cuda.current_device() if device.index is None else device.index
     if index in _COSTS:
         return _COSTS[index]
@@ -267,11 +267,17 @@ def cost_model(device: torch.device) -> CostModel:
     try:
         cost = CostModel(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
-        cost = calibrate(torch.device("cuda", index))
         try:
-            atomic_write_text(path, json.dumps(dataclasses.asdict(cost), indent=1))
-        except OSError as err:
-            log.warning("could not keep the prefill cost model in %s: %s", path, err)
+            cost = calibrate(torch.device("cuda", index))
+        except Exception:  # out of memory beside a loaded model, say: route by the defaults
+            log.warning("could not measure the prefill cost model; using the defaults",
+                        exc_info=True)
+            cost = DEFAULT_COST
+        else:
+            try:
+                atomic_write_text(path, json.dumps(dataclasses.asdict(cost), indent=1))
+            except OSError as err:
+                log.warning("could not keep the prefill cost model in %s: %s", path, err)
     _COSTS[index] = cost
     return cost
 
