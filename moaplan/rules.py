@@ -37,7 +37,9 @@ class Rule:
     group: one ``(alpha, beta)`` per query head, whose span is computed like the rule's and
     capped at it (so the cache, which holds the rule's span, still has every key a query head
     needs); every query head keeps the rule's sinks.  Without it every query head uses the
-    rule's span.
+    rule's span.  Only the prefill narrows: decode steps read the rule's whole span for every
+    query head (the decode kernel works per KV head), so a generated token may see more than
+    its query head's window.
     """
 
     sink: int = 0
