@@ -7,6 +7,8 @@ right, not fast.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # Upper bound on the float score elements held at once (heads x query chunk x keys): 2^25
@@ -35,13 +37,17 @@ def _per_sequence(value: int | torch.Tensor, batch: int, device: torch.device) -
     return out
 
 
-def _per_query_head(value: torch.Tensor, hkv: int, group: int,
-                    device: torch.device) -> torch.Tensor | None:
-    """Per-KV-head or per-query-head values as int64 ``[Hkv, G]`` (None: neither count)."""
+def per_query_head(value: torch.Tensor | Sequence[int], hkv: int, group: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """A rule's per-KV-head or per-query-head values (sinks, spans) as int64 ``[Hkv, G]``:
+    one per query head, query head ``h * G + g`` belonging to KV head ``h``."""
     flat = torch.as_tensor(value, dtype=torch.int64, device=device).reshape(-1)
     if flat.numel() == hkv * group:
         return flat.reshape(hkv, group)
-    return flat[:, None].expand(hkv, group) if flat.numel() == hkv else None
+    if flat.numel() != hkv:
+        raise ValueError(f"expected one entry per KV head ({hkv}) or per query head "
+                         f"({hkv * group}), got {flat.numel()}")
+    return flat[:, None].expand(hkv, group)
 
 
 def reference_attention(
@@ -81,12 +87,12 @@ def reference_attention(
         raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads")
     device = q.device
     group = hq // hkv
-    sink, span = (_per_query_head(x, hkv, group, device) for x in (sink, span))
+    sink, span = (per_query_head(x, hkv, group, device) for x in (sink, span))
     comp = torch.zeros(hkv, dtype=torch.bool, device=device) if compensate is None else (
         torch.as_tensor(compensate, device=device).reshape(-1).to(torch.bool))
-    if sink is None or span is None or comp.shape != (hkv,):
-        raise ValueError(f"sink and span need one entry per KV head ({hkv}) or per query head "
-                         f"({hq}), compensate one per KV head, got {tuple(comp.shape)} flags")
+    if comp.shape != (hkv,):
+        raise ValueError(f"compensate needs one flag per KV head ({hkv}), got "
+                         f"{tuple(comp.shape)}")
     offsets = _per_sequence(q_offset, batch, device)
     lens = _per_sequence(nk if seq_lens is None else seq_lens, batch, device)
     scale = dim ** -0.5 if scale is None else scale

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from moaplan.io import atomic_write_text
 from moaplan.kernels.prefill import default_config, sparse_attention
 from moaplan.rules import block_attention_density
-from moaplan.runtime.reference import reference_attention
+from moaplan.runtime.reference import per_query_head, reference_attention
 from moaplan.runtime.windowed import windowed_attention
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def routed_attention(
              and q.shape[2] == n)
     if not whole:
         return _sparse(q, k, v, sink, span, **kwargs)
-    sinks, spans = (_per_query_head(x, n_q_heads) for x in (sink, span))
+    sinks, spans = (per_query_head(x, k.shape[1], n_q_heads // k.shape[1]).reshape(-1).numpy()
+                    for x in (sink, span))
     cost = cost_model(q.device) if q.is_cuda else DEFAULT_COST
     chosen = choose_route(sinks, spans, n, q.shape[3], cost)
     if route is not None and route != chosen.kind:
@@ -230,12 +231,6 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: n
         out[:, start:stop] = dense_out[:, at:at + stop - start]
         at += stop - start
     return out
-
-
-def _per_query_head(values: torch.Tensor, n_q_heads: int) -> np.ndarray:
-    """One value per KV head or per query head, as int64 per query head."""
-    flat = torch.as_tensor(values).reshape(-1).cpu().numpy().astype(np.int64)
-    return flat if flat.size == n_q_heads else np.repeat(flat, n_q_heads // flat.size)
 
 
 def _cache_file(device: torch.device) -> Path:

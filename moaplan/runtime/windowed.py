@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moaplan.runtime.reference import visible
+from moaplan.runtime.reference import per_query_head, visible
 
 QUERY_BLOCK = 512
 
@@ -32,7 +32,7 @@ def windowed_attention(
     batch, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
-    sinks, spans = (_per_query_head(x, hkv, group) for x in (sink, span))
+    sinks, spans = (per_query_head(x, hkv, group).reshape(-1).tolist() for x in (sink, span))
     out = q.new_empty(batch, hq, nq, v.shape[-1])
     # Query heads of one KV head that share a rule go together.
     calls = [(h, first, last) for h in range(hkv) for first, last in
@@ -55,11 +55,6 @@ def windowed_attention(
             out[:, heads, start:stop] = _block(qh, kh, vh, h_sink, h_span, start, stop,
                                                q_offset, scale)
     return out
-
-
-def _per_query_head(values: torch.Tensor, hkv: int, group: int) -> list[int]:
-    flat = [int(x) for x in torch.as_tensor(values).reshape(-1).tolist()]
-    return flat if len(flat) == hkv * group else [x for x in flat for _ in range(group)]
 
 
 def _same_rule_runs(sinks: list[int], spans: list[int]) -> list[tuple[int, int]]:
