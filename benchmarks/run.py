@@ -4,9 +4,10 @@
                              [--summary-only]
 
 Sections (each its own script, run as a subprocess): on a machine with a CUDA GPU prefill,
-decode (kernel and end to end), profiler and profiler-multi (torchrun on 2 GPUs; it says so
-and does nothing on one); everywhere optimizer, quality and scorers.  A section
-the machine cannot run is skipped with one line saying why.  Results go to
+layers (a MoA-like plan layer by layer, routed), decode (kernel and end to end), profiler
+and profiler-multi (torchrun on 2 GPUs; it says so and does nothing on one); everywhere
+optimizer, quality and scorers.  A section the machine cannot run is skipped with one line
+saying why.  Results go to
 ``DIR/<machine>/`` (``cpu``, ``h100``, ...) with ``suite.json`` (machine, date, commit, time
 per section); then the plots are drawn from whatever results ``DIR`` holds (each PNG beside
 its JSON) and ``DIR/SUMMARY.md`` is written, and the same text replaces the README's
@@ -67,6 +68,7 @@ class Section:
 
 SECTIONS = (
     Section("prefill", "bench_prefill.py", 1, ("triton",), ("--quick",)),
+    Section("layers", "bench_layers.py", 1, ("triton",), ("--lengths", "4096", "16384")),
     Section("decode", "bench_decode.py", 1, ("triton",), ("--skip-e2e",)),
     Section("profiler", "bench_profiler.py", 1, ("triton",),
             ("--lengths", "16384", "--skip-model-check")),
