@@ -75,7 +75,8 @@ SECTIONS = (
     Section("profiler-multi", "bench_profiler_multi.py", 2, ("triton",),
             ("--layers", "8", "--samples", "4")),
     Section("optimizer", "bench_optimizer.py", 0, ("cvxpy", "highspy")),
-    Section("quality", "bench_quality.py", 0, ("cvxpy", "highspy", "optuna"), ("--quick",)),
+    Section("quality", "bench_quality.py", 0, ("cvxpy", "highspy", "optuna"),
+            ("--quick", "--testbed", "reference")),
     Section("scorers", "bench_scorers.py", 0, (), ("--quick",)),
 )
 BY_NAME = {s.name: s for s in SECTIONS}

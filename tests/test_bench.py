@@ -24,17 +24,17 @@ def test_quick_quality_run_writes_results_plots_and_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / run.machine_name(torch.cuda.get_device_name()
                                       if torch.cuda.is_available() else None)
-    report = json.loads((out / "quality.json").read_text())
+    report = json.loads((out / "quality-reference.json").read_text())
     methods = [(m["method"], m["budget"]) for m in report["methods"]]
     assert methods == [("dense", None), ("streaming", 0.5), ("duo", 0.5), ("searched", 0.5)]
     for m in report["methods"]:
         assert all(d <= (m["budget"] or 1.0) + 1e-9 for d in m["kv_density"].values())
         assert m["passkey"]["cells"] and m["kv"]["cells"] and m["perplexity"]["cells"]
     assert report["meta"]["commit"] and report["meta"]["date"]
-    for png in ("quality_accuracy.png", "quality_passkey.png", "quality_kv.png"):
-        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    for kind in ("accuracy", "passkey", "kv"):
+        assert (out / f"quality-reference_{kind}.png").read_bytes().startswith(b"\x89PNG")
     summary = (tmp_path / "SUMMARY.md").read_text()
-    assert "| searched @ 0.5 |" in summary and "KV budget 0.5:" in summary
+    assert "| searched @ 0.5 |" in summary and "- KV 0.5: searched retrieval" in summary
     suite = json.loads((out / "suite.json").read_text())
     assert suite["sections"]["quality"]["status"] == "ok"
     if not torch.cuda.is_available():
