@@ -32,17 +32,16 @@ def test_model_calibration_responses_are_the_models_greedy_continuations():
     model, tok = load_model()
     samples = model_calibration(model, tok, length=1024, n_samples=5, seed=0)
     assert len(samples) == 5
-    # The families in turn (1024 tokens leave out multidoc): passkey, kv, copy, text, then
-    # passkey again in the next wording.  A retrieval prompt stops before its answer and the
-    # model writes exactly that many tokens, all scored; a text prompt is followed by 64
-    # scored tokens.
+    # The families in turn (1024 tokens leave out multidoc): passkey, kv, repeat, copy, text.
+    # A retrieval prompt stops before its answer and the model writes exactly that many
+    # tokens, all scored; a text prompt is followed by 64 scored tokens.
     for s in samples:
         assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
         assert s.input_ids.shape == (1024,)
         scored = s.response_mask.nonzero().squeeze(1)
         assert scored[-1] == 1023 and len(scored) == scored[-1] - scored[0] + 1
     assert len(samples[0].response_mask.nonzero()) == 6  # " " + 5 digits
-    assert len(samples[3].response_mask.nonzero()) == 64  # text
+    assert len(samples[4].response_mask.nonzero()) == 64  # text
     # greedy: every response token is the model's argmax given everything before it
     batch = torch.stack([s.input_ids for s in samples])
     with torch.no_grad():

@@ -54,8 +54,9 @@ def _sample(prompt: list[int], response: list[int], scored: int | None = None
 
 
 # The families the default calibration data cycles through (those that fit the length):
-# retrieval in several wordings, copying, multi-document lookup, and running text.
-DEFAULT_KINDS = ("passkey", "kv", "copy", "text", "multidoc")
+# retrieval in several wordings, repeating a far line of random words (induction, with no
+# wording to understand), copying, multi-document lookup, and running text.
+DEFAULT_KINDS = ("passkey", "kv", "repeat", "copy", "text", "multidoc")
 TEXT_RESPONSE_TOKENS = 64  # what the model writes after a plain text prompt
 CHAT_ANSWER_TOKENS = 16  # scored after a chat prompt: chat models often restate the question
 

@@ -209,6 +209,24 @@ def copy_sample(
     return TaskSample(ids, len(ids) - len(encode(tokenizer, rest)), depth, needle)
 
 
+def repeat_sample(
+    tokenizer, corpus: TextCorpus, length: int, depth: float, rng: np.random.Generator,
+    phrasing: Phrasing = REFERENCE_PHRASING, frame: Frame | None = None,
+) -> TaskSample:
+    """Continue a line of random words and numbers seen once at ``depth``, cued by its first
+    two items: pure induction, with no wording to understand and nothing the filler could
+    predict, so every answer token depends on the far line."""
+    del phrasing
+    items = [_key(rng) if i % 2 == 0 else _number(rng) for i in range(8)]
+    cue, rest = " ".join(items[:2]), " " + " ".join(items[2:])
+    ids, needle = _assemble(
+        tokenizer, corpus, length,
+        "The long text below holds one line of random words; its start comes again at the end.\n",
+        [(depth, f"\n{cue}{rest}\n")], f"\n{cue}", rest, rng, frame,
+    )
+    return TaskSample(ids, len(ids) - len(encode(tokenizer, rest)), depth, needle)
+
+
 def multidoc_sample(
     tokenizer, corpus: TextCorpus, length: int, depth: float, rng: np.random.Generator,
     phrasing: Phrasing = REFERENCE_PHRASING, frame: Frame | None = None,
@@ -252,6 +270,7 @@ def chat_frame(tokenizer) -> Frame | None:
 
 TASKS = {"passkey": passkey_sample, "kv": kv_sample}
 # Every family the default calibration data draws from (retrieval tasks besides ``TASKS``).
-CALIBRATION_TASKS = {**TASKS, "copy": copy_sample, "multidoc": multidoc_sample}
+CALIBRATION_TASKS = {**TASKS, "repeat": repeat_sample, "copy": copy_sample,
+                     "multidoc": multidoc_sample}
 # Shortest prompts each task fits in with the byte-level tokenizer (others need fewer tokens).
-MIN_LENGTH = {"passkey": 256, "kv": 512, "copy": 256, "multidoc": 640}
+MIN_LENGTH = {"passkey": 256, "kv": 512, "repeat": 256, "copy": 256, "multidoc": 640}
