@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from moaplan.errors import MoaplanError
+from moaplan.errors import MoaplanError, one_line
 
 SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "convert",
                "compare-scorers", "influence")
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except MoaplanError as err:
-        print(f"moaplan {args.command}: error: {err}", file=sys.stderr)
+        print(f"moaplan {args.command}: error: {one_line(err, 1000)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        # Lengths and allocations are checked first; this is what no check could foresee.
+        print(f"moaplan {args.command}: error: out of memory; try shorter lengths, fewer "
+              "samples or a smaller batch", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moaplan {args.command}: interrupted", file=sys.stderr)
