@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from moaplan.errors import MoaplanError, one_line
 
@@ -16,8 +17,16 @@ SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "con
                "compare-scorers", "influence")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the usage first): bad input gives one
+    line and status 2, as everywhere else."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moaplan",
         description="Per-head sparse attention plans for Hugging Face causal LMs.",
     )

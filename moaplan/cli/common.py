@@ -11,6 +11,7 @@ from typing import Any
 from moaplan.errors import ModelError, one_line
 from moaplan.io import file_head
 from moaplan.plan import ModelShape
+from moaplan.rules import MAX_TOKENS
 
 
 def positive_int(text: str) -> int:
@@ -20,6 +21,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if value > MAX_TOKENS:  # no count or length moaplan takes comes near; int64 math beyond
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_TOKENS}, got {value}")
     return value
 
 

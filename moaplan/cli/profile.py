@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.errors import ProfileError
     from moaplan.model import check_lengths
     from moaplan.profile import checkpoint_path, profile_model, save_profile
-    from moaplan.profile.profile import check_profile_output, metadata_path
+    from moaplan.profile.profile import check_profile_output, metadata_path, sink_blocks
+    from moaplan.rules import RuleSpace
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    sink_blocks(RuleSpace(), args.block)  # the profiler's rule space: fail before any work
     model, tokenizer = _load(args, local_rank)
     check_lengths(model.config, args.lengths)
     check_profile_output(checkpoint_path(out, rank, world))
