@@ -37,6 +37,7 @@ from moaplan.profile import Profile, load_profile, save_profile
 from moaplan.profile.profile import metadata_path
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import MoaplanCache, apply, kv_bytes, remove
+from moaplan.runtime.cache import cache_keyword
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 512
@@ -183,7 +184,7 @@ def _bf16_model_with_default_cache(world) -> Callable[[], Any]:
         model, _ = load_model(world.model, dtype=torch.bfloat16)
         apply(model, world.plan)
         cache = MoaplanCache(load_plan(world.plan), 1, 64)  # float32 by default
-        model(torch.tensor([[256, 1, 2, 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[256, 1, 2, 3]]), use_cache=True, **{cache_keyword(model): cache})
     return run
 
 
@@ -198,11 +199,11 @@ def _generate_twice(world, second_plan: bool) -> Callable[[], Any]:
             plan = uniform_plan(world.shape, Budget("kv", 0.9), [256, 512])
         cache = MoaplanCache(plan, 1, 64)
         try:
-            model.generate(torch.tensor([[256, 10, 11, 12]]), past_key_values=cache,
+            model.generate(torch.tensor([[256, 10, 11, 12]]), **{cache_keyword(model): cache},
                            max_new_tokens=3, do_sample=False)
             # A new prompt into the used cache, without cache.reset()
             model.generate(torch.tensor([[256, 40, 41, 42, 43, 44, 45, 46, 47]]),
-                           past_key_values=cache, max_new_tokens=3, do_sample=False)
+                           **{cache_keyword(model): cache}, max_new_tokens=3, do_sample=False)
         finally:
             remove(model)
     return run
@@ -295,7 +296,8 @@ CASES = [
          "not a plan file; moaplan will not overwrite", "1"),
     Case("baseline-duo-nan-profile", lambda w: [
         "baseline", "duo", "--budget", "0.5", "--model", w.model, "--lengths", "256",
-        "--profile", w.profiles["nan"], "--out", "duo.yaml"], "NaN, infinite or negative", "5"),
+        "--samples", "1", "--profile", w.profiles["nan"], "--out", "duo.yaml"],
+         "NaN, infinite or negative", "5"),
     Case("baseline-sink-negative", lambda w: ["baseline", "streaming", "--budget", "0.5",
                                               "--sink", "-5", "--out", "s.yaml"],
          "expected a number >= 0"),
@@ -690,13 +692,13 @@ def test_a_reset_cache_takes_a_new_prompt_and_a_continued_one_is_fine(world) -> 
     model, _ = load_model(world.model)
     apply(model, world.plan)
     cache = MoaplanCache(load_plan(world.plan), 1, 64)
-    first = model.generate(torch.tensor([[256, 10, 11, 12]]), past_key_values=cache,
+    first = model.generate(torch.tensor([[256, 10, 11, 12]]), **{cache_keyword(model): cache},
                            max_new_tokens=3, do_sample=False)
     # the whole conversation so far plus a new turn continues the cache
     more = torch.cat([first, torch.tensor([[13, 14]])], 1)
-    model.generate(more, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    model.generate(more, **{cache_keyword(model): cache}, max_new_tokens=2, do_sample=False)
     cache.reset()
-    model.generate(torch.tensor([[256, 40, 41]]), past_key_values=cache, max_new_tokens=2,
-                   do_sample=False)
+    model.generate(torch.tensor([[256, 40, 41]]), **{cache_keyword(model): cache},
+                   max_new_tokens=2, do_sample=False)
     remove(model)
 
