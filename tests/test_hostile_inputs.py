@@ -363,7 +363,7 @@ CASES = [
     Case("search-extend-to-1e30", lambda w: _search(w, "--extend-to", str(10**30)),
          "expected at most 1099511627776"),
     Case("search-budget-zero", lambda w: _search(w, "--budget", "0"), r"\(0, 1\]"),
-    Case("search-trials-zero", lambda w: _search(w, "--trials", "0"), "positive number"),
+    Case("search-trials-zero", lambda w: _search(w, "--trials", "0"), "expected a number >= 1"),
     # --- profile -------------------------------------------------------------------------
     Case("profile-out-directory", lambda w: ["profile", "--model", w.model, "--lengths", "256",
                                              "--out", _dir("profiles.safetensors")],
@@ -406,7 +406,7 @@ CASES = [
     Case("eval-device-bogus", lambda w: ["eval", "--task", "ppl", "--model", w.model,
                                          "--device", "bogus"], "not a torch device", "6"),
     Case("eval-batch-zero", lambda w: ["eval", "--task", "ppl", "--batch-size", "0"],
-         "positive number"),
+         "expected a number >= 1"),
     Case("eval-depth-2", lambda w: ["eval", "--task", "kv", "--depths", "2"],
          r"needle depth is in \[0, 1\]"),
     # --- generate ------------------------------------------------------------------------
@@ -691,7 +691,7 @@ def test_a_reset_cache_takes_a_new_prompt_and_a_continued_one_is_fine(world) -> 
 
     model, _ = load_model(world.model)
     apply(model, world.plan)
-    cache = MoaplanCache(load_plan(world.plan), 1, 64)
+    cache = MoaplanCache(world.plan, 1, 64)  # a plan's path is taken for the plan
     first = model.generate(torch.tensor([[256, 10, 11, 12]]), **{cache_keyword(model): cache},
                            max_new_tokens=3, do_sample=False)
     # the whole conversation so far plus a new turn continues the cache
