@@ -29,9 +29,10 @@ from moaplan.errors import RuleError
 ArrayLike = int | float | Sequence[int] | np.ndarray
 
 # The largest length, sink or span a rule may name, and the largest beta.  Spans are computed
-# in int64 as ``alpha + beta * N``; with |alpha| and N up to 2**40 and beta up to 2**20 that
-# stays below 2**61, so no plan can overflow into a wrong span.
-MAX_TOKENS = 2**40
+# in int64 as ``alpha + beta * N`` (below 2**52 with these bounds) and attention densities
+# count ``N (N + 1) / 2`` entries (below 2**62), so no plan or length can overflow into a
+# wrong span or density.
+MAX_TOKENS = 2**31
 MAX_BETA = 2.0**20
 
 
