@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -702,3 +703,49 @@ def test_a_reset_cache_takes_a_new_prompt_and_a_continued_one_is_fine(world) -> 
                    max_new_tokens=2, do_sample=False)
     remove(model)
 
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+import moaplan.optimize.select as select
+from moaplan.optimize import Candidate, measure
+select._HEARTBEAT_S, select._GRACE_S = 1, 2
+def evaluate(index, report):
+    report(0, 1.0)
+    os.kill(os.getpid(), signal.SIGKILL)  # the worker dies measuring the first plan
+measure([Candidate("a", "plan-a"), Candidate("b", "plan-b")], evaluate, storage=sys.argv[1],
+        study_name="s")
+"""
+
+
+def test_a_killed_measurement_is_not_counted_and_is_measured_again(tmp_path, monkeypatch):
+    """SIGKILL mid-measurement leaves the trial RUNNING with a partial report; the next run
+    measures that plan afresh, and once the dead trial's heartbeat is stale it is failed (and
+    its re-queued copy takes the fresh score): it never counts as measured."""
+    import optuna
+
+    from moaplan.optimize import Candidate, best_candidate, measure, scores, select
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_CHILD, storage], env=env,
+                            timeout=120, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    monkeypatch.setattr(select, "_HEARTBEAT_S", 1)
+    monkeypatch.setattr(select, "_GRACE_S", 2)
+    calls: list[int] = []
+
+    def evaluate(index: int, report: Callable[[int, float], None]) -> float:
+        calls.append(index)
+        return 0.5 + index
+
+    time.sleep(3)  # the dead worker's heartbeat goes stale
+    candidates = [Candidate("a", "plan-a"), Candidate("b", "plan-b")]
+    study = measure(candidates, evaluate, storage=storage, study_name="s")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert sorted(calls) == [0, 1]  # plan a measured afresh, once
+    assert scores(study) == {0: ("complete", 0.5), 1: ("complete", 1.5)}
+    assert best_candidate(study) == 0
