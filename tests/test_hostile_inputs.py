@@ -599,7 +599,7 @@ from moaplan.errors import MoaplanError
 from moaplan.plan import load_plan
 from moaplan.runtime import MoaplanCache
 try:
-    MoaplanCache(load_plan(sys.argv[1]), 1, 10**12)
+    MoaplanCache(load_plan(sys.argv[1]), 1, int(sys.argv[2]))
 except MoaplanError as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -620,7 +620,10 @@ CAPPED = [
         "generate", "--plan", w.plan, "--model", w.model,
         "--prompt-file", _file("prompt.txt", b"All work and no play. " * 1_400_000)],
          r"at most 0.03 MiB", "3"),
-    Case("capped-cache-1e12", lambda w: ["-", w.plan], "needs .* GiB but cpu has", "3"),
+    Case("capped-cache-1e12", lambda w: ["-", w.plan, str(10**12)],
+         r"max_length must be in \[1, 2147483648\]", "3"),
+    Case("capped-cache-2e9", lambda w: ["-", w.plan, str(2**31)], "needs .* GiB but cpu has",
+         "3"),
     Case("capped-search-lengths-100000", lambda w: _search(w, "--lengths", "256", "100000"),
          "more than the model's 512 positions", "3"),
     Case("capped-eval-lengths-1e6", lambda w: ["eval", "--task", "passkey", "--model", w.model,
