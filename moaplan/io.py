@@ -158,6 +158,19 @@ class _StrictLoader(yaml.SafeLoader):
         return mapping
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` that writes a value used twice out twice: :func:`load_yaml` refuses
+    aliases, so moaplan must never write one."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any, **options: Any) -> str:
+    """YAML text of ``data`` that :func:`load_yaml` reads back (no aliases)."""
+    return yaml.dump(data, Dumper=_NoAliasDumper, **options)
+
+
 def load_yaml(path: str | os.PathLike, what: str,
               error: type[MoaplanError] = MoaplanError) -> Any:
     """Parse a moaplan YAML file (see :class:`_StrictLoader` and :data:`MAX_YAML_BYTES`)."""

@@ -285,6 +285,14 @@ CASES = [
          "NaN, infinite or negative", "5"),
     Case("show-profile-broken-metadata", lambda w: ["show", _broken_metadata(w), "--png",
                                                     "p.png"], "not valid YAML", "7"),
+    Case("show-profile-negative-count", lambda w: ["show", _edited_metadata(
+        w, finished={256: -5}), "--png", "p.png"], "negative sample counts"),
+    Case("show-profile-nan-head-scores", lambda w: ["show", _edited_metadata(
+        w, head_scores={"retrieval": [[float("nan")] * 2 for _ in range(2)]}), "--png",
+        "p.png"],
+         "NaN or infinite head scores"),
+    Case("show-profile-metadata-not-a-mapping", lambda w: ["show", _edited_metadata(
+        w, samples=[1]), "--png", "p.png"], "is malformed"),
     Case("show-profile-truncated-tensors", lambda w: ["show", _truncated_profile(w), "--png",
                                                       "p.png"], "does not match"),
     # --- baseline ------------------------------------------------------------------------
@@ -526,6 +534,13 @@ def _broken_metadata(world) -> str:
     return name
 
 
+def _edited_metadata(world, **changes: Any) -> str:
+    name = _copy_profile(world.profiles["good"], "edited.safetensors")
+    meta = yaml.safe_load(metadata_path(name).read_text())
+    metadata_path(name).write_text(yaml.safe_dump({**meta, **changes}))
+    return name
+
+
 def _truncated_profile(world) -> str:
     name = _copy_profile(world.profiles["good"], "cut.safetensors")
     Path(name).write_bytes(Path(name).read_bytes()[:100])
@@ -653,6 +668,14 @@ def test_capped_hostile_input(case: Case, world, tmp_path, monkeypatch) -> None:
 
 # --- documented behaviour: what is accepted, and how files are written ---------------------
 
+def test_a_profile_whose_head_scores_share_rows_is_written_without_aliases(world, tmp_path):
+    profile = _profile(world.shape)
+    row = [0.5, 0.25]
+    profile.head_scores = {"retrieval": [row, row], "echo": [row, row]}
+    back = load_profile(save_profile(profile, tmp_path / "shared.safetensors"))
+    assert back.head_scores == profile.head_scores
+
+
 def test_an_old_profile_with_its_metadata_in_name_yaml_is_still_read(world) -> None:
     profile = load_profile(world.legacy)
     assert profile.lengths == [256] and profile.finished == {256: 1}
@@ -709,12 +732,13 @@ def test_a_reset_cache_takes_a_new_prompt_and_a_continued_one_is_fine(world) -> 
 
 
 _KILLED_CHILD = """
-import os, signal, sys
+import os, signal, sys, time
 import moaplan.optimize.select as select
 from moaplan.optimize import Candidate, measure
 select._HEARTBEAT_S, select._GRACE_S = 1, 2
 def evaluate(index, report):
     report(0, 1.0)
+    time.sleep(1.5)  # a measurement long enough for its heartbeat to be recorded
     os.kill(os.getpid(), signal.SIGKILL)  # the worker dies measuring the first plan
 measure([Candidate("a", "plan-a"), Candidate("b", "plan-b")], evaluate, storage=sys.argv[1],
         study_name="s")

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from moaplan import __version__
 from moaplan.errors import PlanError, RuleError
-from moaplan.io import atomic_write_text, check_output, file_head, load_yaml
+from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
 from moaplan.plan.plan import Budget, ModelShape, Plan
 from moaplan.rules import MAX_TOKENS, Rule
 
@@ -92,7 +91,7 @@ def check_plan_output(path: str | os.PathLike) -> Path:
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Write ``plan`` as YAML, atomically; never over a file that is not a plan."""
     path = check_plan_output(path)
-    text = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=100)
+    text = dump_yaml(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=100)
     return atomic_write_text(path, _HEADER + text)
 
 

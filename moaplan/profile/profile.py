@@ -31,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import moaplan
 from moaplan.errors import MoaplanError, ProfileError, one_line
-from moaplan.io import atomic_write, atomic_write_text, check_output, file_head, load_yaml
+from moaplan.io import (
+    atomic_write,
+    atomic_write_text,
+    check_output,
+    dump_yaml,
+    file_head,
+    load_yaml,
+)
 from moaplan.plan import ModelShape
 from moaplan.profile.cost import dropped_influence
 from moaplan.rules import Rule, RuleSpace
@@ -262,7 +268,7 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
     tensors = _tensors(profile)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     meta = profile.metadata(_sha256(path))
-    atomic_write_text(metadata_path(path), yaml.safe_dump(meta, sort_keys=False))
+    atomic_write_text(metadata_path(path), dump_yaml(meta, sort_keys=False))
     return path
 
 
@@ -286,7 +292,7 @@ def load_profile(path: str | Path) -> Profile:
                            num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"],
                            model_type=m.get("model_type") or "", fingerprint=m.get("fingerprint"))
         _check_finite(path, tensors, lengths)
-        return Profile(
+        profile = Profile(
             model=shape,
             block=int(meta["block"]), lengths=lengths,
             samples={int(n): int(c) for n, c in meta["samples"].items()},
@@ -301,6 +307,12 @@ def load_profile(path: str | Path) -> Profile:
             head_scores={str(k): [[float(x) for x in row] for row in v]
                          for k, v in (meta.get("head_scores") or {}).items()},
         )
+        counts = [*profile.samples.values(), *profile.finished.values()]
+        scores = [x for rows in profile.head_scores.values() for row in rows for x in row]
+        if min(counts, default=0) < 0 or not np.isfinite(scores).all():
+            raise ProfileError(f"profile {path} holds negative sample counts or NaN or "
+                               "infinite head scores; profile again")
+        return profile
     except ProfileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
