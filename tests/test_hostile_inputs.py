@@ -211,7 +211,7 @@ def _generate_twice(world, second_plan: bool) -> Callable[[], Any]:
 
 
 SEARCH = ["search", "--budget", "0.5", "--lengths", "256", "--validation-length", "384",
-          "--samples", "1", "--trials", "1"]
+          "--samples", "1", "--validation-samples", "4", "--candidates", "1", "--ablate", "0"]
 
 
 def _search(world, *extra: str) -> list[str]:
@@ -366,13 +366,14 @@ CASES = [
          "expected a JSON object", "6"),
     Case("search-data-short-records", lambda w: _search(w, "--data",
                                                         str(w.data / "short.jsonl")),
-         "0 samples of at least 256 tokens", "5"),
+         "0 records of 193 to 256 tokens", "5"),
     Case("search-profile-not-safetensors", lambda w: _search(w, "--profile", "p.yaml"),
          "ends in .safetensors"),
     Case("search-extend-to-1e30", lambda w: _search(w, "--extend-to", str(10**30)),
          "expected at most 2147483648"),
     Case("search-budget-zero", lambda w: _search(w, "--budget", "0"), r"\(0, 1\]"),
-    Case("search-trials-zero", lambda w: _search(w, "--trials", "0"), "expected a number >= 1"),
+    Case("search-candidates-zero", lambda w: _search(w, "--candidates", "0"),
+         "expected a number >= 1"),
     # --- profile -------------------------------------------------------------------------
     Case("profile-out-directory", lambda w: ["profile", "--model", w.model, "--lengths", "256",
                                              "--out", _dir("profiles.safetensors")],
@@ -388,7 +389,7 @@ CASES = [
     Case("profile-short-jsonl", lambda w: ["profile", "--model", w.model, "--lengths", "256",
                                            "--data", str(w.data / "short.jsonl"),
                                            "--out", "p.safetensors"],
-         "0 samples of at least 256 tokens", "5"),
+         "0 records of 193 to 256 tokens", "5"),
     Case("profile-lengths-past-positions", lambda w: [
         "profile", "--model", w.model, "--lengths", "256", "100000", "--out", "p.safetensors"],
          "100000 tokens is more than", "3"),
@@ -734,14 +735,14 @@ def test_a_reset_cache_takes_a_new_prompt_and_a_continued_one_is_fine(world) -> 
 _KILLED_CHILD = """
 import os, signal, sys, time
 import moaplan.optimize.select as select
-from moaplan.optimize import Candidate, measure
+from moaplan.optimize.select import Candidate, measure, open_study
 select._HEARTBEAT_S, select._GRACE_S = 1, 2
 def evaluate(index, report):
     report(0, 1.0)
     time.sleep(1.5)  # a measurement long enough for its heartbeat to be recorded
     os.kill(os.getpid(), signal.SIGKILL)  # the worker dies measuring the first plan
-measure([Candidate("a", "plan-a"), Candidate("b", "plan-b")], evaluate, storage=sys.argv[1],
-        study_name="s")
+measure([Candidate("a", "plan-a"), Candidate("b", "plan-b")], evaluate,
+        study=open_study(sys.argv[1], "s"))
 """
 
 
@@ -751,7 +752,8 @@ def test_a_killed_measurement_is_not_counted_and_is_measured_again(tmp_path, mon
     its re-queued copy takes the fresh score): it never counts as measured."""
     import optuna
 
-    from moaplan.optimize import Candidate, best_candidate, measure, scores, select
+    from moaplan.optimize import select
+    from moaplan.optimize.select import Candidate, best_candidate, measure, open_study, scores
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -763,16 +765,17 @@ def test_a_killed_measurement_is_not_counted_and_is_measured_again(tmp_path, mon
     monkeypatch.setattr(select, "_GRACE_S", 2)
     calls: list[int] = []
 
-    def evaluate(index: int, report: Callable[[int, float], None]) -> float:
+    def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         calls.append(index)
-        return 0.5 + index
+        return 0.5 + index, {}
 
     time.sleep(3)  # the dead worker's heartbeat goes stale
     candidates = [Candidate("a", "plan-a"), Candidate("b", "plan-b")]
-    study = measure(candidates, evaluate, storage=storage, study_name="s")
+    study = measure(candidates, evaluate, study=open_study(storage, "s"))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert optuna.trial.TrialState.RUNNING not in states
     assert sorted(calls) == [0, 1]  # plan a measured afresh, once
-    assert scores(study) == {0: ("complete", 0.5), 1: ("complete", 1.5)}
+    assert {i: s[:2] for i, s in scores(study).items()} == {0: ("complete", 0.5),
+                                                             1: ("complete", 1.5)}
     assert best_candidate(study) == 0
