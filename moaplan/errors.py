@@ -26,3 +26,14 @@ class ModelError(MoaplanError):
 
 class DataError(MoaplanError):
     """Calibration or evaluation data that cannot be read or is too short."""
+
+
+class RuleError(PlanError, ValueError):
+    """A rule whose numbers are out of range (also a ValueError, as ``Rule`` always raised)."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` as one line of at most ``limit`` characters: errors from libraries (YAML,
+    tokenizers, safetensors) often span several lines, and the CLI promises one."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

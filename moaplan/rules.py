@@ -17,12 +17,33 @@ key wherever something is dropped; a full rule ignores ``compensate``.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from moaplan.errors import RuleError
+
 ArrayLike = int | float | Sequence[int] | np.ndarray
+
+# The largest length, sink or span a rule may name, and the largest beta.  Spans are computed
+# in int64 as ``alpha + beta * N`` (below 2**52 with these bounds) and attention densities
+# count ``N (N + 1) / 2`` entries (below 2**62), so no plan or length can overflow into a
+# wrong span or density.
+MAX_TOKENS = 2**31
+MAX_BETA = 2.0**20
+
+
+def _check_number(name: str, value: object, low: float, high: float, *,
+                  integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise RuleError(f"{name} must be {'a whole' if integer else 'a finite'} number, "
+                        f"got {value!r}")
+    if not low <= value <= high:
+        raise RuleError(f"{name} must be in [{low:.15g}, {high:.15g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,23 +75,26 @@ class Rule:
     def __post_init__(self) -> None:
         if self.query_windows is not None:
             if self.full or self.compensate:
-                raise ValueError("query_windows need a windowed rule without compensation (a "
-                                 "full rule's query heads see every key; the compensation "
-                                 "token needs one window per group)")
-            if not self.query_windows or any(len(w) != 2 or w[1] < 0
-                                             for w in self.query_windows):
-                raise ValueError(f"query_windows must be (alpha, beta >= 0) pairs, one per "
-                                 f"query head, got {self.query_windows}")
+                raise RuleError("query_windows need a windowed rule without compensation (a "
+                                "full rule's query heads see every key; the compensation "
+                                "token needs one window per group)")
+            if not self.query_windows or any(len(w) != 2 for w in self.query_windows):
+                raise RuleError(f"query_windows must be (alpha, beta) pairs, one per query "
+                                f"head, got {self.query_windows}")
+            for i, (alpha, beta) in enumerate(self.query_windows):
+                _check_number(f"query_windows[{i}] alpha", alpha, -MAX_TOKENS, MAX_TOKENS)
+                _check_number(f"query_windows[{i}] beta", beta, 0, MAX_BETA)
         if self.full:
             return
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.min_span < 1:
-            raise ValueError(f"min_span must be >= 1, got {self.min_span}")
-        if self.max_span is not None and self.max_span < self.min_span:
-            raise ValueError(f"max_span ({self.max_span}) must be >= min_span ({self.min_span})")
+        _check_number("sink", self.sink, 0, MAX_TOKENS, integer=True)
+        _check_number("alpha", self.alpha, -MAX_TOKENS, MAX_TOKENS)
+        _check_number("beta", self.beta, 0, MAX_BETA)
+        _check_number("min_span", self.min_span, 1, MAX_TOKENS, integer=True)
+        if self.max_span is not None:
+            _check_number("max_span", self.max_span, 1, MAX_TOKENS, integer=True)
+            if self.max_span < self.min_span:
+                raise RuleError(f"max_span ({self.max_span}) is smaller than min_span "
+                                f"({self.min_span})")
 
     @classmethod
     def full_attention(cls) -> Rule:

@@ -149,7 +149,7 @@ def test_save_load_roundtrip_and_yaml(tmp_path):
     model = _model()
     profile = profile_model(model, _samples(per_length=1), block=BLOCK, rule_space=SPACE)
     path = save_profile(profile, tmp_path / "p.safetensors")
-    meta = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    meta = yaml.safe_load((tmp_path / "p.profile.yaml").read_text())
     assert meta["model"]["fingerprint"] == ModelShape.from_config(model.config).fingerprint
     assert meta["lengths"] == [48, 70] and meta["block"] == BLOCK
     assert meta["samples"] == {48: 1, 70: 1} and meta["calibration_hash"]

@@ -9,15 +9,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
-from moaplan.errors import MoaplanError
+from moaplan.errors import MoaplanError, one_line
 
 SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "convert",
                "compare-scorers", "influence")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the usage first): bad input gives one
+    line and status 2, as everywhere else."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moaplan",
         description="Per-head sparse attention plans for Hugging Face causal LMs.",
     )
@@ -35,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except MoaplanError as err:
-        print(f"moaplan {args.command}: error: {err}", file=sys.stderr)
+        print(f"moaplan {args.command}: error: {one_line(err, 1000)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        # Lengths and allocations are checked first; this is what no check could foresee.
+        print(f"moaplan {args.command}: error: out of memory; try shorter lengths, fewer "
+              "samples or a smaller batch", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moaplan {args.command}: interrupted", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import density_value, positive_int
+from moaplan.cli.common import density_value, non_negative_int, positive_int
 from moaplan.cli.search import add_model_arguments
 
 
@@ -20,29 +20,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--extend-to", type=positive_int, nargs="*", default=[],
                         help="longer lengths the plan must also meet the budget at")
-    parser.add_argument("--sink", type=int, default=64, help="sink tokens (default 64)")
-    parser.add_argument("--recent", type=int, default=256,
+    parser.add_argument("--sink", type=non_negative_int, default=64,
+                        help="sink tokens (default 64)")
+    parser.add_argument("--recent", type=positive_int, default=256,
                         help="duo: recent window of streaming heads (default 256)")
     parser.add_argument("--out", required=True, help="plan file to write")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moaplan.plan import Budget, ModelShape, duo_plan, save_plan, uniform_plan
+    from moaplan.model import check_lengths
+    from moaplan.plan import (
+        Budget,
+        ModelShape,
+        check_plan_output,
+        duo_plan,
+        save_plan,
+        uniform_plan,
+    )
 
+    check_plan_output(args.out)
     budget = Budget(args.density, args.budget)
     lengths = sorted({*args.lengths, *args.extend_to})
     if args.kind == "streaming":
         from moaplan.model import load_model
 
-        model, _ = load_model(args.model)
+        model, _ = load_model(args.model, device=args.device)
+        check_lengths(model.config, args.lengths)
         plan = uniform_plan(ModelShape.from_config(model.config), budget, lengths, args.sink)
     else:
         from moaplan.cli.session import ModelSession
+        from moaplan.profile.profile import check_profile_output
         from moaplan.rules import RuleSpace
         from moaplan.search import obtain_profile
 
         session = ModelSession.open(args)
+        check_lengths(session.model.config, args.lengths)
+        check_profile_output(session.profile_path)
         samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
         profile = obtain_profile(session.model, samples, session.profile_path, block=64,
                                  rule_space=RuleSpace())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import check_head_count, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         from moaplan.data import model_calibration
-        from moaplan.model import load_model
+        from moaplan.model import check_lengths, load_model
         from moaplan.profile.compare import scorer_rankings
 
         model, tokenizer = load_model(args.model, device=args.device)
+        check_head_count(model.config, args.top, "--top")
+        check_lengths(model.config, args.lengths)
         calibration = {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
                        for n in args.lengths}
         with tqdm(total=3 * args.samples * len(set(args.lengths)), unit="input",

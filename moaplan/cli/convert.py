@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import model_shape
+from moaplan.cli.common import finite_float, model_shape, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,16 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="the YAML plan to write")
     parser.add_argument("--model", help="local model directory the plan is for")
     parser.add_argument("--shape", help="or the model's LAYERS,HEADS,KV_HEADS,HEAD_DIM")
-    parser.add_argument("--threshold", type=float, help="duo: gate above this = full head")
-    parser.add_argument("--sparsity", type=float, help="duo: share of heads made streaming")
-    parser.add_argument("--sink", type=int, default=64, help="duo: sink tokens (default 64)")
-    parser.add_argument("--recent", type=int, default=256, help="duo: recent window (256)")
+    parser.add_argument("--threshold", type=finite_float,
+                        help="duo: gate above this = full head")
+    parser.add_argument("--sparsity", type=finite_float,
+                        help="duo: share of heads made streaming")
+    parser.add_argument("--sink", type=non_negative_int, default=64,
+                        help="duo: sink tokens (default 64)")
+    parser.add_argument("--recent", type=positive_int, default=256,
+                        help="duo: recent window (256)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moaplan.plan import import_duo, import_moa, save_plan
+    from moaplan.plan import check_plan_output, import_duo, import_moa, save_plan
 
+    check_plan_output(args.out)
     shape = model_shape(args.model, args.shape)
     if args.source == "moa":
         plan = import_moa(args.input, shape)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import add_force_argument, json_record, positive_int
 
 TASKS = ("passkey", "kv", "ppl")
 
@@ -43,22 +43,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--out", help="write the results to this JSON file")
+    add_force_argument(parser)
     parser.set_defaults(run=run)
 
 
+# What an eval result file looks like: the only kind of file --out may replace.
+is_eval_result = json_record("model", "plan", "device")
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
-    from moaplan.io import atomic_write_text
-    from moaplan.model import load_model, reference_model_path
+    from moaplan.io import atomic_write_text, check_output
+    from moaplan.model import check_lengths, load_model, reference_model_path
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device=device)
+    if args.out:
+        check_output(args.out, "eval result file", is_eval_result)
+    model, tokenizer = load_model(args.model, device=args.device)
+    device = model.device
+    check_lengths(model.config, args.lengths)
     if args.plan:
         from moaplan.runtime import apply
 
-        apply(model, args.plan)
+        apply(model, args.plan, strict=not args.force)
     start = time.perf_counter()
     common = dict(lengths=args.lengths, samples=args.samples, seed=args.seed,
                   batch_size=args.batch_size)
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         record = {
             "model": str(args.model or reference_model_path()),
             "plan": args.plan,
-            "device": device,
+            "device": str(device),
             "seconds": round(seconds, 2),
             **result.to_dict(),
         }

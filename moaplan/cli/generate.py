@@ -6,8 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import add_force_argument, positive_int
 from moaplan.errors import DataError
+
+# A prompt file may hold at most this many bytes per position of the model: no tokenizer
+# averages that many bytes per token, and a bigger file would only be refused after
+# tokenizing it (a 30 MB prompt once took 24 GB before the model saw it).
+_BYTES_PER_POSITION = 64
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="tokens to generate (default: 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    add_force_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -33,29 +39,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moaplan.data.tokens import bos_ids, encode
-    from moaplan.model import load_model
+    from moaplan.io import read_text
+    from moaplan.model import check_lengths, load_model, max_positions, resolve_device
     from moaplan.plan import load_plan
     from moaplan.runtime import MoaplanCache, apply, greedy_generate, kv_bytes
 
+    plan = load_plan(args.plan)
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    apply(model, plan, strict=not args.force)
     if args.prompt_file is not None:
-        try:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        except OSError as err:
-            raise DataError(f"cannot read --prompt-file {args.prompt_file}: "
-                            f"{err.strerror}") from None
+        limit = _BYTES_PER_POSITION * (max_positions(model.config) or 2**20)
+        text = read_text(args.prompt_file, "--prompt-file", limit, DataError)
     else:
         text = args.prompt
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    plan = load_plan(args.plan)
-    apply(model, plan)
     ids = torch.tensor([bos_ids(tokenizer) + encode(tokenizer, text)], dtype=torch.long,
                        device=device)
     if ids.shape[1] == 0:
         raise DataError("the prompt is empty and this tokenizer has no beginning-of-sequence "
                         "token: give some text")
     length = ids.shape[1] + args.max_new_tokens
+    check_lengths(model.config, [length],
+                  f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens")
     cache = MoaplanCache(plan, 1, length, dtype=dtype, device=device)
     start = time.perf_counter()
     out = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens, cache=cache)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import (
+    add_force_argument,
+    check_head_count,
+    json_record,
+    non_negative_int,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "retrieval scores computed now)")
     parser.add_argument("--window", type=positive_int, default=64,
                         help="--heads: keys a masked head keeps (default 64)")
-    parser.add_argument("--sink", type=int, default=4,
+    parser.add_argument("--sink", type=non_negative_int, default=4,
                         help="--heads: sink tokens a masked head keeps (default 4)")
     parser.add_argument("--score-lengths", type=positive_int, nargs="+", default=[2048],
                         help="--heads without --scores: needle prompt lengths (default 2048)")
@@ -39,7 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="influence.jsonl",
                         help="JSONL file to write (default influence.jsonl)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_force_argument(parser)
     parser.set_defaults(run=run)
+
+
+# What --out may replace: a file of influence scores written before.
+is_score_file = json_record("index", "score")
 
 
 def _mask_plan(args: argparse.Namespace, model, tokenizer):
@@ -49,7 +60,9 @@ def _mask_plan(args: argparse.Namespace, model, tokenizer):
     from moaplan.rules import Rule
 
     if args.plan:
-        return load_plan(args.plan)
+        plan = load_plan(args.plan)
+        plan.check_model(model.config, strict=not args.force)
+        return plan
     if args.scores:
         from moaplan.profile import load_profile
 
@@ -69,13 +82,21 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.data import load_calibration
     from moaplan.eval.data_influence import influence_scores, write_scores
-    from moaplan.model import load_model
+    from moaplan.io import check_output
+    from moaplan.model import check_lengths, load_model
 
+    check_output(args.out, "influence score file", is_score_file)
     model, tokenizer = load_model(args.model, device=args.device)
+    check_lengths(model.config, [args.length], "--length")
+    if args.heads is not None:
+        check_head_count(model.config, args.heads, "--heads")
+        if not args.scores:
+            check_lengths(model.config, args.score_lengths, "--score-lengths")
     samples = load_calibration(args.data, tokenizer, args.length, args.limit)
     plan = _mask_plan(args, model, tokenizer)
     with tqdm(total=2 * len(samples), unit="pass", desc="influence") as bar:
-        scores = influence_scores(model, samples, plan, on_sample=lambda: bar.update(1))
+        scores = influence_scores(model, samples, plan, on_sample=lambda: bar.update(1),
+                                  strict=not args.force)
     write_scores(args.out, scores)
     masked = plan.provenance.get("masked_heads")
     what = f"heads {masked} masked" if masked is not None else f"plan {args.plan}"

@@ -74,10 +74,12 @@ def _load(args: argparse.Namespace, local_rank: int):
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
-    from moaplan.data import load_calibration, model_calibration
+    from moaplan.data import CalibrationFile, model_calibration
 
     if args.data:
-        return {n: load_calibration(args.data, tokenizer, n, args.samples) for n in args.lengths}
+        # Records are bucketed by length, as for search: a profiled length is a real length.
+        data = CalibrationFile(args.data, tokenizer, args.lengths)
+        return {n: data.samples(n, args.samples, False) for n in args.lengths}
     return {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
             for n in args.lengths}
 
@@ -85,10 +87,12 @@ def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
 def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:
     from tqdm import tqdm
 
+    from moaplan.model import check_lengths
     from moaplan.profile import save_profile
     from moaplan.profile.scorers import score_profile
 
     model, tokenizer = loaded
+    check_lengths(model.config, args.lengths)
     with tqdm(total=args.samples * len(set(args.lengths)), unit="input",
               desc=f"{args.scorer} scores") as bar:
         profile = score_profile(model, tokenizer, args.scorer, args.lengths, args.samples,
@@ -109,13 +113,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moaplan.errors import ProfileError
+    from moaplan.model import check_lengths
     from moaplan.profile import checkpoint_path, profile_model, save_profile
+    from moaplan.profile.profile import check_profile_output, metadata_path, sink_blocks
+    from moaplan.rules import RuleSpace
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     name = Path(args.model).name if args.model else "reference"
     suffix = "" if args.scorer == "gradient" else f"-{args.scorer}"
-    out = Path(args.out or f"profiles/{name}{suffix}.safetensors")
+    out = check_profile_output(args.out or f"profiles/{name}{suffix}.safetensors")
     if args.scorer != "gradient":
         if world > 1 or args.data or args.resume:
             raise ProfileError(f"--scorer {args.scorer} builds its own inputs and runs in one "
@@ -127,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    sink_blocks(RuleSpace(), args.block)  # the profiler's rule space: fail before any work
     model, tokenizer = _load(args, local_rank)
+    check_lengths(model.config, args.lengths)
+    check_profile_output(checkpoint_path(out, rank, world))
     samples = _samples(args, model, tokenizer)
     total = sum(len(range(rank, len(s), world)) for s in samples.values())
     bar = tqdm(total=total, unit="sample", disable=rank != 0, desc="profiling")
@@ -150,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
               " samples)")
     partial = checkpoint_path(out, rank, world)
     partial.unlink(missing_ok=True)
-    partial.with_suffix(".yaml").unlink(missing_ok=True)
+    metadata_path(partial).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moaplan.cli.common import density_value, positive_int
+from moaplan.cli.common import density_value, positive_float, positive_int
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default 32; 0: none)")
     parser.add_argument("--storage", help="optuna storage URL (default: SQLite beside --out); "
                                           "share one RDB URL between workers")
-    parser.add_argument("--time-limit", type=float, default=60.0,
+    parser.add_argument("--time-limit", type=positive_float, default=60.0,
                         help="seconds per MILP solve (default 60)")
     parser.add_argument("--layer-max-density", type=density_value,
                         help="also bound every layer's mean density")
@@ -76,9 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import optuna
 
+    from moaplan.cli.common import is_study_database
     from moaplan.cli.session import ModelSession, search_summary
+    from moaplan.io import check_output
+    from moaplan.model import check_lengths
     from moaplan.optimize import default_storage
-    from moaplan.plan import Budget
+    from moaplan.plan import Budget, check_plan_output
+    from moaplan.profile.profile import check_profile_output
     from moaplan.rules import RuleSpace
     from moaplan.search import SearchSettings, search
 
@@ -92,7 +96,14 @@ def run(args: argparse.Namespace) -> int:
                               objective=args.objective,
                               rule_space=RuleSpace(compensate=args.compensate))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    check_plan_output(args.out)
+    if args.storage is None:
+        check_output(Path(args.out).with_suffix(".optuna.db"), "optuna study database",
+                     is_study_database)
     session = ModelSession.open(args)
+    check_profile_output(session.profile_path)
+    check_lengths(session.model.config, [*args.lengths, args.validation_length],
+                  "--lengths / --validation-length")
     with session.progress(settings) as progress:
         result = search(session.model, session.sample_source, settings, out=args.out,
                         profile_path=session.profile_path, on_sample=progress.sample,

@@ -21,8 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moaplan.cli.common import is_picture
+    from moaplan.io import check_output
+
     path = Path(args.path)
-    png = Path(args.png) if args.png else path.with_suffix(".png")
+    png = check_output(args.png or path.with_suffix(".png"), "picture", is_picture)
     if path.suffix == ".safetensors":
         from moaplan.profile import show_profile
 

@@ -170,22 +170,26 @@ def _fit(prompt: list[int], response: list[int], length: int) -> tuple[list[int]
 def _jsonl_pairs(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
     """Prompt and response ids of every record of a JSONL file (through the chat template
     when the tokenizer has one)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     pairs = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompt, response = record["prompt"], record["response"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object with string fields "
-                    '"prompt" and "response"'
-                ) from None
-            if not isinstance(prompt, str) or not isinstance(response, str) or not response:
-                raise DataError(f"{path}:{lineno}: prompt and response must be non-empty strings")
-            pairs.append(_chat_pair(tokenizer, prompt, response))
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt, response = record["prompt"], record["response"]
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            raise DataError(
+                f"{path}:{lineno}: expected a JSON object with string fields "
+                '"prompt" and "response"'
+            ) from None
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+            raise DataError(f"{path}:{lineno}: prompt and response must be non-empty strings")
+        pairs.append(_chat_pair(tokenizer, prompt, response))
     return pairs
 
 

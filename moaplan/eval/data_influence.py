@@ -57,11 +57,12 @@ def masked_heads_plan(shape: ModelShape, heads: Iterable[tuple[int, int]],
 
 
 def influence_scores(model: torch.nn.Module, samples: Sequence[Sample], plan: Plan | str | Path,
-                     *, on_sample: Callable[[], None] | None = None) -> list[InfluenceScore]:
+                     *, on_sample: Callable[[], None] | None = None,
+                     strict: bool = True) -> list[InfluenceScore]:
     """Score every sample: its loss dense, then under ``plan`` (called back after each of the
-    ``2 * len(samples)`` forward passes)."""
+    ``2 * len(samples)`` forward passes); ``strict`` as in :func:`moaplan.apply`."""
     dense = response_losses(model, samples, on_sample)
-    apply(model, plan)
+    apply(model, plan, strict=strict)
     try:
         masked = response_losses(model, samples, on_sample)
     finally:

@@ -3,10 +3,18 @@
 from moaplan.plan.baselines import duo_plan, uniform_plan, uniform_rule
 from moaplan.plan.interop import import_duo, import_moa
 from moaplan.plan.plan import Budget, ModelShape, Plan, config_fingerprint
-from moaplan.plan.yaml_format import FORMAT, load_plan, plan_from_dict, plan_to_dict, save_plan
+from moaplan.plan.yaml_format import (
+    FORMAT,
+    as_plan,
+    check_plan_output,
+    load_plan,
+    plan_from_dict,
+    plan_to_dict,
+    save_plan,
+)
 
 __all__ = [
-    "FORMAT", "Budget", "ModelShape", "Plan", "config_fingerprint", "duo_plan", "import_duo",
-    "import_moa", "load_plan", "plan_from_dict", "plan_to_dict", "save_plan", "uniform_plan",
-    "uniform_rule",
+    "FORMAT", "Budget", "ModelShape", "Plan", "as_plan", "check_plan_output",
+    "config_fingerprint", "duo_plan", "import_duo", "import_moa", "load_plan", "plan_from_dict",
+    "plan_to_dict", "save_plan", "uniform_plan", "uniform_rule",
 ]

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from moaplan.errors import PlanError
+from moaplan.io import read_text
 from moaplan.plan.plan import ModelShape, Plan
 from moaplan.rules import Rule
+
+# A MoA plan JSON or a DuoAttention gate table of the largest models is a few hundred KiB.
+MAX_IMPORT_BYTES = 64 * 2**20
 
 MOA_SINK = 64  # MoA's plans always keep 64 initial tokens
 
 
 def _read(path: str | os.PathLike) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise PlanError(f"cannot read {path}: {err.strerror or err}") from None
+    return read_text(path, "file", MAX_IMPORT_BYTES, PlanError)
 
 
 def moa_rules_from_json(data: dict, group_size: int) -> list[list[Rule]]:
@@ -106,6 +107,10 @@ def duo_rules_from_gates(gates: np.ndarray, *, threshold: float | None = None,
     if (threshold is None) == (sparsity is None):
         raise PlanError("give exactly one of threshold or sparsity to turn DuoAttention gates "
                         "into rules")
+    if not np.isfinite(gates).all():
+        raise PlanError("DuoAttention gates must be finite numbers; these hold NaN or infinity")
+    if threshold is not None and not math.isfinite(threshold):
+        raise PlanError(f"threshold must be a finite number, got {threshold}")
     if sparsity is not None:
         if not 0 <= sparsity <= 1:
             raise PlanError(f"sparsity must be in [0, 1], got {sparsity}")

@@ -145,5 +145,5 @@ class Plan:
         if strict and self.model.fingerprint and self.model.fingerprint != shape.fingerprint:
             raise PlanError(f"the plan was made for another {self.model.model_type or 'model'} "
                             f"(config fingerprint {self.model.fingerprint}, this model has "
-                            f"{shape.fingerprint}); pass strict=False (CLI: --force) to use "
-                            "it anyway")
+                            f"{shape.fingerprint}); pass --force (in Python: strict=False) to "
+                            "use it anyway")

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from moaplan import __version__
-from moaplan.errors import PlanError
-from moaplan.io import atomic_write_text
+from moaplan.errors import PlanError, RuleError
+from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
 from moaplan.plan.plan import Budget, ModelShape, Plan
-from moaplan.rules import Rule
+from moaplan.rules import MAX_TOKENS, Rule
 
 FORMAT = "moaplan/1"
 _TOP_KEYS = {"format", "model", "budget", "lengths", "rules", "predicted", "provenance"}
@@ -76,10 +75,26 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
+_HEADER = "# moaplan plan: one rule per (layer, KV head)\n"
+
+
+def is_plan_file(path: Path) -> bool:
+    """Whether ``path`` looks like a moaplan plan (what a plan may overwrite)."""
+    head = file_head(path).decode("utf-8", errors="replace")
+    return head.startswith(_HEADER) or f"\nformat: {FORMAT}\n" in f"\n{head}"
+
+
+def check_plan_output(path: str | os.PathLike) -> Path:
+    """Fail before any work unless a plan can be written to ``path`` (see
+    :func:`moaplan.io.check_output`)."""
+    return check_output(path, "plan file", is_plan_file)
+
+
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    """Write ``plan`` as YAML, atomically."""
-    text = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=100)
-    return atomic_write_text(path, f"# moaplan plan: one rule per (layer, KV head)\n{text}")
+    """Write ``plan`` as YAML, atomically; never over a file that is not a plan."""
+    path = check_plan_output(path)
+    text = dump_yaml(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=100)
+    return atomic_write_text(path, _HEADER + text)
 
 
 class _Problems:
@@ -96,7 +111,9 @@ class _Problems:
         if value is None and allow_none:
             return None
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        # An int is always finite (math.isfinite would overflow on a huge one).
+        if isinstance(value, bool) or not ok_type or not (
+                isinstance(value, int) or math.isfinite(value)):
             kind = "an integer" if integer else "a number"
             self.add(f"{where} must be {kind}, got {value!r}")
             return None
@@ -134,14 +151,11 @@ def _parse_rule(where: str, raw: Any, problems: _Problems) -> Rule | None:
     windows = _parse_query_windows(f"{where}.query_windows", raw.get("query_windows"), problems)
     if len(problems.items) > before:
         return None
-    if max_span is not None and max_span < min_span:
-        problems.add(f"{where}.max_span ({max_span}) is smaller than min_span ({min_span})")
-        return None
     try:
         return Rule(sink=sink, alpha=float(alpha), beta=float(beta), min_span=min_span,
                     max_span=max_span, compensate=compensate, query_windows=windows)
-    except ValueError as err:
-        problems.add(f"{where}: {err}")
+    except RuleError as err:
+        problems.add(f"{where}.{err}")
         return None
 
 
@@ -187,8 +201,14 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
                 problems.add("model.num_attention_heads must be a multiple of "
                              "model.num_key_value_heads")
             else:
-                shape = ModelShape(**dims, model_type=str(model_raw.get("model_type") or ""),
-                                   fingerprint=model_raw.get("fingerprint"))
+                model_type = model_raw.get("model_type") or ""
+                fingerprint = model_raw.get("fingerprint")
+                if not isinstance(model_type, str):
+                    problems.add(f"model.model_type must be a string, got {model_type!r}")
+                elif fingerprint is not None and not isinstance(fingerprint, str):
+                    problems.add(f"model.fingerprint must be a string, got {fingerprint!r}")
+                else:
+                    shape = ModelShape(**dims, model_type=model_type, fingerprint=fingerprint)
 
     budget = None
     budget_raw = data.get("budget")
@@ -212,8 +232,12 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
     else:
         for i, n in enumerate(lengths_raw):
             value = problems.number(f"lengths[{i}]", n, integer=True, minimum=1)
-            if value is not None:
+            if value is not None and value > MAX_TOKENS:
+                problems.add(f"lengths[{i}] must be <= {MAX_TOKENS}, got {value}")
+            elif value is not None:
                 lengths.append(value)
+        if lengths != sorted(set(lengths)):
+            problems.add(f"'lengths' must increase strictly (no repeats), got {lengths}")
 
     rules_raw = data.get("rules")
     rules: list[list[Rule]] = []
@@ -242,7 +266,9 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         problems.add("'predicted' must be a mapping from length to figures")
     else:
         for n, entry in predicted_raw.items():
-            if isinstance(entry, dict) and "dropped_influence" in entry:
+            if isinstance(n, bool) or not isinstance(n, int):
+                problems.add(f"'predicted' keys must be lengths (whole numbers), got {n!r}")
+            elif isinstance(entry, dict) and "dropped_influence" in entry:
                 value = problems.number(f"predicted[{n}].dropped_influence",
                                         entry["dropped_influence"])
                 if value is not None:
@@ -262,20 +288,20 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate a YAML plan file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"plan file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlanError(f"cannot read plan file {path}: {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise PlanError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(path, (str, os.PathLike)):
+        raise PlanError(f"load_plan takes the path of a plan file, got {type(path).__name__}")
+    data = load_yaml(path, "plan file", PlanError)
     return plan_from_dict(data, source=str(path))
+
+
+def as_plan(plan: Plan | str | os.PathLike) -> Plan:
+    """``plan`` itself, or the plan loaded from a path; anything else is a PlanError."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    raise PlanError(f"expected a moaplan Plan or the path of a plan file, got "
+                    f"{type(plan).__name__}")
 
 
 def predicted_table(plan: Plan, lengths: list[int]) -> np.ndarray:

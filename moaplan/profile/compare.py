@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moaplan.errors import ModelError
 from moaplan.profile.profile import Profile
 from moaplan.profile.profiler import Progress, profile_model
 from moaplan.profile.scorers import head_scores
@@ -47,6 +48,8 @@ def profile_rankings(profile: Profile) -> dict[str, np.ndarray]:
 def top_heads(scores: np.ndarray, k: int) -> set[tuple[int, int]]:
     """The (layer, KV head) of the ``k`` highest positive scores."""
     flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not 1 <= k <= flat.size:
+        raise ModelError(f"cannot take the top {k} of {flat.size} KV heads")
     order = np.argsort(-flat, kind="stable")[:k]
     heads = scores.shape[1]
     return {(int(i) // heads, int(i) % heads) for i in order if flat[i] > 0}

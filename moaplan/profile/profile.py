@@ -5,7 +5,7 @@ File layout for ``profiles/NAME.safetensors``:
 - tensors, float64, summed (not averaged) over ``finished[N]`` samples, one set per length N:
   ``far/N [layers * kv_heads, nblk, 2]``, ``sink/N [layers * kv_heads, K, nblk, 2]`` and
   ``total/N [layers * kv_heads]`` (sum of |E| over all ``j < i`` entries); heads are layer-major.
-- ``profiles/NAME.yaml``: format, moaplan version, model shape and config fingerprint, block
+- ``profiles/NAME.profile.yaml``: format, moaplan version, model shape and config fingerprint, block
   size, lengths, samples planned and finished per length, calibration data hash, the rule
   space it prices, the scorer that made it (``gradient``, the default of files written before
   the field existed, or a head scorer of :mod:`moaplan.profile.scorers`, whose raw per-KV-head
@@ -13,24 +13,37 @@ File layout for ``profiles/NAME.safetensors``:
   pair is detected).
 
 An unfinished profile (a ``--resume`` checkpoint) is the same format with ``finished < samples``.
+
+The metadata's name ends in ``.profile.yaml`` so that it can never be a plan's name (``moaplan
+search --profile run.safetensors --out run.yaml`` once overwrote a profile's ``run.yaml``).
+Files written before that, with the metadata in ``NAME.yaml``, are still read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import moaplan
-from moaplan.errors import ProfileError
-from moaplan.io import atomic_write, atomic_write_text
+from moaplan.errors import MoaplanError, ProfileError, one_line
+from moaplan.io import (
+    atomic_write,
+    atomic_write_text,
+    check_output,
+    dump_yaml,
+    file_head,
+    load_yaml,
+)
 from moaplan.plan import ModelShape
 from moaplan.profile.cost import dropped_influence
 from moaplan.rules import Rule, RuleSpace
@@ -183,7 +196,57 @@ class Profile:
 
 
 def metadata_path(path: str | Path) -> Path:
-    return Path(path).with_suffix(".yaml")
+    """The metadata file of the profile ``path``: ``NAME.profile.yaml`` (a name no plan has)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.profile.yaml")
+
+
+def _legacy_metadata_path(path: Path) -> Path:
+    return path.with_suffix(".yaml")
+
+
+def is_metadata_file(path: Path) -> bool:
+    """Whether ``path`` looks like a profile's metadata file."""
+    head = file_head(path).decode("utf-8", errors="replace")
+    return f"\nformat: {FORMAT}\n" in f"\n{head}"
+
+
+def is_tensor_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_profile`."""
+    head = file_head(path, 8)
+    if len(head) < 8:
+        return False
+    size = struct.unpack("<Q", head)[0]
+    if size > 2**20:
+        return False
+    try:
+        header = json.loads(file_head(path, 8 + size)[8:])
+        return header.get("__metadata__", {}).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return False
+
+
+def check_profile_output(path: str | os.PathLike) -> Path:
+    """Fail before any work unless a profile (tensors and metadata) can be written at
+    ``path`` without overwriting a file of another kind."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ProfileError(f"a profile file ends in .safetensors, got {path}")
+    try:
+        check_output(path, "profile", is_tensor_file)
+        check_output(metadata_path(path), "profile metadata file", is_metadata_file)
+    except MoaplanError as err:
+        raise ProfileError(str(err)) from None
+    return path
+
+
+def _find_metadata(path: Path) -> Path:
+    """The metadata file of ``path``, or the one an older moaplan wrote (``NAME.yaml``)."""
+    meta = metadata_path(path)
+    legacy = _legacy_metadata_path(path)
+    if not meta.is_file() and legacy.is_file() and is_metadata_file(legacy):
+        return legacy
+    return meta
 
 
 def _tensors(profile: Profile) -> dict[str, np.ndarray]:
@@ -201,25 +264,23 @@ def _sha256(path: Path) -> str:
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
     """Write ``path`` (safetensors) and its YAML beside it, each atomically, tensors first."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ProfileError(f"a profile file ends in .safetensors, got {path}")
+    path = check_profile_output(path)
     tensors = _tensors(profile)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     meta = profile.metadata(_sha256(path))
-    atomic_write_text(metadata_path(path), yaml.safe_dump(meta, sort_keys=False))
+    atomic_write_text(metadata_path(path), dump_yaml(meta, sort_keys=False))
     return path
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read a profile; a missing, mismatched or malformed file pair raises :class:`ProfileError`."""
     path = Path(path)
-    meta_file = metadata_path(path)
+    meta_file = _find_metadata(path)
     if not path.is_file() or not meta_file.is_file():
         raise ProfileError(f"profile {path} not found (it needs {path.name} and {meta_file.name})")
+    meta = load_yaml(meta_file, "profile metadata file", ProfileError)
     try:
-        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ProfileError(f"{meta_file} is not a {FORMAT} file")
         if meta["tensors"]["sha256"] != _sha256(path):
             raise ProfileError(f"{path.name} does not match {meta_file.name} (one of them was "
@@ -230,7 +291,8 @@ def load_profile(path: str | Path) -> Profile:
         shape = ModelShape(num_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
                            num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"],
                            model_type=m.get("model_type") or "", fingerprint=m.get("fingerprint"))
-        return Profile(
+        _check_finite(path, tensors, lengths)
+        profile = Profile(
             model=shape,
             block=int(meta["block"]), lengths=lengths,
             samples={int(n): int(c) for n, c in meta["samples"].items()},
@@ -245,8 +307,26 @@ def load_profile(path: str | Path) -> Profile:
             head_scores={str(k): [[float(x) for x in row] for row in v]
                          for k, v in (meta.get("head_scores") or {}).items()},
         )
+        counts = [*profile.samples.values(), *profile.finished.values()]
+        scores = [x for rows in profile.head_scores.values() for row in rows for x in row]
+        if min(counts, default=0) < 0 or not np.isfinite(scores).all():
+            raise ProfileError(f"profile {path} holds negative sample counts or NaN or "
+                               "infinite head scores; profile again")
+        return profile
     except ProfileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError,
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
             SafetensorError) as err:
-        raise ProfileError(f"profile {path} is malformed ({type(err).__name__}: {err})") from None
+        raise ProfileError(f"profile {path} is malformed ({type(err).__name__}: "
+                           f"{one_line(err, 200)})") from None
+
+
+def _check_finite(path: Path, tensors: dict[str, np.ndarray], lengths: list[int]) -> None:
+    """Influence sums are finite and >= 0; anything else would turn into a plan (every head
+    looks free, or NaN ranks first) instead of an error."""
+    for n in lengths:
+        for name in (f"far/{n}", f"sink/{n}"):
+            values = tensors[name]
+            if not np.isfinite(values).all() or (values < 0).any():
+                raise ProfileError(f"profile {path} holds NaN, infinite or negative influence "
+                                   f"({name}); profile again")

@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from moaplan.errors import ModelError
-from moaplan.plan import Plan, load_plan
+from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule
 from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
 from moaplan.runtime.layer import layer_attention
@@ -127,8 +127,7 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"moaplan cannot apply a plan to a {model_type!r} model; supported "
                          f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if not isinstance(plan, Plan):
-        plan = load_plan(plan)
+    plan = as_plan(plan)
     plan.check_model(config, strict=strict)
     name = implementation_name(plan)
     # Snapshot the rules: a Plan is mutable, but the registered name describes these rules.
@@ -171,13 +170,29 @@ def _generate_with_compressed_cache(model: Any) -> Any:
         own_cache = (kwargs.get("past_key_values") is not None
                      or kwargs.get("cache") is not None or not kwargs.get("use_cache", True)
                      or kwargs.get("cache_implementation", config.cache_implementation))
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        if isinstance(given, MoaplanCache):
+            _check_cache(model, given, ids)
         if not own_cache and single and isinstance(ids, torch.Tensor) and ids.dim() == 2 and new:
             kwargs[cache_keyword(model)] = MoaplanCache(
                 applied_plan(model), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
                 device=ids.device)
-        return plain(*args, **kwargs)
+        out = plain(*args, **kwargs)
+        if isinstance(given, MoaplanCache):
+            given.remember(out if isinstance(out, torch.Tensor) else out.sequences)
+        return out
 
     return generate
+
+
+def _check_cache(model: Any, cache: MoaplanCache, ids: Any) -> None:
+    """Refuse a user's cache that was made for another plan, or that still holds another
+    request's context."""
+    if cache.plan.rules != applied_plan(model).rules:
+        raise ModelError("this MoaplanCache was made for another plan than the one applied to "
+                         "the model; make it from moaplan.applied_plan(model)")
+    if isinstance(ids, torch.Tensor):
+        cache.check_continues(ids)
 
 
 def remove(model: Any) -> Any:

@@ -54,9 +54,11 @@ from moaplan.kernels.decode import (
     masked_attention,
     slot_positions,
 )
-from moaplan.plan import Plan
+from moaplan.model.loading import resolve_device
+from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
 from moaplan.runtime.layer import layer_attention, real_token_attention
+from moaplan.runtime.memory import check_count, check_fits, plan_kv_bytes
 
 _STEP_ATTR = "_moaplan_cache_step"
 # Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
@@ -148,6 +150,11 @@ class MoaplanLayer(CacheLayerMixin):
                              f"{self.layout.num_kv_heads} KV heads, head_dim "
                              f"{self.keys.shape[-1]}; the model gave keys "
                              f"{tuple(key_states.shape)}")
+        if key_states.dtype != self.dtype or key_states.device.type != self.device.type:
+            raise ModelError(f"the cache holds {self.dtype} on {self.device} but the model "
+                             f"computes in {key_states.dtype} on {key_states.device}; make it "
+                             "with MoaplanCache(plan, batch_size, max_length, "
+                             "dtype=model.dtype, device=model.device)")
         self._pending = (key_states, value_states)
         self.written += key_states.shape[2]
         tagged = key_states.view(key_states.shape)  # a new tensor object that carries the tag
@@ -384,20 +391,49 @@ def chunk_is_plain(pos: torch.Tensor) -> bool:
 class MoaplanCache(Cache):
     """The compressed KV cache of a plan; see the module docstring for the protocol."""
 
-    def __init__(self, plan: Plan, batch_size: int, max_length: int,
+    def __init__(self, plan: Plan | str, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  *, chunk: int | None = None):
-        if batch_size < 1 or max_length < 1:
-            raise ModelError(f"batch_size and max_length must be >= 1, got {batch_size} and "
-                             f"{max_length}")
+        plan = as_plan(plan)
+        batch_size = check_count("batch_size", batch_size)
+        max_length = check_count("max_length", max_length)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ModelError(f"dtype must be a floating torch dtype (the model's, "
+                             f"model.dtype), got {dtype!r}")
         shape = plan.model
-        device = torch.device(device)
+        device = resolve_device(device)
+        check_fits(plan_kv_bytes(plan, max_length, batch_size, dtype), device,
+                   f"a MoaplanCache of batch {batch_size} x {max_length} tokens")
         layers = [MoaplanLayer(plan.rules[layer], batch_size, max_length,
                                shape.num_attention_heads, shape.head_dim, dtype, device, chunk)
                   for layer in range(shape.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
         self.max_length = max_length
+        self._context: torch.Tensor | None = None  # the token ids generate() left in it
+
+    def reset(self) -> None:
+        """Empty the cache for a new request."""
+        super().reset()
+        self._context = None
+
+    def check_continues(self, input_ids: torch.Tensor) -> None:
+        """Refuse ``input_ids`` that do not continue what an earlier ``generate`` left in this
+        cache: generate would skip the tokens the cache says it holds and silently answer from
+        the old context."""
+        held = self.get_seq_length()
+        if held == 0 or self._context is None:
+            return
+        old = self._context[:, :held]
+        if (input_ids.shape[0] != old.shape[0] or input_ids.shape[1] <= held
+                or not torch.equal(input_ids[:, :held].to(old.device), old)):
+            raise ModelError(f"this MoaplanCache already holds {held} tokens of another "
+                             "context; call cache.reset() before a new prompt (or pass the "
+                             "whole conversation so far as input_ids)")
+
+    def remember(self, sequences: torch.Tensor) -> None:
+        """Record the token ids a ``generate`` call ended with (see :meth:`check_continues`)."""
+        self._context = sequences.detach()
 
     def reserve(self, steps: int) -> None:
         """:meth:`MoaplanLayer.reserve` for every layer."""
