@@ -19,6 +19,7 @@ same tokens would see, while earlier cached states were computed at the prefill'
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 from pathlib import Path
@@ -32,10 +33,15 @@ from moaplan.errors import ModelError
 from moaplan.plan import Plan, load_plan
 from moaplan.rules import Rule
 from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
-from moaplan.runtime.layer import layer_attention
+from moaplan.runtime.layer import NativeAttention, layer_attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _PREFIX = "moaplan_"
+_PROBE = "moaplan_probe"
+# What an attention call may carry that the plan's attention honours (window, soft-capping,
+# scaling) or that does not change the result (positions, cache flags).  A model passing
+# anything else (attention sinks, ALiBi slopes, ...) is refused up front.
+_UNDERSTOOD = frozenset({"sliding_window", "softcap", "scaling", "dropout", "position_ids",
+                         "use_cache", "cache_position", "output_attentions", "is_causal"})
 _PREVIOUS = "_moaplan_previous_attn_implementation"
 _PLAN = "_moaplan_plan"  # the applied plan, read by the generate wrapper
 
@@ -62,13 +68,11 @@ def real_token_mask(
     """
     q_offset = int(q_offset)
     written = q_offset + q_length  # slots written so far, padding included
-    window = getattr(config, "sliding_window", None)
-    if window is not None and written > window:
-        # Past its native window the model's cache crops old slots (sinks included), so
-        # real-token positions could no longer be recovered from slot indices.
-        raise ModelError(f"inputs longer than the model's native sliding window ({window}) "
-                         "are not supported with a plan; set config.sliding_window = None "
-                         "for full attention")
+    if kv_offset > 0:
+        # A sliding-window layer of transformers' own cache dropped its oldest slots (sinks
+        # included), so real-token positions can no longer be recovered from slot indices.
+        raise ModelError("the model's own cache dropped tokens past its sliding window; decode "
+                         "with a MoaplanCache (model.generate under a plan uses one)")
     if (attention_mask is None or bool(attention_mask.all())) and written == kv_offset + kv_length:
         return None
     q_slot = torch.arange(q_offset, written, device=device)
@@ -83,29 +87,113 @@ def real_token_mask(
     return (causal & real[:, None, k_slot] & real[:, q_slot, None])[:, None]
 
 
+def _is_real_token_mask(mask: torch.Tensor) -> bool:
+    """Whether a 4D bool mask has :func:`real_token_mask`'s structure: every real query sees
+    every real key up to its own slot.  A custom mask (packed documents, prefix-LM, ...) that
+    transformers passes through untouched does not, and would be misread."""
+    rows = mask[:, 0]
+    n_keys = rows.shape[-1]
+    key_real, q_real = rows.any(1), rows.any(2)  # [B, Nk], [B, Nq]
+    # A real query sees itself: its last visible key is its own slot.
+    own = n_keys - 1 - rows.flip(-1).to(torch.int8).argmax(-1)  # [B, Nq]
+    upto = torch.arange(n_keys, device=mask.device) <= own[..., None]
+    return torch.equal(rows, key_real[:, None, :] & upto & q_real[..., None])
+
+
+def _check_call(module: torch.nn.Module, attention_mask: torch.Tensor | None,
+                dropout: float, position_ids: torch.Tensor | None) -> None:
+    """Refuse what a plan cannot honour, once per forward pass (at the first layer)."""
+    if dropout:
+        raise ModelError("moaplan attention has no dropout; call model.eval() before "
+                         "running a model with a plan")
+    if module.layer_idx != 0:
+        return
+    if attention_mask is not None and (attention_mask.dtype != torch.bool
+                                       or attention_mask.shape[1] != 1
+                                       or not _is_real_token_mask(attention_mask)):
+        raise ModelError("a model with a moaplan plan takes a 2D padding attention_mask; a "
+                         "custom 4D mask (packed documents, ...) is not supported: run each "
+                         "document as its own (padded) sequence")
+    if attention_mask is None and position_ids is not None and (
+            position_ids.diff(dim=-1) != 1).any():
+        raise ModelError("position_ids that restart (packed documents) are not supported with "
+                         "a moaplan plan: run each document as its own (padded) sequence")
+
+
 def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
     """The function registered in ``AttentionInterface`` for one plan."""
 
     def moaplan_attention(
         module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attention_mask: torch.Tensor | None, scaling: float | None = None,
-        dropout: float = 0.0, **_: Any,
+        dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+        position_ids: torch.Tensor | None = None, **_: Any,
     ) -> tuple[torch.Tensor, None]:
-        if dropout:
-            raise ModelError("moaplan attention has no dropout; call model.eval() before "
-                             "running a model with a plan")
-        if attention_mask is not None and (attention_mask.dtype != torch.bool
-                                           or attention_mask.shape[1] != 1):
-            raise ModelError("a model with a moaplan plan takes a 2D padding attention_mask, "
-                             "not a custom 4D mask")
+        _check_call(module, attention_mask, dropout, position_ids)
+        layer_rules = rules[module.layer_idx]
+        if sliding_window is not None and any(rule.compensate for rule in layer_rules):
+            raise ModelError("compensation tokens are not supported on a layer with its own "
+                             "sliding window; make the plan without --compensate")
+        native = NativeAttention(sliding_window, softcap)
         # A MoaplanCache hands over its compressed per-head view; a dense cache the full keys.
-        out = attend_cached(query, key, attention_mask, scaling)
+        out = attend_cached(query, key, attention_mask, scaling, native)
         if out is None:
-            out = layer_attention(rules[module.layer_idx], query, key, value, attention_mask,
-                                  scale=scaling)
+            out = layer_attention(layer_rules, query, key, value, attention_mask, scale=scaling,
+                                  native=native)
         return out.transpose(1, 2).contiguous(), None
 
     return moaplan_attention
+
+
+def check_attention_routing(config: Any, model_class: type | None = None) -> None:
+    """Refuse, with a one-line :class:`ModelError`, a model a plan cannot drive: one whose
+    attention does not go through ``AttentionInterface`` on every layer, or passes it
+    something a plan cannot honour, or whose keys do not have the KV heads and head_dim its
+    config declares.  Found by capability, not by name: a copy of the model is built on the
+    ``meta`` device (no memory, no weights) and run on 3 tokens with a recording attention.
+    ``model_class`` defaults to ``AutoModelForCausalLM``'s choice for ``config``."""
+    from transformers import AutoModelForCausalLM
+
+    from moaplan.plan import ModelShape
+
+    calls: dict[int | None, tuple[tuple[int, ...], frozenset[str]]] = {}
+
+    def recording(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[Any, None]:
+        given = frozenset(k for k, v in kwargs.items() if v is not None)
+        calls[getattr(module, "layer_idx", None)] = (tuple(key.shape), given)
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register(_PROBE, recording)
+    AttentionMaskInterface.register(_PROBE, real_token_mask)
+    config = copy.deepcopy(config)
+    name = model_class.__name__ if model_class else type(config).__name__
+    try:
+        with torch.device("meta"):
+            probe = (model_class(config) if model_class is not None
+                     else AutoModelForCausalLM.from_config(config))
+        name = type(probe).__name__
+        probe.set_attn_implementation(_PROBE)
+        with torch.no_grad():
+            probe(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+        raise ModelError(f"cannot check how {name} computes attention (a forward pass on the "
+                         f"meta device failed: {str(err).strip().splitlines()[0]})") from None
+    shape = ModelShape.from_config(config)
+    missing = sorted(set(range(shape.num_layers)) - set(calls))
+    if missing:
+        raise ModelError(f"{name} does not compute attention through transformers' "
+                         f"AttentionInterface (layers {missing[0]}..{missing[-1]} never call "
+                         "it), so a plan cannot change it")
+    for layer, (key_shape, given) in sorted(calls.items(), key=lambda kv: str(kv[0])):
+        odd = sorted(given - _UNDERSTOOD)
+        if odd:
+            raise ModelError(f"{name} passes {', '.join(odd)} to its attention (layer "
+                             f"{layer}), which a moaplan plan cannot honour")
+        if key_shape[1] != shape.num_key_value_heads or key_shape[3] != shape.head_dim:
+            raise ModelError(f"{name}'s attention gets {key_shape[1]} KV heads of head_dim "
+                             f"{key_shape[3]}, its config declares {shape.num_key_value_heads}"
+                             f" of {shape.head_dim}: moaplan cannot plan for it")
 
 
 def implementation_name(plan: Plan) -> str:
@@ -115,7 +203,9 @@ def implementation_name(plan: Plan) -> str:
 
 
 def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
-    """Make ``model`` (Llama, Mistral or Qwen2, GQA included) attend by ``plan``.
+    """Make ``model`` attend by ``plan``: any causal LM whose attention goes through
+    ``transformers``' ``AttentionInterface`` (see :func:`check_attention_routing`), honouring
+    the scaling, logit soft-capping and local sliding windows the model passes it.
 
     ``plan`` is a :class:`~moaplan.plan.Plan` or the path of a plan YAML.  With ``strict``,
     the plan's config fingerprint must match the model's (see ``Plan.check_model``).
@@ -123,10 +213,7 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
     (unless given a cache).  Returns the same model object; :func:`remove` switches it back.
     """
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"moaplan cannot apply a plan to a {model_type!r} model; supported "
-                         f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_attention_routing(config, type(model))
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     plan.check_model(config, strict=strict)

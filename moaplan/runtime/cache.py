@@ -56,7 +56,12 @@ from moaplan.kernels.decode import (
 )
 from moaplan.plan import Plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
-from moaplan.runtime.layer import layer_attention, real_token_attention
+from moaplan.runtime.layer import (
+    PLAIN,
+    NativeAttention,
+    layer_attention,
+    real_token_attention,
+)
 
 _STEP_ATTR = "_moaplan_cache_step"
 # Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
@@ -173,16 +178,20 @@ class MoaplanLayer(CacheLayerMixin):
 
     # --- attention over the compressed view ---------------------------------------------
     def attend(self, query: torch.Tensor, *, scale: float | None = None,
-               chunk_real: torch.Tensor | None = None) -> torch.Tensor:
+               chunk_real: torch.Tensor | None = None,
+               native: NativeAttention = PLAIN) -> torch.Tensor:
         """Attention of the staged chunk's queries ``[B, Hq, Nq, D]`` over this layer's
         cache plus the chunk; then the chunk is written.  ``chunk_real``: bool ``[B, Nq]``,
-        False at padding (those rows come out as zeros).  Returns ``[B, Hq, Nq, D]``."""
+        False at padding (those rows come out as zeros).  ``native``: the model's own window
+        and soft-capping, which only the multi-token path implements (a single token with
+        them takes that path too).  Returns ``[B, Hq, Nq, D]``."""
         if self._pending is None:
             raise ModelError("attend() needs a chunk staged by update() first")
         key, value = self._pending
         self._pending = None
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        if query.shape[2] == 1:
+        plain = native == PLAIN and (not query.is_cuda or native.kernel_ready(query))
+        if query.shape[2] == 1 and plain:
             real = None if chunk_real is None else chunk_real[:, 0].to(torch.bool)
             n_after = self.n_real + (1 if real is None else real)
             self._check_capacity(1, n_after)
@@ -194,7 +203,7 @@ class MoaplanLayer(CacheLayerMixin):
             self.n_real.copy_(n_after)  # in place, so that a replayed CUDA graph advances it
             return out[:, :, None]
         pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
-        out = self._chunk_attention(query, key, value, pos, n_after, scale)
+        out = self._chunk_attention(query, key, value, pos, n_after, scale, native)
         self._write_many(key, value, pos, n_after)
         self.n_real = n_after
         return out
@@ -315,7 +324,8 @@ class MoaplanLayer(CacheLayerMixin):
                 total[:, h] += torch.einsum("bk,bkd->bd", out, buf[:, first:first + cap].float())
 
     def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         pos: torch.Tensor, n_after: torch.Tensor, scale: float) -> torch.Tensor:
+                         pos: torch.Tensor, n_after: torch.Tensor, scale: float,
+                         native: NativeAttention) -> torch.Tensor:
         """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
         batch, n_q_heads, n_new, head_dim = query.shape
         n_kv = self.layout.num_kv_heads
@@ -323,10 +333,11 @@ class MoaplanLayer(CacheLayerMixin):
         empty = self.written == n_new  # nothing was cached before this chunk
         if empty and query.is_cuda:  # a first prefill: the block-sparse kernel
             if chunk_is_plain(pos):
-                return layer_attention(self.rules.rules, query, key, value, None, scale=scale)
+                return layer_attention(self.rules.rules, query, key, value, None, scale=scale,
+                                       native=native)
             real = pos >= 0
             return real_token_attention(self.rules.rules, query, key, value, real, real,
-                                        scale=scale)
+                                        scale=scale, native=native)
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         spans = self.rules.spans(n_after)  # [B, Hkv]: the rule length is N after the chunk
         out = torch.zeros_like(query)
@@ -340,6 +351,8 @@ class MoaplanLayer(CacheLayerMixin):
                 v = torch.cat([self.values[:, first:first + cap], v], 1)
             kp = k_pos[:, None, :]  # [B, 1, K] against queries [B, T, 1]
             causal = (kp >= 0) & (pos[:, :, None] >= 0) & (kp <= pos[:, :, None])  # [B, T, K]
+            if native.window is not None:
+                causal &= pos[:, :, None] - kp < native.window
             ok = causal & ((kp < self.sinks[h]) | (pos[:, :, None] - kp < spans[:, h, None, None]))
             qh = query[:, h * group:(h + 1) * group].to(compute)
             k, v = k.to(compute), v.to(compute)
@@ -356,12 +369,14 @@ class MoaplanLayer(CacheLayerMixin):
                 hi = min(lo + step, n_new)
                 part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)
                 out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
-                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part).to(query.dtype)
+                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part,
+                    native.softcap).to(query.dtype)
         return out
 
 
 def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                  scale: float | None = None) -> torch.Tensor | None:
+                  scale: float | None = None,
+                  native: NativeAttention = PLAIN) -> torch.Tensor | None:
     """The call the plan's attention function makes first: ``[B, Hq, Nq, D]`` through the
     compressed view when ``key`` came from a :class:`MoaplanCache`, else None (dense path).
 
@@ -372,7 +387,7 @@ def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     if step is None:
         return None
     real = None if attention_mask is None else attention_mask[:, 0].any(2)
-    return step.attend(query, scale=scale, chunk_real=real)
+    return step.attend(query, scale=scale, chunk_real=real, native=native)
 
 
 def chunk_is_plain(pos: torch.Tensor) -> bool:
