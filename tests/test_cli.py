@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moaplan.cli import SUBCOMMANDS, main
@@ -89,3 +90,37 @@ def test_generate_reports_a_missing_prompt_file(tmp_path):
     missing = run_cli("generate", "--plan", str(plan), "--prompt-file", str(tmp_path / "no"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.count("\n") == 1 and "cannot read --prompt-file" in missing.stderr
+
+
+# (alpha, beta) pairs that share a layer in MoA's published plan for Llama-3-8B-Instruct-262k
+# (32 layers x 32 query heads, 8 KV heads): alphas from -1024 to 3072, and -1024 + 1.0 N.
+MOA_LAYER_PAIRS = [
+    ((0, 0.625), (0, 0.75)), ((1024, 0), (0, 0.75)), ((0, 0.25), (-1024, 1.0)),
+    ((0, 0.75), (0, 0.375)), ((2048, 0.5), (0, 0.25)), ((1024, 0), (-1024, 1.0)),
+    ((-1024, 1.0), (0, 0.5)), ((0, 0.25), (-1024, 1.0)), ((-1024, 1.0), (1024, 0.125)),
+    ((0, 0.25), (3072, 0.375)), ((-1024, 1.0), (1024, 0.0)), ((0, 0.0), (3072, 0.0)),
+    ((1024, 1.0), (-1024, 1.0)), ((-1024, 0.125), (0, 0.125)), ((1024, 0.75), (0, 0)),
+]
+
+
+def test_convert_moa_with_published_value_ranges_keeps_the_widest_span(tmp_path):
+    rng = np.random.default_rng(0)
+    layers, heads, kv = 32, 32, 8
+    pairs = [MOA_LAYER_PAIRS[layer % len(MOA_LAYER_PAIRS)] for layer in range(layers)]
+    picks = rng.integers(0, 2, size=(layers, heads))
+    alphas = np.array([[pairs[i][k][0] for k in row] for i, row in enumerate(picks)], float)
+    betas = np.array([[pairs[i][k][1] for k in row] for i, row in enumerate(picks)])
+    assert (alphas < 0).any() and alphas.min() == -1024 and alphas.max() == 3072
+    moa = tmp_path / "moa.json"
+    moa.write_text(json.dumps({"alphas": alphas.tolist(), "betas": betas.tolist()}))
+    out = tmp_path / "plan.yaml"
+    with pytest.warns(UserWarning, match="group of 4"):
+        assert main(["convert", "moa", str(moa), "--shape", f"{layers},{heads},{kv},128",
+                     "--out", str(out)]) == 0
+    plan = load_plan(out)
+    for n in (4096, 8192, 16384, 32768):
+        # MoA's a + bN clamped to [1, N]: a query always sees itself.
+        moa_spans = np.clip(np.floor(alphas + betas * n + 0.5), 1, n)
+        widest = moa_spans.reshape(layers, kv, heads // kv).max(-1)
+        ours = np.array([[rule.span(n) for rule in row] for row in plan.rules])
+        np.testing.assert_array_equal(ours, widest)

@@ -155,8 +155,13 @@ def test_import_moa_gqa_takes_widest_rule(tmp_path):
     path.write_text(json.dumps({"alphas": [[100, 300, 50, 60]], "betas": [[0.5, 0.1, 0, 0]]}))
     with pytest.warns(UserWarning, match="widest rule of each group of 2"):
         plan = import_moa(path, ModelShape(1, 4, 2, 16))
-    assert plan.rules[0][0] == Rule(sink=64, alpha=300.0, beta=0.5)
+    # 100 + 0.5N overtakes 300 + 0.1N at N = 500 (span 350): below that, min_span holds it.
+    assert plan.rules[0][0] == Rule(sink=64, alpha=100.0, beta=0.5, min_span=350)
     assert plan.rules[0][1] == Rule(sink=64, alpha=60.0, beta=0.0)
+    n = np.arange(1, 2000)
+    widest = np.maximum(np.minimum(100 + 0.5 * n, n), np.minimum(300 + 0.1 * n, n))
+    assert (plan.rules[0][0].span(n) >= np.floor(widest)).all()
+    assert (plan.rules[0][0].span(n[n >= 500]) == np.floor(widest[n >= 500] + 0.5)).all()
 
 
 def test_import_moa_rejects_bad_files(tmp_path):
