@@ -12,9 +12,11 @@ padding the sinks are the first real tokens, not the first slots.
 
 Length convention: the span of a rule is taken at ``N`` = the sequence's current key length
 in real tokens (prompt plus tokens generated so far).  A prefill of ``N`` tokens uses
-``span(N)`` for all its queries, and each decode step uses ``span(N + t)``.  So a token
-generated after a prefill sees exactly what the last query of a full forward pass over the
-same tokens would see, while earlier cached states were computed at the prefill's length.
+``span(N)`` for all its queries, and each later query (a decode step, a draft verified by
+assisted decoding, a second prompt of a chat) the span at its own length ``N + t``, exactly as
+if decoded one token at a time.  So a token generated after a prefill sees exactly what the
+last query of a full forward pass over the same tokens would see, while earlier cached states
+were computed at the prefill's length; and assisted decoding is lossless against greedy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,27 +244,67 @@ def applied_plan(model: Any) -> Plan:
     return plan
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one ``generate`` call needs of a KV cache, from the generation config actually
+    used: ``batch`` sequences after beam / return-sequence expansion, ``length`` slots per
+    sequence (prompt, padding included, plus the most tokens it may generate) and ``headroom``
+    (the longest draft assisted or prompt-lookup decoding may have to drop)."""
+
+    batch: int
+    length: int
+    headroom: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: Any, args: tuple, kwargs: dict[str, Any]) -> GenerationRequest | None:
+        """None when the call brings no prompt tensor moaplan can size a cache from."""
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None:
+            prompt = embeds  # the embeddings are the prompt; input_ids only prefix the output
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+            return None
+        config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        n_prompt = prompt.shape[1]
+        if config.max_new_tokens is not None:
+            new = config.max_new_tokens
+        elif embeds is not None and kwargs.get("input_ids") is None:
+            new = config.max_length  # then max_length counts the generated tokens only
+        else:
+            new = max(config.max_length - n_prompt, 0)
+        drafts = (kwargs.get("assistant_model") is not None
+                  or config.prompt_lookup_num_tokens is not None)
+        expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+        return cls(batch=prompt.shape[0] * expand, length=n_prompt + new,
+                   headroom=new if drafts else 0, device=prompt.device)
+
+
 def _generate_with_compressed_cache(model: Any) -> Any:
-    """``model.generate`` that hands a :class:`MoaplanCache` of the applied plan to every call
-    that brings no cache (nor a ``cache_implementation``) of its own, sized for the prompt plus
-    the tokens asked for.  Beam search and several returned sequences grow the batch inside
-    ``generate``; they keep transformers' own cache (the plan still applies, masked)."""
+    """``model.generate`` that keeps its KV cache in a :class:`MoaplanCache` of the applied
+    plan, sized by :class:`GenerationRequest` from the generation config actually used, for
+    every call that brings no cache of its own (``cache_implementation="moaplan"`` asks for
+    it by name: transformers has no registry of cache implementations to add it to).  A
+    MoaplanCache a call brings (a chat's next turn) grows when the call needs more room."""
     plain = model.generate
 
     @functools.wraps(plain)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        config = model.generation_config
-        new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        single = (kwargs.get("num_beams", config.num_beams) or 1) == 1 and (
-            kwargs.get("num_return_sequences", config.num_return_sequences) or 1) == 1
-        own_cache = (kwargs.get("past_key_values") is not None
-                     or kwargs.get("cache") is not None or not kwargs.get("use_cache", True)
-                     or kwargs.get("cache_implementation", config.cache_implementation))
-        if not own_cache and single and isinstance(ids, torch.Tensor) and ids.dim() == 2 and new:
-            kwargs[cache_keyword(model)] = MoaplanCache(
-                applied_plan(model), ids.shape[0], ids.shape[1] + new, dtype=model.dtype,
-                device=ids.device)
+        if kwargs.get("cache_implementation") == "moaplan":
+            del kwargs["cache_implementation"]
+        request = GenerationRequest.of(model, args, kwargs)
+        key = cache_keyword(model)
+        given = kwargs.get(key, kwargs.get("past_key_values"))
+        if request is None or not kwargs.get("use_cache", True):
+            return plain(*args, **kwargs)
+        if isinstance(given, MoaplanCache):
+            given.grow(request.length)
+        elif given is None and not kwargs.get("cache_implementation",
+                                               model.generation_config.cache_implementation):
+            kwargs[key] = MoaplanCache(applied_plan(model), request.batch, request.length,
+                                       dtype=model.dtype, device=request.device,
+                                       headroom=request.headroom)
         return plain(*args, **kwargs)
 
     return generate

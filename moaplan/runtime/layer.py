@@ -104,12 +104,25 @@ def layer_attention(
     columns are all False (see :func:`real_token_attention`).
     """
     nq, nk = q.shape[2], k.shape[2]
+    if 1 < nq and (mask is None and nq < nk or mask is not None and _continues(mask)):
+        # A chunk after cached tokens: each query at its own length, as if decoded one by one.
+        return torch.cat([layer_attention(
+            rules, q[:, :, t:t + 1], k[:, :, :nk - nq + t + 1], v[:, :, :nk - nq + t + 1],
+            None if mask is None else mask[:, :, t:t + 1, :nk - nq + t + 1], scale=scale,
+            native=native) for t in range(nq)], dim=2)
     if mask is None:
         return _attend(q, k, v, HeadRules.at(rules, nk), scale=scale, q_offset=nk - nq,
                        seq_lens=None, native=native)
     # A real query sees itself, so its row has a True; a real key is seen by its own query.
     return real_token_attention(rules, q, k, v, mask[:, 0].any(1), mask[:, 0].any(2),
                                 scale=scale, native=native)
+
+
+def _continues(mask: torch.Tensor) -> bool:
+    """Whether a padded chunk's queries come after real tokens already cached (one host sync):
+    some sequence has more real keys than real queries."""
+    rows = mask[:, 0]
+    return bool((rows.any(1).sum(1) > rows.any(2).sum(1)).any())
 
 
 def real_token_attention(
