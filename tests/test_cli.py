@@ -34,14 +34,19 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "'model' must be a mapping" in result.stderr
 
 
-def test_show_prints_table_and_writes_heatmap(tmp_path, capsys):
+def test_show_prints_table_and_writes_a_heatmap_only_when_asked(tmp_path, capsys):
     plan = uniform_plan(ModelShape(3, 4, 2, 16), Budget("kv", 0.5), [1024, 4096])
     path = save_plan(plan, tmp_path / "plan.yaml")
     assert main(["show", str(path), "--lengths", "1024", "4096"]) == 0
     out = capsys.readouterr().out
     assert "kv@4096" in out and "all" in out and "0.500" in out
-    png = tmp_path / "plan.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
+    png = tmp_path / "heat.png"
+    assert main(["show", str(path), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(path), "--lengths", "4096", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["kv_density"] == {"4096": 0.5} and len(record["layers"]) == 3
 
 
 def test_convert_moa_and_duo(tmp_path):
@@ -60,7 +65,7 @@ def test_convert_moa_and_duo(tmp_path):
 
 def test_convert_needs_a_shape(tmp_path):
     result = run_cli("convert", "moa", "x.json", "--out", str(tmp_path / "o.yaml"))
-    assert result.returncode == 2 and "give --model DIR" in result.stderr
+    assert result.returncode == 2 and "give --model" in result.stderr
 
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))

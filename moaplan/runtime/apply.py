@@ -148,7 +148,8 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
     return moaplan_attention
 
 
-def check_attention_routing(config: Any, model_class: type | None = None) -> None:
+def check_attention_routing(config: Any, model_class: type | None = None, *,
+                            trust_remote_code: bool = False) -> None:
     """Refuse, with a one-line :class:`ModelError`, a model a plan cannot drive: one whose
     attention does not go through ``AttentionInterface`` on every layer, or passes it
     something a plan cannot honour, or whose keys do not have the KV heads and head_dim its
@@ -174,7 +175,8 @@ def check_attention_routing(config: Any, model_class: type | None = None) -> Non
     try:
         with torch.device("meta"):
             probe = (model_class(config) if model_class is not None
-                     else AutoModelForCausalLM.from_config(config))
+                     else AutoModelForCausalLM.from_config(
+                         config, trust_remote_code=trust_remote_code))
         name = type(probe).__name__
         probe.set_attn_implementation(_PROBE)
         with torch.no_grad():
