@@ -161,3 +161,17 @@ def test_a_custom_4d_mask_is_refused_not_misread():
     restart = torch.cat([torch.arange(6), torch.arange(4)])[None]
     with pytest.raises(ModelError, match="packed documents"), torch.no_grad():
         model(ids_for(0, 1, n), position_ids=restart, use_cache=False)
+
+
+def test_save_pretrained_keeps_the_plan_beside_the_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2")
+    apply(model, sparse_plan(model, seed=7))
+    model.save_pretrained(tmp_path)
+    reloaded = apply(AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    ids = ids_for(5, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    with pytest.raises(ModelError, match="none saved beside the model"):
+        apply(tiny_model("qwen2"))

@@ -33,11 +33,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from moaplan.errors import ModelError
-from moaplan.plan import Plan, load_plan
+from moaplan.plan import Plan, load_plan, save_plan
 from moaplan.rules import Rule
 from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
 from moaplan.runtime.layer import NativeAttention, layer_attention
 
+PLAN_FILE = "moaplan_plan.yaml"  # the plan save_pretrained writes beside the weights
 _PREFIX = "moaplan_"
 _PROBE = "moaplan_probe"
 # What an attention call may carry that the plan's attention honours (window, soft-capping,
@@ -207,18 +208,27 @@ def implementation_name(plan: Plan) -> str:
     return _PREFIX + digest
 
 
-def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
+def apply(model: Any, plan: Plan | str | Path | None = None, *, strict: bool = True) -> Any:
     """Make ``model`` attend by ``plan``: any causal LM whose attention goes through
     ``transformers``' ``AttentionInterface`` (see :func:`check_attention_routing`), honouring
     the scaling, logit soft-capping and local sliding windows the model passes it.
 
-    ``plan`` is a :class:`~moaplan.plan.Plan` or the path of a plan YAML.  With ``strict``,
-    the plan's config fingerprint must match the model's (see ``Plan.check_model``).
-    From then on ``model.generate`` keeps its KV cache in a :class:`MoaplanCache` of the plan
-    (unless given a cache).  Returns the same model object; :func:`remove` switches it back.
+    ``plan`` is a :class:`~moaplan.plan.Plan` or the path of a plan YAML; None: the plan
+    saved beside the model's weights (``PLAN_FILE`` in the directory it was loaded from,
+    which ``model.save_pretrained`` writes once a plan is applied).  With ``strict``, the
+    plan's config fingerprint must match the model's (see ``Plan.check_model``).  From then
+    on ``model.generate`` keeps its KV cache in a :class:`MoaplanCache` of the plan (unless
+    given a cache).  Returns the same model object; :func:`remove` switches it back.
     """
     config = model.config
     check_attention_routing(config, type(model))
+    if plan is None:
+        where = model.name_or_path  # the directory from_pretrained read ("" if none)
+        plan = Path(where) / PLAN_FILE
+        if not where or not plan.is_file():
+            raise ModelError(f"no plan given and none saved beside the model "
+                             f"({plan if where else 'it was not loaded from a directory'}); "
+                             "call moaplan.apply(model, plan)")
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     plan.check_model(config, strict=strict)
@@ -234,7 +244,23 @@ def apply(model: Any, plan: Plan | str | Path, *, strict: bool = True) -> Any:
     setattr(model, _PLAN, plan)
     if "generate" not in vars(model):
         model.generate = _generate_with_compressed_cache(model)
+        model.save_pretrained = _save_with_plan(model)
     return model
+
+
+def _save_with_plan(model: Any) -> Any:
+    """``model.save_pretrained`` that also writes the applied plan beside the weights, where
+    ``apply(model)`` looks after ``from_pretrained`` (the config does not carry the plan:
+    a fresh process has no attention function registered under its name)."""
+    plain = model.save_pretrained
+
+    @functools.wraps(plain)
+    def save_pretrained(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        out = plain(save_directory, *args, **kwargs)
+        save_plan(applied_plan(model), Path(save_directory) / PLAN_FILE)
+        return out
+
+    return save_pretrained
 
 
 def applied_plan(model: Any) -> Plan:
@@ -320,5 +346,5 @@ def remove(model: Any) -> Any:
     model.set_attn_implementation(previous)
     delattr(model, _PREVIOUS)
     delattr(model, _PLAN)
-    del model.generate  # the class's generate again
+    del model.generate, model.save_pretrained  # the class's methods again
     return model
