@@ -11,6 +11,7 @@ from moaplan.cli.common import (
     density_value,
     positive_int,
     print_json,
+    stdout_to_stderr,
 )
 
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                               rule_space=RuleSpace(compensate=args.compensate))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     session = ModelSession.open(args)
-    with session.progress(settings) as progress:
+    with session.progress(settings) as progress, stdout_to_stderr(args.json):
         result = search(session.model, session.sample_source, settings, out=args.out,
                         profile_path=session.profile_path, on_sample=progress.sample,
                         on_step=progress.step,
