@@ -106,3 +106,31 @@ def test_a_model_whose_attention_bypasses_the_interface_is_refused_up_front():
     with pytest.raises(ModelError, match="AttentionInterface"):
         apply(model, full_plan(tiny_model("llama")))
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch,fields", [
+    ("llama", dict(head_dim=64)), ("llama", dict(head_dim=128)),
+    ("llama", dict(head_dim=256)), ("llama", dict(head_dim=96)), ("llama", dict(head_dim=80)),
+    ("gemma2", {}), ("gemma3", dict(head_dim=256)), ("mistral", {})])
+def test_cuda_runs_what_the_cpu_runs(arch, fields):
+    # On a GPU: the Triton kernels where they apply, the torch path (with a warning) for a
+    # head_dim, a native window or soft-capping they do not implement; fp32, so the results
+    # match the CPU's closely.
+    import warnings
+
+    model = tiny_model(arch, **fields)
+    plan = sparse_plan(model, seed=9)
+    apply(model, plan)
+    ids = ids_for(6, 2, LENGTH)
+    greedy = dict(do_sample=False, pad_token_id=0, max_new_tokens=6)
+    with torch.no_grad():
+        want, want_tokens = model(ids).logits, model.generate(ids, **greedy)
+        model.cuda()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torch path's warning, where it runs
+            got = model(ids.cuda()).logits.cpu()
+            got_tokens = model.generate(ids.cuda(), **greedy).cpu()
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    assert torch.equal(got_tokens, want_tokens)
