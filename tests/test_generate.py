@@ -134,3 +134,15 @@ def test_a_chats_next_turn_grows_the_cache(model_and_plan):
     assert out.past_key_values is cache
     assert_compressed(model, plan, cache, chat.shape[1] + 6)
     assert torch.equal(out.sequences, stepwise(model, plan, [first, second], [5, 6]))
+
+
+def test_a_cache_the_call_asks_for_is_left_alone(model_and_plan):
+    model, plan = model_and_plan
+    ids = ids_for(6, 1, PROMPT)
+    config = GenerationConfig(max_new_tokens=5, cache_implementation="static", **GREEDY)
+    with torch.no_grad():
+        static = model.generate(ids, generation_config=config, return_dict_in_generate=True)
+        uncached = model.generate(ids, max_new_tokens=5, use_cache=False, **GREEDY)
+    assert not isinstance(static.past_key_values, MoaplanCache)
+    assert torch.equal(static.sequences, stepwise(model, plan, [ids], [5]))
+    assert uncached.shape == (1, PROMPT + 5)

@@ -276,17 +276,20 @@ def applied_plan(model: Any) -> Plan:
 class GenerationRequest:
     """What one ``generate`` call needs of a KV cache, from the generation config actually
     used: ``batch`` sequences after beam / return-sequence expansion, ``length`` slots per
-    sequence (prompt, padding included, plus the most tokens it may generate) and ``headroom``
-    (the longest draft assisted or prompt-lookup decoding may have to drop)."""
+    sequence (prompt, padding included, plus the most tokens it may generate), ``headroom``
+    (the longest draft assisted or prompt-lookup decoding may have to drop), and the cache
+    implementation the config asks for (None: the default, a MoaplanCache)."""
 
     batch: int
     length: int
     headroom: int
     device: torch.device
+    cache_implementation: str | None
 
     @classmethod
     def of(cls, model: Any, args: tuple, kwargs: dict[str, Any]) -> GenerationRequest | None:
-        """None when the call brings no prompt tensor moaplan can size a cache from."""
+        """None when the call brings no prompt tensor moaplan can size a cache from, or asks
+        for no cache."""
         prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
@@ -295,6 +298,8 @@ class GenerationRequest:
             return None
         config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
         config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        if not config.use_cache:
+            return None
         n_prompt = prompt.shape[1]
         if config.max_new_tokens is not None:
             new = config.max_new_tokens
@@ -306,7 +311,8 @@ class GenerationRequest:
                   or config.prompt_lookup_num_tokens is not None)
         expand = max(config.num_beams or 1, config.num_return_sequences or 1)
         return cls(batch=prompt.shape[0] * expand, length=n_prompt + new,
-                   headroom=new if drafts else 0, device=prompt.device)
+                   headroom=new if drafts else 0, device=prompt.device,
+                   cache_implementation=config.cache_implementation)
 
 
 def _generate_with_compressed_cache(model: Any) -> Any:
@@ -324,12 +330,11 @@ def _generate_with_compressed_cache(model: Any) -> Any:
         request = GenerationRequest.of(model, args, kwargs)
         key = cache_keyword(model)
         given = kwargs.get(key, kwargs.get("past_key_values"))
-        if request is None or not kwargs.get("use_cache", True):
+        if request is None:
             return plain(*args, **kwargs)
         if isinstance(given, MoaplanCache):
             given.grow(request.length)
-        elif given is None and not kwargs.get("cache_implementation",
-                                               model.generation_config.cache_implementation):
+        elif given is None and request.cache_implementation is None:
             kwargs[key] = MoaplanCache(applied_plan(model), request.batch, request.length,
                                        dtype=model.dtype, device=request.device,
                                        headroom=request.headroom)
