@@ -124,3 +124,18 @@ def test_model_arguments_and_version(tmp_path, capsys):
                  "--model", str(tmp_path / "no" / "such" / "dir")]) == 2
     assert "expected a directory with config.json, a .gguf file or a Hugging Face hub id" in (
         capsys.readouterr().err)
+
+
+def test_what_the_profiler_cannot_model_is_refused_before_any_work(tmp_path, capsys):
+    from transformers import Gemma2Config, MistralConfig
+
+    Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16
+                 ).save_pretrained(tmp_path / "gemma2")
+    MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=256
+                  ).save_pretrained(tmp_path / "mistral")
+    for model, reason in (("gemma2", "soft-caps its attention logits"),
+                          ("mistral", "sliding window of 256 tokens")):
+        assert main(["profile", "--model", str(tmp_path / model), "--lengths", "512"]) == 2
+        assert reason in capsys.readouterr().err

@@ -88,25 +88,28 @@ def model_source(args: argparse.Namespace) -> ModelSource:
                           trust_remote_code=args.trust_remote_code)
 
 
-def checked_config(args: argparse.Namespace) -> Any:
-    """The config of ``--model``, refused up front (one line) if a plan cannot drive it."""
+def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) -> Any:
+    """The config of ``--model``, refused up front (one line) if a plan cannot drive it, or,
+    with ``profiled`` lengths, if the profiler cannot profile it there."""
     from moaplan.runtime.apply import check_attention_routing
 
     source = model_source(args)
     config = source.config()
-    check_attention_routing(config, trust_remote_code=source.trust_remote_code)
+    attention = check_attention_routing(config, trust_remote_code=source.trust_remote_code)
+    if profiled:
+        attention.check_profiling(profiled)
     return config
 
 
-def open_model(args: argparse.Namespace, device: str = "cpu",
-               default_dtype: str = "float32") -> tuple[Any, Any]:
+def open_model(args: argparse.Namespace, device: str = "cpu", default_dtype: str = "float32",
+               profiled: list[int] | None = None) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
     in ``--dtype`` (else ``default_dtype``) on ``device``."""
     import torch
 
     from moaplan.model import load_model
 
-    checked_config(args)
+    checked_config(args, profiled)
     dtype = getattr(torch, args.dtype or default_dtype)
     return load_model(model_source(args), dtype=dtype, device=device)
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         from moaplan.data import model_calibration
         from moaplan.profile.compare import scorer_rankings
 
-        model, tokenizer = open_model(args, device=args.device)
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
         calibration = {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
                        for n in args.lengths}
         with tqdm(total=3 * args.samples * len(set(args.lengths)), unit="input",

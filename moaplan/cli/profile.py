@@ -58,8 +58,9 @@ def _load(args: argparse.Namespace, local_rank: int):
 
     if args.device_map is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        return open_model(args, device, "bfloat16" if torch.cuda.is_available() else "float32")
-    checked_config(args)
+        return open_model(args, device, "bfloat16" if torch.cuda.is_available() else "float32",
+                          profiled=args.lengths)
+    checked_config(args, args.lengths)
     return model_source(args).load(getattr(torch, args.dtype or "bfloat16"),
                                    device_map=args.device_map)
 

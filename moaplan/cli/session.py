@@ -31,7 +31,7 @@ class ModelSession:
         from moaplan.cli.common import open_model
         from moaplan.data import CalibrationFile, model_calibration
 
-        model, tokenizer = open_model(args, device=args.device)
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
         if args.data:
             lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
             source = CalibrationFile(args.data, tokenizer, lengths).samples

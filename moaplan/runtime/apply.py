@@ -149,23 +149,45 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
     return moaplan_attention
 
 
+@dataclass(frozen=True)
+class ModelAttention:
+    """What :func:`check_attention_routing` found a model's attention calls carry: the
+    model's class ``name``, its logit ``softcap`` and its shortest local ``window`` (None:
+    none), which the gradient profiler cannot differentiate through."""
+
+    name: str
+    softcap: float | None
+    window: int | None
+
+    def check_profiling(self, lengths: list[int]) -> None:
+        """Refuse (one line, before any work) to profile at ``lengths`` what the profiler
+        cannot: soft-capped logits or a local window shorter than the input."""
+        if self.softcap is not None:
+            raise ModelError(f"{self.name} soft-caps its attention logits, which moaplan's "
+                             "profiler does not model; convert or write a plan instead")
+        if self.window is not None and self.window < max(lengths):
+            raise ModelError(f"{self.name} has layers with a sliding window of {self.window} "
+                             f"tokens; profile at lengths up to {self.window}")
+
+
 def check_attention_routing(config: Any, model_class: type | None = None, *,
-                            trust_remote_code: bool = False) -> None:
+                            trust_remote_code: bool = False) -> ModelAttention:
     """Refuse, with a one-line :class:`ModelError`, a model a plan cannot drive: one whose
     attention does not go through ``AttentionInterface`` on every layer, or passes it
     something a plan cannot honour, or whose keys do not have the KV heads and head_dim its
     config declares.  Found by capability, not by name: a copy of the model is built on the
     ``meta`` device (no memory, no weights) and run on 3 tokens with a recording attention.
-    ``model_class`` defaults to ``AutoModelForCausalLM``'s choice for ``config``."""
+    ``model_class`` defaults to ``AutoModelForCausalLM``'s choice for ``config``.  Returns
+    what the calls carry beyond the plan (:class:`ModelAttention`)."""
     from transformers import AutoModelForCausalLM
 
     from moaplan.plan import ModelShape
 
-    calls: dict[int | None, tuple[tuple[int, ...], frozenset[str]]] = {}
+    calls: dict[int | None, tuple[tuple[int, ...], dict[str, Any]]] = {}
 
     def recording(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[Any, None]:
-        given = frozenset(k for k, v in kwargs.items() if v is not None)
+        given = {k: v for k, v in kwargs.items() if v is not None}
         calls[getattr(module, "layer_idx", None)] = (tuple(key.shape), given)
         return query.transpose(1, 2), None
 
@@ -192,7 +214,7 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
                          f"AttentionInterface (layers {missing[0]}..{missing[-1]} never call "
                          "it), so a plan cannot change it")
     for layer, (key_shape, given) in sorted(calls.items(), key=lambda kv: str(kv[0])):
-        odd = sorted(given - _UNDERSTOOD)
+        odd = sorted(set(given) - _UNDERSTOOD)
         if odd:
             raise ModelError(f"{name} passes {', '.join(odd)} to its attention (layer "
                              f"{layer}), which a moaplan plan cannot honour")
@@ -200,6 +222,10 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
             raise ModelError(f"{name}'s attention gets {key_shape[1]} KV heads of head_dim "
                              f"{key_shape[3]}, its config declares {shape.num_key_value_heads}"
                              f" of {shape.head_dim}: moaplan cannot plan for it")
+    windows = [given["sliding_window"] for _, given in calls.values() if "sliding_window" in given]
+    softcaps = [given["softcap"] for _, given in calls.values() if "softcap" in given]
+    return ModelAttention(name, softcaps[0] if softcaps else None,
+                          min(windows) if windows else None)
 
 
 def implementation_name(plan: Plan) -> str:
