@@ -146,3 +146,15 @@ def test_a_cache_the_call_asks_for_is_left_alone(model_and_plan):
     assert not isinstance(static.past_key_values, MoaplanCache)
     assert torch.equal(static.sequences, stepwise(model, plan, [ids], [5]))
     assert uncached.shape == (1, PROMPT + 5)
+
+
+def test_a_local_layers_cache_holds_no_more_than_its_window():
+    # Gemma 3's layer 0 sees only its last 12 tokens whatever the plan: its rings stop there.
+    model = tiny_model("gemma3")
+    plan = make_plan(model, [[Rule.full_attention(), Rule(sink=2, alpha=4.0, beta=0.5)]] * 2)
+    apply(model, plan)
+    ids = ids_for(7, 1, 30)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, stepwise(model, plan, [ids], [8]))
+    assert out.past_key_values.nbytes() < MoaplanCache(plan, 1, 38).nbytes()

@@ -48,6 +48,7 @@ _UNDERSTOOD = frozenset({"sliding_window", "softcap", "scaling", "dropout", "pos
                          "use_cache", "cache_position", "output_attentions", "is_causal"})
 _PREVIOUS = "_moaplan_previous_attn_implementation"
 _PLAN = "_moaplan_plan"  # the applied plan, read by the generate wrapper
+_WINDOWS = "_moaplan_windows"  # the model's own window per layer, which bounds its cache
 
 
 def real_token_mask(
@@ -152,12 +153,17 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
 @dataclass(frozen=True)
 class ModelAttention:
     """What :func:`check_attention_routing` found a model's attention calls carry: the
-    model's class ``name``, its logit ``softcap`` and its shortest local ``window`` (None:
-    none), which the gradient profiler cannot differentiate through."""
+    model's class ``name``, its logit ``softcap``, and each layer's own sliding window
+    (None: full attention)."""
 
     name: str
     softcap: float | None
-    window: int | None
+    windows: tuple[int | None, ...]
+
+    @property
+    def window(self) -> int | None:
+        """The shortest local window (None: no layer has one)."""
+        return min((w for w in self.windows if w is not None), default=None)
 
     def check_profiling(self, lengths: list[int]) -> None:
         """Refuse (one line, before any work) to profile at ``lengths`` what the profiler
@@ -222,10 +228,10 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
             raise ModelError(f"{name}'s attention gets {key_shape[1]} KV heads of head_dim "
                              f"{key_shape[3]}, its config declares {shape.num_key_value_heads}"
                              f" of {shape.head_dim}: moaplan cannot plan for it")
-    windows = [given["sliding_window"] for _, given in calls.values() if "sliding_window" in given]
     softcaps = [given["softcap"] for _, given in calls.values() if "softcap" in given]
     return ModelAttention(name, softcaps[0] if softcaps else None,
-                          min(windows) if windows else None)
+                          tuple(calls[layer][1].get("sliding_window")
+                                for layer in range(shape.num_layers)))
 
 
 def implementation_name(plan: Plan) -> str:
@@ -247,7 +253,7 @@ def apply(model: Any, plan: Plan | str | Path | None = None, *, strict: bool = T
     given a cache).  Returns the same model object; :func:`remove` switches it back.
     """
     config = model.config
-    check_attention_routing(config, type(model))
+    attention = check_attention_routing(config, type(model))
     if plan is None:
         where = model.name_or_path  # the directory from_pretrained read ("" if none)
         plan = Path(where) / PLAN_FILE
@@ -268,6 +274,7 @@ def apply(model: Any, plan: Plan | str | Path | None = None, *, strict: bool = T
         setattr(model, _PREVIOUS, current)
     model.set_attn_implementation(name)
     setattr(model, _PLAN, plan)
+    setattr(model, _WINDOWS, attention.windows)
     if "generate" not in vars(model):
         model.generate = _generate_with_compressed_cache(model)
         model.save_pretrained = _save_with_plan(model)
@@ -324,7 +331,7 @@ class GenerationRequest:
             return None
         config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
         config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
-        if not config.use_cache:
+        if config.use_cache is False:  # None: the model's default, a cache
             return None
         n_prompt = prompt.shape[1]
         if config.max_new_tokens is not None:
@@ -363,7 +370,8 @@ def _generate_with_compressed_cache(model: Any) -> Any:
         elif given is None and request.cache_implementation is None:
             kwargs[key] = MoaplanCache(applied_plan(model), request.batch, request.length,
                                        dtype=model.dtype, device=request.device,
-                                       headroom=request.headroom)
+                                       headroom=request.headroom,
+                                       windows=getattr(model, _WINDOWS))
         return plain(*args, **kwargs)
 
     return generate
@@ -377,5 +385,6 @@ def remove(model: Any) -> Any:
     model.set_attn_implementation(previous)
     delattr(model, _PREVIOUS)
     delattr(model, _PLAN)
+    delattr(model, _WINDOWS)
     del model.generate, model.save_pretrained  # the class's methods again
     return model

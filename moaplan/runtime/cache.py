@@ -105,7 +105,7 @@ class MoaplanLayer(CacheLayerMixin):
 
     def __init__(self, rules: Sequence[Rule], batch_size: int, max_length: int,
                  num_q_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 chunk: int | None = None, headroom: int = 0):
+                 chunk: int | None = None, headroom: int = 0, window: int | None = None):
         super().__init__()
         self.rules = _LayerRules(rules, device)
         self.max_length = max_length
@@ -115,6 +115,9 @@ class MoaplanLayer(CacheLayerMixin):
         # Headroom: ring slots past the span, so that dropping the last ``headroom`` tokens
         # (a rejected draft) leaves every key the next query needs in place.
         rings = np.minimum(rings + headroom, np.maximum(max_length - sinks, 1))
+        if window is not None:  # the model's own window: no query sees further back
+            rings = np.minimum(rings, window + headroom)
+        self.window = window
         self.sinks, self.rings = sinks.tolist(), rings.tolist()
         self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
         self._chunk = chunk
@@ -237,7 +240,7 @@ class MoaplanLayer(CacheLayerMixin):
                              "than the input); make it with a larger max_length")
         new = MoaplanLayer(self.rules.rules, self.batch_size, max_length, self.num_q_heads,
                            self.keys.shape[-1], self.dtype, self.device, self._chunk,
-                           self.headroom)
+                           self.headroom, self.window)
         for h in range(self.layout.num_kv_heads):
             first, cap = self.layout.head_slots(h)
             pos = slot_positions(self.sinks[h], self.rings[h], self.n_real)  # [B, cap]
@@ -484,17 +487,21 @@ class MoaplanCache(Cache):
 
     def __init__(self, plan: Plan, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 *, chunk: int | None = None, headroom: int = 0):
+                 *, chunk: int | None = None, headroom: int = 0,
+                 windows: Sequence[int | None] | None = None):
         """``headroom``: extra ring slots per head so that :meth:`crop` can drop up to that many
-        tokens exactly (assisted decoding's rejected drafts); 0 for plain decoding."""
+        tokens exactly (assisted decoding's rejected drafts); 0 for plain decoding.
+        ``windows``: the model's own sliding window per layer (None: full attention), which
+        caps that layer's rings; ``model.generate`` under a plan passes them."""
         if batch_size < 1 or max_length < 1 or headroom < 0:
             raise ModelError(f"batch_size and max_length must be >= 1 and headroom >= 0, got "
                              f"{batch_size}, {max_length} and {headroom}")
         shape = plan.model
         device = torch.device(device)
+        windows = windows or [None] * shape.num_layers
         layers = [MoaplanLayer(plan.rules[layer], batch_size, max_length,
                                shape.num_attention_heads, shape.head_dim, dtype, device, chunk,
-                               headroom)
+                               headroom, windows[layer])
                   for layer in range(shape.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
