@@ -86,10 +86,12 @@ def test_search_baseline_and_generate_on_a_gguf_file(gguf_dir, capsys, monkeypat
     monkeypatch.chdir(gguf_dir)
     model = str(gguf_dir / "model.gguf")
     assert main(["search", "--model", model, "--budget", "0.9", "--lengths", "128", "256",
-                 "--samples", "1", "--validation-length", "192", "--trials", "2",
-                 "--data", "data.txt", "--out", "searched.yaml", "--json"]) == 0
+                 "--samples", "1", "--validation-length", "192", "--validation-samples", "4",
+                 "--candidates", "2", "--ablate", "0", "--data", "data.txt",
+                 "--out", "searched.yaml", "--json"]) == 0
     record = last_json(capsys)
     assert record["model"]["kv_heads"] == 2 and record["kv_density"]["256"] <= 0.9
+    assert record["chosen"] in {c["name"] for c in record["candidates"]}
     assert load_plan(gguf_dir / "searched.yaml").model.model_type == "llama"
     assert main(["baseline", "streaming", "--model", model, "--budget", "0.5", "--lengths",
                  "256", "--sink", "4", "--out", "streaming.yaml", "--json"]) == 0
