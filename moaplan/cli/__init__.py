@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from moaplan import __version__
 from moaplan.errors import MoaplanError
 
 SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "convert",
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moaplan",
         description="Per-head sparse attention plans for Hugging Face causal LMs.",
     )
+    parser.add_argument("--version", action="version", version=f"moaplan {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"moaplan.cli.{name.replace('-', '_')}").register(subparsers)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import add_model_source_arguments, open_model, positive_int
 
 TASKS = ("passkey", "kv", "ppl")
 
@@ -28,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score a model on passkey retrieval, key-value retrieval or held-out "
                     "perplexity over a grid of lengths (and needle depths), print a table and "
                     "optionally write the results as JSON. Samples are drawn from --seed.")
-    parser.add_argument("--model", help="local Hugging Face model directory "
-                                        "(default: the reference model shipped with moaplan)")
+    add_model_source_arguments(parser)
     parser.add_argument("--plan", help="plan YAML to apply (default: dense attention)")
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096],
@@ -51,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
     from moaplan.io import atomic_write_text
-    from moaplan.model import load_model, reference_model_path
+    from moaplan.model import reference_model_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = open_model(args, device=device)
     if args.plan:
         from moaplan.runtime import apply
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import add_model_source_arguments, open_model, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="--heads without --scores: needle prompt lengths (default 2048)")
     parser.add_argument("--score-samples", type=positive_int, default=4,
                         help="--heads without --scores: needle prompts per length (default 4)")
-    parser.add_argument("--model", help="local model directory (default: the reference model)")
+    add_model_source_arguments(parser)
     parser.add_argument("--length", type=positive_int, default=4096,
                         help="longest sample in tokens; longer pairs are cut (default 4096)")
     parser.add_argument("--limit", type=positive_int, help="score only the first N samples")
@@ -69,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.data import load_calibration
     from moaplan.eval.data_influence import influence_scores, write_scores
-    from moaplan.model import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = open_model(args, device=args.device)
     samples = load_calibration(args.data, tokenizer, args.length, args.limit)
     plan = _mask_plan(args, model, tokenizer)
     with tqdm(total=2 * len(samples), unit="pass", desc="influence") as bar:

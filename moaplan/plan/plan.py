@@ -145,5 +145,5 @@ class Plan:
         if strict and self.model.fingerprint and self.model.fingerprint != shape.fingerprint:
             raise PlanError(f"the plan was made for another {self.model.model_type or 'model'} "
                             f"(config fingerprint {self.model.fingerprint}, this model has "
-                            f"{shape.fingerprint}); pass strict=False (CLI: --force) to use "
+                            f"{shape.fingerprint}); apply it with strict=False to use "
                             "it anyway")
