@@ -101,17 +101,10 @@ QUICK = QualitySettings(budgets=(0.5,), depths=(0.0,), samples=2, text_windows=1
 
 def load_testbed(testbed: Testbed, device: str):
     """The test bed's model (float32 on the CPU, bfloat16 on a GPU) and tokenizer."""
+    if testbed.model is not None and not Path(testbed.model).exists():
+        raise MoaplanError(f"no model at {testbed.model}; run `make smollm2` first")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if testbed.model is None or not testbed.model.endswith(".gguf"):
-        return load_model(testbed.model, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = Path(testbed.model)
-    if not path.is_file():
-        raise MoaplanError(f"no GGUF file at {path}; run `make smollm2` first")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                 attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model.to(device).eval(), tokenizer
+    return load_model(testbed.model, dtype=dtype, device=device)
 
 
 def duo_baseline(shape: ModelShape, profile, budget: Budget, lengths: list[int],

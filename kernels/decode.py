@@ -418,24 +418,31 @@ def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted, cfg) -
     return out
 
 
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logit soft-capping as Gemma 2 applies it (identity for None)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor,
                      scale: float,
                      dropped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     ) -> torch.Tensor:
+                     softcap: float | None = None) -> torch.Tensor:
     """Plain torch attention of one KV head's queries ``q [B, G, T, D]`` over ``k``, ``v``
     ``[B, K, D]`` where ``ok`` (bool, broadcast to ``[B, G, T, K]``) allows, in ``q``'s dtype.
 
     ``dropped``: ``(key sums, value sums, count)`` of the keys each query drops, ``[B, T, D]``,
     ``[B, T, D]`` and ``[B, T]``, for the compensation token (one extra entry: the means, its
     weight times the count; none where the count is 0).  A row with nothing to attend is 0.
+    ``softcap``: Gemma 2's logit soft-capping, ``softcap * tanh(score / softcap)``.
     """
-    scores = torch.einsum("bgtd,bkd->bgtk", q, k) * scale
+    scores = soft_cap(torch.einsum("bgtd,bkd->bgtk", q, k) * scale, softcap)
     scores = scores.masked_fill(~ok, float("-inf"))
     if dropped is not None:
         k_sum, v_sum, count = dropped
         count = count.to(q.dtype)
         n = count.clamp(min=1)[..., None]
-        extra = torch.einsum("bgtd,btd->bgt", q, k_sum / n) * scale + count.log()[:, None]
+        extra = (soft_cap(torch.einsum("bgtd,btd->bgt", q, k_sum / n) * scale, softcap)
+                 + count.log()[:, None])
         scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bgtk,bkd->bgtd", probs[..., :k.shape[1]], v)

@@ -55,9 +55,11 @@ class Rule:
     entry carrying the mean of the dropped keys and values).
 
     ``query_windows`` (optional) narrows the prefill of each query head of the KV head's GQA
-    group: one ``(alpha, beta)`` per query head, whose span is computed like the rule's and
-    capped at it (so the cache, which holds the rule's span, still has every key a query head
-    needs); every query head keeps the rule's sinks.  Without it every query head uses the
+    group: one ``(alpha, beta)`` per query head, whose span is computed like the rule's (but
+    from a floor of one key: the rule's ``min_span``, which may widen the rule to cover the
+    group's other members, is not the query head's own) and capped at the rule's span (so the
+    cache, which holds the rule's span, still has every key a query head needs); every query
+    head keeps the rule's sinks.  Without it every query head uses the
     rule's span.  Only the prefill narrows: decode steps read the rule's whole span for every
     query head (the decode kernel works per KV head), so a generated token may see more than
     its query head's window.
@@ -161,8 +163,8 @@ def rule_spans(rules: Sequence[Rule], n: ArrayLike) -> np.ndarray:
 def query_spans(rules: Sequence[Rule], n: ArrayLike, group: int) -> np.ndarray:
     """Prefill span of every query head at every length: int64 ``(len(rules) * group,
     *shape(n))``, query head ``r * group + g`` belonging to rule ``r``.  A rule's
-    ``query_windows`` give its heads' spans (each capped at the rule's span); a rule without
-    them gives every head its own span."""
+    ``query_windows`` give its heads' spans (from one key, not the rule's ``min_span``; each
+    capped at the rule's span); a rule without them gives every head its own span."""
     n = np.asarray(n, dtype=np.int64)
     spans = np.repeat(rule_spans(rules, n), group, axis=0)
     for r, rule in enumerate(rules):
@@ -172,7 +174,7 @@ def query_spans(rules: Sequence[Rule], n: ArrayLike, group: int) -> np.ndarray:
             raise ValueError(f"rule {r} has {len(rule.query_windows)} query windows for a "
                              f"group of {group} query heads")
         alpha, beta = np.array(rule.query_windows, dtype=np.float64).T
-        heads = [replace(rule, alpha=float(a), beta=float(b), query_windows=None)
+        heads = [replace(rule, alpha=float(a), beta=float(b), min_span=1, query_windows=None)
                  for a, b in zip(alpha, beta)]
         rows = slice(r * group, (r + 1) * group)
         spans[rows] = np.minimum(rule_spans(heads, n), spans[rows])

@@ -1,100 +1,23 @@
-"""``apply``/``remove`` on tiny random Llama, Mistral and Qwen2 models (GQA: 4 heads, 2 KV)."""
+"""``apply``/``remove`` on tiny random Llama, Mistral (native window 12) and Qwen2 models (GQA:
+4 heads, 2 KV); the other families are in test_architectures.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tiny_models import brute_force_logits, full_plan, ids_for, sparse_plan, tiny_model
 
 from moaplan.errors import ModelError, PlanError
 from moaplan.plan import ModelShape, Plan, save_plan
 from moaplan.rules import Rule
 from moaplan.runtime import apply, remove
+from moaplan.runtime.cache import cache_keyword
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),  # keeps its default sliding_window 4096
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
-             bos_token_id=None, eos_token_id=None, pad_token_id=None)
+ARCHS = ("llama", "mistral", "qwen2")
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
-def tiny_model(arch: str, **overrides) -> torch.nn.Module:
-    config_cls, model_cls = ARCHS[arch]
-    torch.manual_seed(0)
-    return model_cls(config_cls(**{**SHAPE, **overrides})).eval()
-
-
-def make_plan(model, rules) -> Plan:
-    return Plan(ModelShape.from_config(model.config), rules)
-
-
-def full_plan(model) -> Plan:
-    return make_plan(model, [[Rule.full_attention()] * 2 for _ in range(2)])
-
-
-def sparse_plan(model, seed: int, *, elastic: bool = True) -> Plan:
-    """Different small rules per (layer, KV head); ``elastic`` adds length-dependent spans."""
-    rng = np.random.default_rng(seed)
-    betas = (0.0, 0.25) if elastic else (0.0,)
-    rules = [[Rule(sink=int(rng.integers(0, 4)), alpha=float(rng.integers(1, 6)),
-                   beta=float(rng.choice(betas))) for _ in range(2)] for _ in range(2)]
-    return make_plan(model, rules)
-
-
-def brute_force_logits(model, plan: Plan, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Logits with each layer's rules as explicit per-head masks, built by looping over
-    positions; query row ``i`` uses the rule at length ``lengths[i]``.  Eager softmax attention,
-    independent of moaplan's runtime."""
-    n = ids.shape[1]
-    masks = []
-    for layer_rules in plan.rules:
-        mask = torch.zeros(len(layer_rules), n, n, dtype=torch.bool)
-        for h, rule in enumerate(layer_rules):
-            sink = 0 if rule.full else rule.sink
-            for i in range(n):
-                span = int(rule.span(lengths[i]))
-                for j in range(i + 1):
-                    mask[h, i, j] = j < sink or i - j < span
-        masks.append(mask)
-
-    def masked_eager(module, query, key, value, attention_mask, scaling=None, **_):
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        mask = masks[module.layer_idx].repeat_interleave(group, 0)
-        scores = (query @ key.transpose(-1, -2)) * scaling
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        return (probs @ value).transpose(1, 2).contiguous(), None
-
-    previous = model.config._attn_implementation
-    AttentionInterface.register("moaplan_test_brute_force", masked_eager)
-    model.set_attn_implementation("moaplan_test_brute_force")
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        model.set_attn_implementation(previous)
-
-
-def ids_for(seed: int, batch: int, n: int) -> torch.Tensor:
-    return torch.randint(1, 100, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_full_plan_matches_sdpa_forward_and_generate(arch):
     model = tiny_model(arch)
     ids = ids_for(0, 2, 14)
@@ -108,7 +31,7 @@ def test_full_plan_matches_sdpa_forward_and_generate(arch):
     assert torch.equal(got_tokens, want_tokens)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_plan_matches_brute_force(arch):
     model = tiny_model(arch)
     plan = sparse_plan(model, seed=len(arch))
@@ -210,14 +133,45 @@ def test_mismatched_plan_raises_plan_error(shape):
         apply(model, Plan(ModelShape(**fields), rules))
 
 
-def test_unsupported_architecture_raises_model_error():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
-    with pytest.raises(ModelError, match="supported architectures: llama, mistral, qwen2"):
-        apply(model, full_plan(tiny_model("llama")))
-
-
-def test_input_beyond_native_sliding_window_raises_model_error():
+def test_decode_past_the_native_window_in_a_dense_cache_raises_model_error():
+    # transformers' own cache drops a local layer's oldest slots, so the real-token positions
+    # of what is left are lost; a MoaplanCache keeps them (what generate under a plan uses).
     model = tiny_model("mistral", sliding_window=8)
     apply(model, full_plan(model))
-    with pytest.raises(ModelError, match="native sliding window"), torch.no_grad():
-        model(ids_for(0, 1, 12))
+    with torch.no_grad():
+        cache = model(ids_for(0, 1, 12), use_cache=True).past_key_values
+        with pytest.raises(ModelError, match="sliding window"):
+            model(ids_for(1, 1, 1), **{cache_keyword(model): cache})
+
+
+def test_a_custom_4d_mask_is_refused_not_misread():
+    # Two packed documents: the second may not see the first.  transformers hands a 4D mask
+    # to the attention unchanged, and a plan cannot honour it.
+    model = tiny_model("llama")
+    apply(model, full_plan(model))
+    n = 10
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    doc = torch.arange(n) >= 6
+    packed = (causal & (doc[:, None] == doc[None, :]))[None, None]
+    with pytest.raises(ModelError, match="custom 4D mask"), torch.no_grad():
+        model(ids_for(0, 1, n), attention_mask=packed)
+    with torch.no_grad():  # the plain causal mask, given as 4D, is what a plan assumes
+        as_4d = model(ids_for(0, 1, n), attention_mask=causal[None, None]).logits
+        torch.testing.assert_close(as_4d, model(ids_for(0, 1, n)).logits)
+    restart = torch.cat([torch.arange(6), torch.arange(4)])[None]
+    with pytest.raises(ModelError, match="packed documents"), torch.no_grad():
+        model(ids_for(0, 1, n), position_ids=restart, use_cache=False)
+
+
+def test_save_pretrained_keeps_the_plan_beside_the_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2")
+    apply(model, sparse_plan(model, seed=7))
+    model.save_pretrained(tmp_path)
+    reloaded = apply(AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    ids = ids_for(5, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    with pytest.raises(ModelError, match="none saved beside the model"):
+        apply(tiny_model("qwen2"))

@@ -213,8 +213,8 @@ def test_short_requests_hold_no_more_than_a_dense_cache():
 def test_overflow_and_misuse_are_clear_errors(model_and_plan):
     model, plan = model_and_plan
     cache = MoaplanCache(plan, 1, 12)
-    with pytest.raises(ModelError, match="sized for 12 tokens"):
-        generate(model, prompt(40, 10), 5, cache)
+    with pytest.raises(ModelError, match="sized for 12 tokens"), torch.no_grad():
+        model(prompt(40, 13), **{cache_keyword(model): cache})  # generate would grow it
     # A model that does not run the plan's attention never reads the cache: caught on the
     # next update instead of silently attending to the new token alone.
     plain = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()

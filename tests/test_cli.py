@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moaplan.cli import SUBCOMMANDS, main
@@ -33,14 +34,19 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "'model' must be a mapping" in result.stderr
 
 
-def test_show_prints_table_and_writes_heatmap(tmp_path, capsys):
+def test_show_prints_table_and_writes_a_heatmap_only_when_asked(tmp_path, capsys):
     plan = uniform_plan(ModelShape(3, 4, 2, 16), Budget("kv", 0.5), [1024, 4096])
     path = save_plan(plan, tmp_path / "plan.yaml")
     assert main(["show", str(path), "--lengths", "1024", "4096"]) == 0
     out = capsys.readouterr().out
     assert "kv@4096" in out and "all" in out and "0.500" in out
-    png = tmp_path / "plan.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
+    png = tmp_path / "heat.png"
+    assert main(["show", str(path), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(path), "--lengths", "4096", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["kv_density"] == {"4096": 0.5} and len(record["layers"]) == 3
 
 
 def test_convert_moa_and_duo(tmp_path):
@@ -59,7 +65,7 @@ def test_convert_moa_and_duo(tmp_path):
 
 def test_convert_needs_a_shape(tmp_path):
     result = run_cli("convert", "moa", "x.json", "--out", str(tmp_path / "o.yaml"))
-    assert result.returncode == 2 and "give --model DIR" in result.stderr
+    assert result.returncode == 2 and "give --model" in result.stderr
 
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
@@ -89,3 +95,37 @@ def test_generate_reports_a_missing_prompt_file(tmp_path):
     missing = run_cli("generate", "--plan", str(plan), "--prompt-file", str(tmp_path / "no"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.count("\n") == 1 and "cannot read --prompt-file" in missing.stderr
+
+
+# (alpha, beta) pairs that share a layer in MoA's published plan for Llama-3-8B-Instruct-262k
+# (32 layers x 32 query heads, 8 KV heads): alphas from -1024 to 3072, and -1024 + 1.0 N.
+MOA_LAYER_PAIRS = [
+    ((0, 0.625), (0, 0.75)), ((1024, 0), (0, 0.75)), ((0, 0.25), (-1024, 1.0)),
+    ((0, 0.75), (0, 0.375)), ((2048, 0.5), (0, 0.25)), ((1024, 0), (-1024, 1.0)),
+    ((-1024, 1.0), (0, 0.5)), ((0, 0.25), (-1024, 1.0)), ((-1024, 1.0), (1024, 0.125)),
+    ((0, 0.25), (3072, 0.375)), ((-1024, 1.0), (1024, 0.0)), ((0, 0.0), (3072, 0.0)),
+    ((1024, 1.0), (-1024, 1.0)), ((-1024, 0.125), (0, 0.125)), ((1024, 0.75), (0, 0)),
+]
+
+
+def test_convert_moa_with_published_value_ranges_keeps_the_widest_span(tmp_path):
+    rng = np.random.default_rng(0)
+    layers, heads, kv = 32, 32, 8
+    pairs = [MOA_LAYER_PAIRS[layer % len(MOA_LAYER_PAIRS)] for layer in range(layers)]
+    picks = rng.integers(0, 2, size=(layers, heads))
+    alphas = np.array([[pairs[i][k][0] for k in row] for i, row in enumerate(picks)], float)
+    betas = np.array([[pairs[i][k][1] for k in row] for i, row in enumerate(picks)])
+    assert (alphas < 0).any() and alphas.min() == -1024 and alphas.max() == 3072
+    moa = tmp_path / "moa.json"
+    moa.write_text(json.dumps({"alphas": alphas.tolist(), "betas": betas.tolist()}))
+    out = tmp_path / "plan.yaml"
+    with pytest.warns(UserWarning, match="group of 4"):
+        assert main(["convert", "moa", str(moa), "--shape", f"{layers},{heads},{kv},128",
+                     "--out", str(out)]) == 0
+    plan = load_plan(out)
+    for n in (4096, 8192, 16384, 32768):
+        # MoA's a + bN clamped to [1, N]: a query always sees itself.
+        moa_spans = np.clip(np.floor(alphas + betas * n + 0.5), 1, n)
+        widest = moa_spans.reshape(layers, kv, heads // kv).max(-1)
+        ours = np.array([[rule.span(n) for rule in row] for row in plan.rules])
+        np.testing.assert_array_equal(ours, widest)

@@ -158,14 +158,25 @@ def test_import_moa_gqa_takes_widest_rule(tmp_path):
     path.write_text(json.dumps({"alphas": [[100, 300, 50, 60]], "betas": [[0.5, 0.1, 0, 0]]}))
     with pytest.warns(UserWarning, match="widest rule of each group of 2"):
         plan = import_moa(path, ModelShape(1, 4, 2, 16))
-    # The cache keeps the widest; the prefill keeps each query head's own span.
-    assert plan.rules[0][0] == Rule(sink=64, alpha=300.0, beta=0.5,
+    # The cache keeps the widest (widest_rule: 100 + 0.5N overtakes 300 + 0.1N at N = 500,
+    # span 350: below that, min_span holds it); the prefill keeps each query head's own span.
+    assert plan.rules[0][0] == Rule(sink=64, alpha=100.0, beta=0.5, min_span=350,
                                     query_windows=((100.0, 0.5), (300.0, 0.1)))
     assert plan.rules[0][1] == Rule(sink=64, alpha=60.0, beta=0.0,
                                     query_windows=((50.0, 0.0), (60.0, 0.0)))
+    lengths = np.arange(1, 2000)
+    widest = np.maximum(np.minimum(100 + 0.5 * lengths, lengths),
+                        np.minimum(300 + 0.1 * lengths, lengths))
+    assert (plan.rules[0][0].span(lengths) >= np.floor(widest)).all()
+    assert (plan.rules[0][0].span(lengths[lengths >= 500])
+            == np.floor(widest[lengths >= 500] + 0.5)).all()
+    # A query window never exceeds the rule, and keeps its own span below the rule's min_span.
+    by_query = query_spans(plan.rules[0], lengths, 2)
+    assert (by_query[:2] <= plan.rules[0][0].span(lengths)).all()
+    assert by_query[:2, 399].tolist() == [300, 340]  # at N = 400, not min_span's 350
     n = 1000
     assert query_spans(plan.rules[0], n, 2).tolist() == [600, 400, 50, 60]
-    assert plan.densities([n])["kv"][0, 0, 0] == pytest.approx((64 + 800) / n)
+    assert plan.densities([n])["kv"][0, 0, 0] == pytest.approx((64 + 600) / n)
     by_head = attention_density(64, np.array([600, 400]), n).mean()
     assert plan.densities([n])["attention"][0, 0, 0] == pytest.approx(by_head)
     # Members that all match the widest need no windows; a full widest member keeps 64

@@ -11,6 +11,7 @@ import importlib
 import sys
 from typing import NoReturn
 
+from moaplan import __version__
 from moaplan.errors import MoaplanError, one_line
 
 SUBCOMMANDS = ("search", "baseline", "profile", "eval", "generate", "show", "convert",
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moaplan",
         description="Per-head sparse attention plans for Hugging Face causal LMs.",
     )
+    parser.add_argument("--version", action="version", version=f"moaplan {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"moaplan.cli.{name.replace('-', '_')}").register(subparsers)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import density_value, non_negative_int, positive_int
+from moaplan.cli.common import (
+    add_json_argument,
+    density_value,
+    non_negative_int,
+    positive_int,
+    print_json,
+)
 from moaplan.cli.search import add_model_arguments
 
 
@@ -25,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recent", type=positive_int, default=256,
                         help="duo: recent window of streaming heads (default 256)")
     parser.add_argument("--out", required=True, help="plan file to write")
+    add_json_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     budget = Budget(args.density, args.budget)
     lengths = sorted({*args.lengths, *args.extend_to})
     if args.kind == "streaming":
-        from moaplan.model import load_model
+        from moaplan.cli.common import checked_config
 
-        model, _ = load_model(args.model, device=args.device)
-        check_lengths(model.config, args.lengths)
-        plan = uniform_plan(ModelShape.from_config(model.config), budget, lengths, args.sink)
+        config = checked_config(args)
+        check_lengths(config, args.lengths)
+        plan = uniform_plan(ModelShape.from_config(config), budget, lengths, args.sink)
     else:
         from moaplan.cli.session import ModelSession
         from moaplan.profile.profile import check_profile_output
@@ -63,5 +70,10 @@ def run(args: argparse.Namespace) -> int:
         plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
                         lengths, args.sink, args.recent)
     save_plan(plan, args.out)
-    print(f"wrote {args.out}: {args.kind} plan, {args.density} density {args.budget}")
+    if args.json:
+        from moaplan.plan.report import plan_record
+
+        print_json({"plan": args.out, **plan_record(plan, lengths)})
+    else:
+        print(f"wrote {args.out}: {args.kind} plan, {args.density} density {args.budget}")
     return 0

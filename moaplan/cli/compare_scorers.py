@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import check_head_count, positive_int
+from moaplan.cli.common import (
+    add_model_source_arguments,
+    check_head_count,
+    open_model,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "drops), retrieval score, echo and induction score, and print the pairwise "
                     "overlap (count and Jaccard) of their top-K heads.  The rankings come from "
                     "profile files (--profiles) or are computed now on the model.")
-    parser.add_argument("--model", help="local model directory (default: the reference model)")
+    add_model_source_arguments(parser)
     parser.add_argument("--profiles", nargs="+", metavar="PROFILE",
                         help="profile files (.safetensors) of any scorers, instead of computing")
     parser.add_argument("--top", type=positive_int, default=8,
@@ -51,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         from moaplan.data import model_calibration
-        from moaplan.model import check_lengths, load_model
+        from moaplan.model import check_lengths
         from moaplan.profile.compare import scorer_rankings
 
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
         check_head_count(model.config, args.top, "--top")
         check_lengths(model.config, args.lengths)
         calibration = {n: model_calibration(model, tokenizer, n, args.samples, args.seed)

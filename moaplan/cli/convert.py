@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moaplan.cli.common import finite_float, model_shape, non_negative_int, positive_int
+from moaplan.cli.common import (
+    add_model_source_arguments,
+    finite_float,
+    model_shape,
+    non_negative_int,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", choices=["moa", "duo"], help="the format of INPUT")
     parser.add_argument("input", help="the file to import")
     parser.add_argument("--out", required=True, help="the YAML plan to write")
-    parser.add_argument("--model", help="local model directory the plan is for")
+    add_model_source_arguments(parser, model_help="the model the plan is for: a local "
+                               "directory, a .gguf file or a hub id", dtype=False)
     parser.add_argument("--shape", help="or the model's LAYERS,HEADS,KV_HEADS,HEAD_DIM")
     parser.add_argument("--threshold", type=finite_float,
                         help="duo: gate above this = full head")
@@ -32,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.plan import check_plan_output, import_duo, import_moa, save_plan
 
     check_plan_output(args.out)
-    shape = model_shape(args.model, args.shape)
+    shape = model_shape(args)
     if args.source == "moa":
         plan = import_moa(args.input, shape)
     else:

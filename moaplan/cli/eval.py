@@ -7,7 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from moaplan.cli.common import add_force_argument, json_record, positive_int
+from moaplan.cli.common import (
+    add_force_argument,
+    add_model_source_arguments,
+    json_record,
+    open_model,
+    positive_int,
+)
 
 TASKS = ("passkey", "kv", "ppl")
 
@@ -28,8 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score a model on passkey retrieval, key-value retrieval or held-out "
                     "perplexity over a grid of lengths (and needle depths), print a table and "
                     "optionally write the results as JSON. Samples are drawn from --seed.")
-    parser.add_argument("--model", help="local Hugging Face model directory "
-                                        "(default: the reference model shipped with moaplan)")
+    add_model_source_arguments(parser)
     parser.add_argument("--plan", help="plan YAML to apply (default: dense attention)")
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096],
@@ -55,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
     from moaplan.io import atomic_write_text, check_output
-    from moaplan.model import check_lengths, load_model, reference_model_path
+    from moaplan.model import check_lengths, reference_model_path
 
     if args.out:
         check_output(args.out, "eval result file", is_eval_result)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = open_model(args, device=args.device)
     device = model.device
     check_lengths(model.config, args.lengths)
     if args.plan:

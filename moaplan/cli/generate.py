@@ -6,7 +6,14 @@ import argparse
 import time
 from pathlib import Path
 
-from moaplan.cli.common import add_force_argument, positive_int
+from moaplan.cli.common import (
+    add_force_argument,
+    add_json_argument,
+    add_model_source_arguments,
+    open_model,
+    positive_int,
+    print_json,
+)
 from moaplan.errors import DataError
 
 # A prompt file may hold at most this many bytes per position of the model: no tokenizer
@@ -23,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and print the text with its speed and the cache's size against a dense "
                     "cache.")
     parser.add_argument("--plan", required=True, help="plan YAML to apply")
-    parser.add_argument("--model", help="local Hugging Face model directory "
-                                        "(default: the reference model shipped with moaplan)")
+    add_model_source_arguments(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
@@ -32,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tokens to generate (default: 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     add_force_argument(parser)
+    add_json_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -40,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.data.tokens import bos_ids, encode
     from moaplan.io import read_text
-    from moaplan.model import check_lengths, load_model, max_positions, resolve_device
+    from moaplan.model import check_lengths, max_positions, resolve_device
     from moaplan.plan import load_plan
     from moaplan.runtime import MoaplanCache, apply, greedy_generate, kv_bytes
 
     plan = load_plan(args.plan)
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = open_model(args, device, "bfloat16" if device.type == "cuda"
+                                  else "float32")
+    dtype = model.dtype
     apply(model, plan, strict=not args.force)
     if args.prompt_file is not None:
         limit = _BYTES_PER_POSITION * (max_positions(model.config) or 2**20)
@@ -67,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
     out = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens, cache=cache)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
-    print(text + tokenizer.decode(new.tolist(), skip_special_tokens=True))
+    completion = tokenizer.decode(new.tolist(), skip_special_tokens=True)
     dense = kv_bytes(plan, model, length, 1, dtype, dense=True)
+    if args.json:
+        print_json({"prompt": text, "completion": completion, "prompt_tokens": ids.shape[1],
+                    "new_tokens": len(new), "seconds": seconds, "device": str(device),
+                    "cache_bytes": cache.nbytes(), "dense_cache_bytes": dense})
+        return 0
+    print(text + completion)
     print(f"-- {len(new)} new tokens after {ids.shape[1]} prompt tokens in {seconds:.2f} s "
           f"({len(new) / seconds:.1f} tokens/s, prefill included) on {device}; KV cache "
           f"{cache.nbytes() / 2**20:.2f} MiB vs {dense / 2**20:.2f} MiB dense "

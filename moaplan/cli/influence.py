@@ -6,9 +6,11 @@ import argparse
 
 from moaplan.cli.common import (
     add_force_argument,
+    add_model_source_arguments,
     check_head_count,
     json_record,
     non_negative_int,
+    open_model,
     positive_int,
 )
 
@@ -38,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="--heads without --scores: needle prompt lengths (default 2048)")
     parser.add_argument("--score-samples", type=positive_int, default=4,
                         help="--heads without --scores: needle prompts per length (default 4)")
-    parser.add_argument("--model", help="local model directory (default: the reference model)")
+    add_model_source_arguments(parser)
     parser.add_argument("--length", type=positive_int, default=4096,
                         help="longest sample in tokens; longer pairs are cut (default 4096)")
     parser.add_argument("--limit", type=positive_int, help="score only the first N samples")
@@ -83,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.data import load_calibration
     from moaplan.eval.data_influence import influence_scores, write_scores
     from moaplan.io import check_output
-    from moaplan.model import check_lengths, load_model
+    from moaplan.model import check_lengths
 
     check_output(args.out, "influence score file", is_score_file)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = open_model(args, device=args.device)
     check_lengths(model.config, [args.length], "--length")
     if args.heads is not None:
         check_head_count(model.config, args.heads, "--heads")

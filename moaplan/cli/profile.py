@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from moaplan.cli.common import positive_int
+from moaplan.cli.common import add_model_source_arguments, model_source, open_model, positive_int
 from moaplan.cli.search import add_objective_argument
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "optimizer reads the same way.")
     parser.add_argument("--scorer", choices=("gradient", "retrieval", "induction"),
                         default="gradient", help="what measures a head (default gradient)")
-    parser.add_argument("--model", help="local model directory (default: the reference model)")
+    add_model_source_arguments(parser)
     parser.add_argument("--data", help="calibration data file (default: the reference model's "
                                        "own calibration samples)")
     parser.add_argument("--lengths", type=positive_int, nargs="+", required=True,
@@ -54,23 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace, local_rank: int):
     import torch
 
-    from moaplan.errors import ModelError
-    from moaplan.model import load_model, reference_model_path
+    from moaplan.cli.common import checked_config
 
     if args.device_map is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return load_model(args.model, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = args.model or reference_model_path()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                     device_map=args.device_map)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load {path} with device_map={args.device_map!r}: "
-                         f"{str(err).strip().splitlines()[0]}") from err
+        return open_model(args, device, "bfloat16" if torch.cuda.is_available() else "float32",
+                          profiled=args.lengths)
+    checked_config(args, args.lengths)
+    return model_source(args).load(getattr(torch, args.dtype or "bfloat16"),
+                                   device_map=args.device_map)
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
@@ -120,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = Path(args.model).name if args.model else "reference"
+    name = model_source(args).name
     suffix = "" if args.scorer == "gradient" else f"-{args.scorer}"
     out = check_profile_output(args.out or f"profiles/{name}{suffix}.safetensors")
     if args.scorer != "gradient":

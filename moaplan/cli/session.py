@@ -28,10 +28,10 @@ class ModelSession:
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> ModelSession:
+        from moaplan.cli.common import open_model
         from moaplan.data import CalibrationFile, model_calibration
-        from moaplan.model import load_model
 
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
         if args.data:
             lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
             source = CalibrationFile(args.data, tokenizer, lengths).samples

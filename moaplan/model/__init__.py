@@ -2,6 +2,7 @@
 
 from moaplan.model.config import reference_config
 from moaplan.model.loading import (
+    ModelSource,
     check_lengths,
     load_model,
     max_positions,
@@ -10,5 +11,5 @@ from moaplan.model.loading import (
 )
 from moaplan.model.tokenizer import byte_tokenizer
 
-__all__ = ["byte_tokenizer", "check_lengths", "load_model", "max_positions", "reference_config",
-           "reference_model_path", "resolve_device"]
+__all__ = ["ModelSource", "byte_tokenizer", "check_lengths", "load_model", "max_positions",
+           "reference_config", "reference_model_path", "resolve_device"]

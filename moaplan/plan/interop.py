@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -24,15 +25,39 @@ def _read(path: str | os.PathLike) -> str:
     return read_text(path, "file", MAX_IMPORT_BYTES, PlanError)
 
 
+def widest_rule(alphas: np.ndarray, betas: np.ndarray, sink: int = MOA_SINK) -> Rule:
+    """One rule at least as wide as every ``alpha + beta * N`` window of a GQA group, and
+    exactly the widest of them at every length past their last crossing.
+
+    The widest window at a length is a maximum of lines, which one rule does not hold in
+    general; it is the steepest line (the largest ``alpha`` among equal slopes), raised by
+    ``min_span`` to what each other member reaches before the steepest overtakes it (a
+    constant member: its own span).  A negative ``alpha`` is legal: MoA's ``-1024 + 1.0 N``
+    is every token but the oldest 1024.  A steepest line with ``beta >= 1`` and
+    ``alpha >= 0`` sees everything: a full rule.
+    """
+    top = max(range(len(alphas)), key=lambda k: (betas[k], alphas[k]))
+    alpha, beta = float(alphas[top]), float(betas[top])
+    if beta >= 1 and alpha >= 0:
+        return Rule.full_attention()
+    reach = 1.0
+    for a, b in zip(alphas, betas):
+        if b < beta:  # it is wider until the steepest line crosses it (at N < 0: never)
+            crossing = max(0.0, (a - alpha) / (beta - b))
+            reach = max(reach, a + b * crossing)
+        # equal slopes: the steepest has the largest alpha, so it is never narrower
+    return Rule(sink=sink, alpha=alpha, beta=beta, min_span=int(np.ceil(reach)))
+
+
 def moa_rules_from_json(data: dict, group_size: int) -> list[list[Rule]]:
     """Rules per (layer, KV head) from MoA's ``{"alphas": [[...]], "betas": [[...]]}``.
 
     MoA gives one ``(alpha, beta)`` per *query* head with span ``alpha + beta * N`` and a
     64-token sink; moaplan keeps one rule per KV head so the cache really shrinks, and takes
-    the widest rule of each GQA group (the largest span at every length, since spans are
-    linear).  A rule with ``beta >= 1`` spans every length and is full.  Where the members of
-    a group differ, the rule keeps them as its ``query_windows``: the prefill computes each
-    query head's own span, the cache the widest.
+    the widest rule of each GQA group (:func:`widest_rule`).  MoA's plans pair negative
+    alphas with positive betas (``-1024 + N``); a negative beta is not a MoA plan.  Where the
+    members of a group differ, the rule keeps them as its ``query_windows``: the prefill
+    computes each query head's own span, the cache the widest.
     """
     try:
         alphas = np.asarray(data["alphas"], dtype=np.float64)
@@ -46,34 +71,32 @@ def moa_rules_from_json(data: dict, group_size: int) -> list[list[Rule]]:
     if alphas.shape[1] % group_size:
         raise PlanError(f"MoA plan has {alphas.shape[1]} heads per layer, not a multiple of the "
                         f"GQA group size {group_size}")
-    if (alphas < 0).any() or (betas < 0).any():
-        raise PlanError("MoA plan has negative alphas or betas")
+    if not (np.isfinite(alphas).all() and np.isfinite(betas).all()):
+        raise PlanError("MoA plan has alphas or betas that are not finite numbers")
+    if (betas < 0).any():
+        raise PlanError("MoA plan has negative betas (a span cannot shrink as the input grows)")
     layers, heads = alphas.shape
     kv = heads // group_size
-    # Spans are linear in N, so the largest alpha and the largest beta of a group give a rule
-    # at least as wide as every member at every length (exactly the widest member when one
-    # member dominates, as is usual).
-    alpha = alphas.reshape(layers, kv, group_size).max(-1)
-    beta = betas.reshape(layers, kv, group_size).max(-1)
-    members = np.stack([alphas, betas], -1).reshape(layers, kv, group_size, 2)
-    rules = [[_group_rule(alpha[layer, h], beta[layer, h], members[layer, h])
-              for h in range(kv)] for layer in range(layers)]
-    return rules
+    groups = [(alphas[layer].reshape(kv, group_size), betas[layer].reshape(kv, group_size))
+              for layer in range(layers)]
+    return [[_group_rule(a[h], b[h]) for h in range(kv)] for a, b in groups]
 
 
-def _group_rule(alpha: float, beta: float, members: np.ndarray) -> Rule:
-    """The rule of one GQA group: the widest ``(alpha, beta)``, full from ``beta >= 1``, with
-    the members' own ``(alpha, beta)`` as query windows where they differ from it.  A group
-    whose widest member is full but others are not keeps 64 sinks and a span of ``N`` (as
-    wide as full) so that its narrower members keep MoA's sinks."""
-    narrower = bool((members != [alpha, beta]).any()) and (members[:, 1] < 1).any()
-    if not narrower:
-        return Rule.full_attention() if beta >= 1 else Rule(
-            sink=MOA_SINK, alpha=float(alpha), beta=float(beta))
+def _group_rule(alphas: np.ndarray, betas: np.ndarray) -> Rule:
+    """The rule of one GQA group: :func:`widest_rule` of its members, with the members' own
+    ``(alpha, beta)`` as query windows where they differ (each capped at the rule's span, so
+    never wider than what the cache keeps).  A group whose widest member is full but others
+    are not keeps 64 sinks and a span of ``N`` (as wide as full) so that its narrower members
+    keep MoA's sinks."""
+    rule = widest_rule(alphas, betas)
+    members = np.stack([alphas, betas], -1)
+    member_full = (members[:, 1] >= 1) & (members[:, 0] >= 0)
+    if (members == members[0]).all() or member_full.all():
+        return rule
     windows = tuple((float(a), float(b)) for a, b in members)
-    if beta >= 1:
+    if rule.full:
         return Rule(sink=MOA_SINK, alpha=0.0, beta=1.0, query_windows=windows)
-    return Rule(sink=MOA_SINK, alpha=float(alpha), beta=float(beta), query_windows=windows)
+    return replace(rule, query_windows=windows)
 
 
 def import_moa(path: str | os.PathLike, shape: ModelShape) -> Plan:

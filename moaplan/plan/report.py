@@ -32,6 +32,30 @@ def plan_table(plan: Plan, lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plan_record(plan: Plan, lengths: list[int]) -> dict:
+    """A plan's summary for scripts (``--json``): the model's shape, the budget, and the mean
+    KV / attention densities at each length, overall and per layer with its rules."""
+    dens = plan.densities(lengths)
+    shape = plan.model
+
+    def at(values: np.ndarray) -> dict[str, float]:
+        return {str(n): round(float(v), 6) for n, v in zip(lengths, values)}
+
+    return {
+        "model": {"model_type": shape.model_type, "layers": shape.num_layers,
+                  "query_heads": shape.num_attention_heads,
+                  "kv_heads": shape.num_key_value_heads, "head_dim": shape.head_dim},
+        "budget": None if plan.budget is None else {"kind": plan.budget.kind,
+                                                    "value": plan.budget.value},
+        "kv_density": at(dens["kv"].mean((0, 1))),
+        "attention_density": at(dens["attention"].mean((0, 1))),
+        "layers": [{"rules": [rule.describe() for rule in layer_rules],
+                    "kv_density": at(dens["kv"][layer].mean(0)),
+                    "attention_density": at(dens["attention"][layer].mean(0))}
+                   for layer, layer_rules in enumerate(plan.rules)],
+    }
+
+
 def plot_spans(plan: Plan, length: int, path: str | os.PathLike) -> Path:
     """Heatmap of each head's kept share of the keys (sink + span) / N at ``length``."""
     import matplotlib

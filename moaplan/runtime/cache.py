@@ -24,8 +24,10 @@ chunk's first queries still see.  A single-token chunk (decode) is
 written first (on the GPU in one launch, :mod:`moaplan.kernels.append`) and read by the
 split-KV decode kernel.
 
-Rule length: like the dense path, a chunk's queries use ``span(N)`` with ``N`` the
-sequence's real length after the chunk; ``N <= max_length`` always, so the ring (sized at
+Rule length: like the dense path, a first prefill's queries all use ``span(N)`` with ``N``
+the sequence's real length after it, and every later query (a decode step, a draft being
+verified, a second prompt of a chat) uses the span at its own length, exactly as if the
+tokens were decoded one by one; ``N <= max_length`` always, so the ring (sized at
 ``max_length``) holds every key the rule can ask for.
 
 Compensation tokens: for the heads whose rule has ``compensate``, a layer also keeps fp32
@@ -42,6 +44,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -57,7 +60,12 @@ from moaplan.kernels.decode import (
 from moaplan.model.loading import resolve_device
 from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
-from moaplan.runtime.layer import layer_attention, real_token_attention
+from moaplan.runtime.layer import (
+    PLAIN,
+    NativeAttention,
+    layer_attention,
+    real_token_attention,
+)
 from moaplan.runtime.memory import check_count, check_fits, plan_kv_bytes
 
 _STEP_ATTR = "_moaplan_cache_step"
@@ -96,24 +104,26 @@ class MoaplanLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
 
     def __init__(self, rules: Sequence[Rule], batch_size: int, max_length: int,
                  num_q_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 chunk: int | None = None):
+                 chunk: int | None = None, headroom: int = 0, window: int | None = None):
         super().__init__()
         self.rules = _LayerRules(rules, device)
         self.max_length = max_length
         self.num_q_heads = num_q_heads
-        self.sinks, self.rings = (x.tolist() for x in cache_slots(rules, max_length))
+        self.headroom = headroom
+        sinks, rings = cache_slots(rules, max_length)
+        # Headroom: ring slots past the span, so that dropping the last ``headroom`` tokens
+        # (a rejected draft) leaves every key the next query needs in place.
+        rings = np.minimum(rings + headroom, np.maximum(max_length - sinks, 1))
+        if window is not None:  # the model's own window: no query sees further back
+            rings = np.minimum(rings, window + headroom)
+        self.window = window
+        self.sinks, self.rings = sinks.tolist(), rings.tolist()
         self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
-        # The work list's chunk depends on the batch (enough work items to fill the GPU).
-        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
-                                                  device=device, chunk=chunk,
-                                                  compensate=self.compensate)
-        # int64 copies for the per-step slot arithmetic (no casts on the decode path).
-        self._sink, self._ring, self._offset = (
-            t.to(torch.int64) for t in (self.layout.sinks, self.layout.rings, self.layout.offsets))
+        self._chunk = chunk
+        self._lay_out(batch_size, device)
         shape = (batch_size, self.layout.capacity, head_dim)
         # Zeros, not empty: the torch path multiplies masked slots by probability 0.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -127,6 +137,15 @@ class MoaplanLayer(CacheLayerMixin):
         self.batch_size = batch_size
         self.is_initialized = True
         self._reset_counters()
+
+    def _lay_out(self, batch_size: int, device: torch.device | str) -> None:
+        # The work list's chunk depends on the batch (enough work items to fill the GPU).
+        self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
+                                                  device=device, chunk=self._chunk,
+                                                  compensate=self.compensate)
+        # int64 copies for the per-step slot arithmetic (no casts on the decode path).
+        self._sink, self._ring, self._offset = (
+            t.to(torch.int64) for t in (self.layout.sinks, self.layout.rings, self.layout.offsets))
 
     def _reset_counters(self) -> None:
         self.written = 0  # slots the model has passed, padding included (get_seq_length)
@@ -170,6 +189,75 @@ class MoaplanLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # bounded in real tokens, not in slots: padding takes no room
 
+    get_max_cache_shape = get_max_length  # its name in transformers 4.x
+
+    @property
+    def is_croppable(self) -> bool:
+        """Compensation sums cannot give back the tokens a draft pushed into them."""
+        return not self.layout.has_compensation
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens of every sequence (a positive value: keep
+        that many slots, transformers 4.x's convention), e.g. a draft assisted decoding
+        rejected.  Exact up to the cache's ``headroom``: the ring still holds every key the
+        next query sees, and the slots the draft wrote are older than any window reaches."""
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else self.written - tokens_to_remove
+        if remove <= 0:
+            return
+        if not self.is_croppable:
+            raise ModelError("a MoaplanCache with compensation tokens cannot be cropped "
+                             "(assisted or prompt-lookup decoding); use a plan without them")
+        if remove > self.headroom:
+            raise ModelError(f"cannot drop {remove} tokens from a MoaplanCache made with "
+                             f"headroom {self.headroom}; make it with headroom >= the longest "
+                             "draft")
+        self.written -= remove
+        self.n_real = (self.n_real - remove).clamp(min=0)
+        self._max_real = int(self.n_real.max())
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: sequence ``b`` continues from ``beam_idx[b]``."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(
+            torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) the sequences ``indices``, in that order."""
+        indices = torch.as_tensor(indices, device=self.device)
+        self.keys, self.values, self.n_real = (x[indices] for x in (self.keys, self.values,
+                                                                     self.n_real))
+        if self.layout.has_compensation:
+            self.key_sum, self.value_sum = self.key_sum[indices], self.value_sum[indices]
+        if len(indices) != self.batch_size:
+            self.batch_size = len(indices)
+            self._lay_out(self.batch_size, self.device)
+
+    def grown(self, max_length: int) -> MoaplanLayer:
+        """This layer in a cache for ``max_length`` tokens, holding what this one holds.
+
+        Exact: a rule's window start ``N - span(N)`` never moves back while spans grow by at
+        most one key a token (``beta <= 1``), so no token this ring evicted is ever seen
+        again.  Compensation sums count on the ring's size and cannot be carried over."""
+        if self.layout.has_compensation or any(
+                not rule.full and rule.beta > 1 for rule in self.rules.rules):
+            raise ModelError(f"this MoaplanCache holds {self.max_length} tokens per sequence "
+                             "and cannot grow (compensation tokens, or a span growing faster "
+                             "than the input); make it with a larger max_length")
+        new = MoaplanLayer(self.rules.rules, self.batch_size, max_length, self.num_q_heads,
+                           self.keys.shape[-1], self.dtype, self.device, self._chunk,
+                           self.headroom, self.window)
+        for h in range(self.layout.num_kv_heads):
+            first, cap = self.layout.head_slots(h)
+            pos = slot_positions(self.sinks[h], self.rings[h], self.n_real)  # [B, cap]
+            b, j = (pos >= 0).nonzero(as_tuple=True)
+            rows = b * new.layout.capacity + new._slots(pos[b, j])[:, h]
+            for old, buf in ((self.keys, new.keys), (self.values, new.values)):
+                buf.view(-1, buf.shape[-1])[rows] = old[b, first + j]
+        new.written, new.n_real, new._max_real = self.written, self.n_real, self._max_real
+        return new
+
     def reset(self) -> None:
         for buf in (self.keys, self.values, self.key_sum, self.value_sum):
             buf.zero_()
@@ -180,16 +268,20 @@ class MoaplanLayer(CacheLayerMixin):
 
     # --- attention over the compressed view ---------------------------------------------
     def attend(self, query: torch.Tensor, *, scale: float | None = None,
-               chunk_real: torch.Tensor | None = None) -> torch.Tensor:
+               chunk_real: torch.Tensor | None = None,
+               native: NativeAttention = PLAIN) -> torch.Tensor:
         """Attention of the staged chunk's queries ``[B, Hq, Nq, D]`` over this layer's
         cache plus the chunk; then the chunk is written.  ``chunk_real``: bool ``[B, Nq]``,
-        False at padding (those rows come out as zeros).  Returns ``[B, Hq, Nq, D]``."""
+        False at padding (those rows come out as zeros).  ``native``: the model's own window
+        and soft-capping, which only the multi-token path implements (a single token with
+        them takes that path too).  Returns ``[B, Hq, Nq, D]``."""
         if self._pending is None:
             raise ModelError("attend() needs a chunk staged by update() first")
         key, value = self._pending
         self._pending = None
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        if query.shape[2] == 1:
+        plain = native == PLAIN and (not query.is_cuda or native.kernel_ready(query))
+        if query.shape[2] == 1 and plain:
             real = None if chunk_real is None else chunk_real[:, 0].to(torch.bool)
             n_after = self.n_real + (1 if real is None else real)
             self._check_capacity(1, n_after)
@@ -201,7 +293,7 @@ class MoaplanLayer(CacheLayerMixin):
             self.n_real.copy_(n_after)  # in place, so that a replayed CUDA graph advances it
             return out[:, :, None]
         pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
-        out = self._chunk_attention(query, key, value, pos, n_after, scale)
+        out = self._chunk_attention(query, key, value, pos, n_after, scale, native)
         self._write_many(key, value, pos, n_after)
         self.n_real = n_after
         return out
@@ -322,7 +414,8 @@ class MoaplanLayer(CacheLayerMixin):
                 total[:, h] += torch.einsum("bk,bkd->bd", out, buf[:, first:first + cap].float())
 
     def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         pos: torch.Tensor, n_after: torch.Tensor, scale: float) -> torch.Tensor:
+                         pos: torch.Tensor, n_after: torch.Tensor, scale: float,
+                         native: NativeAttention) -> torch.Tensor:
         """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
         batch, n_q_heads, n_new, head_dim = query.shape
         n_kv = self.layout.num_kv_heads
@@ -330,12 +423,16 @@ class MoaplanLayer(CacheLayerMixin):
         empty = self.written == n_new  # nothing was cached before this chunk
         if empty and query.is_cuda:  # a first prefill: the block-sparse kernel
             if chunk_is_plain(pos):
-                return layer_attention(self.rules.rules, query, key, value, None, scale=scale)
+                return layer_attention(self.rules.rules, query, key, value, None, scale=scale,
+                                       native=native)
             real = pos >= 0
             return real_token_attention(self.rules.rules, query, key, value, real, real,
-                                        scale=scale)
+                                        scale=scale, native=native)
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-        spans = self.rules.spans(n_after)  # [B, Hkv]: the rule length is N after the chunk
+        if empty:  # a first prefill: every query at N, the real length after the chunk
+            spans = self.rules.spans(n_after)[:, None, :].expand(-1, n_new, -1)
+        else:  # a continuation: each query at its own length, exactly as if decoded one by one
+            spans = self.rules.spans((pos + 1).clamp(min=1).reshape(-1)).view(batch, n_new, -1)
         out = torch.zeros_like(query)
         for h in range(n_kv):
             first, cap = self.layout.head_slots(h)
@@ -347,7 +444,9 @@ class MoaplanLayer(CacheLayerMixin):
                 v = torch.cat([self.values[:, first:first + cap], v], 1)
             kp = k_pos[:, None, :]  # [B, 1, K] against queries [B, T, 1]
             causal = (kp >= 0) & (pos[:, :, None] >= 0) & (kp <= pos[:, :, None])  # [B, T, K]
-            ok = causal & ((kp < self.sinks[h]) | (pos[:, :, None] - kp < spans[:, h, None, None]))
+            if native.window is not None:
+                causal &= pos[:, :, None] - kp < native.window
+            ok = causal & ((kp < self.sinks[h]) | (pos[:, :, None] - kp < spans[:, :, h, None]))
             qh = query[:, h * group:(h + 1) * group].to(compute)
             k, v = k.to(compute), v.to(compute)
             dropped = None
@@ -356,19 +455,21 @@ class MoaplanLayer(CacheLayerMixin):
                 hidden = (causal & ~ok).to(compute)
                 dropped = tuple(torch.einsum("btk,bkd->btd", hidden, x) + total[:, h, None]
                                 for x, total in ((k, self.key_sum), (v, self.value_sum)))
-                count = (pos + 1 - self.sinks[h] - spans[:, h, None]).clamp(min=0)
+                count = (pos + 1 - self.sinks[h] - spans[:, :, h]).clamp(min=0)
                 dropped += (count,)
             step = max(1, _SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
             for lo in range(0, n_new, step):
                 hi = min(lo + step, n_new)
                 part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)
                 out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
-                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part).to(query.dtype)
+                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part,
+                    native.softcap).to(query.dtype)
         return out
 
 
 def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                  scale: float | None = None) -> torch.Tensor | None:
+                  scale: float | None = None,
+                  native: NativeAttention = PLAIN) -> torch.Tensor | None:
     """The call the plan's attention function makes first: ``[B, Hq, Nq, D]`` through the
     compressed view when ``key`` came from a :class:`MoaplanCache`, else None (dense path).
 
@@ -379,7 +480,7 @@ def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     if step is None:
         return None
     real = None if attention_mask is None else attention_mask[:, 0].any(2)
-    return step.attend(query, scale=scale, chunk_real=real)
+    return step.attend(query, scale=scale, chunk_real=real, native=native)
 
 
 def chunk_is_plain(pos: torch.Tensor) -> bool:
@@ -393,19 +494,28 @@ class MoaplanCache(Cache):
 
     def __init__(self, plan: Plan | str, batch_size: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 *, chunk: int | None = None):
+                 *, chunk: int | None = None, headroom: int = 0,
+                 windows: Sequence[int | None] | None = None):
+        """``headroom``: extra ring slots per head so that :meth:`crop` can drop up to that many
+        tokens exactly (assisted decoding's rejected drafts); 0 for plain decoding.
+        ``windows``: the model's own sliding window per layer (None: full attention), which
+        caps that layer's rings; ``model.generate`` under a plan passes them."""
         plan = as_plan(plan)
         batch_size = check_count("batch_size", batch_size)
         max_length = check_count("max_length", max_length)
+        if not isinstance(headroom, int) or headroom < 0:
+            raise ModelError(f"headroom must be a whole number >= 0, got {headroom!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ModelError(f"dtype must be a floating torch dtype (the model's, "
                              f"model.dtype), got {dtype!r}")
         shape = plan.model
         device = resolve_device(device)
-        check_fits(plan_kv_bytes(plan, max_length, batch_size, dtype), device,
+        check_fits(plan_kv_bytes(plan, max_length + headroom, batch_size, dtype), device,
                    f"a MoaplanCache of batch {batch_size} x {max_length} tokens")
+        windows = windows or [None] * shape.num_layers
         layers = [MoaplanLayer(plan.rules[layer], batch_size, max_length,
-                               shape.num_attention_heads, shape.head_dim, dtype, device, chunk)
+                               shape.num_attention_heads, shape.head_dim, dtype, device, chunk,
+                               headroom, windows[layer])
                   for layer in range(shape.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
@@ -434,6 +544,13 @@ class MoaplanCache(Cache):
     def remember(self, sequences: torch.Tensor) -> None:
         """Record the token ids a ``generate`` call ended with (see :meth:`check_continues`)."""
         self._context = sequences.detach()
+
+    def grow(self, max_length: int) -> None:
+        """Hold up to ``max_length`` tokens per sequence from now on (a longer continuation of
+        a chat), keeping what is cached; see :meth:`MoaplanLayer.grown`."""
+        if max_length > self.max_length:
+            self.layers = [layer.grown(max_length) for layer in self.layers]
+            self.max_length = max_length
 
     def reserve(self, steps: int) -> None:
         """:meth:`MoaplanLayer.reserve` for every layer."""

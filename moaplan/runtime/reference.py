@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moaplan.kernels.decode import soft_cap
+
 # Upper bound on the float score elements held at once (heads x query chunk x keys): 2^25
 # float32 scores are 128 MiB, enough for Nk = 4096 with 32 query heads at 256 queries a chunk.
 _SCORE_ELEMENTS = 1 << 25
@@ -61,6 +63,8 @@ def reference_attention(
     q_offset: int | torch.Tensor = 0,
     seq_lens: torch.Tensor | None = None,
     compensate: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of every query head under its KV head's (sink, span) rule.
 
@@ -75,8 +79,11 @@ def reference_attention(
     RazorAttention's compensation token: each query also attends to one extra entry whose key
     and value are the means of the keys and values it drops (real keys ``j <= i`` the rule
     hides), with its weight multiplied by their count (logit ``+ log(count)``); a query that
-    drops nothing has no such entry.  Computes in float32 (float64 for float64 inputs);
-    returns ``q.dtype``.
+    drops nothing has no such entry.  ``window``: the model's own sliding window (a local
+    layer's), intersected with every rule: query ``i`` sees key ``j`` only if ``i - j < window``.
+    ``softcap``: the model's attention logit soft-capping, ``softcap * tanh(score / softcap)``
+    on every score (the compensation entry's too, before its count is added).  Computes in
+    float32 (float64 for float64 inputs); returns ``q.dtype``.
     """
     batch, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -110,9 +117,11 @@ def reference_attention(
             stop = min(start + chunk, nq)
             q_pos = (offsets[b] + torch.arange(start, stop, device=device))[:, None]
             real = (k_pos <= q_pos) & key_ok & (q_pos < lens[b])  # padding rows: zeros
+            if window is not None:
+                real = real & (q_pos - k_pos < window)
             mask = visible(rule_sink, rule_span, q_pos, k_pos) & real  # [Hkv, G, c, Nk]
             qc = qb[:, :, start:stop]
-            scores = torch.einsum("hgqd,hkd->hgqk", qc, kb) * scale
+            scores = soft_cap(torch.einsum("hgqd,hkd->hgqk", qc, kb) * scale, softcap)
             scores = scores.masked_fill(~mask, float("-inf"))
             if comp.any():
                 # The dropped entries of each row, averaged into one extra column.
@@ -120,7 +129,8 @@ def reference_attention(
                 count = dropped.sum(-1)  # [Hkv, G, c]
                 mean_k, mean_v = (torch.einsum("hgqk,hkd->hgqd", dropped, x)
                                   / count.clamp(min=1)[..., None] for x in (kb, vb))
-                extra = torch.einsum("hgqd,hgqd->hgq", qc, mean_k) * scale + count.log()
+                extra = (soft_cap(torch.einsum("hgqd,hgqd->hgq", qc, mean_k) * scale, softcap)
+                         + count.log())
                 scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
             # A row with no visible key is all -inf; its softmax is NaN, and its output is 0.
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
