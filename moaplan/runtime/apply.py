@@ -105,13 +105,17 @@ def _is_real_token_mask(mask: torch.Tensor) -> bool:
     return torch.equal(rows, key_real[:, None, :] & upto & q_real[..., None])
 
 
-def _check_call(module: torch.nn.Module, attention_mask: torch.Tensor | None,
+def _check_call(module: torch.nn.Module, n_queries: int, attention_mask: torch.Tensor | None,
                 dropout: float, position_ids: torch.Tensor | None) -> None:
-    """Refuse what a plan cannot honour, once per forward pass (at the first layer)."""
+    """Refuse what a plan cannot honour, once per forward pass (at the first layer).
+
+    The mask and position checks look at device values (a sync), so they run on chunks of
+    several queries only: one decoding query cannot pack documents, and a decode step must
+    not sync, since it may be recorded into a CUDA graph (``greedy_generate``)."""
     if dropout:
         raise ModelError("moaplan attention has no dropout; call model.eval() before "
                          "running a model with a plan")
-    if module.layer_idx != 0:
+    if module.layer_idx != 0 or n_queries == 1:
         return
     if attention_mask is not None and (attention_mask.dtype != torch.bool
                                        or attention_mask.shape[1] != 1
@@ -134,7 +138,7 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
         dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
         position_ids: torch.Tensor | None = None, **_: Any,
     ) -> tuple[torch.Tensor, None]:
-        _check_call(module, attention_mask, dropout, position_ids)
+        _check_call(module, query.shape[2], attention_mask, dropout, position_ids)
         layer_rules = rules[module.layer_idx]
         if sliding_window is not None and any(rule.compensate for rule in layer_rules):
             raise ModelError("compensation tokens are not supported on a layer with its own "
