@@ -86,7 +86,7 @@ def test_search_baseline_and_generate_on_a_gguf_file(gguf_dir, capsys, monkeypat
     monkeypatch.chdir(gguf_dir)
     model = str(gguf_dir / "model.gguf")
     assert main(["search", "--model", model, "--budget", "0.9", "--lengths", "128", "256",
-                 "--samples", "1", "--validation-length", "192", "--validation-samples", "4",
+                 "--samples", "1", "--validation-length", "192", "--validation-samples", "6",
                  "--candidates", "2", "--ablate", "0", "--data", "data.txt",
                  "--out", "searched.yaml", "--json"]) == 0
     record = last_json(capsys)

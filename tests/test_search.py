@@ -17,7 +17,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             bos_token_id=256, eos_token_id=257, pad_token_id=258)
 LENGTHS = ["256", "512"]
 SEARCH = ["--lengths", *LENGTHS, "--validation-length", "384", "--samples", "2",
-          "--validation-samples", "4", "--candidates", "5", "--ablate", "2"]
+          "--validation-samples", "6", "--candidates", "5", "--ablate", "2"]
 
 
 def save_tiny(kind: str, path) -> None:
@@ -68,7 +68,7 @@ def test_search_end_to_end(checkpoint, monkeypatch, capsys):
     assert plan.lengths == targets
     assert (plan.densities(targets)["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
     search = plan.provenance["search"]
-    assert search["validation"]["samples"] == 4 and len(search["candidates"]) <= 5
+    assert search["validation"]["samples"] == 6 and len(search["candidates"]) <= 5
     assert search["candidates"]["streaming"]["state"] == "complete"  # never pruned
     assert len(search["ablated_heads"]) == 2  # --ablate 2: measured one head at a time
     assert set(search["predicted_vs_measured_spearman"]) == {"first_order", "corrected"}

@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="longer lengths the plan must also meet the budget at")
     parser.add_argument("--validation-samples", type=positive_int, default=32,
                         help="held-out samples every candidate plan is measured on, split "
-                             "between the validation length and the longest profiled one "
-                             "(default 32)")
+                             "between the shortest and longest profiled lengths and the "
+                             "validation length (default 32)")
     parser.add_argument("--candidates", type=positive_int, default=12,
                         help="candidate plans measured at most, the baselines included "
                              "(default 12)")
