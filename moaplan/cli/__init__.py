@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own bars say what is happening
+    # The hub client logs each failed request before the error we turn into one line.
+    hub_logging.set_verbosity_error()
     try:
         return int(args.run(args) or 0)
     except MoaplanError as err:
