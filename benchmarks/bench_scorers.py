@@ -32,9 +32,9 @@ from provenance import provenance
 from tqdm import tqdm
 
 from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
+from moaplan.data.tasks import TASKS
 from moaplan.data.tokens import text_row
 from moaplan.eval.data_influence import LOCAL_WINDOW, auc, influence_scores, masked_heads_plan
-from moaplan.eval.tasks import TASKS
 from moaplan.io import atomic_write_text
 from moaplan.model import load_model, reference_model_path
 from moaplan.model.card import RETRIEVAL_MASS

@@ -32,7 +32,7 @@ from moaplan.errors import BudgetError, DataError, ProfileError
 from moaplan.optimize import Candidate, KnapsackProblem, best_candidate, measure, solve
 from moaplan.optimize.milp import check_reachable
 from moaplan.optimize.select import open_study, scores
-from moaplan.plan import Budget, ModelShape, Plan, duo_plan, save_plan, uniform_plan
+from moaplan.plan import Budget, Plan, duo_plan, save_plan, uniform_plan
 from moaplan.plan.baselines import uniform_rule
 from moaplan.profile import (
     Profile,
@@ -45,6 +45,7 @@ from moaplan.profile import (
 from moaplan.profile.profile import metadata_path
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
 from moaplan.validation import DenseReference, Score, rank_correlation
 
 Samples = dict[int, list[Any]]  # length -> calibration samples of that length

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from moaplan.errors import ModelError
 from moaplan.io import file_head
-from moaplan.plan import ModelShape
 from moaplan.rules import MAX_TOKENS
+from moaplan.shape import ModelShape
 
 if TYPE_CHECKING:  # loading imports torch and transformers: not at parse time
     from moaplan.model.loading import ModelSource

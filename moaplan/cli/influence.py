@@ -57,9 +57,10 @@ is_score_file = json_record("index", "score")
 
 def _mask_plan(args: argparse.Namespace, model, tokenizer):
     from moaplan.eval.data_influence import masked_heads_plan
-    from moaplan.plan import ModelShape, load_plan
+    from moaplan.plan import load_plan
     from moaplan.profile.compare import profile_rankings, top_heads
     from moaplan.rules import Rule
+    from moaplan.shape import ModelShape
 
     if args.plan:
         plan = load_plan(args.plan)

@@ -12,9 +12,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moaplan.plan import ModelShape
 from moaplan.plan.report import plan_table
 from moaplan.search import SampleSource, SearchResult, SearchSettings
+from moaplan.shape import ModelShape
 
 SEED = 0
 

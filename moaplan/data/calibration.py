@@ -21,16 +21,15 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
-from moaplan.data.tokens import bos_ids, encode, text_row
-from moaplan.errors import DataError
-from moaplan.eval.scoring import batches
-from moaplan.eval.tasks import (
+from moaplan.data.tasks import (
     CALIBRATION_PHRASINGS,
     CALIBRATION_TASKS,
     MIN_LENGTH,
     PHRASINGS,
     chat_frame,
 )
+from moaplan.data.tokens import batches, bos_ids, encode, text_row
+from moaplan.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def model_calibration(
     multi-document lookup, running text; filler from the training split of the standard
     library, through the tokenizer's chat template when it has one) completed greedily by
     ``model``, which should be dense (MoA's *model-aligned* data).  Each round of the
-    families takes the next of ``wordings`` (names of :data:`moaplan.eval.tasks.PHRASINGS`).
+    families takes the next of ``wordings`` (names of :data:`moaplan.data.tasks.PHRASINGS`).
 
     On a text prompt the loss is taken on every generated token; on a retrieval prompt on the
     model's answer alone (as many tokens as the task's answer has, more after a chat prompt):

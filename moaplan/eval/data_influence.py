@@ -23,10 +23,11 @@ import torch
 
 from moaplan.errors import PlanError
 from moaplan.io import atomic_write_text
-from moaplan.plan import ModelShape, Plan
+from moaplan.plan import Plan
 from moaplan.profile.profiler import Sample, response_losses
 from moaplan.rules import Rule
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
 
 # What a masked head keeps by default: its 64 latest keys and StreamingLLM's 4 sink tokens.
 # Without the sinks a head that parks its mass on the first tokens (most do when idle) is

@@ -26,8 +26,9 @@ from moaplan.io import atomic_write, atomic_write_text
 from moaplan.model.card import write_model_card
 from moaplan.model.config import CONTEXT
 from moaplan.model.loading import load_model, reference_model_path
-from moaplan.plan import Budget, ModelShape, uniform_plan
+from moaplan.plan import Budget, uniform_plan
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
 
 LENGTHS = (1024, 2048, CONTEXT)
 UNIFORM_BUDGET = 0.5

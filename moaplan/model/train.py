@@ -32,9 +32,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
+from moaplan.data.tasks import PHRASINGS, TASKS
 from moaplan.data.tokens import text_row
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
-from moaplan.eval.tasks import PHRASINGS, TASKS
 from moaplan.io import atomic_write, atomic_write_text
 from moaplan.model.card import plot_loss_curve, write_model_card
 from moaplan.model.config import CONTEXT, reference_config

@@ -18,8 +18,9 @@ import numpy as np
 from moaplan import __version__
 from moaplan.errors import PlanError, RuleError
 from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
-from moaplan.plan.plan import Budget, ModelShape, Plan
+from moaplan.plan.plan import Budget, Plan
 from moaplan.rules import MAX_TOKENS, Rule
+from moaplan.shape import ModelShape
 
 FORMAT = "moaplan/1"
 _TOP_KEYS = {"format", "model", "budget", "lengths", "rules", "predicted", "provenance"}

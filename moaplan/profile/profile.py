@@ -44,9 +44,9 @@ from moaplan.io import (
     file_head,
     load_yaml,
 )
-from moaplan.plan import ModelShape
 from moaplan.profile.cost import dropped_influence
 from moaplan.rules import Rule, RuleSpace
+from moaplan.shape import ModelShape
 
 FORMAT = "moaplan-profile/1"
 

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from moaplan.errors import DataError, ProfileError
-from moaplan.plan import ModelShape
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
 from moaplan.profile.profile import Profile, load_profile, save_profile, sink_blocks
 from moaplan.rules import RuleSpace
+from moaplan.shape import ModelShape
 
 
 class Sample(Protocol):

@@ -2,7 +2,7 @@
 
 - **Retrieval score** (Wu et al., "Retrieval Head Mechanistically Explains Long-Context
   Factuality"): on needle-in-a-haystack prompts (the passkey and key-value tasks of
-  :mod:`moaplan.eval.tasks`, in turn, needles spread evenly over depths), at each step that
+  :mod:`moaplan.data.tasks`, in turn, needles spread evenly over depths), at each step that
   produces an answer token a query head *copies* when its most-attended key lies inside the
   asked needle and holds the token being generated.  The generated token is the model's argmax
   given the true prefix, i.e. what greedy decoding emits while it is right (the convention of
@@ -47,15 +47,15 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import stdlib_corpus
+from moaplan.data.tasks import MIN_LENGTH, TASKS, TaskSample
 from moaplan.data.tokens import bos_ids
 from moaplan.errors import DataError, ProfileError
-from moaplan.eval.tasks import MIN_LENGTH, TASKS, TaskSample
-from moaplan.plan import ModelShape
 from moaplan.profile.attention import plain_causal_scale, profiling_attention
 from moaplan.profile.influence import causal_scores, grouped_queries, rows_per_slab
 from moaplan.profile.profile import Profile, num_blocks, sink_blocks
 from moaplan.profile.profiler import Progress
 from moaplan.rules import RuleSpace
+from moaplan.shape import ModelShape
 
 SCORERS = ("retrieval", "induction")  # the head scorers `moaplan profile --scorer` offers
 FLOOR = 0.01
