@@ -95,6 +95,14 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, *, model_help: s
                             help="dtype of the weights (default: the command's own)")
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, the same default for every command that runs a model: ``auto``, the
+    first CUDA GPU when there is one, else the CPU (:func:`moaplan.model.resolve_device`)."""
+    parser.add_argument("--device", default="auto",
+                        help="torch device: cpu, cuda, cuda:1, ... (default auto: cuda when "
+                             "available, else cpu)")
+
+
 def model_source(args: argparse.Namespace) -> ModelSource:
     from moaplan.model.loading import ModelSource
 
@@ -115,7 +123,7 @@ def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) 
     return config
 
 
-def open_model(args: argparse.Namespace, device: str = "cpu", default_dtype: str = "float32",
+def open_model(args: argparse.Namespace, device: str = "auto", default_dtype: str = "float32",
                profiled: list[int] | None = None) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
     in ``--dtype`` (else ``default_dtype``) on ``device``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moaplan.cli.common import (
+    add_device_argument,
     add_force_argument,
     add_model_source_arguments,
     check_head_count,
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, help="score only the first N samples")
     parser.add_argument("--out", default="influence.jsonl",
                         help="JSONL file to write (default influence.jsonl)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(parser)
     add_force_argument(parser)
     parser.set_defaults(run=run)
 

@@ -23,8 +23,9 @@ def reference_model_path() -> Path:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device this machine has (None: the first GPU if there is one)."""
-    if device is None:
+    """``device`` as a torch device this machine has (``"auto"`` or None: the first GPU if
+    there is one, else the CPU)."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -147,7 +148,7 @@ def load_model(
 
     ``path`` is a :class:`ModelSource` or what :meth:`ModelSource.of` takes.  The reference
     weights are stored in bf16; they are cast to ``dtype`` (float32 by default, what a CPU
-    computes fastest and exactly).  ``device=None`` picks the first GPU, if any.
+    computes fastest and exactly).  ``device="auto"`` (or None) picks the first GPU, if any.
     """
     source = path if isinstance(path, ModelSource) else ModelSource.of(path)
     device = resolve_device(device)

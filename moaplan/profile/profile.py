@@ -195,6 +195,19 @@ class Profile:
         }
 
 
+PROFILE_DIR = Path("profiles")
+
+
+def default_profile_path(shape: ModelShape, scorer: str = "gradient") -> Path:
+    """Where ``moaplan profile`` writes and ``moaplan search`` / ``baseline duo`` look for the
+    profile of a model when no path is given: ``profiles/<model_type>-<fingerprint>.safetensors``
+    (``-<scorer>`` added for a head scorer's profile).  Named by the config fingerprint, not
+    the model's directory, so that any copy of one model finds its profile and two models that
+    share a directory name never share one."""
+    suffix = "" if scorer == "gradient" else f"-{scorer}"
+    return PROFILE_DIR / f"{shape.model_type or 'model'}-{shape.fingerprint}{suffix}.safetensors"
+
+
 def metadata_path(path: str | Path) -> Path:
     """The metadata file of the profile ``path``: ``NAME.profile.yaml`` (a name no plan has)."""
     path = Path(path)
