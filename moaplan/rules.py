@@ -198,12 +198,6 @@ def cache_slots(rules: Sequence[Rule], length: int) -> tuple[np.ndarray, np.ndar
     return sinks, rings
 
 
-def kept_per_row(sink: ArrayLike, span: ArrayLike, i: ArrayLike) -> np.ndarray:
-    """Keys query ``i`` sees: ``min(i + 1, span + sink)`` (the sink and window never overlap
-    in count because sink keys are only counted when they lie outside the window)."""
-    return np.minimum(np.asarray(i) + 1, np.asarray(span) + np.asarray(sink))
-
-
 def kv_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike,
                compensate: ArrayLike = False) -> np.ndarray:
     """Share of the ``N`` keys a head's cache must hold after a length-``N`` input.

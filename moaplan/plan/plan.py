@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from moaplan.errors import PlanError
-from moaplan.rules import Rule, density, rule_sinks, rule_spans
+from moaplan.rules import Rule, density
 from moaplan.shape import ModelShape
 
 BUDGET_KINDS = ("kv", "attention")
@@ -64,11 +64,6 @@ class Plan:
     def flat_rules(self) -> list[Rule]:
         """All rules, layer-major: index ``layer * num_kv_heads + head``."""
         return [rule for layer_rules in self.rules for rule in layer_rules]
-
-    def sinks_spans(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Effective sink and span of each KV head of ``layer`` at length ``n`` (full: n)."""
-        rules = self.rules[layer]
-        return rule_sinks(rules, n), rule_spans(rules, n)
 
     def densities(self, lengths: list[int] | np.ndarray) -> dict[str, np.ndarray]:
         """KV and attention densities, ``(num_layers, num_kv_heads, len(lengths))`` each (a

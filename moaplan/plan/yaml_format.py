@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moaplan import __version__
 from moaplan.errors import PlanError, RuleError
 from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
@@ -303,9 +301,3 @@ def as_plan(plan: Plan | str | os.PathLike) -> Plan:
         return load_plan(plan)
     raise PlanError(f"expected a moaplan Plan or the path of a plan file, got "
                     f"{type(plan).__name__}")
-
-
-def predicted_table(plan: Plan, lengths: list[int]) -> np.ndarray:
-    """Mean KV and attention density at each length: ``(len(lengths), 2)``."""
-    dens = plan.densities(lengths)
-    return np.stack([dens["kv"].mean((0, 1)), dens["attention"].mean((0, 1))], axis=1)
