@@ -5,7 +5,7 @@ Test beds (``--testbed``):
 - ``reference``: the shipped reference model (8 layers x 8 query / 4 KV heads, head_dim 32),
   evaluated in the task wording it was trained on;
 - ``second``: ``benchmarks/models/second`` (6 layers x 4 query / 2 KV heads, head_dim 64),
-  trained by ``python -m moaplan.model.train --second`` on its own wording ("record"), which
+  trained by ``python -m moaplan.training.train --second`` on its own wording ("record"), which
   the default calibration data never uses;
 - ``smollm2``: SmolLM2-135M-Instruct, a real pretrained model (30 layers x 9 query / 3 KV
   heads, head_dim 64), from its GGUF file (``make smollm2`` fetches it); a weak long-range

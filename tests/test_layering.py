@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The order is the data flow: shared records and helpers, the model loader, the kernels, the
 # calibration data, the profiler, the optimizer, the plan, the runtime that applies a plan,
 # what is measured with it (evaluation, validation), the search that ties them together, and
-# the command line.  Units are packages (or top-level modules), with one exception below.
+# the command line.  Units are packages and top-level modules.
 LAYERS: list[str] = [
     "moaplan",  # the package itself: __version__ and the lazy public names (importlib, not import)
     "moaplan.errors",
@@ -36,12 +36,10 @@ LAYERS: list[str] = [
     "moaplan.search",
     "moaplan.cli",
     "moaplan.__main__",
-    # Training and reporting on the reference model are scripts (``python -m``) that use the
-    # evaluation and the runtime; no command imports them.  They still live in moaplan/model/
-    # (issue 16 moves them out), so they form a unit of their own at the top.
-    "moaplan.model.tooling",
+    # making the reference model: scripts (python -m) on top of evaluation and runtime, which
+    # no command imports
+    "moaplan.training",
 ]
-TOOLING = {"moaplan.model.train", "moaplan.model.report", "moaplan.model.card"}
 
 
 def module_name(path: Path) -> str:
@@ -83,8 +81,6 @@ def imports(path: Path) -> set[str]:
 
 def unit(module: str) -> str:
     """The layer unit of ``module``: the longest entry of :data:`LAYERS` it falls under."""
-    if module in TOOLING:
-        return "moaplan.model.tooling"
     matches = [u for u in LAYERS if module == u or module.startswith(u + ".")]
     assert matches, f"{module} is in no layer; add it to LAYERS in {__file__}"
     return max(matches, key=len)
