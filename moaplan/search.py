@@ -37,12 +37,11 @@ from moaplan.plan.baselines import uniform_rule
 from moaplan.profile import (
     Profile,
     calibration_hash,
-    checkpoint_path,
     load_profile,
     profile_model,
     save_profile,
 )
-from moaplan.profile.profile import metadata_path
+from moaplan.profile.profiler import remove_checkpoint
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.shape import ModelShape
@@ -158,9 +157,7 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
                             objective=objective, checkpoint=path, resume=True,
                             on_sample=on_sample)
     save_profile(profile, path)
-    partial = checkpoint_path(path)
-    for leftover in (partial, metadata_path(partial)):
-        leftover.unlink(missing_ok=True)
+    remove_checkpoint(path)
     return profile
 
 

@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.profile.profile import (
         check_profile_output,
         default_profile_path,
-        metadata_path,
         sink_blocks,
     )
+    from moaplan.profile.profiler import remove_checkpoint
     from moaplan.rules import RuleSpace
     from moaplan.shape import ModelShape
 
@@ -176,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
         save_profile(profile, out)
         print(f"wrote {out} ({', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)}"
               " samples)")
-    partial = checkpoint_path(out, rank, world)
-    partial.unlink(missing_ok=True)
-    metadata_path(partial).unlink(missing_ok=True)
+    remove_checkpoint(out, rank, world)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -27,7 +27,13 @@ import torch.distributed as dist
 
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
-from moaplan.profile.profile import Profile, load_profile, save_profile, sink_blocks
+from moaplan.profile.profile import (
+    Profile,
+    load_profile,
+    metadata_path,
+    save_profile,
+    sink_blocks,
+)
 from moaplan.rules import RuleSpace
 from moaplan.shape import ModelShape
 
@@ -171,6 +177,13 @@ def checkpoint_path(out: str | Path, rank: int = 0, world: int = 1) -> Path:
     out = Path(out)
     suffix = ".partial" if world == 1 else f".partial-rank{rank}"
     return out.with_name(out.stem + suffix + out.suffix)
+
+
+def remove_checkpoint(out: str | Path, rank: int = 0, world: int = 1) -> None:
+    """Delete the checkpoint of ``out`` (tensors and metadata), once the profile is saved."""
+    partial = checkpoint_path(out, rank, world)
+    for leftover in (partial, metadata_path(partial)):
+        leftover.unlink(missing_ok=True)
 
 
 def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], block: int,
