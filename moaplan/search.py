@@ -41,6 +41,7 @@ from moaplan.profile import (
     profile_model,
     save_profile,
 )
+from moaplan.profile.profile import BLOCK
 from moaplan.profile.profiler import remove_checkpoint
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
@@ -62,7 +63,7 @@ class SearchSettings:
     validation_samples: int = 32
     candidates: int = 12  # at most this many candidate plans are measured
     ablate: int = 32  # heads whose restriction is measured one at a time (0: none)
-    block: int = 64
+    block: int = BLOCK
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0
     layer_max_density: float | None = None  # optional bound on every layer's mean density
@@ -133,13 +134,14 @@ SampleSource = Callable[[int, int, bool], list[Any]]
 OnStep = Callable[[str, int, int, str], None]
 
 
-def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int,
-                   rule_space: RuleSpace, objective: str = "log_odds",
+def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int = BLOCK,
+                   rule_space: RuleSpace | None = None, objective: str = "log_odds",
                    on_sample: Callable | None = None) -> Profile:
     """The profile at ``path`` if it matches this model, block, rule space and lengths, and
     (for a gradient profile) this data and objective; else profile now (checkpointing beside
     ``path`` so an interrupted run resumes) and save it.  A head scorer's profile
     (``moaplan profile --scorer ...``) is used as it is: it was not made from this data."""
+    rule_space = rule_space or RuleSpace()
     shape = ModelShape.from_config(model.config)
     if path.exists():
         profile = load_profile(path)

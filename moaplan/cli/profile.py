@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "search, so that search reuses the profile), or needle prompts or "
                              "repeated sequences for --scorer retrieval / induction (default "
                              f"{SCORER_SAMPLES})")
+    # moaplan.profile.profile.BLOCK, spelled out: importing the profile package here would
+    # load torch while the parser of every command is built
     parser.add_argument("--block", type=positive_int, default=64,
                         help="block size of the summary in tokens (default 64)")
     parser.add_argument("--out", help="profile file (default: profiles/<model_type>-"

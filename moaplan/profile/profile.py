@@ -49,6 +49,7 @@ from moaplan.rules import Rule, RuleSpace
 from moaplan.shape import ModelShape
 
 FORMAT = "moaplan-profile/1"
+BLOCK = 64  # the summary's block size in tokens, unless told otherwise (profile, search, scorers)
 
 
 def sink_blocks(rule_space: RuleSpace, block: int) -> int:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
 from moaplan.profile.profile import (
+    BLOCK,
     Profile,
     load_profile,
     metadata_path,
@@ -219,7 +220,7 @@ def profile_model(
     model: torch.nn.Module,
     samples: Mapping[int, Sequence[Sample]],
     *,
-    block: int = 64,
+    block: int = BLOCK,
     rule_space: RuleSpace | None = None,
     backend: str = "auto",
     gradient_checkpointing: bool = False,
