@@ -34,6 +34,14 @@ ArrayLike = int | float | Sequence[int] | np.ndarray
 # wrong span or density.
 MAX_TOKENS = 2**31
 MAX_BETA = 2.0**20
+# What a density counts: the keys a head's cache holds ("kv") or the query-key pairs its
+# prefill computes ("attention").  A budget limits one of them.
+DENSITY_KINDS = ("kv", "attention")
+
+
+def is_density(value: float) -> bool:
+    """Whether ``value`` can be a density (a budget): in (0, 1]."""
+    return 0 < value <= 1
 
 
 def _check_number(name: str, value: object, low: float, high: float, *,
@@ -338,4 +346,4 @@ def density(rules: Iterable[Rule], n: ArrayLike, kind: str = "kv") -> np.ndarray
                 group = len(rule.query_windows)
                 dens[r] = attention_density(sinks[r], query_spans([rule], n, group), n).mean(0)
         return dens
-    raise ValueError(f"unknown density kind {kind!r}; use 'kv' or 'attention'")
+    raise ValueError(f"unknown density kind {kind!r}; use one of {', '.join(DENSITY_KINDS)}")

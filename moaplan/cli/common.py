@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from moaplan.errors import ModelError
 from moaplan.io import file_head
-from moaplan.rules import MAX_TOKENS
+from moaplan.rules import MAX_TOKENS, is_density
 from moaplan.shape import ModelShape
 
 if TYPE_CHECKING:  # loading imports torch and transformers: not at parse time
@@ -49,7 +49,7 @@ def density_value(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a density like 0.5, got {text!r}") from None
-    if not 0 < value <= 1:
+    if not is_density(value):
         raise argparse.ArgumentTypeError(f"a density is in (0, 1], got {value}")
     return value
 

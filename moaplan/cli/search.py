@@ -16,6 +16,7 @@ from moaplan.cli.common import (
     print_json,
     stdout_to_stderr,
 )
+from moaplan.rules import DENSITY_KINDS
 
 # search's profiling defaults; `moaplan profile` shares them so that search reuses its profile
 LENGTHS = [1024, 2048, 4096]
@@ -34,7 +35,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="profile file to reuse or write (default: "
                                           "profiles/<model>-<fingerprint>.safetensors)")
     add_device_argument(parser)
-    parser.add_argument("--density", choices=["kv", "attention"], default="kv",
+    parser.add_argument("--density", choices=DENSITY_KINDS, default="kv",
                         help="what the budget limits: KV-cache density (default) or prefill "
                              "attention density")
 

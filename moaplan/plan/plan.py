@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from moaplan.errors import PlanError
-from moaplan.rules import Rule, density
+from moaplan.rules import DENSITY_KINDS, Rule, density, is_density
 from moaplan.shape import ModelShape
 
-BUDGET_KINDS = ("kv", "attention")
+BUDGET_KINDS = DENSITY_KINDS  # a budget limits one density
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise PlanError(f"budget kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
-        if not 0 < self.value <= 1:
+        if not is_density(self.value):
             raise PlanError(f"budget {self.value} is outside (0, 1]; it is a density")
 
 
@@ -71,7 +71,7 @@ class Plan:
         lengths = np.asarray(lengths, dtype=np.int64)
         shape = (self.model.num_layers, self.model.num_key_value_heads, len(lengths))
         return {kind: density(self.flat_rules, lengths, kind).reshape(shape)
-                for kind in ("kv", "attention")}
+                for kind in DENSITY_KINDS}
 
     def check_model(self, config: Any, *, strict: bool = True) -> None:
         """Raise :class:`PlanError` if this plan does not fit the model with ``config``.
