@@ -123,17 +123,18 @@ def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) 
     return config
 
 
-def open_model(args: argparse.Namespace, device: str = "auto", default_dtype: str = "float32",
-               profiled: list[int] | None = None) -> tuple[Any, Any]:
+def open_model(args: argparse.Namespace, device: Any = "auto", default_dtype: str = "float32",
+               profiled: list[int] | None = None, device_map: str | None = None
+               ) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
-    in ``--dtype`` (else ``default_dtype``) on ``device``."""
+    in ``--dtype`` (else ``default_dtype``) on ``device`` (or spread by ``device_map``)."""
     import torch
 
     from moaplan.model import load_model
 
     checked_config(args, profiled)
     dtype = getattr(torch, args.dtype or default_dtype)
-    return load_model(model_source(args), dtype=dtype, device=device)
+    return load_model(model_source(args), dtype=dtype, device=device, device_map=device_map)
 
 
 def model_shape(args: argparse.Namespace) -> ModelShape:

@@ -16,7 +16,6 @@ from moaplan.cli.common import (
     add_device_argument,
     add_model_source_arguments,
     checked_config,
-    model_source,
     open_model,
     positive_int,
 )
@@ -74,15 +73,14 @@ def _load(args: argparse.Namespace, local_rank: int):
 
     from moaplan.model import resolve_device
 
-    if args.device_map is None:
-        # under torchrun, auto is this rank's GPU (one GPU per rank)
-        device = resolve_device(f"cuda:{local_rank}" if args.device == "auto"
-                                and torch.cuda.is_available() else args.device)
-        return open_model(args, device, "bfloat16" if device.type == "cuda" else "float32",
-                          profiled=args.lengths)
-    checked_config(args, args.lengths)
-    return model_source(args).load(getattr(torch, args.dtype or "bfloat16"),
-                                   device_map=args.device_map)
+    if args.device_map is not None:  # spread over the GPUs: bf16, as on one GPU
+        return open_model(args, None, "bfloat16", profiled=args.lengths,
+                          device_map=args.device_map)
+    # under torchrun, auto is this rank's GPU (one GPU per rank)
+    device = resolve_device(f"cuda:{local_rank}" if args.device == "auto"
+                            and torch.cuda.is_available() else args.device)
+    return open_model(args, device, "bfloat16" if device.type == "cuda" else "float32",
+                      profiled=args.lengths)
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:

@@ -143,14 +143,21 @@ def load_model(
     path: str | os.PathLike | ModelSource | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
+    *,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer in eval mode (``None``: the reference model).
 
     ``path`` is a :class:`ModelSource` or what :meth:`ModelSource.of` takes.  The reference
     weights are stored in bf16; they are cast to ``dtype`` (float32 by default, what a CPU
-    computes fastest and exactly).  ``device="auto"`` (or None) picks the first GPU, if any.
+    computes fastest and exactly).  ``device="auto"`` (or None) picks the first GPU, if any;
+    a ``device_map`` (``from_pretrained``'s, e.g. ``"auto"``) spreads the model instead.
     """
     source = path if isinstance(path, ModelSource) else ModelSource.of(path)
+    if device_map is not None:
+        model, tokenizer = source.load(dtype, device_map=device_map)
+        _check_causal(model, Path(source.location))
+        return model, tokenizer
     device = resolve_device(device)
     model, tokenizer = source.load(dtype)
     _check_causal(model, Path(source.location))
