@@ -57,28 +57,17 @@ is_score_file = json_record("index", "score")
 
 
 def _mask_plan(args: argparse.Namespace, model, tokenizer):
-    from moaplan.eval.data_influence import masked_heads_plan
+    from moaplan.eval.data_influence import retrieval_mask_plan
     from moaplan.plan import load_plan
-    from moaplan.profile.compare import profile_rankings, top_heads
     from moaplan.rules import Rule
-    from moaplan.shape import ModelShape
 
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(model.config, strict=not args.force)
         return plan
-    if args.scores:
-        from moaplan.profile import load_profile
-
-        ranking = next(iter(profile_rankings(load_profile(args.scores)).values()))
-    else:
-        from moaplan.profile.scorers import head_scores
-
-        ranking = head_scores(model, tokenizer, "retrieval", args.score_lengths,
-                              args.score_samples).mean("retrieval")
-    heads = top_heads(ranking, args.heads)
-    return masked_heads_plan(ModelShape.from_config(model.config), heads,
-                             Rule.window(args.window, sink=args.sink))
+    return retrieval_mask_plan(model, tokenizer, args.heads,
+                               Rule.window(args.window, sink=args.sink), scores=args.scores,
+                               lengths=args.score_lengths, samples=args.score_samples)
 
 
 def run(args: argparse.Namespace) -> int:
