@@ -84,14 +84,11 @@ def _load(args: argparse.Namespace, local_rank: int):
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
-    from moaplan.data import CalibrationFile, model_calibration
+    from moaplan.data.calibration import sample_source
 
-    if args.data:
-        # Records are bucketed by length, as for search: a profiled length is a real length.
-        data = CalibrationFile(args.data, tokenizer, args.lengths)
-        return {n: data.samples(n, args.samples, False) for n in args.lengths}
-    return {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
-            for n in args.lengths}
+    # search's own source of profiling samples, so that search finds this profile's data
+    source = sample_source(model, tokenizer, args.data, args.lengths, args.seed)
+    return {n: source(n, args.samples, False) for n in args.lengths}
 
 
 def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:

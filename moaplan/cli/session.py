@@ -31,17 +31,11 @@ class ModelSession:
     @classmethod
     def open(cls, args: argparse.Namespace) -> ModelSession:
         from moaplan.cli.common import open_model
-        from moaplan.data import CalibrationFile, model_calibration
+        from moaplan.data.calibration import sample_source
 
         model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
-        if args.data:
-            lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
-            source = CalibrationFile(args.data, tokenizer, lengths).samples
-        else:
-            def source(length: int, count: int, held_out: bool) -> list:
-                # Held-out samples come from their own seed; search checks they are disjoint.
-                return model_calibration(model, tokenizer, length, count,
-                                         seed=SEED + 1000 * int(held_out))
+        lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
+        source = sample_source(model, tokenizer, args.data, lengths, SEED)
         profile = (Path(args.profile) if args.profile
                    else default_profile_path(ModelShape.from_config(model.config)))
         return cls(model, tokenizer, source, profile)
