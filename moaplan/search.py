@@ -145,7 +145,7 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
     shape = ModelShape.from_config(model.config)
     if path.exists():
         profile = load_profile(path)
-        profile.check_model(shape)
+        profile.check_shape(shape)
         matches = (profile.lengths == sorted(samples) and profile.block == block
                    and profile.rule_space == rule_space and profile.complete
                    and (profile.scorer != "gradient"

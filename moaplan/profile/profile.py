@@ -162,8 +162,9 @@ class Profile:
         self.sink_sum[length] = self.sink_sum[length] + sink
         self.finished[length] += count
 
-    def check_model(self, shape: ModelShape) -> None:
-        """Raise :class:`ProfileError` unless this profile was made for the model ``shape``."""
+    def check_shape(self, shape: ModelShape) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for the model ``shape`` (a
+        shape, where :meth:`moaplan.plan.Plan.check_model` takes a config)."""
         if not self.model.same_shape(shape) or (
                 self.model.fingerprint and shape.fingerprint
                 and self.model.fingerprint != shape.fingerprint):

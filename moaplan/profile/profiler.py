@@ -195,7 +195,7 @@ def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], 
     if resume_from is None or not resume_from.is_file():
         return fresh
     old = load_profile(resume_from)
-    old.check_model(model_shape)
+    old.check_shape(model_shape)
     if (old.block, old.lengths, old.data_hash, old.rule_space, old.objective) != (
             block, lengths, data_hash, rule_space, objective):
         raise ProfileError(f"{resume_from} was started with other settings (block, lengths, "
