@@ -38,11 +38,9 @@ from moaplan.profile import (
     Profile,
     calibration_hash,
     load_profile,
-    profile_model,
-    save_profile,
 )
 from moaplan.profile.profile import BLOCK
-from moaplan.profile.profiler import remove_checkpoint
+from moaplan.profile.profiler import profile_to_file
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.shape import ModelShape
@@ -155,12 +153,8 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
             return profile
         raise ProfileError(f"{path} was made with other lengths, data, objective, block size or "
                            "rule space; delete it or pass another --profile path")
-    profile = profile_model(model, samples, block=block, rule_space=rule_space,
-                            objective=objective, checkpoint=path, resume=True,
-                            on_sample=on_sample)
-    save_profile(profile, path)
-    remove_checkpoint(path)
-    return profile
+    return profile_to_file(model, samples, path, block=block, rule_space=rule_space,
+                           objective=objective, on_sample=on_sample)
 
 
 def target_densities(settings: SearchSettings) -> np.ndarray:

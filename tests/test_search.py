@@ -141,7 +141,7 @@ def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):
 
 def test_profile_then_search_and_duo_reuse_the_default_profile(checkpoint, tmp_path,
                                                                monkeypatch, capsys):
-    import moaplan.search
+    import moaplan.profile.profiler
 
     monkeypatch.chdir(tmp_path)  # an empty profiles/ (the module's checkpoint dir has one)
     model, data = str(checkpoint / "model"), str(checkpoint / "calib.jsonl")
@@ -153,7 +153,7 @@ def test_profile_then_search_and_duo_reuse_the_default_profile(checkpoint, tmp_p
     def no_profiling(*args, **kwargs):
         raise AssertionError("the profile written by `moaplan profile` was not reused")
 
-    monkeypatch.setattr(moaplan.search, "profile_model", no_profiling)
+    monkeypatch.setattr(moaplan.profile.profiler, "profile_model", no_profiling)
     assert main(["search", "--budget", "0.5", "--model", model, "--data", data, *SEARCH,
                  "--out", "plan.yaml"]) == 0
     assert load_plan(tmp_path / "plan.yaml").provenance["profile"] == str(

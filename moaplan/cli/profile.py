@@ -121,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.errors import ProfileError
     from moaplan.model import check_lengths
-    from moaplan.profile import checkpoint_path, profile_model, save_profile
+    from moaplan.profile import checkpoint_path
     from moaplan.profile.profile import (
         check_profile_output,
         default_profile_path,
         sink_blocks,
     )
-    from moaplan.profile.profiler import remove_checkpoint
+    from moaplan.profile.profiler import profile_to_file
     from moaplan.rules import RuleSpace
     from moaplan.shape import ModelShape
 
@@ -164,16 +164,13 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(length=progress.length, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
 
-    profile = profile_model(model, samples, block=args.block, backend=args.backend,
-                            objective=args.objective,
-                            gradient_checkpointing=args.checkpointing, checkpoint=out,
-                            resume=args.resume, on_sample=step)
+    profile = profile_to_file(model, samples, out, resume=args.resume, block=args.block,
+                              backend=args.backend, objective=args.objective,
+                              gradient_checkpointing=args.checkpointing, on_sample=step)
     bar.close()
     if rank == 0:
-        save_profile(profile, out)
         print(f"wrote {out} ({', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)}"
               " samples)")
-    remove_checkpoint(out, rank, world)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

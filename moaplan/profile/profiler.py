@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -290,3 +290,17 @@ def _stack(collector: InfluenceCollector, num_layers: int, num_blocks: int
     pad = num_blocks - far.shape[1]
     return (torch.nn.functional.pad(far, (0, 0, 0, pad)).numpy(),
             torch.nn.functional.pad(sink, (0, 0, 0, pad)).numpy())
+
+
+def profile_to_file(model: torch.nn.Module, samples: Mapping[int, Sequence[Sample]],
+                    out: str | Path, *, resume: bool = True, **settings: Any) -> Profile:
+    """:func:`profile_model` (``settings`` are its keywords), checkpointing beside ``out`` so
+    that an interrupted run resumes, then the profile saved at ``out`` and the checkpoint
+    deleted.  Under torchrun each rank profiles its share and rank 0 writes the file; every
+    rank gets the all-reduced profile."""
+    rank, world = _rank_world()
+    profile = profile_model(model, samples, checkpoint=out, resume=resume, **settings)
+    if rank == 0:
+        save_profile(profile, out)
+    remove_checkpoint(out, rank, world)
+    return profile
