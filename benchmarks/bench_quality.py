@@ -5,7 +5,7 @@ Test beds (``--testbed``):
 - ``reference``: the shipped reference model (8 layers x 8 query / 4 KV heads, head_dim 32),
   evaluated in the task wording it was trained on;
 - ``second``: ``benchmarks/models/second`` (6 layers x 4 query / 2 KV heads, head_dim 64),
-  trained by ``python -m moaplan.model.train --second`` on its own wording ("record"), which
+  trained by ``python -m moaplan.training.train --second`` on its own wording ("record"), which
   the default calibration data never uses;
 - ``smollm2``: SmolLM2-135M-Instruct, a real pretrained model (30 layers x 9 query / 3 KV
   heads, head_dim 64), from its GGUF file (``make smollm2`` fetches it); a weak long-range
@@ -44,10 +44,10 @@ from quality_report import markdown
 from tqdm import tqdm
 
 from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
+from moaplan.data.tasks import CALIBRATION_PHRASINGS
 from moaplan.data.tokens import text_row
 from moaplan.errors import BudgetError, MoaplanError
 from moaplan.eval import perplexity, retrieval_accuracy
-from moaplan.eval.tasks import CALIBRATION_PHRASINGS
 from moaplan.io import atomic_write_text
 from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, Plan, duo_plan, uniform_plan
@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 class Testbed:
     name: str
     model: str | None  # a model directory or .gguf file (None: the shipped reference model)
-    phrasing: str  # the task wording the model answers (moaplan.eval.tasks.PHRASINGS)
+    phrasing: str  # the task wording the model answers (moaplan.data.tasks.PHRASINGS)
     lengths: tuple[int, ...]  # retrieval grid, profiled lengths
     validation_length: int  # the search's unprofiled validation length
 

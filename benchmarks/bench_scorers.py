@@ -32,14 +32,14 @@ from provenance import provenance
 from tqdm import tqdm
 
 from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
+from moaplan.data.tasks import TASKS
 from moaplan.data.tokens import text_row
 from moaplan.eval.data_influence import LOCAL_WINDOW, auc, influence_scores, masked_heads_plan
-from moaplan.eval.tasks import TASKS
 from moaplan.io import atomic_write_text
 from moaplan.model import load_model, reference_model_path
-from moaplan.model.card import RETRIEVAL_MASS
 from moaplan.plan import ModelShape
 from moaplan.profile.compare import overlap_markdown, overlaps, scorer_rankings, top_heads
+from moaplan.training.card import RETRIEVAL_MASS
 
 
 @dataclass(frozen=True)

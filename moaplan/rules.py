@@ -34,6 +34,14 @@ ArrayLike = int | float | Sequence[int] | np.ndarray
 # wrong span or density.
 MAX_TOKENS = 2**31
 MAX_BETA = 2.0**20
+# What a density counts: the keys a head's cache holds ("kv") or the query-key pairs its
+# prefill computes ("attention").  A budget limits one of them.
+DENSITY_KINDS = ("kv", "attention")
+
+
+def is_density(value: float) -> bool:
+    """Whether ``value`` can be a density (a budget): in (0, 1]."""
+    return 0 < value <= 1
 
 
 def _check_number(name: str, value: object, low: float, high: float, *,
@@ -198,12 +206,6 @@ def cache_slots(rules: Sequence[Rule], length: int) -> tuple[np.ndarray, np.ndar
     return sinks, rings
 
 
-def kept_per_row(sink: ArrayLike, span: ArrayLike, i: ArrayLike) -> np.ndarray:
-    """Keys query ``i`` sees: ``min(i + 1, span + sink)`` (the sink and window never overlap
-    in count because sink keys are only counted when they lie outside the window)."""
-    return np.minimum(np.asarray(i) + 1, np.asarray(span) + np.asarray(sink))
-
-
 def kv_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike,
                compensate: ArrayLike = False) -> np.ndarray:
     """Share of the ``N`` keys a head's cache must hold after a length-``N`` input.
@@ -344,4 +346,4 @@ def density(rules: Iterable[Rule], n: ArrayLike, kind: str = "kv") -> np.ndarray
                 group = len(rule.query_windows)
                 dens[r] = attention_density(sinks[r], query_spans([rule], n, group), n).mean(0)
         return dens
-    raise ValueError(f"unknown density kind {kind!r}; use 'kv' or 'attention'")
+    raise ValueError(f"unknown density kind {kind!r}; use one of {', '.join(DENSITY_KINDS)}")

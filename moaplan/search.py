@@ -32,19 +32,18 @@ from moaplan.errors import BudgetError, DataError, ProfileError
 from moaplan.optimize import Candidate, KnapsackProblem, best_candidate, measure, solve
 from moaplan.optimize.milp import check_reachable
 from moaplan.optimize.select import open_study, scores
-from moaplan.plan import Budget, ModelShape, Plan, duo_plan, save_plan, uniform_plan
+from moaplan.plan import Budget, Plan, duo_plan, save_plan, uniform_plan
 from moaplan.plan.baselines import uniform_rule
 from moaplan.profile import (
     Profile,
     calibration_hash,
-    checkpoint_path,
     load_profile,
-    profile_model,
-    save_profile,
 )
-from moaplan.profile.profile import metadata_path
+from moaplan.profile.profile import BLOCK
+from moaplan.profile.profiler import profile_to_file
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
 from moaplan.validation import DenseReference, Score, rank_correlation
 
 Samples = dict[int, list[Any]]  # length -> calibration samples of that length
@@ -62,7 +61,7 @@ class SearchSettings:
     validation_samples: int = 32
     candidates: int = 12  # at most this many candidate plans are measured
     ablate: int = 32  # heads whose restriction is measured one at a time (0: none)
-    block: int = 64
+    block: int = BLOCK
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0
     layer_max_density: float | None = None  # optional bound on every layer's mean density
@@ -133,17 +132,18 @@ SampleSource = Callable[[int, int, bool], list[Any]]
 OnStep = Callable[[str, int, int, str], None]
 
 
-def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int,
-                   rule_space: RuleSpace, objective: str = "log_odds",
+def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int = BLOCK,
+                   rule_space: RuleSpace | None = None, objective: str = "log_odds",
                    on_sample: Callable | None = None) -> Profile:
     """The profile at ``path`` if it matches this model, block, rule space and lengths, and
     (for a gradient profile) this data and objective; else profile now (checkpointing beside
     ``path`` so an interrupted run resumes) and save it.  A head scorer's profile
     (``moaplan profile --scorer ...``) is used as it is: it was not made from this data."""
+    rule_space = rule_space or RuleSpace()
     shape = ModelShape.from_config(model.config)
     if path.exists():
         profile = load_profile(path)
-        profile.check_model(shape)
+        profile.check_shape(shape)
         matches = (profile.lengths == sorted(samples) and profile.block == block
                    and profile.rule_space == rule_space and profile.complete
                    and (profile.scorer != "gradient"
@@ -153,14 +153,8 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
             return profile
         raise ProfileError(f"{path} was made with other lengths, data, objective, block size or "
                            "rule space; delete it or pass another --profile path")
-    profile = profile_model(model, samples, block=block, rule_space=rule_space,
-                            objective=objective, checkpoint=path, resume=True,
-                            on_sample=on_sample)
-    save_profile(profile, path)
-    partial = checkpoint_path(path)
-    for leftover in (partial, metadata_path(partial)):
-        leftover.unlink(missing_ok=True)
-    return profile
+    return profile_to_file(model, samples, path, block=block, rule_space=rule_space,
+                           objective=objective, on_sample=on_sample)
 
 
 def target_densities(settings: SearchSettings) -> np.ndarray:

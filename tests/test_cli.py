@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moaplan.cli import SUBCOMMANDS, main
+from moaplan.cli import SUBCOMMANDS, build_parser, main
 from moaplan.plan import Budget, ModelShape, load_plan, save_plan, uniform_plan
 
 
@@ -68,7 +68,7 @@ def test_convert_needs_a_shape(tmp_path):
     assert result.returncode == 2 and "give --model" in result.stderr
 
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "plans").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -129,3 +129,21 @@ def test_convert_moa_with_published_value_ranges_keeps_the_widest_span(tmp_path)
         widest = moa_spans.reshape(layers, kv, heads // kv).max(-1)
         ours = np.array([[rule.span(n) for rule in row] for row in plan.rules])
         np.testing.assert_array_equal(ours, widest)
+
+
+def test_cli_defaults_are_the_librarys_and_load_no_torch():
+    # the parsers spell a few library defaults out so that building them imports no torch;
+    # they must say the same as the library, and every model command defaults to --device auto
+    probe = ("import sys; from moaplan.cli import build_parser; p = build_parser(); "
+             "a = p.parse_args(['profile']); print(a.block, a.device, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    from moaplan.profile.profile import BLOCK
+
+    assert out == [str(BLOCK), "auto", "False"]
+    parser = build_parser()
+    for argv in (["search", "--budget", "0.5"], ["baseline", "duo", "--budget", "0.5", "--out",
+                 "x.yaml"], ["eval", "--task", "ppl"], ["generate", "--plan", "p.yaml",
+                 "--prompt", "x"], ["compare-scorers"], ["influence", "--data", "d.jsonl",
+                 "--heads", "2"]):
+        assert parser.parse_args(argv).device == "auto", argv

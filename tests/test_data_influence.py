@@ -122,3 +122,19 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "no calibration file" in result.stderr
+
+
+def test_mask_plan_ranks_heads_by_a_given_profile(checkpoint, tmp_path):
+    from moaplan.eval.data_influence import retrieval_mask_plan
+    from moaplan.model import load_model
+    from moaplan.profile import load_profile
+    from moaplan.profile.compare import profile_rankings, top_heads
+
+    scores = tmp_path / "induction.safetensors"
+    assert main(["profile", "--model", str(checkpoint / "m"), "--scorer", "induction",
+                 "--lengths", "64", "--samples", "1", "--block", "16", "--out", str(scores)]) == 0
+    model, tokenizer = load_model(checkpoint / "m")
+    plan = retrieval_mask_plan(model, tokenizer, 2, Rule.window(8, sink=4), scores=scores)
+    ranking = next(iter(profile_rankings(load_profile(scores)).values()))
+    assert {tuple(h) for h in plan.provenance["masked_heads"]} == set(top_heads(ranking, 2))
+    assert sum(not r.full for r in plan.flat_rules) == 2

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from moaplan.cli import eval as eval_cli
 from moaplan.data.corpus import stdlib_corpus
+from moaplan.data.tasks import TASKS, TaskSample
 from moaplan.errors import DataError, ModelError
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
 from moaplan.eval.headmap import far_attention_share
 from moaplan.eval.scoring import answers_correct
-from moaplan.eval.tasks import TASKS, TaskSample
 from moaplan.model import byte_tokenizer, load_model, reference_config
 
 

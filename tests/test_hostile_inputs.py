@@ -344,7 +344,10 @@ CASES = [
          "expected a positive number", "5"),
     Case("search-time-limit-nan", lambda w: _search(w, "--time-limit", "nan"),
          "expected a finite number", "5"),
-    Case("search-lengths-past-positions", lambda w: _search(w, "--lengths", "256", "100000"),
+    # three validation lengths (shortest, --validation-length, longest): six samples, so that
+    # the length is what is refused
+    Case("search-lengths-past-positions", lambda w: _search(w, "--lengths", "256", "100000",
+                                                            "--validation-samples", "6"),
          "100000 tokens is more than the model's 512", "3"),
     Case("search-validation-length-9e6", lambda w: _search(w, "--validation-length", "9000000"),
          "9000000 tokens is more than", "3"),
@@ -640,7 +643,8 @@ CAPPED = [
          r"max_length must be in \[1, 2147483648\]", "3"),
     Case("capped-cache-2e9", lambda w: ["-", w.plan, str(2**31)], "needs .* GiB but cpu has",
          "3"),
-    Case("capped-search-lengths-100000", lambda w: _search(w, "--lengths", "256", "100000"),
+    Case("capped-search-lengths-100000", lambda w: _search(w, "--lengths", "256", "100000",
+                                                           "--validation-samples", "6"),
          "more than the model's 512 positions", "3"),
     Case("capped-eval-lengths-1e6", lambda w: ["eval", "--task", "passkey", "--model", w.model,
                                                "--lengths", "1000000"], "more than", "3"),

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from moaplan.errors import ModelError
 from moaplan.model import byte_tokenizer, load_model, reference_config, reference_model_path
 from moaplan.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from moaplan.model.train import main as train_main
+from moaplan.training.train import main as train_main
 
 MAX_FILE_BYTES = 15 * 1024 * 1024
 

@@ -22,7 +22,7 @@ from moaplan.profile import load_profile, profile_model, save_profile
 from moaplan.profile.attention import profiling_attention
 from moaplan.profile.compare import gradient_importance, overlaps, profile_rankings, top_heads
 from moaplan.profile.influence import summarize_dense
-from moaplan.profile.profile import metadata_path
+from moaplan.profile.profile import default_profile_path, metadata_path
 from moaplan.profile.scorers import (
     FLOOR,
     HeadScores,
@@ -225,7 +225,9 @@ def test_cli_scorer_profile_and_comparison(tmp_path, monkeypatch, capsys):
     tok.save_pretrained(tmp_path / "m")
     assert main(["profile", "--model", str(tmp_path / "m"), "--scorer", "induction",
                  "--lengths", "64", "--samples", "1", "--block", "16"]) == 0
-    out = tmp_path / "profiles" / "m-induction.safetensors"
+    # the default path names the model by its config, as search's does
+    out = default_profile_path(ModelShape.from_config(model.config), "induction")
+    assert out.name.endswith("-induction.safetensors")
     assert load_profile(out).scorer == "induction"
     capsys.readouterr()
     assert main(["compare-scorers", "--profiles", str(out), "--top", "2"]) == 0

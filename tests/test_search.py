@@ -139,6 +139,33 @@ def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):
     assert (plan.densities([256, 384, 512])["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
 
 
+def test_profile_then_search_and_duo_reuse_the_default_profile(checkpoint, tmp_path,
+                                                               monkeypatch, capsys):
+    import moaplan.profile.profiler
+
+    monkeypatch.chdir(tmp_path)  # an empty profiles/ (the module's checkpoint dir has one)
+    model, data = str(checkpoint / "model"), str(checkpoint / "calib.jsonl")
+    assert main(["profile", "--model", model, "--data", data, "--lengths", *LENGTHS,
+                 "--samples", "2"]) == 0
+    (written,) = (tmp_path / "profiles").glob("*.safetensors")
+    stamp = written.stat().st_mtime_ns
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("the profile written by `moaplan profile` was not reused")
+
+    monkeypatch.setattr(moaplan.profile.profiler, "profile_model", no_profiling)
+    assert main(["search", "--budget", "0.5", "--model", model, "--data", data, *SEARCH,
+                 "--out", "plan.yaml"]) == 0
+    assert load_plan(tmp_path / "plan.yaml").provenance["profile"] == str(
+        written.relative_to(tmp_path))
+    assert main(["baseline", "duo", "--budget", "0.75", "--model", model, "--data", data,
+                 "--lengths", *LENGTHS, "--samples", "2", "--recent", "64",
+                 "--out", "duo.yaml"]) == 0
+    assert written.stat().st_mtime_ns == stamp
+    assert {p.name for p in (tmp_path / "profiles").iterdir()} == {
+        written.name, written.name.replace(".safetensors", ".profile.yaml")}
+
+
 def test_ablation_correction_rescales_the_measured_heads_only():
     from moaplan.plan import Budget, ModelShape
     from moaplan.profile import Profile

@@ -58,15 +58,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         from moaplan.cli.session import ModelSession
         from moaplan.profile.profile import check_profile_output
-        from moaplan.rules import RuleSpace
         from moaplan.search import obtain_profile
 
         session = ModelSession.open(args)
         check_lengths(session.model.config, args.lengths)
         check_profile_output(session.profile_path)
         samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
-        profile = obtain_profile(session.model, samples, session.profile_path, block=64,
-                                 rule_space=RuleSpace())
+        # the profiler's own block size and rule space, as search's defaults
+        profile = obtain_profile(session.model, samples, session.profile_path)
         plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
                         lengths, args.sink, args.recent)
     save_plan(plan, args.out)

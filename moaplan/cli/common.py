@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from moaplan.errors import ModelError
 from moaplan.io import file_head
-from moaplan.plan import ModelShape
-from moaplan.rules import MAX_TOKENS
+from moaplan.rules import MAX_TOKENS, is_density
+from moaplan.shape import ModelShape
 
 if TYPE_CHECKING:  # loading imports torch and transformers: not at parse time
     from moaplan.model.loading import ModelSource
@@ -49,7 +49,7 @@ def density_value(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a density like 0.5, got {text!r}") from None
-    if not 0 < value <= 1:
+    if not is_density(value):
         raise argparse.ArgumentTypeError(f"a density is in (0, 1], got {value}")
     return value
 
@@ -95,6 +95,14 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, *, model_help: s
                             help="dtype of the weights (default: the command's own)")
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, the same default for every command that runs a model: ``auto``, the
+    first CUDA GPU when there is one, else the CPU (:func:`moaplan.model.resolve_device`)."""
+    parser.add_argument("--device", default="auto",
+                        help="torch device: cpu, cuda, cuda:1, ... (default auto: cuda when "
+                             "available, else cpu)")
+
+
 def model_source(args: argparse.Namespace) -> ModelSource:
     from moaplan.model.loading import ModelSource
 
@@ -115,17 +123,18 @@ def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) 
     return config
 
 
-def open_model(args: argparse.Namespace, device: str = "cpu", default_dtype: str = "float32",
-               profiled: list[int] | None = None) -> tuple[Any, Any]:
+def open_model(args: argparse.Namespace, device: Any = "auto", default_dtype: str = "float32",
+               profiled: list[int] | None = None, device_map: str | None = None
+               ) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
-    in ``--dtype`` (else ``default_dtype``) on ``device``."""
+    in ``--dtype`` (else ``default_dtype``) on ``device`` (or spread by ``device_map``)."""
     import torch
 
     from moaplan.model import load_model
 
     checked_config(args, profiled)
     dtype = getattr(torch, args.dtype or default_dtype)
-    return load_model(model_source(args), dtype=dtype, device=device)
+    return load_model(model_source(args), dtype=dtype, device=device, device_map=device_map)
 
 
 def model_shape(args: argparse.Namespace) -> ModelShape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moaplan.cli.common import (
+    add_device_argument,
     add_model_source_arguments,
     check_head_count,
     open_model,
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=positive_int, default=4,
                         help="inputs per length and scorer when computing (default 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(parser)
     parser.set_defaults(run=run)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from moaplan.cli.common import (
+    add_device_argument,
     add_force_argument,
     add_model_source_arguments,
     json_record,
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="samples per cell (default: 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    add_device_argument(parser)
     parser.add_argument("--out", help="write the results to this JSON file")
     add_force_argument(parser)
     parser.set_defaults(run=run)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from moaplan.cli.common import (
+    add_device_argument,
     add_force_argument,
     add_json_argument,
     add_model_source_arguments,
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="tokens to generate (default: 64)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    add_device_argument(parser)
     add_force_argument(parser)
     add_json_argument(parser)
     parser.set_defaults(run=run)

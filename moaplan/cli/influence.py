@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moaplan.cli.common import (
+    add_device_argument,
     add_force_argument,
     add_model_source_arguments,
     check_head_count,
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, help="score only the first N samples")
     parser.add_argument("--out", default="influence.jsonl",
                         help="JSONL file to write (default influence.jsonl)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(parser)
     add_force_argument(parser)
     parser.set_defaults(run=run)
 
@@ -56,27 +57,17 @@ is_score_file = json_record("index", "score")
 
 
 def _mask_plan(args: argparse.Namespace, model, tokenizer):
-    from moaplan.eval.data_influence import masked_heads_plan
-    from moaplan.plan import ModelShape, load_plan
-    from moaplan.profile.compare import profile_rankings, top_heads
+    from moaplan.eval.data_influence import retrieval_mask_plan
+    from moaplan.plan import load_plan
     from moaplan.rules import Rule
 
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(model.config, strict=not args.force)
         return plan
-    if args.scores:
-        from moaplan.profile import load_profile
-
-        ranking = next(iter(profile_rankings(load_profile(args.scores)).values()))
-    else:
-        from moaplan.profile.scorers import head_scores
-
-        ranking = head_scores(model, tokenizer, "retrieval", args.score_lengths,
-                              args.score_samples).mean("retrieval")
-    heads = top_heads(ranking, args.heads)
-    return masked_heads_plan(ModelShape.from_config(model.config), heads,
-                             Rule.window(args.window, sink=args.sink))
+    return retrieval_mask_plan(model, tokenizer, args.heads,
+                               Rule.window(args.window, sink=args.sink), scores=args.scores,
+                               lengths=args.score_lengths, samples=args.score_samples)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,8 +12,16 @@ import argparse
 import os
 from pathlib import Path
 
-from moaplan.cli.common import add_model_source_arguments, model_source, open_model, positive_int
-from moaplan.cli.search import add_objective_argument
+from moaplan.cli.common import (
+    add_device_argument,
+    add_model_source_arguments,
+    checked_config,
+    open_model,
+    positive_int,
+)
+from moaplan.cli.search import LENGTHS, SAMPLES, add_objective_argument
+
+SCORER_SAMPLES = 8  # inputs a head scorer builds per length
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +38,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_source_arguments(parser)
     parser.add_argument("--data", help="calibration data file (default: the reference model's "
                                        "own calibration samples)")
-    parser.add_argument("--lengths", type=positive_int, nargs="+", required=True,
-                        help="input lengths in tokens, e.g. 1024 2048 4096")
-    parser.add_argument("--samples", type=positive_int, default=8,
-                        help="samples (calibration samples, needle prompts or repeated "
-                             "sequences) per length (default 8)")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=LENGTHS,
+                        help=f"input lengths in tokens (default: {' '.join(map(str, LENGTHS))}, "
+                             "as search)")
+    parser.add_argument("--samples", type=positive_int,
+                        help=f"samples per length: calibration samples (default {SAMPLES}, as "
+                             "search, so that search reuses the profile), or needle prompts or "
+                             "repeated sequences for --scorer retrieval / induction (default "
+                             f"{SCORER_SAMPLES})")
+    # moaplan.profile.profile.BLOCK, spelled out: importing the profile package here would
+    # load torch while the parser of every command is built
     parser.add_argument("--block", type=positive_int, default=64,
                         help="block size of the summary in tokens (default 64)")
-    parser.add_argument("--out", help="profile file (default: profiles/<model>.safetensors)")
+    parser.add_argument("--out", help="profile file (default: profiles/<model_type>-"
+                                      "<fingerprint>[-<scorer>].safetensors, where search and "
+                                      "baseline duo look for it)")
     add_objective_argument(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last finished sample")
@@ -46,34 +61,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="influence implementation (auto: triton on a CUDA GPU)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (long inputs on large models)")
+    add_device_argument(parser)
     parser.add_argument("--device-map", default=None,
-                        help="'auto' spreads a large model over the visible GPUs")
+                        help="'auto' spreads a large model over the visible GPUs (instead of "
+                             "--device)")
     parser.set_defaults(run=run)
 
 
 def _load(args: argparse.Namespace, local_rank: int):
     import torch
 
-    from moaplan.cli.common import checked_config
+    from moaplan.model import resolve_device
 
-    if args.device_map is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        return open_model(args, device, "bfloat16" if torch.cuda.is_available() else "float32",
-                          profiled=args.lengths)
-    checked_config(args, args.lengths)
-    return model_source(args).load(getattr(torch, args.dtype or "bfloat16"),
-                                   device_map=args.device_map)
+    if args.device_map is not None:  # spread over the GPUs: bf16, as on one GPU
+        return open_model(args, None, "bfloat16", profiled=args.lengths,
+                          device_map=args.device_map)
+    # under torchrun, auto is this rank's GPU (one GPU per rank)
+    device = resolve_device(f"cuda:{local_rank}" if args.device == "auto"
+                            and torch.cuda.is_available() else args.device)
+    return open_model(args, device, "bfloat16" if device.type == "cuda" else "float32",
+                      profiled=args.lengths)
 
 
 def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
-    from moaplan.data import CalibrationFile, model_calibration
+    from moaplan.data.calibration import sample_source
 
-    if args.data:
-        # Records are bucketed by length, as for search: a profiled length is a real length.
-        data = CalibrationFile(args.data, tokenizer, args.lengths)
-        return {n: data.samples(n, args.samples, False) for n in args.lengths}
-    return {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
-            for n in args.lengths}
+    # search's own source of profiling samples, so that search finds this profile's data
+    source = sample_source(model, tokenizer, args.data, args.lengths, args.seed)
+    return {n: source(n, args.samples, False) for n in args.lengths}
 
 
 def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:
@@ -106,15 +121,23 @@ def run(args: argparse.Namespace) -> int:
 
     from moaplan.errors import ProfileError
     from moaplan.model import check_lengths
-    from moaplan.profile import checkpoint_path, profile_model, save_profile
-    from moaplan.profile.profile import check_profile_output, metadata_path, sink_blocks
+    from moaplan.profile import checkpoint_path
+    from moaplan.profile.profile import (
+        check_profile_output,
+        default_profile_path,
+        sink_blocks,
+    )
+    from moaplan.profile.profiler import profile_to_file
     from moaplan.rules import RuleSpace
+    from moaplan.shape import ModelShape
 
+    if args.samples is None:
+        args.samples = SAMPLES if args.scorer == "gradient" else SCORER_SAMPLES
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = model_source(args).name
-    suffix = "" if args.scorer == "gradient" else f"-{args.scorer}"
-    out = check_profile_output(args.out or f"profiles/{name}{suffix}.safetensors")
+    # the config alone names the default output, so a bad path fails before any weight loads
+    out = check_profile_output(args.out or default_profile_path(
+        ModelShape.from_config(checked_config(args, args.lengths)), args.scorer))
     if args.scorer != "gradient":
         if world > 1 or args.data or args.resume:
             raise ProfileError(f"--scorer {args.scorer} builds its own inputs and runs in one "
@@ -141,18 +164,13 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(length=progress.length, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
 
-    profile = profile_model(model, samples, block=args.block, backend=args.backend,
-                            objective=args.objective,
-                            gradient_checkpointing=args.checkpointing, checkpoint=out,
-                            resume=args.resume, on_sample=step)
+    profile = profile_to_file(model, samples, out, resume=args.resume, block=args.block,
+                              backend=args.backend, objective=args.objective,
+                              gradient_checkpointing=args.checkpointing, on_sample=step)
     bar.close()
     if rank == 0:
-        save_profile(profile, out)
         print(f"wrote {out} ({', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)}"
               " samples)")
-    partial = checkpoint_path(out, rank, world)
-    partial.unlink(missing_ok=True)
-    metadata_path(partial).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -1,5 +1,6 @@
 """What the model-driven commands share: loading the model and its calibration data, the
-default profile path, progress bars and the closing summary."""
+profile path (:func:`moaplan.profile.profile.default_profile_path` unless given), progress bars
+and the closing summary."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moaplan.plan import ModelShape
 from moaplan.plan.report import plan_table
+from moaplan.profile.profile import default_profile_path
 from moaplan.search import SampleSource, SearchResult, SearchSettings
+from moaplan.shape import ModelShape
 
 SEED = 0
 
@@ -29,21 +31,14 @@ class ModelSession:
     @classmethod
     def open(cls, args: argparse.Namespace) -> ModelSession:
         from moaplan.cli.common import open_model
-        from moaplan.data import CalibrationFile, model_calibration
+        from moaplan.data.calibration import sample_source
 
         model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
-        if args.data:
-            lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
-            source = CalibrationFile(args.data, tokenizer, lengths).samples
-        else:
-            def source(length: int, count: int, held_out: bool) -> list:
-                # Held-out samples come from their own seed; search checks they are disjoint.
-                return model_calibration(model, tokenizer, length, count,
-                                         seed=SEED + 1000 * int(held_out))
-        shape = ModelShape.from_config(model.config)
-        name = f"{shape.model_type or 'model'}-{shape.fingerprint}.safetensors"
-        default = Path("profiles") / name
-        return cls(model, tokenizer, source, Path(args.profile) if args.profile else default)
+        lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
+        source = sample_source(model, tokenizer, args.data, lengths, SEED)
+        profile = (Path(args.profile) if args.profile
+                   else default_profile_path(ModelShape.from_config(model.config)))
+        return cls(model, tokenizer, source, profile)
 
     @contextlib.contextmanager
     def progress(self, settings: SearchSettings) -> Iterator[_Progress]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,15 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
-from moaplan.data.tokens import bos_ids, encode, text_row
-from moaplan.errors import DataError
-from moaplan.eval.scoring import batches
-from moaplan.eval.tasks import (
+from moaplan.data.tasks import (
     CALIBRATION_PHRASINGS,
     CALIBRATION_TASKS,
     MIN_LENGTH,
     PHRASINGS,
     chat_frame,
 )
+from moaplan.data.tokens import batches, bos_ids, encode, text_row
+from moaplan.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def _sample(prompt: list[int], response: list[int], scored: int | None = None
 # wording to understand), copying, multi-document lookup, and running text.
 DEFAULT_KINDS = ("passkey", "kv", "repeat", "copy", "text", "multidoc")
 TEXT_RESPONSE_TOKENS = 64  # what the model writes after a plain text prompt
+HELD_OUT_SEED_OFFSET = 1000  # held-out samples: seed + this, far from any profiling seed
 CHAT_ANSWER_TOKENS = 16  # scored after a chat prompt: chat models often restate the question
 
 
@@ -101,7 +102,7 @@ def model_calibration(
     multi-document lookup, running text; filler from the training split of the standard
     library, through the tokenizer's chat template when it has one) completed greedily by
     ``model``, which should be dense (MoA's *model-aligned* data).  Each round of the
-    families takes the next of ``wordings`` (names of :data:`moaplan.eval.tasks.PHRASINGS`).
+    families takes the next of ``wordings`` (names of :data:`moaplan.data.tasks.PHRASINGS`).
 
     On a text prompt the loss is taken on every generated token; on a retrieval prompt on the
     model's answer alone (as many tokens as the task's answer has, more after a chat prompt):
@@ -296,3 +297,18 @@ class CalibrationFile:
         starts = ([len(self.ids) - (i + 1) * step for i in range(count)] if held_out
                   else [i * step for i in range(min(count, windows))])
         return [_sample(bos, self.ids[s:s + step]) for s in starts]
+
+
+def sample_source(model, tokenizer, data: str | os.PathLike | None, lengths: list[int],
+                  seed: int = 0) -> Callable[[int, int, bool], list[CalibrationSample]]:
+    """``(length, count, held_out) -> samples``, what search draws its profiling and held-out
+    samples from: the file ``data`` bucketed by ``lengths`` (:class:`CalibrationFile`), or,
+    without one, the model's own completions (:func:`model_calibration`), held-out samples
+    from a seed of their own (search checks the two sides are disjoint)."""
+    if data:
+        return CalibrationFile(data, tokenizer, lengths).samples
+
+    def source(length: int, count: int, held_out: bool) -> list[CalibrationSample]:
+        return model_calibration(model, tokenizer, length, count,
+                                 seed=seed + HELD_OUT_SEED_OFFSET * int(held_out))
+    return source

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 
 from moaplan.data.corpus import TextCorpus
@@ -32,3 +34,9 @@ def text_row(tokenizer, corpus: TextCorpus, length: int, rng: np.random.Generato
     """A sequence of exactly ``length`` tokens: bos, then running text."""
     bos = bos_ids(tokenizer)
     return bos + corpus_ids(tokenizer, corpus, length - len(bos), rng)
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

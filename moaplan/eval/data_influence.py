@@ -18,15 +18,17 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moaplan.errors import PlanError
 from moaplan.io import atomic_write_text
-from moaplan.plan import ModelShape, Plan
+from moaplan.plan import Plan
 from moaplan.profile.profiler import Sample, response_losses
 from moaplan.rules import Rule
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
 
 # What a masked head keeps by default: its 64 latest keys and StreamingLLM's 4 sink tokens.
 # Without the sinks a head that parks its mass on the first tokens (most do when idle) is
@@ -54,6 +56,25 @@ def masked_heads_plan(shape: ModelShape, heads: Iterable[tuple[int, int]],
               for head in range(shape.num_key_value_heads)] for layer in range(shape.num_layers)]
     return Plan(model=shape, rules=rules,
                 provenance={"masked_heads": sorted(map(list, heads)), "rule": rule.describe()})
+
+
+def retrieval_mask_plan(model: torch.nn.Module, tokenizer: Any, count: int,
+                        rule: Rule = LOCAL_WINDOW, *, scores: str | Path | None = None,
+                        lengths: Sequence[int] = (2048,), samples: int = 4) -> Plan:
+    """:func:`masked_heads_plan` of the ``count`` KV heads that retrieve most: ranked by the
+    profile ``scores`` (any scorer's, its first ranking), else by retrieval scores measured
+    now on ``samples`` needle prompts of each of ``lengths`` tokens."""
+    from moaplan.profile import load_profile
+    from moaplan.profile.compare import profile_rankings, top_heads
+    from moaplan.profile.scorers import head_scores
+
+    if scores is not None:
+        ranking = next(iter(profile_rankings(load_profile(scores)).values()))
+    else:
+        ranking = head_scores(model, tokenizer, "retrieval", list(lengths),
+                              samples).mean("retrieval")
+    return masked_heads_plan(ModelShape.from_config(model.config), top_heads(ranking, count),
+                             rule)
 
 
 def influence_scores(model: torch.nn.Module, samples: Sequence[Sample], plan: Plan | str | Path,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import stdlib_corpus
-from moaplan.eval.tasks import passkey_sample
+from moaplan.data.tasks import passkey_sample
 
 
 @dataclass(frozen=True)

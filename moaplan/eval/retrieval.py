@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
+from moaplan.data.tasks import PHRASINGS, TASKS
 from moaplan.eval.scoring import answers_correct
-from moaplan.eval.tasks import PHRASINGS, TASKS
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -80,7 +80,7 @@ def retrieval_accuracy(
     phrasing: str = "reference",
 ) -> RetrievalResult:
     """Score ``samples`` prompts of ``task`` ("passkey" or "kv") per (length, depth) cell, in
-    the wording ``phrasing`` (a name of :data:`moaplan.eval.tasks.PHRASINGS`)."""
+    the wording ``phrasing`` (a name of :data:`moaplan.data.tasks.PHRASINGS`)."""
     corpus = corpus or stdlib_corpus("heldout")
     wording = PHRASINGS[phrasing]
     cells = []

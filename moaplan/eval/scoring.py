@@ -7,16 +7,12 @@ decoding would produce the answer, without a decode loop or KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from moaplan.eval.tasks import TaskSample
-
-
-def batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+from moaplan.data.tasks import TaskSample
+from moaplan.data.tokens import batches
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""The reference model: a small byte-level Llama that retrieves far back, shipped with moaplan."""
+"""Finding and loading models (every command's loader), and the reference model shipped with
+moaplan: a small byte-level Llama that retrieves far back (made by :mod:`moaplan.training`)."""
 
 from moaplan.model.config import reference_config
 from moaplan.model.loading import (

@@ -23,8 +23,9 @@ def reference_model_path() -> Path:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device this machine has (None: the first GPU if there is one)."""
-    if device is None:
+    """``device`` as a torch device this machine has (``"auto"`` or None: the first GPU if
+    there is one, else the CPU)."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -142,14 +143,21 @@ def load_model(
     path: str | os.PathLike | ModelSource | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
+    *,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer in eval mode (``None``: the reference model).
 
     ``path`` is a :class:`ModelSource` or what :meth:`ModelSource.of` takes.  The reference
     weights are stored in bf16; they are cast to ``dtype`` (float32 by default, what a CPU
-    computes fastest and exactly).  ``device=None`` picks the first GPU, if any.
+    computes fastest and exactly).  ``device="auto"`` (or None) picks the first GPU, if any;
+    a ``device_map`` (``from_pretrained``'s, e.g. ``"auto"``) spreads the model instead.
     """
     source = path if isinstance(path, ModelSource) else ModelSource.of(path)
+    if device_map is not None:
+        model, tokenizer = source.load(dtype, device_map=device_map)
+        _check_causal(model, Path(source.location))
+        return model, tokenizer
     device = resolve_device(device)
     model, tokenizer = source.load(dtype)
     _check_causal(model, Path(source.location))

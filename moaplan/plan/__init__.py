@@ -2,7 +2,7 @@
 
 from moaplan.plan.baselines import duo_plan, uniform_plan, uniform_rule
 from moaplan.plan.interop import import_duo, import_moa
-from moaplan.plan.plan import Budget, ModelShape, Plan, config_fingerprint
+from moaplan.plan.plan import Budget, Plan
 from moaplan.plan.yaml_format import (
     FORMAT,
     as_plan,
@@ -12,6 +12,9 @@ from moaplan.plan.yaml_format import (
     plan_to_dict,
     save_plan,
 )
+
+# re-exported: the model shape lives in moaplan.shape (the profiler needs it too)
+from moaplan.shape import ModelShape, config_fingerprint
 
 __all__ = [
     "FORMAT", "Budget", "ModelShape", "Plan", "as_plan", "check_plan_output",

@@ -14,8 +14,9 @@ import math
 import numpy as np
 
 from moaplan.errors import BudgetError
-from moaplan.plan.plan import Budget, ModelShape, Plan
+from moaplan.plan.plan import Budget, Plan
 from moaplan.rules import Rule, density
+from moaplan.shape import ModelShape
 
 
 def _check_lengths(lengths: list[int]) -> list[int]:

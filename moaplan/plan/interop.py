@@ -12,8 +12,9 @@ import numpy as np
 
 from moaplan.errors import PlanError
 from moaplan.io import read_text
-from moaplan.plan.plan import ModelShape, Plan
+from moaplan.plan.plan import Plan
 from moaplan.rules import Rule
+from moaplan.shape import ModelShape
 
 # A MoA plan JSON or a DuoAttention gate table of the largest models is a few hundred KiB.
 MAX_IMPORT_BYTES = 64 * 2**20

@@ -5,69 +5,16 @@ A plan is a record; reading and writing it as YAML lives in :mod:`moaplan.plan.y
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from moaplan.errors import PlanError
-from moaplan.rules import Rule, density, rule_sinks, rule_spans
+from moaplan.rules import DENSITY_KINDS, Rule, density, is_density
+from moaplan.shape import ModelShape
 
-BUDGET_KINDS = ("kv", "attention")
-
-# The config fields that decide whether a plan (and a profile) fits a model.  Everything
-# else in a config (dtype, generation defaults, ...) may change without invalidating a plan.
-_FINGERPRINT_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-    "rope_theta", "rope_parameters", "rope_scaling", "sliding_window",
-)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The attention shape of a model, plus a fingerprint of the config it came from."""
-
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    model_type: str = ""
-    fingerprint: str | None = None
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(num_layers=config.num_hidden_layers, num_attention_heads=heads,
-                   num_key_value_heads=kv_heads, head_dim=head_dim,
-                   model_type=getattr(config, "model_type", ""),
-                   fingerprint=config_fingerprint(config))
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    def same_shape(self, other: ModelShape) -> bool:
-        return (self.num_layers, self.num_attention_heads, self.num_key_value_heads,
-                self.head_dim) == (other.num_layers, other.num_attention_heads,
-                                   other.num_key_value_heads, other.head_dim)
-
-    def describe(self) -> str:
-        return (f"{self.num_layers} layers x {self.num_key_value_heads} KV heads "
-                f"({self.num_attention_heads} query heads, head_dim {self.head_dim})")
-
-
-def config_fingerprint(config: Any) -> str:
-    """A short hash of the attention-relevant fields of a ``transformers`` config."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    kept = {k: data.get(k) for k in _FINGERPRINT_FIELDS if data.get(k) is not None}
-    blob = json.dumps(kept, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+BUDGET_KINDS = DENSITY_KINDS  # a budget limits one density
 
 
 @dataclass(frozen=True)
@@ -78,7 +25,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise PlanError(f"budget kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
-        if not 0 < self.value <= 1:
+        if not is_density(self.value):
             raise PlanError(f"budget {self.value} is outside (0, 1]; it is a density")
 
 
@@ -118,18 +65,13 @@ class Plan:
         """All rules, layer-major: index ``layer * num_kv_heads + head``."""
         return [rule for layer_rules in self.rules for rule in layer_rules]
 
-    def sinks_spans(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Effective sink and span of each KV head of ``layer`` at length ``n`` (full: n)."""
-        rules = self.rules[layer]
-        return rule_sinks(rules, n), rule_spans(rules, n)
-
     def densities(self, lengths: list[int] | np.ndarray) -> dict[str, np.ndarray]:
         """KV and attention densities, ``(num_layers, num_kv_heads, len(lengths))`` each (a
         compensation token counts as one key, see :func:`moaplan.rules.density`)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         shape = (self.model.num_layers, self.model.num_key_value_heads, len(lengths))
         return {kind: density(self.flat_rules, lengths, kind).reshape(shape)
-                for kind in ("kv", "attention")}
+                for kind in DENSITY_KINDS}
 
     def check_model(self, config: Any, *, strict: bool = True) -> None:
         """Raise :class:`PlanError` if this plan does not fit the model with ``config``.

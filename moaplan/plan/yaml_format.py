@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moaplan import __version__
 from moaplan.errors import PlanError, RuleError
 from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
-from moaplan.plan.plan import Budget, ModelShape, Plan
-from moaplan.rules import MAX_TOKENS, Rule
+from moaplan.plan.plan import BUDGET_KINDS, Budget, Plan
+from moaplan.rules import MAX_TOKENS, Rule, is_density
+from moaplan.shape import ModelShape
 
 FORMAT = "moaplan/1"
 _TOP_KEYS = {"format", "model", "budget", "lengths", "rules", "predicted", "provenance"}
@@ -216,11 +215,11 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         if not isinstance(budget_raw, dict) or set(budget_raw) != {"kind", "value"}:
             problems.add("'budget' must be a mapping with exactly 'kind' (kv or attention) "
                          "and 'value'")
-        elif budget_raw["kind"] not in ("kv", "attention"):
+        elif budget_raw["kind"] not in BUDGET_KINDS:
             problems.add(f"budget.kind must be 'kv' or 'attention', got {budget_raw['kind']!r}")
         else:
             value = problems.number("budget.value", budget_raw["value"])
-            if value is not None and not 0 < value <= 1:
+            if value is not None and not is_density(value):
                 problems.add(f"budget.value must be in (0, 1], got {value}")
             elif value is not None:
                 budget = Budget(budget_raw["kind"], float(value))
@@ -302,9 +301,3 @@ def as_plan(plan: Plan | str | os.PathLike) -> Plan:
         return load_plan(plan)
     raise PlanError(f"expected a moaplan Plan or the path of a plan file, got "
                     f"{type(plan).__name__}")
-
-
-def predicted_table(plan: Plan, lengths: list[int]) -> np.ndarray:
-    """Mean KV and attention density at each length: ``(len(lengths), 2)``."""
-    dens = plan.densities(lengths)
-    return np.stack([dens["kv"].mean((0, 1)), dens["attention"].mean((0, 1))], axis=1)

@@ -1,6 +1,6 @@
 """The profiler: gradient-based attention influence per (layer, KV head), blockwise.
 
-Influence (see ``design.md``): ``E_ij = -A_ij (G_ij - D_i) / (1 - A_ij + eps)`` with
+Influence (first order, from MoA): ``E_ij = -A_ij (G_ij - D_i) / (1 - A_ij + eps)`` with
 ``G_ij = dO_i . v_j`` and ``D_i = dO_i . O_i``, from one backward pass of the mean response-token
 cross-entropy of a calibration sample; ``|E|`` is summed over the query heads of a GQA group.
 

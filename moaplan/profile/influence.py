@@ -48,11 +48,6 @@ class BlockSummary:
         return cls(torch.zeros(kv_heads, nblk, 2, device=device),
                    torch.zeros(kv_heads, num_sink_blocks, nblk, 2, device=device))
 
-    @property
-    def block_shape(self) -> tuple[int, int, int]:
-        """``(kv_heads, num_blocks, num_sink_blocks)``."""
-        return self.far.shape[0], self.far.shape[1], self.sink.shape[1]
-
 
 def naive_influence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
                     scale: float) -> torch.Tensor:

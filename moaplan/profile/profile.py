@@ -44,11 +44,12 @@ from moaplan.io import (
     file_head,
     load_yaml,
 )
-from moaplan.plan import ModelShape
 from moaplan.profile.cost import dropped_influence
 from moaplan.rules import Rule, RuleSpace
+from moaplan.shape import ModelShape
 
 FORMAT = "moaplan-profile/1"
+BLOCK = 64  # the summary's block size in tokens, unless told otherwise (profile, search, scorers)
 
 
 def sink_blocks(rule_space: RuleSpace, block: int) -> int:
@@ -161,8 +162,9 @@ class Profile:
         self.sink_sum[length] = self.sink_sum[length] + sink
         self.finished[length] += count
 
-    def check_model(self, shape: ModelShape) -> None:
-        """Raise :class:`ProfileError` unless this profile was made for the model ``shape``."""
+    def check_shape(self, shape: ModelShape) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for the model ``shape`` (a
+        shape, where :meth:`moaplan.plan.Plan.check_model` takes a config)."""
         if not self.model.same_shape(shape) or (
                 self.model.fingerprint and shape.fingerprint
                 and self.model.fingerprint != shape.fingerprint):
@@ -193,6 +195,19 @@ class Profile:
             **({"head_scores": self.head_scores} if self.head_scores else {}),
             "tensors": {"sha256": tensor_sha256},
         }
+
+
+PROFILE_DIR = Path("profiles")
+
+
+def default_profile_path(shape: ModelShape, scorer: str = "gradient") -> Path:
+    """Where ``moaplan profile`` writes and ``moaplan search`` / ``baseline duo`` look for the
+    profile of a model when no path is given: ``profiles/<model_type>-<fingerprint>.safetensors``
+    (``-<scorer>`` added for a head scorer's profile).  Named by the config fingerprint, not
+    the model's directory, so that any copy of one model finds its profile and two models that
+    share a directory name never share one."""
+    suffix = "" if scorer == "gradient" else f"-{scorer}"
+    return PROFILE_DIR / f"{shape.model_type or 'model'}-{shape.fingerprint}{suffix}.safetensors"
 
 
 def metadata_path(path: str | Path) -> Path:

@@ -19,17 +19,24 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from moaplan.errors import DataError, ProfileError
-from moaplan.plan import ModelShape
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
-from moaplan.profile.profile import Profile, load_profile, save_profile, sink_blocks
+from moaplan.profile.profile import (
+    BLOCK,
+    Profile,
+    load_profile,
+    metadata_path,
+    save_profile,
+    sink_blocks,
+)
 from moaplan.rules import RuleSpace
+from moaplan.shape import ModelShape
 
 
 class Sample(Protocol):
@@ -173,6 +180,13 @@ def checkpoint_path(out: str | Path, rank: int = 0, world: int = 1) -> Path:
     return out.with_name(out.stem + suffix + out.suffix)
 
 
+def remove_checkpoint(out: str | Path, rank: int = 0, world: int = 1) -> None:
+    """Delete the checkpoint of ``out`` (tensors and metadata), once the profile is saved."""
+    partial = checkpoint_path(out, rank, world)
+    for leftover in (partial, metadata_path(partial)):
+        leftover.unlink(missing_ok=True)
+
+
 def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], block: int,
            rule_space: RuleSpace, data_hash: str, objective: str,
            resume_from: Path | None) -> Profile:
@@ -181,7 +195,7 @@ def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], 
     if resume_from is None or not resume_from.is_file():
         return fresh
     old = load_profile(resume_from)
-    old.check_model(model_shape)
+    old.check_shape(model_shape)
     if (old.block, old.lengths, old.data_hash, old.rule_space, old.objective) != (
             block, lengths, data_hash, rule_space, objective):
         raise ProfileError(f"{resume_from} was started with other settings (block, lengths, "
@@ -206,7 +220,7 @@ def profile_model(
     model: torch.nn.Module,
     samples: Mapping[int, Sequence[Sample]],
     *,
-    block: int = 64,
+    block: int = BLOCK,
     rule_space: RuleSpace | None = None,
     backend: str = "auto",
     gradient_checkpointing: bool = False,
@@ -276,3 +290,17 @@ def _stack(collector: InfluenceCollector, num_layers: int, num_blocks: int
     pad = num_blocks - far.shape[1]
     return (torch.nn.functional.pad(far, (0, 0, 0, pad)).numpy(),
             torch.nn.functional.pad(sink, (0, 0, 0, pad)).numpy())
+
+
+def profile_to_file(model: torch.nn.Module, samples: Mapping[int, Sequence[Sample]],
+                    out: str | Path, *, resume: bool = True, **settings: Any) -> Profile:
+    """:func:`profile_model` (``settings`` are its keywords), checkpointing beside ``out`` so
+    that an interrupted run resumes, then the profile saved at ``out`` and the checkpoint
+    deleted.  Under torchrun each rank profiles its share and rank 0 writes the file; every
+    rank gets the all-reduced profile."""
+    rank, world = _rank_world()
+    profile = profile_model(model, samples, checkpoint=out, resume=resume, **settings)
+    if rank == 0:
+        save_profile(profile, out)
+    remove_checkpoint(out, rank, world)
+    return profile

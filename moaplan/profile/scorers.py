@@ -2,7 +2,7 @@
 
 - **Retrieval score** (Wu et al., "Retrieval Head Mechanistically Explains Long-Context
   Factuality"): on needle-in-a-haystack prompts (the passkey and key-value tasks of
-  :mod:`moaplan.eval.tasks`, in turn, needles spread evenly over depths), at each step that
+  :mod:`moaplan.data.tasks`, in turn, needles spread evenly over depths), at each step that
   produces an answer token a query head *copies* when its most-attended key lies inside the
   asked needle and holds the token being generated.  The generated token is the model's argmax
   given the true prefix, i.e. what greedy decoding emits while it is right (the convention of
@@ -47,15 +47,15 @@ import numpy as np
 import torch
 
 from moaplan.data.corpus import stdlib_corpus
+from moaplan.data.tasks import MIN_LENGTH, TASKS, TaskSample
 from moaplan.data.tokens import bos_ids
 from moaplan.errors import DataError, ProfileError
-from moaplan.eval.tasks import MIN_LENGTH, TASKS, TaskSample
-from moaplan.plan import ModelShape
 from moaplan.profile.attention import plain_causal_scale, profiling_attention
 from moaplan.profile.influence import causal_scores, grouped_queries, rows_per_slab
-from moaplan.profile.profile import Profile, num_blocks, sink_blocks
+from moaplan.profile.profile import BLOCK, Profile, num_blocks, sink_blocks
 from moaplan.profile.profiler import Progress
 from moaplan.rules import RuleSpace
+from moaplan.shape import ModelShape
 
 SCORERS = ("retrieval", "induction")  # the head scorers `moaplan profile --scorer` offers
 FLOOR = 0.01
@@ -285,7 +285,7 @@ def entry_counts(length: int, block: int, num_sink_blocks: int
     return far, sink
 
 
-def profile_from_scores(shape: ModelShape, scores: HeadScores, *, block: int = 64,
+def profile_from_scores(shape: ModelShape, scores: HeadScores, *, block: int = BLOCK,
                         rule_space: RuleSpace | None = None) -> Profile:
     """The optimizer's profile of ``scores``: per length, each KV head's weight (the sum of its
     scores, plus ``FLOOR`` times the best head's) spread uniformly over its entries ``j < i``."""
@@ -308,7 +308,7 @@ def profile_from_scores(shape: ModelShape, scores: HeadScores, *, block: int = 6
 
 
 def score_profile(model: torch.nn.Module, tokenizer: Any, scorer: str, lengths: Sequence[int],
-                  samples: int, *, block: int = 64, rule_space: RuleSpace | None = None,
+                  samples: int, *, block: int = BLOCK, rule_space: RuleSpace | None = None,
                   seed: int = 0, on_sample: Callable[[Progress], None] | None = None
                   ) -> Profile:
     """Score ``model``'s heads with ``scorer`` and return them as a profile (see the module

@@ -191,7 +191,7 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
     what the calls carry beyond the plan (:class:`ModelAttention`)."""
     from transformers import AutoModelForCausalLM
 
-    from moaplan.plan import ModelShape
+    from moaplan.shape import ModelShape
 
     calls: dict[int | None, tuple[tuple[int, ...], dict[str, Any]]] = {}
 

@@ -67,10 +67,9 @@ from moaplan.runtime.layer import (
     real_token_attention,
 )
 from moaplan.runtime.memory import check_count, check_fits, plan_kv_bytes
+from moaplan.runtime.reference import SCORE_ELEMENTS
 
 _STEP_ATTR = "_moaplan_cache_step"
-# Upper bound on the float scores held at once by the multi-token path (heads x queries x keys).
-_SCORE_ELEMENTS = 1 << 25
 
 
 def cache_keyword(model: Any) -> str:
@@ -457,7 +456,7 @@ class MoaplanLayer(CacheLayerMixin):
                                 for x, total in ((k, self.key_sum), (v, self.value_sum)))
                 count = (pos + 1 - self.sinks[h] - spans[:, :, h]).clamp(min=0)
                 dropped += (count,)
-            step = max(1, _SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
+            step = max(1, SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
             for lo in range(0, n_new, step):
                 hi = min(lo + step, n_new)
                 part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)

@@ -15,7 +15,7 @@ from moaplan.kernels.decode import soft_cap
 
 # Upper bound on the float score elements held at once (heads x query chunk x keys): 2^25
 # float32 scores are 128 MiB, enough for Nk = 4096 with 32 query heads at 256 queries a chunk.
-_SCORE_ELEMENTS = 1 << 25
+SCORE_ELEMENTS = 1 << 25  # the compressed cache's torch path chunks by it too
 
 
 def visible(
@@ -108,7 +108,7 @@ def reference_attention(
     out = torch.zeros(batch, hkv, group, nq, v.shape[-1], dtype=compute, device=device)
     k_pos = torch.arange(nk, device=device)
     rule_sink, rule_span = sink[:, :, None, None], span[:, :, None, None]  # [Hkv, G, 1, 1]
-    chunk = max(1, _SCORE_ELEMENTS // max(1, hq * nk))
+    chunk = max(1, SCORE_ELEMENTS // max(1, hq * nk))
     for b in range(batch):
         qb = q[b].to(compute).reshape(hkv, group, nq, dim)
         kb, vb = k[b].to(compute), v[b].to(compute)

@@ -1,6 +1,6 @@
 """Measure the trained reference model on the CPU and add the results to its card.
 
-    python -m moaplan.model.report [DIR] [--samples 8] [--uniform-samples 4]
+    python -m moaplan.training.report [DIR] [--samples 8] [--uniform-samples 4]
 
 Adds ``cpu_report`` to ``DIR/summary.json`` (default: the shipped model), draws
 ``heads_map.png`` and re-renders ``MODEL_CARD.md``: the time to load the model and score 16
@@ -23,11 +23,12 @@ import torch
 from moaplan.eval import passkey_accuracy, perplexity
 from moaplan.eval.headmap import far_attention_share, plot_head_map
 from moaplan.io import atomic_write, atomic_write_text
-from moaplan.model.card import write_model_card
 from moaplan.model.config import CONTEXT
 from moaplan.model.loading import load_model, reference_model_path
-from moaplan.plan import Budget, ModelShape, uniform_plan
+from moaplan.plan import Budget, uniform_plan
 from moaplan.runtime import apply, remove
+from moaplan.shape import ModelShape
+from moaplan.training.card import write_model_card
 
 LENGTHS = (1024, 2048, CONTEXT)
 UNIFORM_BUDGET = 0.5
@@ -116,7 +117,7 @@ def run(model_dir: Path, samples: int, uniform_samples: int, batch_size: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moaplan.model.report", description=__doc__.split("\n")[0]
+        prog="python -m moaplan.training.report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("model_dir", nargs="?", type=Path, default=reference_model_path())
     parser.add_argument("--samples", type=int, default=8, help="per (length, depth) cell")

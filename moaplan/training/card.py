@@ -1,7 +1,7 @@
 """The reference model's card (MODEL_CARD.md), rendered from ``summary.json`` beside the weights.
 
 ``summary.json`` is the single record of what was measured: the training run writes its
-``training`` and ``dense_eval`` sections, ``moaplan.model.report`` adds ``cpu_report``; the
+``training`` and ``dense_eval`` sections, ``moaplan.training.report`` adds ``cpu_report``; the
 card is re-rendered from it after each, never edited by hand.
 """
 
@@ -168,8 +168,8 @@ def render(config: dict, summary: dict) -> str:
         "## Training\n",
         _training(t) + "\n",
         "![loss curve](loss_curve.png)\n",
-        "Reproduce: `python -m moaplan.model.train --out DIR` on one GPU "
-        "(then `python -m moaplan.model.report DIR` on a CPU for the section below).\n",
+        "Reproduce: `python -m moaplan.training.train --out DIR` on one GPU "
+        "(then `python -m moaplan.training.report DIR` on a CPU for the section below).\n",
         f"## Dense evaluation (on {t['device']}, float32, held-out filler)\n",
         "Answers are scored as greedy decoding would produce them (every answer token is the "
         "argmax given the true prefix).\n",

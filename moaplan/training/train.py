@@ -1,6 +1,6 @@
 """Train the reference model from scratch on one GPU.
 
-    python -m moaplan.model.train --out DIR [--steps 6000] [--minutes 6] [--seed 0]
+    python -m moaplan.training.train --out DIR [--steps 6000] [--minutes 6] [--seed 0]
 
 Each step draws one length (512..4096) and fills a batch of ~64K tokens with rows of
 standard-library text and of passkey / key-value retrieval prompts (filler from the training
@@ -32,13 +32,13 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from moaplan.data.corpus import TextCorpus, stdlib_corpus
+from moaplan.data.tasks import PHRASINGS, TASKS
 from moaplan.data.tokens import text_row
 from moaplan.eval import kv_accuracy, passkey_accuracy, perplexity
-from moaplan.eval.tasks import PHRASINGS, TASKS
 from moaplan.io import atomic_write, atomic_write_text
-from moaplan.model.card import plot_loss_curve, write_model_card
 from moaplan.model.config import CONTEXT, reference_config
 from moaplan.model.tokenizer import byte_tokenizer
+from moaplan.training.card import plot_loss_curve, write_model_card
 
 # The second test bed's shape: fewer layers, fewer and wider heads, a 2:1 GQA ratio.
 SECOND_SHAPE = dict(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -270,7 +270,7 @@ def save(out: Path, run: TrainRun, cfg: TrainConfig, evaluation: dict, device_na
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moaplan.model.train", description=__doc__.split("\n")[0]
+        prog="python -m moaplan.training.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the trained model")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)

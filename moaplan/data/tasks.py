@@ -1,8 +1,10 @@
 """Long-range retrieval prompts built from real text, at an exact token length.
 
-A sample is ``prompt + answer``; the answer is scored token by token (see ``scoring``).
-Pieces are tokenized separately and concatenated, so any tokenizer works and the length is
-exact: the filler (held-out standard-library text) takes whatever the fixed parts leave.
+A sample is ``prompt + answer``; the answer is scored token by token (see
+:mod:`moaplan.eval.scoring`).  The prompts are data: the calibration set, the head scorers
+and the evaluation all draw from them.  Pieces are tokenized separately and concatenated, so
+any tokenizer works and the length is exact: the filler (held-out standard-library text)
+takes whatever the fixed parts leave.
 
 The needle is placed at ``depth`` (0 = right after the header, 1 = right before the
 question).  The header is longer than the 64 sink tokens common in sparse plans, so a needle
