@@ -21,7 +21,7 @@ lint: install
 	$(PYTHON) -m ruff check moaplan kernels tests benchmarks
 
 # The headline command on the shipped reference model: profile, optimize, validate, write plan.yaml.
-# On the CPU whatever the machine has: plans/reference-searched-kv0.5.yaml was made there, and
+# On the CPU whatever the machine has: profiles/reference-searched-kv0.5.yaml was made there, and
 # a GPU's arithmetic may pick another plan.
 demo: install
 	moaplan search --budget 0.5 --device cpu

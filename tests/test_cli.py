@@ -68,7 +68,7 @@ def test_convert_needs_a_shape(tmp_path):
     assert result.returncode == 2 and "give --model" in result.stderr
 
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "plans").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
