@@ -92,6 +92,12 @@ def _fmt(t: tuple[float, float, float], digits: int = 2) -> str:
     return f"{t[0]:+.{digits}f} [{t[1]:+.{digits}f}, {t[2]:+.{digits}f}]"
 
 
+def _and(values: list) -> str:
+    """``1, 2 and 3``."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
 def describe(report: dict[str, Any]) -> str:
     meta, s, bed = report["meta"], report["meta"]["settings"], report["meta"]["testbed"]
     where = meta["card"] or f"{meta['cpu']} ({meta['cores']} cores)"
@@ -106,7 +112,8 @@ def describe(report: dict[str, Any]) -> str:
         f"plan, the same for every plan.  Text: perplexity and KL(dense || plan) per token on "
         f"{s['text_windows']} held-out windows of {max(s['lengths'])} tokens.  Validation KL: "
         f"the search's score, on its {s['validation_samples']} held-out samples at "
-        f"{s['validation_length']} and {max(s['lengths'])} tokens.  Search: "
+        f"{_and(s.get('validation_lengths', [s['validation_length'], max(s['lengths'])]))} "
+        "tokens.  Search: "
         f"{s['profile_samples']} calibration samples per profiled length, "
         + ("model-generated, in the test bed's own task wording (as a user's data in their "
            "model's format would be)" if s.get("own_wording") else
