@@ -36,6 +36,8 @@ _HEARTBEAT_S, _GRACE_S = 30, 120
 PRUNE_AFTER = 1  # the first report (step) at which a candidate may be stopped
 PRUNE_STARTUP = 2  # candidates measured to the end before any is stopped
 _POLL_S = 0.5  # how often a worker with nothing left looks at the others' trials
+_SCHEMA_TRIES = 5
+_RACE_WORDS = ("already exists", "duplicate key", "unique constraint")
 # A trial that measure() closes without measuring anything carries this user attribute and is
 # never counted: a second queue entry for one candidate (two workers queued at once), or a trial
 # optuna made from its sampler because another worker emptied the queue first.
@@ -81,15 +83,23 @@ def plan_digest(choice: np.ndarray) -> str:
 def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
     if url is None:
         return None  # in memory: nothing to resume
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats have been "experimental" since optuna 2.8; they are what resumes work.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-    except Exception as err:  # sqlalchemy raises many types for a bad URL or server
-        raise MoaplanError(f"cannot open the optuna storage {url!r}: {err}") from err
+    for attempt in range(_SCHEMA_TRIES):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats have been "experimental" since optuna 2.8; they resume work.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
+                    heartbeat_stale_trial_callback=(
+                        optuna.storages.RetryHeartbeatStaleTrialCallback()))
+        except Exception as err:  # sqlalchemy raises many types for a bad URL or server
+            # Workers that open a new storage at once race to create its tables: the loser
+            # finds them made, and opens them at the next try.
+            racing = any(word in str(err).lower() for word in _RACE_WORDS)
+            if not racing or attempt == _SCHEMA_TRIES - 1:
+                raise MoaplanError(f"cannot open the optuna storage {url!r}: {err}") from err
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
