@@ -33,8 +33,10 @@ from provenance import provenance
 
 from moaplan.io import atomic_write_text
 
-MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=259, max_position_embeddings=2048,
+# 8 layers x 4 KV heads: enough heads that the search offers its 12 candidates (the keep-1,
+# 2, 4, 8-heads-full variants), so two workers have an even share.
+MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, vocab_size=259, max_position_embeddings=2048,
              bos_token_id=256, eos_token_id=257, pad_token_id=258)
 SEARCH = ["--budget", "0.5", "--lengths", "256", "512", "--validation-length", "384",
           "--samples", "2", "--validation-samples", "32", "--candidates", "12", "--ablate", "4",
@@ -96,9 +98,34 @@ def worker(argv: list[str]) -> None:
                       "states": [c.state for c in result.candidates]}))
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the machine so far, every core (/proc/stat)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def wait_until_quiet(limit_s: float = 300.0, busy: float = 0.15) -> float:
+    """Wait (at most ``limit_s``) until other programs use under ``busy`` of the cores over
+    3 s: the machine is shared, and a timing taken while someone else runs means little.
+    Returns the share they used in the last 3 s."""
+    deadline = time.time() + limit_s
+    while True:
+        before = _cpu_seconds()
+        time.sleep(3.0)
+        after = _cpu_seconds()
+        share = (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
+        if share < busy or time.time() > deadline:
+            return share
+
+
 def run(root: Path, workers: int, tag: str) -> dict:
-    """``workers`` processes on one fresh SQLite study; the stage's wall time and plans."""
+    """``workers`` processes on one fresh SQLite study; the stage's wall time and plans, and
+    the share of the machine's cores that other programs used meanwhile."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cpu_before, mine_before, wall_before = _cpu_seconds(), os.times(), time.time()
     storage = f"sqlite:///{root / f'{tag}.optuna.db'}"
     common = ["--model", str(root / "model"), "--data", str(root / "calib.jsonl"), *SEARCH,
               "--profile", str(root / "profile.safetensors"), "--storage", storage]
@@ -112,10 +139,27 @@ def run(root: Path, workers: int, tag: str) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"a worker failed:\n{err[-3000:]}")
         reports.append(json.loads(out.strip().splitlines()[-1]))
+    cpu_after, mine_after = _cpu_seconds(), os.times()
+    mine = (mine_after.children_user + mine_after.children_system
+            - mine_before.children_user - mine_before.children_system)
+    others = max(0.0, cpu_after[0] - cpu_before[0] - mine) / max(
+        (time.time() - wall_before) * (os.cpu_count() or 1), 1e-9)
+    # The candidates' part of the stage: the first trial's start to the last trial's end.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = next(n for n in optuna.study.get_all_study_names(storage)
+                if not n.endswith("-ablation"))
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    measure_s = (max(t.datetime_complete for t in trials if t.datetime_complete)
+                 - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
     plans = [_without_times((root / f"{tag}-{i}.yaml").read_text()) for i in range(workers)]
     return {"workers": workers,
             "stage_s": max(r["ended"] for r in reports) - min(r["began"] for r in reports),
-            "chosen": reports[0]["chosen"], "states": reports[0]["states"], "plans": plans}
+            "measure_s": measure_s,
+            "workers_s": [[round(r["began"], 2), round(r["ended"], 2)] for r in reports],
+            "others_cpu_share": round(others, 3), "chosen": reports[0]["chosen"],
+            "states": reports[0]["states"], "plans": plans}
 
 
 def _without_times(text: str) -> str:
@@ -164,17 +208,24 @@ def main() -> None:
     for sample in range(args.samples):
         # Alternate the order, so that a slow spell of the shared machine hits both.
         for workers in (WORKERS if sample % 2 == 0 else WORKERS[::-1]):
+            quiet = wait_until_quiet()
             result = run(root, workers, f"s{sample}-w{workers}")
             runs.append(result)
             print(f"sample {sample}: {workers} worker(s) {result['stage_s']:.1f} s "
+                  f"(candidates {result['measure_s']:.1f} s), others "
+                  f"used {quiet:.0%} before and {result['others_cpu_share']:.0%} during; "
                   f"chosen {result['chosen']}", flush=True)
     reference = runs[0]["plans"][0]
     same_plan = all(p == reference for r in runs for p in r["plans"])
     times = {w: [r["stage_s"] for r in runs if r["workers"] == w] for w in WORKERS}
     median = {w: statistics.median(t) for w, t in times.items()}
+    measuring = {w: statistics.median(r["measure_s"] for r in runs if r["workers"] == w)
+                 for w in WORKERS}
     record = {**provenance(), "torch_threads_per_worker": 1, "model": MODEL, "search": SEARCH,
               "samples": args.samples, "stage_s": times, "median_s": median,
-              "speedup": median[1] / median[2], "same_plan": same_plan,
+              "runs": [{k: v for k, v in r.items() if k != "plans"} for r in runs],
+              "speedup": median[1] / median[2], "measure_median_s": measuring,
+              "measure_speedup": measuring[1] / measuring[2], "same_plan": same_plan,
               "chosen": runs[0]["chosen"], "states": runs[0]["states"]}
     out = Path(args.out)
     atomic_write_text(out / "parallel_validation.json", json.dumps(record, indent=2) + "\n")
