@@ -149,7 +149,7 @@ def run(root: Path, workers: int, tag: str) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = next(n for n in optuna.study.get_all_study_names(storage)
-                if not n.endswith("-ablation"))
+                if not n.endswith(("-ablation", "-reference")))
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     measure_s = (max(t.datetime_complete for t in trials if t.datetime_complete)
                  - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()

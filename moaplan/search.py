@@ -47,7 +47,7 @@ from moaplan.profile import (
 from moaplan.profile.profile import metadata_path
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
-from moaplan.validation import DenseReference, Score, rank_correlation
+from moaplan.validation import DenseReference, Score, batches, rank_correlation, reference_part
 
 Samples = dict[int, list[Any]]  # length -> calibration samples of that length
 
@@ -425,6 +425,25 @@ def _study_name(profile: Profile, settings: SearchSettings, held_out: list[Any])
             f"{'-'.join(map(str, settings.target_lengths))}-{digest.hexdigest()[:12]}")
 
 
+def shared_reference(model: torch.nn.Module, held_out: list[Any], local: Callable, *,
+                     storage: str | None, study_name: str) -> DenseReference:
+    """The dense reference on the held-out samples, one batch per trial of the study
+    ``study_name`` in ``storage`` (:func:`~moaplan.optimize.measure`): workers that share the
+    storage each run the dense model on some batches and take the others' from the study,
+    where one worker alone would run them all (the same numbers: every batch is run as
+    :class:`~moaplan.validation.DenseReference` runs it)."""
+    units = batches(held_out)
+
+    def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
+        return 0.0, {"reference": reference_part(model, held_out, units[index], local=local)}
+
+    study = measure([Candidate(f"samples {rows}", f"samples {rows}", prunable=False)
+                     for rows in units], evaluate, study=open_study(storage, study_name))
+    done = scores(study)
+    return DenseReference.from_parts(held_out, [(units[i], done[i][2]["reference"])
+                                                for i in range(len(units))])
+
+
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
            out: str | Path, profile_path: str | Path, storage: str | None,
            on_sample: Callable | None = None, on_step: OnStep | None = None) -> SearchResult:
@@ -456,7 +475,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     candidates = candidate_plans(profile, settings, factors, order)
     if on_step is not None:
         on_step("reference", 0, 1, "dense model on the held-out samples")
-    reference = DenseReference(model, held_out, local=local)
+    reference = shared_reference(model, held_out, local, storage=storage,
+                                 study_name=f"{name}-reference")
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         score = _scored(model, candidates[index][1], reference,

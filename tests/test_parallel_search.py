@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from postgres_server import PostgresServer, Unavailable
 from test_search import SEARCH, save_tiny, write_calibration
 
@@ -95,6 +96,28 @@ def test_a_second_queue_entry_and_a_stray_trial_are_skipped(tmp_path) -> None:
     assert len(skipped) == 2 and skipped[0].state == optuna.trial.TrialState.PRUNED
 
 
+def test_a_reference_made_in_parts_is_the_reference_made_at_once(tmp_path) -> None:
+    from moaplan.data import model_calibration
+    from moaplan.model import load_model
+    from moaplan.search import attend_locally
+    from moaplan.validation import DenseReference, batches, reference_part
+
+    save_tiny("qwen2", tmp_path / "model")
+    model, tokenizer = load_model(tmp_path / "model")
+    samples = [s for n, count in ((384, 6), (256, 3)) for s in
+               model_calibration(model, tokenizer, length=n, n_samples=count, seed=1)]
+    local = attend_locally(model, [256, 384])
+    whole = DenseReference(model, samples, local=local)
+    units = batches(samples)
+    assert sorted(i for rows in units for i in rows) == list(range(9)) and len(units) == 3
+    parts = [(rows, reference_part(model, samples, rows, local=local)) for rows in units[::-1]]
+    joined = DenseReference.from_parts(samples, parts)  # as workers would, in any order
+    for a, b in zip(whole.refs, joined.refs):
+        for field in ("positions", "targets", "top_ids", "top_logp", "long_range"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert joined.long_range_share() == whole.long_range_share()
+
+
 @pytest.fixture(scope="module")
 def postgres():
     try:
@@ -151,7 +174,8 @@ def test_two_workers_on_postgresql_write_the_plan_of_one(postgres, tmp_path) -> 
         assert _without_times((shared / f"w{i}.yaml").read_text()) == _without_times(written)
 
     names = optuna.study.get_all_study_names(storage=postgres.url)
-    main = open_study(postgres.url, next(n for n in names if not n.endswith("-ablation")))
+    main = open_study(postgres.url, next(n for n in names
+                                         if not n.endswith(("-ablation", "-reference"))))
     counted = [t for t in main.get_trials() if "candidate" in t.params
                and "skipped" not in t.user_attrs
                and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
