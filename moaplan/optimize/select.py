@@ -35,7 +35,7 @@ from moaplan.optimize.problem import KnapsackProblem, Solution
 _HEARTBEAT_S, _GRACE_S = 30, 120
 PRUNE_AFTER = 1  # the first report (step) at which a candidate may be stopped
 PRUNE_STARTUP = 2  # candidates measured to the end before any is stopped
-_POLL_S = 0.5  # how often a worker with nothing left looks at the others' trials
+_POLL_S = 0.25  # how often a worker with nothing left looks at the others' trials
 _SCHEMA_TRIES = 5
 _RACE_WORDS = ("already exists", "duplicate key", "unique constraint")
 # A trial that measure() closes without measuring anything carries this user attribute and is
@@ -232,10 +232,13 @@ def measure(candidates: Sequence[Candidate], evaluate: Evaluate, *, study: optun
     if not candidates:
         raise MoaplanError("measure() needs at least one candidate plan")
     # Queue what is neither measured nor queued nor being measured; two workers that queue at
-    # once queue a candidate twice, and the later entry is skipped (objective below).
+    # once queue a candidate twice, and the later entry is skipped (objective below).  The
+    # candidates that are never stopped go first: stops are decided by the candidates' order,
+    # not the queue's, and these always cost a full measurement, so several workers start on
+    # them rather than finish on one while the others wait.
     present = {_candidate(t) for t in study.get_trials(deepcopy=False)
                if _counted(t) or t.state in (_WAITING, _RUNNING)}
-    for index in range(len(candidates)):
+    for index in sorted(range(len(candidates)), key=lambda i: candidates[i].prunable):
         if index not in present:
             study.enqueue_trial({"candidate": index})
 
