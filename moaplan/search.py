@@ -433,15 +433,20 @@ def shared_reference(model: torch.nn.Module, held_out: list[Any], local: Callabl
     where one worker alone would run them all (the same numbers: every batch is run as
     :class:`~moaplan.validation.DenseReference` runs it)."""
     units = batches(held_out)
+    study = open_study(storage, study_name)
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
-        return 0.0, {"reference": reference_part(model, held_out, units[index], local=local)}
+        # In the study's attributes, not the trial's: every look at the trials (several per
+        # trial in measure) would load them all again, megabytes each.
+        study.set_user_attr(f"batch {index}",
+                            reference_part(model, held_out, units[index], local=local))
+        return 0.0, {}
 
-    study = measure([Candidate(f"samples {rows}", f"samples {rows}", prunable=False)
-                     for rows in units], evaluate, study=open_study(storage, study_name))
-    done = scores(study)
-    return DenseReference.from_parts(held_out, [(units[i], done[i][2]["reference"])
-                                                for i in range(len(units))])
+    measure([Candidate(f"samples {rows}", f"samples {rows}", prunable=False)
+             for rows in units], evaluate, study=study)
+    parts = study.user_attrs
+    return DenseReference.from_parts(held_out, [(rows, parts[f"batch {i}"])
+                                                for i, rows in enumerate(units)])
 
 
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
