@@ -4,8 +4,10 @@ with two workers sharing one optuna study vs one worker, and whether they write 
 
 A random-initialised Qwen2-shaped model (``MODEL``, byte tokenizer) and synthetic calibration
 records are written to a temporary directory; a first run makes the profile that every later
-run shares.  Each timed run gets a fresh SQLite study (the embedded default; two processes on
-one host share it), so it measures every candidate again.  Every worker runs one torch
+run shares.  Each timed run gets a fresh database on a PostgreSQL server that the script
+starts (``tests/postgres_server.py``; SQLite, the embedded default, is for one worker: it
+cannot lock a row, so two workers may take the same queued trial), so it measures every
+candidate again.  Every worker runs one torch
 thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``), the single worker too: the
 comparison is one process vs two, not one thread count vs another.  The stage of a run lasts
 from the first worker reaching it (the ``reference`` step) to the last worker's end; profiling
@@ -180,7 +182,7 @@ def markdown(record: dict) -> str:
 
 Wall time of `search`'s validation stage (dense reference on the held-out samples, then every
 candidate plan), from the first worker reaching it to the last worker's end; workers share one
-fresh SQLite study per run; one torch thread per worker (the single worker too); \
+fresh PostgreSQL database per run; one torch thread per worker (the single worker too); \
 {record['samples']} runs per worker count, in alternating order.  Model: random-initialised
 Qwen2 shape {record['model']['num_hidden_layers']} layers x \
 {record['model']['num_attention_heads']} query / {record['model']['num_key_value_heads']} KV
@@ -196,25 +198,37 @@ every run (YAML less the provenance's `created` and `seconds`): **{record['same_
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=3, help="timed runs per worker count")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="moaplan-parallel-"))
-    write_inputs(root)
-    run(root, 1, "warmup")  # makes the shared profile (and warms the file cache)
+def _runs(root: Path, server, samples: int) -> list[dict]:
+    run(root, server, 1, "warmup")  # makes the shared profile (and warms the file cache)
     runs = []
-    for sample in range(args.samples):
+    for sample in range(samples):
         # Alternate the order, so that a slow spell of the shared machine hits both.
         for workers in (WORKERS if sample % 2 == 0 else WORKERS[::-1]):
             quiet = wait_until_quiet()
-            result = run(root, workers, f"s{sample}-w{workers}")
+            result = run(root, server, workers, f"s{sample}-w{workers}")
             runs.append(result)
             print(f"sample {sample}: {workers} worker(s) {result['stage_s']:.1f} s "
                   f"(candidates {result['measure_s']:.1f} s), others "
                   f"used {quiet:.0%} before and {result['others_cpu_share']:.0%} during; "
                   f"chosen {result['chosen']}", flush=True)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=3, help="timed runs per worker count")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from postgres_server import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="moaplan-parallel-"))
+    write_inputs(root)
+    server = PostgresServer().start()
+    try:
+        runs = _runs(root, server, args.samples)
+    finally:
+        server.stop()
     reference = runs[0]["plans"][0]
     same_plan = all(p == reference for r in runs for p in r["plans"])
     times = {w: [r["stage_s"] for r in runs if r["workers"] == w] for w in WORKERS}
