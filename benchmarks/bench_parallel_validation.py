@@ -123,12 +123,25 @@ def wait_until_quiet(limit_s: float = 300.0, busy: float = 0.15) -> float:
             return share
 
 
-def run(root: Path, workers: int, tag: str) -> dict:
-    """``workers`` processes on one fresh SQLite study; the stage's wall time and plans, and
-    the share of the machine's cores that other programs used meanwhile."""
+def _database(server, name: str) -> str:
+    """A new database on ``server``; its SQLAlchemy URL."""
+    import psycopg2
+
+    connection = psycopg2.connect(dbname="postgres", user="moaplan", host=str(server.root),
+                                  port=server.port)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    return server.url.replace("@/postgres?", f"@/{name}?")
+
+
+def run(root: Path, server, workers: int, tag: str) -> dict:
+    """``workers`` processes on one fresh study; the stage's wall time and plans, and the
+    share of the machine's cores that other programs used meanwhile."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    storage = _database(server, tag.replace("-", "_"))
     cpu_before, mine_before, wall_before = _cpu_seconds(), os.times(), time.time()
-    storage = f"sqlite:///{root / f'{tag}.optuna.db'}"
     common = ["--model", str(root / "model"), "--data", str(root / "calib.jsonl"), *SEARCH,
               "--profile", str(root / "profile.safetensors"), "--storage", storage]
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", *common, "--out",
