@@ -4,8 +4,9 @@ measures every candidate plan on held-out data and keeps the best.
 The optimizer's objective is a prediction (influence at the profiled lengths); what matters is
 how much of the dense model's behaviour a plan keeps at lengths and on samples it was not
 made from.  :func:`measure` queues each candidate as one trial of a study (SQLite by default,
-any RDB URL for several workers), stops clearly worse candidates early (a median rule over
-the candidates before it in the queue, so that several workers keep what one would keep),
+for one worker: it cannot lock a row, and two workers could take one queued trial; a database
+server's URL for several), stops clearly worse candidates early (a median rule over the
+candidates before it in their order, so that several workers keep what one would keep),
 and survives interruptions; :func:`pareto_plans` gives the optimizer's plans over several
 trade-offs between the profiled lengths.
 """
@@ -132,18 +133,19 @@ def open_study(storage: str | None, name: str) -> optuna.Study:
 def stop_step(values: Mapping[int, float], earlier: Sequence[Mapping[int, float]]
               ) -> int | None:
     """The step at which a prunable candidate with running scores ``values`` (step -> score)
-    is stopped, or None: ``earlier`` are the running scores of the candidates before it in the
-    queue that were measured to the end.  From the ``PRUNE_STARTUP + 1``-th candidate on, a
-    candidate whose best running score is worse than the median of the earlier ones' at the
-    same step is stopped, from the step ``PRUNE_AFTER`` on: with 8-sample steps, after half
-    of the 32 default samples, when the running mean is already a fair estimate (a stricter
-    rule stopped candidates that would have won).
+    is stopped, or None: ``earlier`` are the running scores of the candidates before it (in
+    the candidates' order) that were measured to the end.  From the candidate after the first
+    ``PRUNE_STARTUP`` measured to the end on, a candidate whose best running score is worse
+    than the median of the earlier ones' at the same step is stopped, from the step
+    ``PRUNE_AFTER`` on: with 8-sample steps, after half of the 32 default samples, when the
+    running mean is already a fair estimate (a stricter rule stopped candidates that would
+    have won).
 
     This is optuna's ``MedianPruner(n_startup_trials=2, n_warmup_steps=PRUNE_AFTER)`` with
     one difference, why it is not used: its peers are the trials that happen to be complete
     when it is asked, which depends on how many workers run and how fast, so two workers
     could stop (and so keep) other candidates than one.  Here the peers are fixed by the
-    queue order, and every worker count keeps the same plan."""
+    candidates' order, and every worker count keeps the same plan."""
     if len(earlier) < PRUNE_STARTUP:
         return None
     seen: list[float] = []
@@ -179,11 +181,12 @@ def _finished(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
 def _outcomes(finished: Mapping[int, optuna.trial.FrozenTrial]
               ) -> dict[int, tuple[str, float]]:
     """Candidate index -> ("complete", score) or ("pruned", running score where it stopped):
-    :func:`stop_step` replayed in queue order.  A candidate that one worker would have stopped
-    may have been measured further while a candidate before it was still being measured by
-    another worker (its stop could not be decided yet); it counts as stopped where one worker
-    would have stopped it.  A trial stored as pruned by another rule (an older study, or a
-    copy of a pruned trial with the same plan) stays pruned at its last step."""
+    :func:`stop_step` replayed in the candidates' order.  A candidate that one worker would
+    have stopped may have been measured further while a candidate before it was still being
+    measured by another worker (its stop could not be decided yet); it counts as stopped
+    where one worker would have stopped it.  A trial stored as pruned by another rule (an
+    older study, or a copy of a pruned trial with the same plan) stays pruned at its last
+    step."""
     earlier: list[Mapping[int, float]] = []
     out: dict[int, tuple[str, float]] = {}
     for index in sorted(finished):
