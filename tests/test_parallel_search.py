@@ -23,8 +23,8 @@ from moaplan.optimize.select import open_study
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _walk(storage: str | None, values: dict[str, list[float]], names: list[str],
-          calls: list[str], lag: float = 0.0) -> optuna.Study:
+def _walk(storage: str | optuna.storages.BaseStorage | None, values: dict[str, list[float]],
+          names: list[str], calls: list[str], lag: float = 0.0) -> optuna.Study:
     """One worker: measure candidates whose running scores per step are ``values[name]``,
     ``lag`` seconds per step (so that two workers interleave)."""
     candidates = [Candidate(n, n, prunable=not n.startswith("base")) for n in names]
@@ -54,7 +54,9 @@ def test_two_workers_split_the_candidates_and_keep_what_one_keeps(tmp_path) -> N
     alone = scores(_walk(None, VALUES, NAMES, one))
     assert [alone[i][0] for i in range(len(NAMES))] == [
         "complete", "complete", "pruned", "pruned", "pruned", "complete", "complete"]
-    storage = default_storage(tmp_path / "plan.yaml")
+    # Two threads on one in-memory storage (SQLite cannot lock a row: two workers on it may
+    # take the same queued trial; the PostgreSQL test below runs processes on a server).
+    storage = optuna.storages.InMemoryStorage()
     calls: list[list[str]] = [[], []]
     studies: list[optuna.Study] = []
     workers = [threading.Thread(target=lambda c=c: studies.append(

@@ -120,13 +120,15 @@ class Candidate:
 Evaluate = Callable[[int, Callable[[int, float], None]], tuple[float, dict]]
 
 
-def open_study(storage: str | None, name: str) -> optuna.Study:
+def open_study(storage: str | optuna.storages.BaseStorage | None, name: str) -> optuna.Study:
     """The study of one search (created, or loaded to resume): ``storage`` is an RDB URL
-    (see :func:`default_storage`) or None for in memory.  :func:`measure` decides itself
+    (see :func:`default_storage`), None for in memory, or an optuna storage (one in-memory
+    storage shared by threads, say).  :func:`measure` decides itself
     which candidates to stop early (:func:`stop_step`), so the study's pruner is never asked;
     its sampler only names the candidate of a trial that :func:`measure` then skips."""
     return optuna.create_study(
-        study_name=name, storage=_storage(storage), direction="minimize", load_if_exists=True,
+        study_name=name, direction="minimize", load_if_exists=True,
+        storage=storage if isinstance(storage, optuna.storages.BaseStorage) else _storage(storage),
         sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
 
 
