@@ -174,7 +174,8 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         "testbed": asdict(testbed), "device": device,
         "settings": asdict(replace(settings, search=None)) | {
             "lengths": lengths, "validation_length": validation_length,
-            "validation_lengths": probe.validation_lengths, "validation_samples": len(held_out), "profile_samples": probe.samples,
+            "validation_lengths": probe.validation_lengths,
+            "validation_samples": len(held_out), "profile_samples": probe.samples,
             "candidates": probe.candidates, "ablate": probe.ablate,
             "target_lengths": targets}},
         "methods": [], "searches": []}

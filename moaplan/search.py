@@ -17,10 +17,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from moaplan.profile.profiler import profile_to_file
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.shape import ModelShape
-from moaplan.validation import DenseReference, Score, rank_correlation
+from moaplan.validation import DenseReference, Score, batches, rank_correlation, reference_part
 
 Samples = dict[int, list[Any]]  # length -> calibration samples of that length
 
@@ -130,6 +132,20 @@ class SearchResult:
 SampleSource = Callable[[int, int, bool], list[Any]]
 # Progress callback: (stage, done, total, note).
 OnStep = Callable[[str, int, int, str], None]
+
+
+@contextmanager
+def _profiling_lock(path: Path) -> Iterator[None]:
+    """Held while the profile at ``path`` is read or made: search workers started together
+    on one host (or on hosts sharing a file system with working locks) profile once, and the
+    others wait for that profile instead of writing the same checkpoint at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int = BLOCK,
@@ -241,24 +257,37 @@ def attend_locally(model: torch.nn.Module, lengths: list[int]) -> Callable[[], C
 
 
 def ablate(model: torch.nn.Module, profile: Profile, settings: SearchSettings,
-           reference: DenseReference, on_step: OnStep | None = None) -> dict[int, float]:
+           reference: DenseReference, on_step: OnStep | None = None, *,
+           storage: str | None = None, study_name: str = "ablation") -> dict[int, float]:
     """KV head -> validation score (``reference``: the calibration samples of one length)
     when that head alone takes the budget's uniform rule, for the ``settings.ablate`` heads
     that lose the largest share of their influence under that rule (DuoAttention's and
-    AttentionInfluence's measurement)."""
+    AttentionInfluence's measurement).  Each head is one trial of the study ``study_name`` in
+    ``storage`` (:func:`~moaplan.optimize.measure`, never stopped early), so workers that
+    share the storage split the heads, and an interrupted run measures only what is left."""
     if not settings.ablate:
         return {}
     rule = uniform_rule(settings.budget, settings.target_lengths)
     share = profile.dropped_share(rule)
     heads = [int(h) for h in np.argsort(-share, kind="stable")[:settings.ablate]
              if share[h] > 0]
-    measured = {}
-    for done, head in enumerate(heads):
-        plan = _single_head_plan(profile.model, head, rule, settings)
-        measured[head] = _scored(model, plan, reference).mean_kl
+    if not heads:
+        return {}
+    plans = [_single_head_plan(profile.model, head, rule, settings) for head in heads]
+    done = 0
+
+    def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
+        return _scored(model, plans[index], reference).mean_kl, {}
+
+    def measured_one(index: int, state: str, value: float) -> None:
+        nonlocal done
+        done += 1
         if on_step is not None:
-            on_step("ablate", done + 1, len(heads), f"head {head}")
-    return measured
+            on_step("ablate", done, len(heads), f"head {heads[index]}")
+
+    study = measure([Candidate(f"head {h}", f"head {h}", prunable=False) for h in heads],
+                    evaluate, study=open_study(storage, study_name), on_measured=measured_one)
+    return {heads[index]: value for index, (_, value, _) in sorted(scores(study).items())}
 
 
 # A measured head's cost is scaled by at most this factor either way.
@@ -390,6 +419,30 @@ def _study_name(profile: Profile, settings: SearchSettings, held_out: list[Any])
             f"{'-'.join(map(str, settings.target_lengths))}-{digest.hexdigest()[:12]}")
 
 
+def shared_reference(model: torch.nn.Module, held_out: list[Any], local: Callable, *,
+                     storage: str | None, study_name: str) -> DenseReference:
+    """The dense reference on the held-out samples, one batch per trial of the study
+    ``study_name`` in ``storage`` (:func:`~moaplan.optimize.measure`): workers that share the
+    storage each run the dense model on some batches and take the others' from the study,
+    where one worker alone would run them all (the same numbers: every batch is run as
+    :class:`~moaplan.validation.DenseReference` runs it)."""
+    units = batches(held_out)
+    study = open_study(storage, study_name)
+
+    def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
+        # In the study's attributes, not the trial's: every look at the trials (several per
+        # trial in measure) would load them all again, megabytes each.
+        study.set_user_attr(f"batch {index}",
+                            reference_part(model, held_out, units[index], local=local))
+        return 0.0, {}
+
+    measure([Candidate(f"samples {rows}", f"samples {rows}", prunable=False)
+             for rows in units], evaluate, study=study)
+    parts = study.user_attrs
+    return DenseReference.from_parts(held_out, [(rows, parts[f"batch {i}"])
+                                                for i, rows in enumerate(units)])
+
+
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
            out: str | Path, profile_path: str | Path, storage: str | None,
            on_sample: Callable | None = None, on_step: OnStep | None = None) -> SearchResult:
@@ -405,21 +458,24 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     # The profile is taken on the long-range response tokens: the rest would drown them.
     calibration = {n: DenseReference(model, group, local=local) for n, group in samples.items()}
     samples = {n: reference.focused() for n, reference in calibration.items()}
-    profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
-                             rule_space=settings.rule_space, objective=settings.objective,
-                             on_sample=on_sample)
-    study = open_study(storage, _study_name(profile, settings, held_out))
+    with _profiling_lock(Path(profile_path)):
+        profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
+                                 rule_space=settings.rule_space, objective=settings.objective,
+                                 on_sample=on_sample)
+    name = _study_name(profile, settings, held_out)
+    study = open_study(storage, name)
     measured = {int(h): float(v) for h, v in study.user_attrs.get("ablation", {}).items()}
     if settings.ablate and not measured:
         measured = ablate(model, profile, settings, calibration[max(settings.lengths)],
-                          on_step)
+                          on_step, storage=storage, study_name=f"{name}-ablation")
         study.set_user_attr("ablation", {str(h): v for h, v in measured.items()})
     factors = correction_factors(profile, settings, measured)
     order = protection_order(profile, settings, measured)
     candidates = candidate_plans(profile, settings, factors, order)
     if on_step is not None:
         on_step("reference", 0, 1, "dense model on the held-out samples")
-    reference = DenseReference(model, held_out, local=local)
+    reference = shared_reference(model, held_out, local, storage=storage,
+                                 study_name=f"{name}-reference")
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         score = _scored(model, candidates[index][1], reference,

@@ -23,6 +23,8 @@ plus one bucket for the rest; the KL is that of the two distributions coarsened 
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,29 +113,76 @@ def _coarse_logp(logits: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, rest[:, None]], 1)
 
 
-@torch.inference_mode()
-def _response_logits(model: torch.nn.Module, samples: Sequence[Sample]
-                     ) -> list[torch.Tensor]:
-    """Each sample's logits ``[T, vocab]`` at its response positions (samples of one length
-    are run together, ``BATCH`` at a time)."""
-    out: list[torch.Tensor | None] = [None] * len(samples)
+def batches(samples: Sequence[Sample]) -> list[list[int]]:
+    """The samples' indices as the model runs them: those of one length together, ``BATCH``
+    at a time, lengths in order of first appearance."""
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         by_length.setdefault(int(s.input_ids.shape[0]), []).append(i)
+    return [rows[start:start + BATCH] for rows in by_length.values()
+            for start in range(0, len(rows), BATCH)]
+
+
+@torch.inference_mode()
+def _response_logits(model: torch.nn.Module, samples: Sequence[Sample]
+                     ) -> list[torch.Tensor]:
+    """Each sample's logits ``[T, vocab]`` at its response positions (:func:`batches`)."""
+    out: list[torch.Tensor | None] = [None] * len(samples)
     device = next(model.parameters()).device
-    for n, rows in by_length.items():
-        for start in range(0, len(rows), BATCH):
-            chunk = rows[start:start + BATCH]
-            ids = torch.stack([samples[i].input_ids for i in chunk]).to(device)
-            first = min(int(_response_positions(samples[i])[0]) for i in chunk)
-            logits = model(input_ids=ids, logits_to_keep=n - first).logits.float().cpu()
-            for row, i in enumerate(chunk):
-                out[i] = logits[row, _response_positions(samples[i]) - first]
+    for chunk in batches(samples):
+        n = int(samples[chunk[0]].input_ids.shape[0])
+        ids = torch.stack([samples[i].input_ids for i in chunk]).to(device)
+        first = min(int(_response_positions(samples[i])[0]) for i in chunk)
+        logits = model(input_ids=ids, logits_to_keep=n - first).logits.float().cpu()
+        for row, i in enumerate(chunk):
+            out[i] = logits[row, _response_positions(samples[i]) - first]
     return out  # type: ignore[return-value]
 
 
 def _target_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+
+
+def _references(model: torch.nn.Module, samples: Sequence[Sample], top_k: int,
+                local: Callable[[], Callable[[], None]] | None) -> list[_Reference]:
+    """The dense model's reference on each sample (see :class:`DenseReference`)."""
+    dense = _response_logits(model, samples)
+    local_logits: list[torch.Tensor | None] = [None] * len(dense)
+    if local is not None:
+        undo = local()
+        try:
+            local_logits = _response_logits(model, samples)
+        finally:
+            undo()
+    refs = []
+    for s, logits, near in zip(samples, dense, local_logits):
+        k = min(top_k, logits.shape[1] - 1)
+        top_ids = logits.topk(k, dim=1).indices
+        positions = _response_positions(s)
+        targets = s.input_ids[positions + 1]
+        long_range = torch.zeros(len(positions), dtype=torch.bool) if near is None else (
+            _target_logp(logits, targets) - _target_logp(near, targets) >= LONG_RANGE_GAIN)
+        refs.append(_Reference(positions, targets, top_ids, _coarse_logp(logits, top_ids),
+                               long_range))
+    return refs
+
+
+def reference_part(model: torch.nn.Module, samples: Sequence[Sample], rows: list[int],
+                   top_k: int = TOP_K, local: Callable[[], Callable[[], None]] | None = None
+                   ) -> str:
+    """The dense reference of the samples ``rows`` (one batch of :func:`batches`, so that it
+    is computed exactly as :class:`DenseReference` computes it), packed as text: workers that
+    share an optuna study each make some and assemble all (:meth:`DenseReference.from_parts`)
+    instead of each running the dense model on every sample."""
+    refs = _references(model, [samples[i] for i in rows], top_k, local)
+    arrays = {}
+    for j, ref in enumerate(refs):
+        arrays[f"ids{j}"] = ref.top_ids.numpy().astype(np.int32)  # a vocabulary fits int32
+        arrays[f"logp{j}"] = ref.top_logp.numpy()
+        arrays[f"long{j}"] = ref.long_range.numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class DenseReference:
@@ -150,24 +199,28 @@ class DenseReference:
             if not bool(s.response_mask[1:].any()):
                 raise DataError("a held-out sample has no response tokens")
         self.samples = list(samples)
-        dense = _response_logits(model, self.samples)
-        local_logits: list[torch.Tensor | None] = [None] * len(dense)
-        if local is not None:
-            undo = local()
-            try:
-                local_logits = _response_logits(model, self.samples)
-            finally:
-                undo()
-        self.refs: list[_Reference] = []
-        for s, logits, near in zip(self.samples, dense, local_logits):
-            k = min(top_k, logits.shape[1] - 1)
-            top_ids = logits.topk(k, dim=1).indices
-            positions = _response_positions(s)
-            targets = s.input_ids[positions + 1]
-            long_range = torch.zeros(len(positions), dtype=torch.bool) if near is None else (
-                _target_logp(logits, targets) - _target_logp(near, targets) >= LONG_RANGE_GAIN)
-            self.refs.append(_Reference(positions, targets, top_ids,
-                                        _coarse_logp(logits, top_ids), long_range))
+        self.refs: list[_Reference] = _references(model, self.samples, top_k, local)
+
+    @classmethod
+    def from_parts(cls, samples: Sequence[Sample], parts: Sequence[tuple[list[int], str]]
+                   ) -> DenseReference:
+        """The reference of ``samples`` from :func:`reference_part` texts, ``(rows, text)``
+        for every batch of :func:`batches` (made by several workers, in any order)."""
+        reference = cls.__new__(cls)
+        reference.samples = list(samples)
+        refs: list[_Reference | None] = [None] * len(samples)
+        for rows, text in parts:
+            with np.load(io.BytesIO(base64.b64decode(text))) as arrays:
+                for j, i in enumerate(rows):
+                    positions = _response_positions(samples[i])
+                    refs[i] = _Reference(positions, samples[i].input_ids[positions + 1],
+                                         torch.from_numpy(arrays[f"ids{j}"].astype(np.int64)),
+                                         torch.from_numpy(arrays[f"logp{j}"]),
+                                         torch.from_numpy(arrays[f"long{j}"]))
+        if any(r is None for r in refs):
+            raise DataError("the reference parts do not cover every held-out sample")
+        reference.refs = refs  # type: ignore[assignment]
+        return reference
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -73,8 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="heads whose restriction is measured one at a time to correct "
                              "the profile beyond first order, those it ranks highest "
                              "(default 32; 0: none)")
-    parser.add_argument("--storage", help="optuna storage URL (default: SQLite beside --out); "
-                                          "share one RDB URL between workers")
+    parser.add_argument("--storage", help="optuna storage URL (default: SQLite beside --out, "
+                                          "for one worker); give several workers one "
+                                          "database server's URL, e.g. postgresql+psycopg2://"
+                                          "user@host/db, and they split the measurements")
     parser.add_argument("--time-limit", type=positive_float, default=60.0,
                         help="seconds per MILP solve (default 60)")
     parser.add_argument("--layer-max-density", type=density_value,
