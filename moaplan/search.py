@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -138,14 +139,16 @@ OnStep = Callable[[str, int, int, str], None]
 def _profiling_lock(path: Path) -> Iterator[None]:
     """Held while the profile at ``path`` is read or made: search workers started together
     on one host (or on hosts sharing a file system with working locks) profile once, and the
-    others wait for that profile instead of writing the same checkpoint at the same time."""
+    others wait for that profile instead of writing the same checkpoint at the same time.
+    The lock is on the profile's folder, so that it leaves no lock file behind (a lock file
+    cannot be removed safely while another worker waits on it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
 
 
 def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int = BLOCK,
