@@ -52,16 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "streaming":
         from moaplan.cli.common import checked_config
 
-        config = checked_config(args)
-        check_lengths(config, args.lengths)
+        config = checked_config(args, checks=lambda config: check_lengths(config, args.lengths))
         plan = uniform_plan(ModelShape.from_config(config), budget, lengths, args.sink)
     else:
         from moaplan.cli.session import ModelSession
         from moaplan.profile.profile import check_profile_output
         from moaplan.search import obtain_profile
 
-        session = ModelSession.open(args)
-        check_lengths(session.model.config, args.lengths)
+        session = ModelSession.open(args, lambda config: check_lengths(config, args.lengths))
         check_profile_output(session.profile_path)
         samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
         # the profiler's own block size and rule space, as search's defaults

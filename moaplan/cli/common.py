@@ -110,9 +110,15 @@ def model_source(args: argparse.Namespace) -> ModelSource:
                           trust_remote_code=args.trust_remote_code)
 
 
-def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) -> Any:
+ConfigCheck = Callable[[Any], None]  # a command's own checks of a model config
+
+
+def checked_config(args: argparse.Namespace, profiled: list[int] | None = None,
+                   checks: ConfigCheck | None = None) -> Any:
     """The config of ``--model``, refused up front (one line) if a plan cannot drive it, or,
-    with ``profiled`` lengths, if the profiler cannot profile it there."""
+    with ``profiled`` lengths, if the profiler cannot profile it there; then ``checks`` (the
+    command's lengths against the positions, head counts ...) run on it, before any weight
+    loads."""
     from moaplan.runtime.apply import check_attention_routing
 
     source = model_source(args)
@@ -120,19 +126,23 @@ def checked_config(args: argparse.Namespace, profiled: list[int] | None = None) 
     attention = check_attention_routing(config, trust_remote_code=source.trust_remote_code)
     if profiled:
         attention.check_profiling(profiled)
+    if checks is not None:
+        checks(config)
     return config
 
 
 def open_model(args: argparse.Namespace, device: Any = "auto", default_dtype: str = "float32",
-               profiled: list[int] | None = None, device_map: str | None = None
-               ) -> tuple[Any, Any]:
+               profiled: list[int] | None = None, device_map: str | None = None,
+               checks: ConfigCheck | None = None) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
     in ``--dtype`` (else ``default_dtype``) on ``device`` (or spread by ``device_map``)."""
     import torch
 
-    from moaplan.model import load_model
+    from moaplan.model import load_model, resolve_device
 
-    checked_config(args, profiled)
+    if device_map is None:  # a device this machine lacks is named before the model's checks
+        device = resolve_device(device)
+    checked_config(args, profiled, checks)
     dtype = getattr(torch, args.dtype or default_dtype)
     return load_model(model_source(args), dtype=dtype, device=device, device_map=device_map)
 

@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
         from moaplan.model import check_lengths
         from moaplan.profile.compare import scorer_rankings
 
-        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
-        check_head_count(model.config, args.top, "--top")
-        check_lengths(model.config, args.lengths)
+        def checks(config) -> None:
+            check_head_count(config, args.top, "--top")
+            check_lengths(config, args.lengths)
+
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths,
+                                      checks=checks)
         calibration = {n: model_calibration(model, tokenizer, n, args.samples, args.seed)
                        for n in args.lengths}
         with tqdm(total=3 * args.samples * len(set(args.lengths)), unit="input",

@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output(args.out, "eval result file", is_eval_result)
-    model, tokenizer = open_model(args, device=args.device)
+    model, tokenizer = open_model(args, device=args.device,
+                                  checks=lambda config: check_lengths(config, args.lengths))
     device = model.device
-    check_lengths(model.config, args.lengths)
     if args.plan:
         from moaplan.runtime import apply
 

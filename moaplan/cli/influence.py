@@ -79,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.model import check_lengths
 
     check_output(args.out, "influence score file", is_score_file)
-    model, tokenizer = open_model(args, device=args.device)
-    check_lengths(model.config, [args.length], "--length")
-    if args.heads is not None:
-        check_head_count(model.config, args.heads, "--heads")
-        if not args.scores:
-            check_lengths(model.config, args.score_lengths, "--score-lengths")
+
+    def checks(config) -> None:
+        check_lengths(config, [args.length], "--length")
+        if args.heads is not None:
+            check_head_count(config, args.heads, "--heads")
+            if not args.scores:
+                check_lengths(config, args.score_lengths, "--score-lengths")
+
+    model, tokenizer = open_model(args, device=args.device, checks=checks)
     samples = load_calibration(args.data, tokenizer, args.length, args.limit)
     plan = _mask_plan(args, model, tokenizer)
     with tqdm(total=2 * len(samples), unit="pass", desc="influence") as bar:

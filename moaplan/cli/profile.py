@@ -94,12 +94,10 @@ def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
 def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:
     from tqdm import tqdm
 
-    from moaplan.model import check_lengths
     from moaplan.profile import save_profile
     from moaplan.profile.scorers import score_profile
 
     model, tokenizer = loaded
-    check_lengths(model.config, args.lengths)
     with tqdm(total=args.samples * len(set(args.lengths)), unit="input",
               desc=f"{args.scorer} scores") as bar:
         profile = score_profile(model, tokenizer, args.scorer, args.lengths, args.samples,
@@ -136,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # the config alone names the default output, so a bad path fails before any weight loads
+    config = checked_config(args, args.lengths, lambda config: check_lengths(config, args.lengths))
     out = check_profile_output(args.out or default_profile_path(
-        ModelShape.from_config(checked_config(args, args.lengths)), args.scorer))
+        ModelShape.from_config(config), args.scorer))
     if args.scorer != "gradient":
         if world > 1 or args.data or args.resume:
             raise ProfileError(f"--scorer {args.scorer} builds its own inputs and runs in one "
@@ -151,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(local_rank)
     sink_blocks(RuleSpace(), args.block)  # the profiler's rule space: fail before any work
     model, tokenizer = _load(args, local_rank)
-    check_lengths(model.config, args.lengths)
     check_profile_output(checkpoint_path(out, rank, world))
     samples = _samples(args, model, tokenizer)
     total = sum(len(range(rank, len(s), world)) for s in samples.values())

@@ -117,10 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if args.storage is None:
         check_output(Path(args.out).with_suffix(".optuna.db"), "optuna study database",
                      is_study_database)
-    session = ModelSession.open(args)
+    session = ModelSession.open(args, lambda config: check_lengths(
+        config, [*args.lengths, args.validation_length], "--lengths / --validation-length"))
     check_profile_output(session.profile_path)
-    check_lengths(session.model.config, [*args.lengths, args.validation_length],
-                  "--lengths / --validation-length")
     with session.progress(settings) as progress, stdout_to_stderr(args.json):
         result = search(session.model, session.sample_source, settings, out=args.out,
                         profile_path=session.profile_path, on_sample=progress.sample,

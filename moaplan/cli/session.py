@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from moaplan.cli.common import ConfigCheck
 from moaplan.plan.report import plan_table
 from moaplan.profile.profile import default_profile_path
 from moaplan.search import SampleSource, SearchResult, SearchSettings
@@ -29,11 +30,14 @@ class ModelSession:
     profile_path: Path
 
     @classmethod
-    def open(cls, args: argparse.Namespace) -> ModelSession:
+    def open(cls, args: argparse.Namespace, checks: ConfigCheck | None = None) -> ModelSession:
+        """``--model``, its tokenizer, the sample source and the profile path; ``checks`` run
+        on the model's config before its weights load (:func:`moaplan.cli.common.open_model`)."""
         from moaplan.cli.common import open_model
         from moaplan.data.calibration import sample_source
 
-        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths)
+        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths,
+                                      checks=checks)
         lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
         source = sample_source(model, tokenizer, args.data, lengths, SEED)
         profile = (Path(args.profile) if args.profile
