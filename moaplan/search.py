@@ -153,7 +153,8 @@ def _profiling_lock(path: Path) -> Iterator[None]:
 
 def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, block: int = BLOCK,
                    rule_space: RuleSpace | None = None, objective: str = "log_odds",
-                   on_sample: Callable | None = None) -> Profile:
+                   gradient_checkpointing: bool = False, on_sample: Callable | None = None
+                   ) -> Profile:
     """The profile at ``path`` if it matches this model, block, rule space and lengths, and
     (for a gradient profile) this data and objective; else profile now (checkpointing beside
     ``path`` so an interrupted run resumes) and save it.  A head scorer's profile
@@ -173,7 +174,8 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
         raise ProfileError(f"{path} was made with other lengths, data, objective, block size or "
                            "rule space; delete it or pass another --profile path")
     return profile_to_file(model, samples, path, block=block, rule_space=rule_space,
-                           objective=objective, on_sample=on_sample)
+                           objective=objective, gradient_checkpointing=gradient_checkpointing,
+                           on_sample=on_sample)
 
 
 def target_densities(settings: SearchSettings) -> np.ndarray:
@@ -448,8 +450,10 @@ def shared_reference(model: torch.nn.Module, held_out: list[Any], local: Callabl
 
 def search(model: torch.nn.Module, source: SampleSource, settings: SearchSettings, *,
            out: str | Path, profile_path: str | Path, storage: str | None,
-           on_sample: Callable | None = None, on_step: OnStep | None = None) -> SearchResult:
-    """Run the whole search and write the plan to ``out`` (atomically)."""
+           checkpointing: bool = False, on_sample: Callable | None = None,
+           on_step: OnStep | None = None) -> SearchResult:
+    """Run the whole search and write the plan to ``out`` (atomically); ``checkpointing``:
+    profile with gradient checkpointing (:class:`moaplan.profile.layout.Layout` says when)."""
     start = time.perf_counter()
     check_budget(settings)
     samples = {n: source(n, settings.samples, False) for n in settings.lengths}
@@ -464,7 +468,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     with _profiling_lock(Path(profile_path)):
         profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
                                  rule_space=settings.rule_space, objective=settings.objective,
-                                 on_sample=on_sample)
+                                 gradient_checkpointing=checkpointing, on_sample=on_sample)
     name = _study_name(profile, settings, held_out)
     study = open_study(storage, name)
     measured = {int(h): float(v) for h, v in study.user_attrs.get("ablation", {}).items()}

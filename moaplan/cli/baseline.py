@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         check_profile_output(session.profile_path)
         samples = {n: session.sample_source(n, args.samples, False) for n in args.lengths}
         # the profiler's own block size and rule space, as search's defaults
-        profile = obtain_profile(session.model, samples, session.profile_path)
+        profile = obtain_profile(session.model, samples, session.profile_path,
+                                 gradient_checkpointing=session.layout.checkpointing)
         plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
                         lengths, args.sink, args.recent)
     save_plan(plan, args.out)

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,30 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                              "available, else cpu)")
 
 
+def add_gpus_per_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--gpus-per-model``: how many GPUs one copy of the model is placed on by layers."""
+    parser.add_argument("--gpus-per-model", type=positive_int,
+                        help="place the model's layers over this many GPUs (under torchrun: "
+                             "of each rank's own; default: with --device auto, the fewest "
+                             "GPUs whose free memory holds the estimated weights and "
+                             "activations of the longest profiled length)")
+
+
+@dataclass
+class TokenRate:
+    """Tokens per second over the samples profiled so far, for a progress bar's postfix."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, progress: Any) -> dict[str, Any]:
+        """Count a finished sample (a :class:`moaplan.profile.profiler.Progress`)."""
+        self.tokens += progress.tokens
+        self.seconds += progress.seconds
+        return {"length": progress.length,
+                "tok_s": f"{self.tokens / max(self.seconds, 1e-9):.0f}"}
+
+
 def model_source(args: argparse.Namespace) -> ModelSource:
     from moaplan.model.loading import ModelSource
 
@@ -132,19 +157,35 @@ def checked_config(args: argparse.Namespace, profiled: list[int] | None = None,
 
 
 def open_model(args: argparse.Namespace, device: Any = "auto", default_dtype: str = "float32",
-               profiled: list[int] | None = None, device_map: str | None = None,
-               checks: ConfigCheck | None = None) -> tuple[Any, Any]:
+               profiled: list[int] | None = None, checks: ConfigCheck | None = None
+               ) -> tuple[Any, Any]:
     """``--model`` and its tokenizer, after :func:`checked_config` (before any weight loads),
-    in ``--dtype`` (else ``default_dtype``) on ``device`` (or spread by ``device_map``)."""
+    in ``--dtype`` (else ``default_dtype``) on ``device``."""
     import torch
 
     from moaplan.model import load_model, resolve_device
 
-    if device_map is None:  # a device this machine lacks is named before the model's checks
-        device = resolve_device(device)
+    device = resolve_device(device)  # a device this machine lacks is named before the checks
     checked_config(args, profiled, checks)
     dtype = getattr(torch, args.dtype or default_dtype)
-    return load_model(model_source(args), dtype=dtype, device=device, device_map=device_map)
+    return load_model(model_source(args), dtype=dtype, device=device)
+
+
+def open_profiled_model(args: argparse.Namespace, default_dtype: str = "float32",
+                        checks: ConfigCheck | None = None) -> tuple[Any, Any, Any]:
+    """``--model``, its tokenizer and its :class:`~moaplan.profile.layout.Layout`: as
+    :func:`open_model` for profiling ``--lengths``, on ``--device`` or with its layers placed
+    over several GPUs (``--gpus-per-model``, or chosen by memory with ``--device auto``)."""
+    import torch
+
+    from moaplan.model import resolve_device
+    from moaplan.profile.layout import load_laid_out
+
+    resolve_device(args.device)  # a device this machine lacks is named before the checks
+    config = checked_config(args, args.lengths, checks)
+    return load_laid_out(model_source(args), config, args.lengths,
+                         getattr(torch, args.dtype or default_dtype), device=args.device,
+                         gpus_per_model=args.gpus_per_model)
 
 
 def model_shape(args: argparse.Namespace) -> ModelShape:

@@ -1,7 +1,8 @@
 """``moaplan profile``: measure every head's attention influence at several lengths.
 
 ``--scorer gradient`` (the default) is the gradient profiler; under ``torchrun`` each rank
-profiles its share of the samples (one GPU per rank) and rank 0 writes the all-reduced profile.
+profiles its share of the samples (on its own GPU, or its own ``--gpus-per-model`` GPUs) and
+rank 0 writes the all-reduced profile (:mod:`moaplan.profile.job`).
 ``--scorer retrieval`` / ``induction`` score heads on inputs they build themselves (needle
 prompts, repeated random tokens) and write the same profile type (:mod:`moaplan.profile.scorers`).
 """
@@ -9,14 +10,16 @@ prompts, repeated random tokens) and write the same profile type (:mod:`moaplan.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from pathlib import Path
 
 from moaplan.cli.common import (
+    TokenRate,
     add_device_argument,
+    add_gpus_per_model_argument,
     add_model_source_arguments,
     checked_config,
-    open_model,
+    model_source,
     positive_int,
 )
 from moaplan.cli.search import LENGTHS, SAMPLES, add_objective_argument
@@ -62,113 +65,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (long inputs on large models)")
     add_device_argument(parser)
-    parser.add_argument("--device-map", default=None,
-                        help="'auto' spreads a large model over the visible GPUs (instead of "
-                             "--device)")
+    add_gpus_per_model_argument(parser)
     parser.set_defaults(run=run)
-
-
-def _load(args: argparse.Namespace, local_rank: int):
-    import torch
-
-    from moaplan.model import resolve_device
-
-    if args.device_map is not None:  # spread over the GPUs: bf16, as on one GPU
-        return open_model(args, None, "bfloat16", profiled=args.lengths,
-                          device_map=args.device_map)
-    # under torchrun, auto is this rank's GPU (one GPU per rank)
-    device = resolve_device(f"cuda:{local_rank}" if args.device == "auto"
-                            and torch.cuda.is_available() else args.device)
-    return open_model(args, device, "bfloat16" if device.type == "cuda" else "float32",
-                      profiled=args.lengths)
-
-
-def _samples(args: argparse.Namespace, model, tokenizer) -> dict:
-    from moaplan.data.calibration import sample_source
-
-    # search's own source of profiling samples, so that search finds this profile's data
-    source = sample_source(model, tokenizer, args.data, args.lengths, args.seed)
-    return {n: source(n, args.samples, False) for n in args.lengths}
-
-
-def _score(args: argparse.Namespace, loaded: tuple, out: Path) -> int:
-    from tqdm import tqdm
-
-    from moaplan.profile import save_profile
-    from moaplan.profile.scorers import score_profile
-
-    model, tokenizer = loaded
-    with tqdm(total=args.samples * len(set(args.lengths)), unit="input",
-              desc=f"{args.scorer} scores") as bar:
-        profile = score_profile(model, tokenizer, args.scorer, args.lengths, args.samples,
-                                block=args.block, seed=args.seed,
-                                on_sample=lambda progress: bar.update(1))
-    save_profile(profile, out)
-    for name, scores in profile.head_scores.items():
-        best = max(((score, layer, head) for layer, row in enumerate(scores)
-                    for head, score in enumerate(row)))
-        print(f"{name}: best head (layer {best[1]}, KV head {best[2]}) scores {best[0]:.3f}")
-    print(f"wrote {out} ({args.scorer} scores, lengths {', '.join(map(str, profile.lengths))})")
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
     from tqdm import tqdm
 
-    from moaplan.errors import ProfileError
     from moaplan.model import check_lengths
-    from moaplan.profile import checkpoint_path
-    from moaplan.profile.profile import (
-        check_profile_output,
-        default_profile_path,
-        sink_blocks,
-    )
-    from moaplan.profile.profiler import profile_to_file
-    from moaplan.rules import RuleSpace
-    from moaplan.shape import ModelShape
+    from moaplan.profile.job import JobStart, ProfileJob, run_profile_job
 
     if args.samples is None:
         args.samples = SAMPLES if args.scorer == "gradient" else SCORER_SAMPLES
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # the config alone names the default output, so a bad path fails before any weight loads
     config = checked_config(args, args.lengths, lambda config: check_lengths(config, args.lengths))
-    out = check_profile_output(args.out or default_profile_path(
-        ModelShape.from_config(config), args.scorer))
-    if args.scorer != "gradient":
-        if world > 1 or args.data or args.resume:
-            raise ProfileError(f"--scorer {args.scorer} builds its own inputs and runs in one "
-                               "process: drop --data, --resume and torchrun")
-        return _score(args, _load(args, local_rank), out)
+    job = ProfileJob(source=model_source(args), lengths=args.lengths, samples=args.samples,
+                     scorer=args.scorer, out=Path(args.out) if args.out else None,
+                     data=args.data, seed=args.seed, block=args.block,
+                     objective=args.objective, resume=args.resume, backend=args.backend,
+                     checkpointing=args.checkpointing, device=args.device,
+                     dtype=getattr(torch, args.dtype) if args.dtype else None,
+                     gpus_per_model=args.gpus_per_model)
+    rate, bars = TokenRate(), []
 
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    sink_blocks(RuleSpace(), args.block)  # the profiler's rule space: fail before any work
-    model, tokenizer = _load(args, local_rank)
-    check_profile_output(checkpoint_path(out, rank, world))
-    samples = _samples(args, model, tokenizer)
-    total = sum(len(range(rank, len(s), world)) for s in samples.values())
-    bar = tqdm(total=total, unit="sample", disable=rank != 0, desc="profiling")
-    tokens, seconds = 0, 0.0
+    def start(started: JobStart) -> None:
+        if started.ranks.rank == 0:
+            tqdm.write(f"model {started.layout.describe()}", file=sys.stderr)
+        bars.append(tqdm(total=started.total, disable=started.ranks.rank != 0,
+                         unit="sample" if args.scorer == "gradient" else "input",
+                         desc="profiling" if args.scorer == "gradient" else
+                         f"{args.scorer} scores"))
 
     def step(progress) -> None:
-        nonlocal tokens, seconds
-        tokens, seconds = tokens + progress.tokens, seconds + progress.seconds
-        bar.set_postfix(length=progress.length, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
-        bar.update(1)
+        bars[0].set_postfix(**rate.add(progress))
+        bars[0].update(1)
 
-    profile = profile_to_file(model, samples, out, resume=args.resume, block=args.block,
-                              backend=args.backend, objective=args.objective,
-                              gradient_checkpointing=args.checkpointing, on_sample=step)
-    bar.close()
-    if rank == 0:
-        print(f"wrote {out} ({', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)}"
-              " samples)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    result = run_profile_job(job, config, on_start=start, on_sample=step)
+    bars[0].close()
+    if result.ranks.rank != 0:
+        return 0
+    profile = result.profile
+    if args.scorer == "gradient":
+        print(f"wrote {result.path} ("
+              f"{', '.join(f'{n}: {profile.finished[n]}' for n in profile.lengths)} samples)")
+        return 0
+    for name, scores in profile.head_scores.items():
+        best = max(((score, layer, head) for layer, row in enumerate(scores)
+                    for head, score in enumerate(row)))
+        print(f"{name}: best head (layer {best[1]}, KV head {best[2]}) scores {best[0]:.3f}")
+    print(f"wrote {result.path} ({args.scorer} scores, lengths "
+          f"{', '.join(map(str, profile.lengths))})")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moaplan.cli.common import (
     add_device_argument,
+    add_gpus_per_model_argument,
     add_json_argument,
     add_model_source_arguments,
     density_value,
@@ -35,6 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="profile file to reuse or write (default: "
                                           "profiles/<model>-<fingerprint>.safetensors)")
     add_device_argument(parser)
+    add_gpus_per_model_argument(parser)
     parser.add_argument("--density", choices=DENSITY_KINDS, default="kv",
                         help="what the budget limits: KV-cache density (default) or prefill "
                              "attention density")
@@ -122,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     check_profile_output(session.profile_path)
     with session.progress(settings) as progress, stdout_to_stderr(args.json):
         result = search(session.model, session.sample_source, settings, out=args.out,
-                        profile_path=session.profile_path, on_sample=progress.sample,
+                        profile_path=session.profile_path,
+                        checkpointing=session.layout.checkpointing, on_sample=progress.sample,
                         on_step=progress.step,
                         storage=args.storage or default_storage(args.out))
     if args.json:

@@ -13,8 +13,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moaplan.cli.common import ConfigCheck
+from moaplan.cli.common import ConfigCheck, TokenRate
 from moaplan.plan.report import plan_table
+from moaplan.profile.layout import Layout
 from moaplan.profile.profile import default_profile_path
 from moaplan.search import SampleSource, SearchResult, SearchSettings
 from moaplan.shape import ModelShape
@@ -28,21 +29,22 @@ class ModelSession:
     tokenizer: Any
     sample_source: SampleSource
     profile_path: Path
+    layout: Layout
 
     @classmethod
     def open(cls, args: argparse.Namespace, checks: ConfigCheck | None = None) -> ModelSession:
-        """``--model``, its tokenizer, the sample source and the profile path; ``checks`` run
-        on the model's config before its weights load (:func:`moaplan.cli.common.open_model`)."""
-        from moaplan.cli.common import open_model
+        """``--model`` (on one device or placed over several GPUs, as the profiler needs it),
+        its tokenizer, the sample source and the profile path; ``checks`` run on the model's
+        config before its weights load (:func:`moaplan.cli.common.open_profiled_model`)."""
+        from moaplan.cli.common import open_profiled_model
         from moaplan.data.calibration import sample_source
 
-        model, tokenizer = open_model(args, device=args.device, profiled=args.lengths,
-                                      checks=checks)
+        model, tokenizer, layout = open_profiled_model(args, checks=checks)
         lengths = [*args.lengths, getattr(args, "validation_length", args.lengths[0])]
         source = sample_source(model, tokenizer, args.data, lengths, SEED)
         profile = (Path(args.profile) if args.profile
                    else default_profile_path(ModelShape.from_config(model.config)))
-        return cls(model, tokenizer, source, profile)
+        return cls(model, tokenizer, source, profile, layout)
 
     @contextlib.contextmanager
     def progress(self, settings: SearchSettings) -> Iterator[_Progress]:
@@ -95,8 +97,7 @@ class _Progress:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
         self.bars: dict[str, tqdm] = {}
-        self.tokens = 0
-        self.seconds = 0.0
+        self.rate = TokenRate()
 
     def _bar(self, stage: str, total: int, unit: str) -> tqdm:
         if stage not in self.bars:
@@ -107,10 +108,7 @@ class _Progress:
 
     def sample(self, progress: Any) -> None:
         bar = self._bar("profile", self.settings.samples * len(self.settings.lengths), "sample")
-        self.tokens += progress.tokens
-        self.seconds += progress.seconds
-        bar.set_postfix(length=progress.length,
-                        tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}")
+        bar.set_postfix(**self.rate.add(progress))
         bar.update()
 
     def step(self, stage: str, done: int, total: int, note: str) -> None:

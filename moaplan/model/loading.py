@@ -144,14 +144,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
     *,
-    device_map: str | None = None,
+    device_map: str | dict[str, int | str] | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer in eval mode (``None``: the reference model).
 
     ``path`` is a :class:`ModelSource` or what :meth:`ModelSource.of` takes.  The reference
     weights are stored in bf16; they are cast to ``dtype`` (float32 by default, what a CPU
     computes fastest and exactly).  ``device="auto"`` (or None) picks the first GPU, if any;
-    a ``device_map`` (``from_pretrained``'s, e.g. ``"auto"``) spreads the model instead.
+    a ``device_map`` (``from_pretrained``'s: ``"auto"``, or module name -> device such as
+    :func:`moaplan.model.placement.layer_device_map`'s) spreads the model instead, loading
+    each weight straight onto its device.
     """
     source = path if isinstance(path, ModelSource) else ModelSource.of(path)
     if device_map is not None:

@@ -110,8 +110,11 @@ class _ProfiledAttention(torch.autograd.Function):
             from moaplan.kernels.influence import influence_summary  # imports triton
 
             delta = (do.float() * o.float()).sum(-1)
-            influence_summary(q, k, v, do.contiguous(), lse, delta, ctx.scale, collector.block,
-                              summary.far, summary.sink, eps=EPS)
+            # Triton launches on the current CUDA device: a layer placed on another GPU
+            # (device_map) must make its own device current
+            with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+                influence_summary(q, k, v, do.contiguous(), lse, delta, ctx.scale,
+                                  collector.block, summary.far, summary.sink, eps=EPS)
         return dq, dk, dv, None, None, None, None
 
 

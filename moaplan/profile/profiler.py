@@ -4,11 +4,13 @@ For each length N and each of its calibration samples (N tokens, or fewer: a sho
 summary fills the first block distances) the model runs densely through
 :class:`~moaplan.profile.attention.InfluenceCollector`; the loss is the mean objective (see
 :data:`OBJECTIVES`) on the response tokens only (the LM head is applied to those positions
-alone, so ``[N, vocab]`` logits never exist), and one backward pass with frozen weights (only
-the input embeddings require a gradient) fills the per-layer summaries.  After each finished
-sample the partial profile is checkpointed atomically, so an interrupted run resumes from the
-last finished sample.  Under ``torchrun`` (an initialised ``torch.distributed``) rank ``r``
-takes samples ``r, r + world, ...`` and the summaries are all-reduced at the end.
+alone, a chunk at a time, so ``[N, vocab]`` logits never exist), and one backward pass with
+frozen weights (only the input embeddings require a gradient) fills the per-layer summaries,
+each on its layer's device (a model placed over several GPUs included) and gathered on the
+CPU.  After each finished sample the partial profile is checkpointed atomically, so an
+interrupted run resumes from the last finished sample.  Under ``torchrun`` (an initialised
+``torch.distributed``) rank ``r`` takes samples ``r, r + world, ...`` and the summaries are
+all-reduced at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
@@ -120,9 +123,42 @@ def response_loss(model: torch.nn.Module, sample: Sample, objective: str = "cros
     # Position t predicts token t + 1; keep the positions whose next token is a response token.
     positions = sample.response_mask[1:].nonzero().squeeze(1).to(hidden.device)
     head = model.get_output_embeddings()
-    logits = head(hidden[0, positions].to(head.weight.device)).float()
-    targets = ids[0, 1:][positions.to(ids.device)].to(logits.device)
-    return token_objective(logits, targets, objective), embeds
+    targets = ids[0, 1:][positions.to(ids.device)].to(head.weight.device)
+    return _head_objective(head, hidden[0, positions], targets, objective), embeds
+
+
+# float32 logits made at once by the LM head: 2^27 elements, 512 MiB (4096 response tokens of
+# a 32K vocabulary, 1046 of a 128K one).  All of a long answer's logits at once would be
+# [tokens, vocab]: 16 GiB for 32K tokens of a 128K vocabulary.
+_HEAD_ELEMENTS = 1 << 27
+
+
+def head_rows(vocab: int) -> int:
+    """Response tokens whose logits the LM head computes at once."""
+    return max(1, _HEAD_ELEMENTS // vocab)
+
+
+def _objective_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   objective: str) -> torch.Tensor:
+    logits = head(hidden.to(head.weight.device)).float()
+    return token_objective(logits, targets, objective) * len(targets)
+
+
+def _head_objective(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    objective: str) -> torch.Tensor:
+    """The mean ``objective`` of the LM head's logits on the rows of ``hidden [T, h]``, a
+    chunk of :func:`head_rows` rows at a time; under autograd each chunk's logits are made
+    again in the backward pass (activation checkpointing), so one chunk's exist at a time."""
+    rows = head_rows(head.weight.shape[0])
+    if len(targets) <= rows:
+        return token_objective(head(hidden.to(head.weight.device)).float(), targets, objective)
+    total = hidden.new_zeros((), dtype=torch.float32, device=head.weight.device)
+    for start in range(0, len(targets), rows):
+        chunk = (head, hidden[start:start + rows], targets[start:start + rows], objective)
+        total = total + (torch.utils.checkpoint.checkpoint(_objective_sum, *chunk,
+                                                           use_reentrant=False)
+                         if torch.is_grad_enabled() else _objective_sum(*chunk))
+    return total / len(targets)
 
 
 @torch.no_grad()
