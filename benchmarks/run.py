@@ -4,8 +4,9 @@
                              [--summary-only]
 
 Sections (each its own script, run as a subprocess): on a machine with a CUDA GPU prefill,
-layers (a MoA-like plan layer by layer, routed), decode (kernel and end to end), profiler
-and profiler-multi (torchrun on 2 GPUs; it says so and does nothing on one); everywhere
+layers (a MoA-like plan layer by layer, routed), decode (kernel and end to end), profiler,
+profiler-multi (torchrun on 2 GPUs; it says so and does nothing on one) and profiler-sharded
+(a 70B shape with its layers over 2 GPUs; likewise); everywhere
 optimizer, quality and scorers.  A section the machine cannot run is skipped with one line
 saying why.  Results go to
 ``DIR/<machine>/`` (``cpu``, ``h100``, ...) with ``suite.json`` (machine, date, commit, time
@@ -74,6 +75,8 @@ SECTIONS = (
             ("--lengths", "16384", "--skip-model-check")),
     Section("profiler-multi", "bench_profiler_multi.py", 2, ("triton",),
             ("--layers", "8", "--samples", "4")),
+    Section("profiler-sharded", "bench_sharded_profile.py", 2, ("triton",),
+            ("--lengths", "16384")),
     Section("optimizer", "bench_optimizer.py", 0, ("cvxpy", "highspy")),
     Section("quality", "bench_quality.py", 0, ("cvxpy", "highspy", "optuna"),
             ("--quick", "--testbed", "reference")),

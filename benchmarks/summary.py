@@ -165,6 +165,27 @@ def _profiler_multi(path: Path) -> str:
             f"the profiles agree to {report['max_rel_diff']:.0e} (relative).")
 
 
+def _sharded_profile(path: Path, base: Path) -> str:
+    report = _load(path)
+    big, same = report.get("big", {}), report.get("identity", {})
+    text = (f"Profiling a model bigger than one GPU (`benchmarks/bench_sharded_profile.py`, "
+            f"layers placed over {len(report['devices'])} GPUs; {report['card']}, "
+            f"{report['date']}, commit `{_short(report['commit'])}`): ")
+    if big.get("runs"):
+        text += (f"a random {big['weights_gb']:.0f} GB Llama of the 70B shape took "
+                 + ", ".join(f"{r['seconds']:.0f} s per {r['length']}-token sample (peak "
+                             + " / ".join("-" if g is None else f"{g:.0f}" for g in r["peak_gib"])
+                             + " GiB)"
+                             for r in big["runs"]) + "; ")
+    if "plain" in same:
+        diff = max(same[k][f"max_rel_diff_{part}"] for k in ("plain", "checkpointing")
+                   for part in ("far", "sink"))
+        text += (f"a model that fits one GPU gives the same profile placed over two (to "
+                 f"{diff:.0e} relative); ")
+    link = _link(path.with_suffix(".md"), base)
+    return text + f"details in [{link}]({link})."
+
+
 def _optimizer(path: Path, base: Path) -> list[str]:
     report = _load(path)
     meta = report["meta"]
@@ -207,6 +228,9 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
         multi = _find(root, "profiler_multi.json", machine)
         if multi:
             parts.append(_profiler_multi(multi))
+        sharded = _find(root, "sharded_profile.json", machine)
+        if sharded:
+            parts.append(_sharded_profile(sharded, base))
     optimizer = _find(root, "optimizer.json", machine)
     if optimizer:
         parts += [f"{h} Optimizer", *_optimizer(optimizer, base)]

@@ -40,7 +40,7 @@ def test_layer_device_map_splits_the_layers_evenly_in_running_order():
     model = _model(num_hidden_layers=4)
     assert layer_device_map(model, TWO_GPUS) == {
         "model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0,
-        "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 1,
+        "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 0,
         "lm_head": 1}
     # tied embeddings stay together; GPT-2 keeps its layers in `transformer.h`
     gpt2 = meta_model(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=50))
@@ -147,6 +147,33 @@ def test_fewest_gpus_prefers_one_gpu_then_checkpointing_then_more_gpus():
     assert fewest_gpus({False: plain, True: ckpt}, [70, 70]) == (2, False)
     assert fewest_gpus({True: ckpt}, [60, 60]) == (2, True)
     assert fewest_gpus({True: ckpt}, [20, 20]) is None
+
+
+def test_auto_layout_takes_the_fewest_gpus_of_each_rank(monkeypatch):
+    """On a pretend host of four 139 GiB GPUs: a 70B shape at 32K takes two GPUs (its rank's
+    first two) with checkpointing, an 8B one at 4K one GPU, asked only once for its memory."""
+    asked = []
+
+    def free_memory(device):
+        asked.append(device.index)
+        return 139 * GIB, 141 * GIB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    big = _llama(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                 num_hidden_layers=80, num_attention_heads=64)
+    layout = choose_layout(big, [16384, 32768], torch.bfloat16)
+    assert layout.devices == tuple(TWO_GPUS) and layout.checkpointing and layout.sharded
+    assert "layers placed over cuda:0, cuda:1" in layout.describe()
+    second = choose_layout(big, [32768], torch.bfloat16, local_rank=1, local_world=2)
+    assert second.devices == (torch.device("cuda", 2), torch.device("cuda", 3))
+    asked.clear()
+    small = choose_layout(_llama(), [4096], torch.bfloat16, local_rank=1, local_world=2)
+    assert small.devices == (torch.device("cuda", 2),) and not small.checkpointing
+    assert asked == [2]
+    with pytest.raises(ModelError, match="even with its layers over the 2 GPU"):
+        choose_layout(big, [131072], torch.bfloat16, local_rank=0, local_world=2)
 
 
 def test_a_gpu_count_this_machine_lacks_is_refused_before_loading():

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="influence implementation (auto: triton on a CUDA GPU)")
     parser.add_argument("--checkpointing", action="store_true",
-                        help="gradient checkpointing (long inputs on large models)")
+                        help="gradient checkpointing (long inputs on large models; with "
+                             "--device auto it is turned on when the memory estimate needs it)")
     add_device_argument(parser)
     add_gpus_per_model_argument(parser)
     parser.set_defaults(run=run)

@@ -65,7 +65,9 @@ def layer_device_map(model: torch.nn.Module, devices: Sequence[torch.device | st
             elif layers.startswith(full + "."):
                 walk(child, full + ".")
                 after = True
-            elif tied and child is head:
+            elif (tied and child is head) or next(child.parameters(), None) is None:
+                # tied embeddings stay together; a module without weights (rotary embeddings,
+                # computed from the positions before the first layer) beside the embeddings
                 device_map[full] = places[0]
             else:
                 device_map[full] = places[-1] if after else places[0]

@@ -10,7 +10,8 @@ and data parallelism combine (rank ``r`` placing its model on GPUs ``r n .. r n 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,7 @@ def estimate_memory(config: Any, weights: int, length: int, dtype: torch.dtype,
     activation and product; ``h`` hidden, ``q`` / ``kv`` query / KV widths, ``m`` MLP width),
     and differentiating one layer holds about ``6 h + 4 q + 4 kv + 6 m`` (those plus their
     gradients).  With checkpointing only each layer's input is kept.  For the Llama-3-8B shape
-    at 32K with checkpointing this gives 29.5 GiB; 29.9 GiB was measured on an H100
+    at 32K with checkpointing this gives 31.2 GiB; 29.9 GiB was measured on an H100
     (benchmarks/results/h100/profiler.md).
     """
     width = dtype.itemsize
@@ -120,14 +121,15 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
 def choose_layout(config: Any, lengths: Sequence[int], dtype: torch.dtype, *,
                   device: str | torch.device | None = "auto", gpus_per_model: int | None = None,
                   checkpointing: bool = False, local_rank: int = 0, local_world: int = 1,
-                  skeleton: torch.nn.Module | None = None) -> Layout:
+                  skeleton: Callable[[], torch.nn.Module] | None = None) -> Layout:
     """The layout this process profiles ``config``'s model in (see the module docstring).
 
     ``gpus_per_model`` places the layers over that many GPUs of this rank, unconditionally.
     Otherwise ``device`` ``"auto"`` on a machine with GPUs takes the fewest of this rank's GPUs
     (:func:`fewest_gpus`) that hold the estimate at the longest length, turning gradient
     checkpointing on when that is what fits; any other ``device`` is used as it is.
-    ``skeleton`` is the model on the ``meta`` device, if the caller has one.
+    ``skeleton`` makes the model on the ``meta`` device (default :func:`meta_model`), called
+    only when the weights must be counted.
     """
     if gpus_per_model is not None:
         return Layout(tuple(process_gpus(gpus_per_model, local_rank)), checkpointing)
@@ -139,11 +141,16 @@ def choose_layout(config: Any, lengths: Sequence[int], dtype: torch.dtype, *,
         raise ModelError(f"{local_world} torchrun ranks on a host with "
                          f"{torch.cuda.device_count()} GPU(s): at most one rank per GPU")
     gpus = process_gpus(per_rank, local_rank)
-    free = [torch.cuda.mem_get_info(gpu)[0] for gpu in gpus]
-    weights = weight_bytes(skeleton if skeleton is not None else meta_model(config), dtype)
+    weights = weight_bytes(skeleton() if skeleton is not None else meta_model(config), dtype)
     estimates = {ckpt: estimate_memory(config, weights, max(lengths), dtype, ckpt)
                  for ckpt in sorted({checkpointing, True})}
-    fit = fewest_gpus(estimates, free)
+    free: list[int] = []
+    fit = None
+    for gpu in gpus:  # one GPU more at a time: asking a GPU its free memory claims a context
+        free.append(torch.cuda.mem_get_info(gpu)[0])
+        fit = fewest_gpus(estimates, free)
+        if fit is not None:
+            break
     if fit is None:
         need = estimates[True].per_gpu(len(gpus)) / GIB
         raise ModelError(f"profiling {max(lengths)} tokens needs about {need:.0f} GiB per GPU "
@@ -156,7 +163,7 @@ def choose_layout(config: Any, lengths: Sequence[int], dtype: torch.dtype, *,
 
 
 def default_dtype(device: str | torch.device | None, gpus_per_model: int | None
-              ) -> torch.dtype:
+                  ) -> torch.dtype:
     """The profiler's dtype when none is asked for: bfloat16 on GPUs, float32 on the CPU."""
     on_gpu = gpus_per_model is not None or resolve_device(device).type == "cuda"
     return torch.bfloat16 if on_gpu else torch.float32
@@ -170,13 +177,12 @@ def load_laid_out(source: ModelSource, config: Any, lengths: Sequence[int],
     ``dtype`` None is :func:`default_dtype`."""
     if dtype is None:
         dtype = default_dtype(placement.get("device", "auto"), placement.get("gpus_per_model"))
-    skeleton = None
-    if torch.cuda.is_available():  # a device map and the weight count are read off it
-        skeleton = meta_model(config, source.trust_remote_code)
+    # the weight count and a device map are read off it, and only then is it made
+    skeleton = functools.cache(lambda: meta_model(config, source.trust_remote_code))
     layout = choose_layout(config, lengths, dtype, skeleton=skeleton, **placement)
     if layout.sharded:
         model, tokenizer = load_model(source, dtype,
-                                      device_map=layer_device_map(skeleton, layout.devices))
+                                      device_map=layer_device_map(skeleton(), layout.devices))
     else:
         model, tokenizer = load_model(source, dtype, layout.devices[0])
     return model, tokenizer, layout
