@@ -46,17 +46,11 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
 
+import moaplan.profile.layout as layout  # noqa: E402
 from moaplan.io import atomic_write_text  # noqa: E402
 from moaplan.model import byte_tokenizer, load_model  # noqa: E402
 from moaplan.model.placement import layer_device_map, meta_model, place_layers  # noqa: E402
 from moaplan.profile import profile_model  # noqa: E402
-from moaplan.profile.layout import (  # noqa: E402
-    GIB,
-    MARGIN,
-    estimate_memory,
-    fewest_gpus,
-    weight_bytes,
-)
 
 BIG = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
            num_attention_heads=64, num_key_value_heads=8, head_dim=128,
@@ -138,7 +132,7 @@ def _sync(devices: list[torch.device]) -> None:
 
 
 def peak_gib(devices: list[torch.device]) -> list[float | None]:
-    return [torch.cuda.max_memory_allocated(d) / GIB if d.type == "cuda" else None
+    return [torch.cuda.max_memory_allocated(d) / layout.GIB if d.type == "cuda" else None
             for d in devices]
 
 
@@ -183,16 +177,16 @@ def big_model(out: dict, save: Callable[[], None], shape: dict, devices: list[to
     """Fills ``out`` and saves it after each length, so that a run stopped at the last
     length keeps the others."""
     config = LlamaConfig(**shape)
-    weights = weight_bytes(meta_model(config), dtype)
-    estimates = {n: {ckpt: estimate_memory(config, weights, n, dtype, ckpt)
+    weights = layout.weight_bytes(meta_model(config), dtype)
+    estimates = {n: {ckpt: layout.estimate_memory(config, weights, n, dtype, ckpt)
                      for ckpt in (False, True)} for n in lengths}
     out.update({"shape": shape, "weights_gb": weights / 1e9,
                 "devices": [str(d) for d in devices], "runs": []})
     if devices[0].type == "cuda":
         free = [torch.cuda.mem_get_info(d)[0] for d in devices]
-        out["free_gib"] = [f / GIB for f in free]
+        out["free_gib"] = [f / layout.GIB for f in free]
         # what `moaplan profile --device auto` would choose on these GPUs
-        out["auto_layout"] = {n: fewest_gpus(estimates[n], free) for n in lengths}
+        out["auto_layout"] = {n: layout.fewest_gpus(estimates[n], free) for n in lengths}
         stamp(f"auto layout (GPUs, checkpointing) by length: {out['auto_layout']}")
     started = time.perf_counter()
     model = build_placed(config, devices, dtype)
@@ -214,7 +208,7 @@ def big_model(out: dict, save: Callable[[], None], shape: dict, devices: list[to
         seconds = finished[-1].seconds
         run = {"length": n, "seconds": seconds, "tokens_per_s": n / seconds,
                "peak_gib": peak_gib(devices),
-               "estimate_gib_per_device": estimate.per_gpu(len(devices)) / GIB,
+               "estimate_gib_per_device": estimate.per_gpu(len(devices)) / layout.GIB,
                "influence_kernel_calls": calls[0],
                "finite": bool(np.isfinite(profile.far_sum[n]).all()
                               and np.isfinite(profile.sink_sum[n]).all()),
@@ -269,7 +263,7 @@ def markdown(res: dict) -> str:
                          f"{r['influence_kernel_calls']} |")
     if "auto_layout" in big:
         lines += ["", "`--device auto` chooses (GPUs, checkpointing) by length, from the "
-                  f"estimate and {_gib(big['free_gib'])} GiB free (at most {MARGIN:.0%} "
+                  f"estimate and {_gib(big['free_gib'])} GiB free (at most {layout.MARGIN:.0%} "
                   f"used): {big['auto_layout']}."]
     if "error" in big:
         lines += ["", f"Big model: error: {big['error']}"]
