@@ -24,7 +24,9 @@ samples of a length.
 
 Modules: :mod:`.influence` (torch math, the oracle), :mod:`.cost` (rules -> dropped influence),
 :mod:`.attention` (the profiling attention function), :mod:`.profiler` (running samples),
-:mod:`.profile` (the record and its files), :mod:`.show` (plots).
+:mod:`.profile` (the record and its files), :mod:`.show` (plots), :mod:`.layout` (one device or
+the layers over several GPUs, chosen by a memory estimate), :mod:`.job` (``moaplan profile``:
+torchrun ranks, loading, the file).
 """
 
 from moaplan.profile.profile import Profile, load_profile, save_profile
