@@ -129,7 +129,7 @@ def response_loss(model: torch.nn.Module, sample: Sample, objective: str = "cros
 
 # float32 logits made at once by the LM head: 2^27 elements, 512 MiB (4096 response tokens of
 # a 32K vocabulary, 1046 of a 128K one).  All of a long answer's logits at once would be
-# [tokens, vocab]: 16 GiB for 32K tokens of a 128K vocabulary.
+# [tokens, vocab]: 16 GB for 32K tokens of a 128K vocabulary.
 _HEAD_ELEMENTS = 1 << 27
 
 
