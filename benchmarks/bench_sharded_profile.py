@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sharded_profile.py --out DIR [--gpus 2] [--lengths 16384 32768]
     python benchmarks/bench_sharded_profile.py --tiny --out DIR   # the same logic on the CPU
+    python benchmarks/bench_sharded_profile.py --gpus 1 --layers 40 --out DIR  # one shard
 
 1. Identity: a small bf16 Llama that fits one GPU, profiled on one GPU and with its layers
    placed over ``--gpus`` GPUs (loaded by ``from_pretrained`` with the layer map, as
@@ -13,6 +14,12 @@
    sample and peak memory per GPU (reset between lengths), against the estimate that
    :mod:`moaplan.profile.layout` chooses layouts by, and which layout it chooses.  The
    influence kernel's calls are counted (one per layer per sample: the Triton path ran).
+
+``--gpus 1 --layers 40``: where only one GPU is lent, the half of the 70B shape that each GPU
+of the two-way layer placement holds (its layers, with the embeddings and LM head), profiled
+on that one GPU: the per-GPU memory and, doubled, about the time of the whole model (the
+placed layers run one GPU at a time); the identity check then places the small model's layers
+over that GPU twice (accelerate's hooks on the GPU).  Writes ``sharded_profile-1gpu-L40``.
 
 ``--tiny``: a tiny shape on the CPU, float32, layers placed over ``cpu`` twice (accelerate's
 hooks, the same code path), to check the logic without a GPU.  Writes
@@ -157,7 +164,7 @@ def identity(shape: dict, devices: list[torch.device], dtype: torch.dtype, lengt
         one, _ = load_model(folder, dtype, devices[0])
         placed, _ = load_model(folder, dtype,
                                device_map=layer_device_map(meta_model(config), devices))
-    if devices[0].type == "cpu":  # one device: from_pretrained attaches no hooks
+    if len(set(devices)) == 1:  # one device: from_pretrained attaches no hooks
         placed = place_layers(placed, layer_device_map(placed, devices))
     data = {length: [random_sample(length, config.vocab_size, seed) for seed in range(samples)]}
     out = {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
@@ -286,6 +293,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/h200"))
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    parser.add_argument("--layers", type=int, default=BIG["num_hidden_layers"],
+                        help="decoder layers of the 70B shape to build (default all 80)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shape, float32, layers placed over the CPU twice")
     args = parser.parse_args()
@@ -298,17 +307,24 @@ def main() -> int:
                   f"{torch.cuda.device_count()}")
             return 0
         devices = [torch.device("cuda", i) for i in range(args.gpus)]
-        dtype, big, small, lengths, check_length = torch.bfloat16, BIG, SMALL, args.lengths, 4096
+        dtype, small, lengths, check_length = torch.bfloat16, SMALL, args.lengths, 4096
+        big = {**BIG, "num_hidden_layers": args.layers}
         torch.cuda.set_device(devices[0])
     meta = provenance()
     res = {**meta, "devices": [str(d) for d in devices], "dtype": str(dtype).split(".")[-1]}
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:
-        atomic_write_text(args.out / "sharded_profile.json", json.dumps(res, indent=1) + "\n")
-        atomic_write_text(args.out / "sharded_profile.md", markdown(res))
+    stem = "sharded_profile"
+    if not args.tiny and (args.gpus, args.layers) != (2, BIG["num_hidden_layers"]):
+        stem += f"-{args.gpus}gpu-L{args.layers}"
 
-    stage(res, "identity", lambda: identity(small, devices, dtype, check_length, 2))
+    def save() -> None:
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(res, indent=1) + "\n")
+        atomic_write_text(args.out / f"{stem}.md", markdown(res))
+
+    # one GPU: the small model's layers placed over it twice, so the hooks still run
+    placed = devices * 2 if len(devices) == 1 else devices
+    stage(res, "identity", lambda: identity(small, placed, dtype, check_length, 2))
     save()
     res["big"] = {}
     stage(res, "big", lambda: big_model(res["big"], save, big, devices, dtype, lengths))
