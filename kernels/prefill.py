@@ -46,10 +46,10 @@ import triton
 import triton.language as tl
 
 from moaplan.errors import ModelError
+from moaplan.kernels.common import LOG2E
 
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 # Query rows per program of the compensation pre-passes.
 _MEANS_BLOCK_T = 128
 
@@ -381,8 +381,9 @@ def _head_list(name: str, values: torch.Tensor | Sequence[int], n_kv_heads: int,
     return [x for x in _int_list(name, values, n_kv_heads) for _ in range(group)]
 
 
-def _per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
-                  minimum: int) -> torch.Tensor:
+def _upload_per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
+                         minimum: int) -> torch.Tensor:
+    """A checked ``[B]`` integer tensor, as int32 on ``device``."""
     if value.dim() != 1 or value.numel() != batch or value.dtype.is_floating_point:
         raise ModelError(f"{name} must be an integer tensor of shape [{batch}], got "
                          f"{value.dtype} {tuple(value.shape)}")
@@ -494,13 +495,13 @@ def sparse_attention(
              *flat[2 * n_q_heads:].view(len(per_kv), n_kv_heads))
 
     if isinstance(q_offset, torch.Tensor):
-        qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
+        qoff = _upload_per_sequence("q_offset", q_offset, batch, q.device, 0)
         q_offset_scalar = 0
     else:
         if int(q_offset) < 0:
             raise ModelError(f"q_offset must be >= 0, got {q_offset}")
         qoff, q_offset_scalar = None, int(q_offset)
-    lens = None if seq_lens is None else _per_sequence("seq_lens", seq_lens, batch, q.device, 0)
+    lens = None if seq_lens is None else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0)
 
     reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach)
@@ -519,7 +520,7 @@ def sparse_attention(
         qoff if qoff is not None else flat, lens if lens is not None else flat,
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * _LOG2E,
+        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
         HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),

@@ -35,7 +35,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from moaplan.errors import ModelError
 from moaplan.plan import Plan, as_plan, save_plan
 from moaplan.rules import Rule
-from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
+from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.cached import attend_cached
 from moaplan.runtime.layer import NativeAttention, layer_attention
 
 PLAN_FILE = "moaplan_plan.yaml"  # the plan save_pretrained writes beside the weights

@@ -11,22 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from moaplan.kernels.common import SCORE_ELEMENTS
 from moaplan.kernels.decode import soft_cap
-
-# Upper bound on the float score elements held at once (heads x query chunk x keys): 2^25
-# float32 scores are 128 MiB, enough for Nk = 4096 with 32 query heads at 256 queries a chunk.
-SCORE_ELEMENTS = 1 << 25  # the compressed cache's torch path chunks by it too
-
-
-def visible(
-    sink: torch.Tensor, span: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
-) -> torch.Tensor:
-    """Which (query position, key position) pairs a head sees; all arguments broadcast.
-
-    The one rule convention: query ``i`` sees key ``j`` iff
-    ``j <= i and (j < sink or i - j < span)``.
-    """
-    return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
+from moaplan.rules import visible
 
 
 def _per_sequence(value: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

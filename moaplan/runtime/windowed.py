@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moaplan.runtime.reference import per_query_head, visible
+from moaplan.rules import visible
+from moaplan.runtime.reference import per_query_head
 
 QUERY_BLOCK = 512
 
