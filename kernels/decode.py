@@ -16,9 +16,9 @@ picked per batch (:func:`moaplan.kernels.layout.default_chunk`: about ``_TARGET_
 programs, in chunks of at most ``_MAX_CHUNK`` slots; an H100 sweep found 4096-slot chunks with
 64-row tiles fastest over both batch 8 / 32K and batch 1 / 128K).  One program loads each K/V
 tile once for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a
-partial output with its log-sum-exp for the group's real rows; a second small kernel, one program per (query head,
-sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so a long head split into
-hundreds of items costs a few vector steps rather than a serial walk.
+partial output with its log-sum-exp for the group's real rows; a second small kernel, one
+program per (query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so
+a long head split into hundreds of items costs a few vector steps rather than a serial walk.
 
 Compensation token (RazorAttention), for the heads ``layout.compensate`` marks: the query drops
 the tokens that left the ring (or were never stored) and the ring's filled slots older than

@@ -21,7 +21,6 @@ import triton.language as tl
 from moaplan.kernels.common import LOG2E
 
 
-
 @triton.jit
 def _influence_kernel(
     Q, K, V, DO, LSE, DELTA, FAR, SINK,

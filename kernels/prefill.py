@@ -501,7 +501,8 @@ def sparse_attention(
         if int(q_offset) < 0:
             raise ModelError(f"q_offset must be >= 0, got {q_offset}")
         qoff, q_offset_scalar = None, int(q_offset)
-    lens = None if seq_lens is None else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0)
+    lens = (None if seq_lens is None
+            else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
     reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach)
