@@ -36,6 +36,7 @@ from moaplan.profile.influence import (
     attention_forward,
 )
 
+
 def _repeat_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, 1)
 
