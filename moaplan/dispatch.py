@@ -70,8 +70,9 @@ def switch_attention(model: Any, attention: Callable, *, mask: Callable | None =
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         restore_attention(switch)
-        raise ModelError(f"{type(model).__name__} does not let its attention be switched "
-                         "through transformers' AttentionInterface")
+        raise ModelError(f"{type(model).__name__} does not compute attention through "
+                         "transformers' AttentionInterface (its attention cannot be switched), "
+                         "so moaplan cannot change it")
     return switch
 
 
