@@ -314,12 +314,9 @@ class RuleSpace:
     def spans(self, lengths: ArrayLike) -> np.ndarray:
         return rule_spans(self.rules, lengths)
 
-    def kv_density(self, lengths: ArrayLike) -> np.ndarray:
-        """``(len(space), len(lengths))`` KV densities."""
-        return density(self.rules, lengths, "kv")
-
-    def attention_density(self, lengths: ArrayLike) -> np.ndarray:
-        return density(self.rules, lengths, "attention")
+    def density(self, lengths: ArrayLike, kind: str = "kv") -> np.ndarray:
+        """``(len(space), len(lengths))`` densities of ``kind`` (:func:`density`)."""
+        return density(self.rules, lengths, kind)
 
     def cost_factors(self) -> np.ndarray:
         """``(len(space),)`` multipliers of the profiled dropped influence: ``compensate_factor``

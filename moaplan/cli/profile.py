@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "search, so that search reuses the profile), or needle prompts or "
                              "repeated sequences for --scorer retrieval / induction (default "
                              f"{SCORER_SAMPLES})")
-    # moaplan.profile.profile.BLOCK, spelled out: importing the profile package here would
+    # moaplan.profile.record.BLOCK, spelled out: importing the profile package here would
     # load torch while the parser of every command is built
     parser.add_argument("--block", type=positive_int, default=64,
                         help="block size of the summary in tokens (default 64)")
@@ -120,12 +120,12 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.errors import ProfileError
     from moaplan.model import check_lengths
     from moaplan.profile import checkpoint_path
-    from moaplan.profile.profile import (
+    from moaplan.profile.profiler import profile_to_file
+    from moaplan.profile.record import (
         check_profile_output,
         default_profile_path,
         sink_blocks,
     )
-    from moaplan.profile.profiler import profile_to_file
     from moaplan.rules import RuleSpace
     from moaplan.shape import ModelShape
 

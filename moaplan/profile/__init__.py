@@ -27,8 +27,8 @@ Modules: :mod:`.influence` (torch math, the oracle), :mod:`.cost` (rules -> drop
 :mod:`.profile` (the record and its files), :mod:`.show` (plots).
 """
 
-from moaplan.profile.profile import Profile, load_profile, save_profile
 from moaplan.profile.profiler import calibration_hash, checkpoint_path, profile_model
+from moaplan.profile.record import Profile, load_profile, save_profile
 from moaplan.profile.show import show_profile
 
 __all__ = ["Profile", "calibration_hash", "checkpoint_path", "load_profile", "profile_model",

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
-from moaplan.profile.profile import (
+from moaplan.profile.record import (
     BLOCK,
     Profile,
     load_profile,

@@ -410,9 +410,3 @@ class MoaplanCache(Cache):
     def nbytes(self) -> int:
         """Bytes of the K/V buffers this cache holds (what :func:`moaplan.kv_bytes` predicts)."""
         return sum(layer.nbytes() for layer in self.layers)
-
-    def kv_density(self) -> float:
-        """Held slots over a dense cache's ``layers x KV heads x max_length``."""
-        shape = self.plan.model
-        dense = shape.num_layers * shape.num_key_value_heads * self.max_length
-        return sum(layer.layout.capacity for layer in self.layers) / dense
