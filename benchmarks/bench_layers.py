@@ -41,11 +41,10 @@ from timing import ROUNDS, bench_together  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.layout import RuleTable
-from moaplan.kernels.prefill import sparse_attention
+from moaplan.kernels.prefill import reference_attention, sparse_attention
 from moaplan.plan.interop import moa_rules_from_json
 from moaplan.rules import Rule, density
 from moaplan.runtime.graphed import capture_graph
-from moaplan.runtime.reference import reference_attention
 from moaplan.runtime.routing import choose_route, cost_model, dense_attention, routed_attention
 
 LAYERS, HQ, HKV, DIM = 8, 32, 8, 128

@@ -16,9 +16,8 @@ import torch
 
 from moaplan.kernels.common import use_triton
 from moaplan.kernels.layout import RuleTable
-from moaplan.kernels.prefill import HEAD_DIMS
+from moaplan.kernels.prefill import HEAD_DIMS, reference_attention
 from moaplan.rules import Rule
-from moaplan.runtime.reference import reference_attention
 from moaplan.runtime.routing import routed_attention
 from moaplan.runtime.windowed import windowed_attention
 
