@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from moaplan.kernels.common import use_triton
 from moaplan.kernels.decode import chunk_attention, decode_attention
 from moaplan.runtime.cache import MoaplanLayer, cache_step
 from moaplan.runtime.layer import PLAIN, NativeAttention, layer_attention, real_token_attention
@@ -46,7 +47,7 @@ def attend(layer: MoaplanLayer, query: torch.Tensor, *, scale: float | None = No
     too).  Returns ``[B, Hq, Nq, D]``."""
     key, value = layer.take_staged()
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    plain = native == PLAIN and (not query.is_cuda or native.kernel_ready(query))
+    plain = native == PLAIN and (not use_triton("auto", query) or native.kernel_ready(query))
     if query.shape[2] == 1 and plain:
         real = None if chunk_real is None else chunk_real[:, 0].to(torch.bool)
         n_after, spans = layer.write_token(key, value, real)
@@ -67,7 +68,7 @@ def _chunk(layer: MoaplanLayer, query: torch.Tensor, key: torch.Tensor, value: t
     """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
     batch, _, n_new, _ = query.shape
     empty = layer.written == n_new  # nothing was cached before this chunk
-    if empty and query.is_cuda:  # a first prefill: the block-sparse kernel
+    if empty and use_triton("auto", query):  # a first prefill: the block-sparse kernel
         if _chunk_is_plain(pos):
             return layer_attention(layer.rules, query, key, value, None, scale=scale,
                                    native=native)

@@ -65,7 +65,7 @@ def _attend(
     no padding, no compensation token), else the torch reference with ``window`` and
     ``softcap``."""
     heads = table.at(n, q.shape[1] // k.shape[1])
-    if native.kernel_ready(q) or (native == PLAIN and not q.is_cuda):
+    if native.kernel_ready(q) or (native == PLAIN and not use_triton("auto", q)):
         return routed_attention(q, k, v, heads.sink, heads.span, scale=scale,
                                 q_offset=q_offset, seq_lens=seq_lens,
                                 compensate=heads.compensate)
