@@ -5,7 +5,7 @@ pass it to ``generate(..., past_key_values=cache)`` (or ``cache=`` on newer rele
 model that :func:`moaplan.apply` switched to the plan's attention.  It is sized for requests
 of up to ``max_length`` real tokens per sequence (prompt plus new tokens, padding excluded):
 head ``h`` of a layer gets ``sink`` slots and a ring of ``span(max_length)`` slots, in one flat
-buffer per layer (the layout is described in :mod:`moaplan.kernels.decode`), so memory is
+buffer per layer (the layout is described in :mod:`moaplan.kernels.layout`), so memory is
 ``sum over heads of (sink + span)`` and not ``heads x max_length``.  Positions count real
 tokens only (left or right padding is skipped), as in :mod:`moaplan.runtime.apply`.
 
