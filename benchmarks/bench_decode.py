@@ -40,7 +40,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moaplan.io import atomic_write_text
-from moaplan.kernels.decode import DecodeConfig, decode_attention, decode_layout
+from moaplan.kernels.decode import DecodeConfig, decode_attention
+from moaplan.kernels.layout import decode_layout
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 

@@ -40,12 +40,11 @@ from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench_together  # noqa: E402
 
 from moaplan.io import atomic_write_text
-from moaplan.kernels.prefill import sparse_attention
+from moaplan.kernels.layout import RuleTable
+from moaplan.kernels.prefill import reference_attention, sparse_attention
 from moaplan.plan.interop import moa_rules_from_json
 from moaplan.rules import Rule, density
 from moaplan.runtime.graphed import capture_graph
-from moaplan.runtime.layer import HeadRules
-from moaplan.runtime.reference import reference_attention
 from moaplan.runtime.routing import choose_route, cost_model, dense_attention, routed_attention
 
 LAYERS, HQ, HKV, DIM = 8, 32, 8, 128
@@ -105,7 +104,7 @@ def check(layers: list[list[Rule]], n: int) -> list[dict]:
     for i, rules in enumerate(layers):
         row = {"layer": i, "n": n, "sdpa_rel": sdpa_err}
         for name, variant in (("kv", per_kv_head(rules)), ("q", rules)):
-            heads = HeadRules.at(variant, n, GROUP)
+            heads = RuleTable.of(variant).at(n, GROUP)
             out = routed_attention(q, k, v, heads.sink, heads.span)
             ref = reference_attention(qf, kf, vf, heads.sink, heads.span)
             row[f"{name}_rel"] = rel_error(out, ref)
@@ -122,8 +121,8 @@ def time_length(layers: list[list[Rule]], n: int, log) -> dict:
     cost = cost_model(q.device)
     routes = []
     for i, rules in enumerate(layers):
-        kv_heads = HeadRules.at(per_kv_head(rules), n, GROUP)
-        q_heads = HeadRules.at(rules, n, GROUP)
+        kv_heads = RuleTable.of(per_kv_head(rules)).at(n, GROUP)
+        q_heads = RuleTable.of(rules).at(n, GROUP)
         # Each layer's own dense baseline, timed right before it in every round: the card's
         # speed drifts over a round (clocks, heat) by more than some margins.
         fns[f"dense{i}"] = fns["sdpa_gqa"]

@@ -36,10 +36,14 @@ from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together  # noqa: E402
 
 from moaplan.io import atomic_write_text
-from moaplan.kernels.prefill import PrefillConfig, default_config, sparse_attention
+from moaplan.kernels.prefill import (
+    PrefillConfig,
+    default_config,
+    reference_attention,
+    sparse_attention,
+)
 from moaplan.rules import attention_density
 from moaplan.runtime.graphed import capture_graph
-from moaplan.runtime.reference import reference_attention
 
 HQ, HKV, DIM, SINK = 32, 8, 128, 64
 GROUP = HQ // HKV

@@ -108,7 +108,7 @@ def make_model(layers: int):
             model = LlamaForCausalLM(llama_config(layers))
     finally:
         torch.set_default_dtype(torch.float32)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     return model.to(torch.bfloat16).eval()
 
 

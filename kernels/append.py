@@ -4,10 +4,10 @@ KV heads keep, and every head's span at the new length.
 A decode step of ``MoaplanCache`` otherwise costs some forty small torch kernels per layer
 (slot arithmetic, gathers for the compensation sums, the two scatters, the span formula);
 their launch overhead, not the GPU, set the speed of end-to-end decoding
-(benchmarks/NOTES_decode.md).  The torch version in ``moaplan.runtime.cache`` stays
-the CPU path and the oracle.
+(benchmarks/NOTES_decode.md).  The torch version below stays the CPU path and the oracle;
+:func:`append_token` picks one of the two.
 
-The slot layout is the one of :mod:`moaplan.kernels.decode`: head ``h``'s token at position
+The slot layout is the one of :mod:`moaplan.kernels.layout`: head ``h``'s token at position
 ``p`` sits in slot ``offset[h] + p`` if ``p < sink[h]``, else in ring slot
 ``offset[h] + sink[h] + (p - sink[h]) % ring[h]``.  The ring token a write overwrites joins a
 compensating head's fp32 sums first.  Padding rows (``real`` False) write nothing.
@@ -15,33 +15,12 @@ compensating head's fp32 sums first.  Padding rows (``real`` False) write nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from moaplan.kernels.decode import DecodeLayout
-
-
-@dataclass(frozen=True)
-class SpanTable:
-    """One layer's rule coefficients per KV head, on the device:
-    ``span(n) = n`` if ``full`` else ``clamp(floor(alpha + beta n + 1/2), min_span,
-    min(max_span, n))`` (float64 arithmetic, as :func:`moaplan.rules.rule_spans`)."""
-
-    full: torch.Tensor  # bool [Hkv]
-    alpha: torch.Tensor  # float64 [Hkv]
-    beta: torch.Tensor  # float64 [Hkv]
-    min_span: torch.Tensor  # int64 [Hkv]
-    max_span: torch.Tensor  # int64 [Hkv]
-
-    def spans(self, n: torch.Tensor) -> torch.Tensor:
-        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``), in torch."""
-        n = n.to(torch.int64)[:, None]
-        raw = torch.floor(self.alpha + self.beta * n.to(torch.float64) + 0.5).to(torch.int64)
-        span = torch.minimum(torch.maximum(raw, self.min_span), torch.minimum(self.max_span, n))
-        return torch.where(self.full, n, span)
+from moaplan.kernels.common import use_triton
+from moaplan.kernels.layout import DecodeLayout, RuleTable, rule_span
 
 
 @triton.jit
@@ -57,9 +36,8 @@ def _append_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(N_AFTER + b).to(tl.int64)
-    raw = tl.floor(tl.load(ALPHA + h) + tl.load(BETA + h) * n.to(tl.float64) + 0.5).to(tl.int64)
-    span = tl.minimum(tl.maximum(raw, tl.load(MIN_SPAN + h)), tl.minimum(tl.load(MAX_SPAN + h), n))
-    span = tl.where(tl.load(FULL + h) != 0, n, span)
+    span = rule_span(n, tl.load(FULL + h), tl.load(ALPHA + h), tl.load(BETA + h),
+                     tl.load(MIN_SPAN + h), tl.load(MAX_SPAN + h))
     tl.store(SPANS + b * n_heads + h, span.to(tl.int32))
 
     real = True
@@ -93,13 +71,17 @@ def _append_kernel(
 def append_token(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, key_sum: torch.Tensor, value_sum: torch.Tensor,
                  layout: DecodeLayout, n_after: torch.Tensor, real: torch.Tensor | None,
-                 table: SpanTable) -> torch.Tensor:
+                 table: RuleTable, *, backend: str = "auto") -> torch.Tensor:
     """Writes the newest token of every sequence, ``key``/``value`` ``[B, Hkv, 1, D]`` (any
     strides), into the layer's buffers ``keys``/``values`` ``[B, C, D]`` (contiguous) and, for
     compensating heads, adds the ring token it overwrites to ``key_sum``/``value_sum``
     ``[B, Hkv, D]`` (fp32).  ``n_after`` ``[B]``: real lengths including the token; ``real``
     ``[B]`` bool, False where the token is padding (None: all real).  Returns the heads' spans
-    at ``n_after``, int32 ``[B, Hkv]``.  One launch, no host sync."""
+    at ``n_after``, ``[B, Hkv]`` (int32 from the kernel: one launch, no host sync; int64 from
+    the torch version).  ``backend``: as :func:`moaplan.kernels.common.use_triton`."""
+    if not use_triton(backend, keys):
+        return _append_torch(key, value, keys, values, key_sum, value_sum, layout, n_after,
+                             real, table)
     batch, n_heads, _, head_dim = key.shape
     spans = torch.empty((batch, n_heads), dtype=torch.int32, device=key.device)
     comp = layout.has_compensation
@@ -114,3 +96,29 @@ def append_token(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
         num_warps=1,
     )
     return spans
+
+
+def _append_torch(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, key_sum: torch.Tensor, value_sum: torch.Tensor,
+                  layout: DecodeLayout, n_after: torch.Tensor, real: torch.Tensor | None,
+                  table: RuleTable) -> torch.Tensor:
+    """The same write in torch: each sequence's token at position ``n_after - 1`` (nothing
+    where ``real`` is False); the ring token it overwrites (at ``pos - ring``) joins a
+    compensating head's sums."""
+    batch, capacity = keys.shape[0], layout.capacity
+    if real is None:
+        real = torch.ones(batch, dtype=torch.bool, device=n_after.device)
+    pos = n_after - 1  # for padding rows the previous token, rewritten with its old content
+    rows = (layout.slots(pos.clamp(min=0))
+            + torch.arange(batch, device=pos.device)[:, None] * capacity).reshape(-1)
+    keep = real[:, None, None]
+    evicts = (real[:, None] & (pos[:, None] >= layout.sinks + layout.rings)
+              & layout.compensate.to(torch.bool))[..., None]
+    for buf, total, new in ((keys, key_sum, key), (values, value_sum, value)):
+        flat = buf.view(batch * capacity, -1)
+        old = flat[rows].view_as(new[:, :, 0])
+        if layout.has_compensation:
+            total += torch.where(evicts, old.float(), 0.0)
+        merged = torch.where(keep, new[:, :, 0], old)
+        flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
+    return table.spans(n_after)

@@ -1,28 +1,24 @@
-"""Split-KV decode attention over the compressed cache (flash-decoding), Triton and torch.
+"""Split-KV decode attention over the compressed cache (flash-decoding): the Triton kernel, its
+launcher and its torch version behind one ``backend`` switch, and the torch attention of a
+multi-token chunk over the cache (which has no kernel).
 
-Storage convention (shared with :mod:`moaplan.runtime.cache`): one layer keeps its keys in
-one flat buffer ``[B, C, D]`` (values alike).  KV head ``h`` owns slots
-``[offset[h], offset[h] + sink[h] + ring[h])``: the first ``sink[h]`` slots hold the tokens at
-positions ``0 .. sink-1``, and a ring of ``ring[h]`` slots holds the latest tokens after them,
-token ``p >= sink`` in ring slot ``(p - sink) % ring``.  Keys are stored after RoPE, so the
-order inside the ring does not matter to attention; only which slots are visible does.
-
-With ``n`` real tokens written (the query itself included) the query sits at ``i = n - 1``
-and sees sink slot ``s`` iff ``s < n``, and ring slot ``r`` iff it is filled and its token is
-less than ``span`` tokens old: ``(newest - r) mod ring < span``, ``newest = (n-1-sink) % ring``.
-``span`` may be smaller than ``ring``: the ring is sized for the longest length of the
-request, the rule's span grows with the current length.
+The cache's slot layout is :mod:`moaplan.kernels.layout`'s.  With ``n`` real tokens written
+(the query itself included) the query sits at ``i = n - 1`` and sees sink slot ``s`` iff
+``s < n``, and ring slot ``r`` iff it is filled and its token is less than ``span`` tokens old:
+``(newest - r) mod ring < span``, ``newest = (n-1-sink) % ring``.  ``span`` may be smaller
+than ``ring``: the ring is sized for the longest length of the request, the rule's span grows
+with the current length.
 
 Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``chunk`` slots
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
 short heads few, so the launch stays balanced however different the heads are.  The chunk is
-picked per batch so that the launch has about ``_TARGET_ITEMS`` programs, in chunks of at most
-``_MAX_CHUNK`` slots (an H100 sweep found 4096-slot chunks with 64-row tiles fastest over both
-batch 8 / 32K and batch 1 / 128K).  One program loads each K/V tile once for all query heads
-of its GQA group (packed into one ``tl.dot`` tile), and writes a partial output with its
-log-sum-exp for the group's real rows; a second small kernel, one program per (query head,
-sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so a long head split into
-hundreds of items costs a few vector steps rather than a serial walk.
+picked per batch (:func:`moaplan.kernels.layout.default_chunk`: about ``_TARGET_ITEMS``
+programs, in chunks of at most ``_MAX_CHUNK`` slots; an H100 sweep found 4096-slot chunks with
+64-row tiles fastest over both batch 8 / 32K and batch 1 / 128K).  One program loads each K/V
+tile once for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a
+partial output with its log-sum-exp for the group's real rows; a second small kernel, one
+program per (query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so
+a long head split into hundreds of items costs a few vector steps rather than a serial walk.
 
 Compensation token (RazorAttention), for the heads ``layout.compensate`` marks: the query drops
 the tokens that left the ring (or were never stored) and the ring's filled slots older than
@@ -38,8 +34,6 @@ launch the kernels without that code.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +41,10 @@ import triton
 import triton.language as tl
 
 from moaplan.errors import ModelError
+from moaplan.kernels.common import LOG2E, SCORE_ELEMENTS, use_triton
+from moaplan.kernels.layout import DecodeLayout, slot_positions
+from moaplan.rules import visible
 
-_LOG2E = 1.4426950408889634
-# Work items (split programs, all sequences together) the default chunk aims at: about one
-# per SM of an H100 (132); each program streams its chunk with several blocks resident per SM.
-# Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK slots, so a large batch
-# still splits its long heads.
-_TARGET_ITEMS = 128
-_MAX_CHUNK = 4096
 # Partials the merge reduces per step.
 _MERGE_BLOCK = 32
 
@@ -68,87 +58,6 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 4
-
-
-@dataclass(frozen=True)
-class DecodeLayout:
-    """The static shape of one layer's compressed cache, and its split-KV work list."""
-
-    offsets: torch.Tensor  # int32 [Hkv]: first slot of each head
-    sinks: torch.Tensor  # int32 [Hkv]
-    rings: torch.Tensor  # int32 [Hkv]
-    items: torch.Tensor  # int32 [n_items, 2]: (KV head, first slot within the head)
-    first_item: torch.Tensor  # int32 [Hkv]: the items of head h are first_item[h] + 0..count-1
-    item_count: torch.Tensor  # int32 [Hkv]
-    chunk: int
-    capacity: int  # slots per sequence: sum of sink + ring
-    compensate: torch.Tensor  # int32 [Hkv]: 1 for heads with the compensation token
-    has_compensation: bool  # any head compensates (host copy, to pick the kernel variant)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.offsets.numel()
-
-    def head_slots(self, head: int) -> tuple[int, int]:
-        """``(first slot, number of slots)`` of one KV head (host ints)."""
-        return int(self.offsets[head]), int(self.sinks[head]) + int(self.rings[head])
-
-
-def default_chunk(capacity: int, batch: int) -> int:
-    """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
-    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK`` (so the measured
-    shapes, batch 8 / 32K and batch 1 / 128K, both get the cap)."""
-    per_item = math.ceil(batch * capacity / _TARGET_ITEMS)
-    return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
-
-
-def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
-                  device: torch.device | str = "cpu", chunk: int | None = None,
-                  compensate: Sequence[bool] | None = None) -> DecodeLayout:
-    """Slot offsets and the work list for heads with ``sinks[h]`` sink slots and a ring of
-    ``rings[h]`` slots, split into work items of ``chunk`` slots (default: ``default_chunk``
-    for ``batch`` sequences; a layout runs any batch, ``batch`` only picks the chunk);
-    ``compensate`` marks the heads with a compensation token."""
-    sinks, rings = [int(s) for s in sinks], [int(r) for r in rings]
-    flags = [False] * len(sinks) if compensate is None else [bool(c) for c in compensate]
-    if len(sinks) != len(rings) or len(flags) != len(sinks) or not sinks:
-        raise ModelError(f"need one sink, one ring size and one compensate flag per KV head, "
-                         f"got {len(sinks)}, {len(rings)} and {len(flags)}")
-    if min(sinks) < 0 or min(rings) < 1:
-        raise ModelError(f"sinks must be >= 0 and rings >= 1, got {sinks} and {rings}")
-    if batch < 1:
-        raise ModelError(f"batch must be >= 1, got {batch}")
-    caps = [s + r for s, r in zip(sinks, rings)]
-    chunk = default_chunk(sum(caps), batch) if chunk is None else chunk
-    if chunk < 1:
-        raise ModelError(f"chunk must be >= 1, got {chunk}")
-    items, first, count = [], [], []
-    for h, cap in enumerate(caps):
-        first.append(len(items))
-        items.extend((h, start) for start in range(0, cap, chunk))
-        count.append(len(items) - first[-1])
-    offsets = [0]
-    for cap in caps[:-1]:
-        offsets.append(offsets[-1] + cap)
-
-    def ints(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return DecodeLayout(ints(offsets), ints(sinks), ints(rings), ints(items).reshape(-1, 2),
-                        ints(first), ints(count), chunk, sum(caps), ints(flags), any(flags))
-
-
-def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
-    """Token position held by each slot of one head after ``n[b]`` real tokens: int64
-    ``[B, sink + ring]``, ``-1`` for an empty slot."""
-    n = n.to(torch.int64)[:, None]
-    slot = torch.arange(sink + ring, device=n.device)
-    r = (slot - sink).clamp(min=0)
-    newest = (n - 1 - sink).clamp(min=0) % ring
-    age = (newest - r) % ring  # torch's % of ints is never negative
-    pos = torch.where(slot < sink, slot, n - 1 - age)
-    filled = torch.where(slot < sink, slot < n, r < (n - sink).clamp(0, ring))
-    return torch.where(filled, pos, -1)
 
 
 @triton.jit
@@ -372,12 +281,8 @@ def decode_attention(
     """
     _check(q, k_buf, v_buf, layout, n_seen, span, evicted)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if not use_triton(backend, q):
         return _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale, evicted)
-    if backend != "triton":
-        raise ModelError(f"unknown decode backend {backend!r}; use 'triton', 'torch' or 'auto'")
     return _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted,
                           config or DecodeConfig())
 
@@ -405,14 +310,14 @@ def _decode_triton(q, k_buf, v_buf, layout, n_seen, span, scale, evicted, cfg) -
         q, k_buf, v_buf, part_o, part_lse, part_ks, part_vs,
         layout.offsets, layout.sinks, layout.rings, layout.items, n_seen, span, layout.compensate,
         *q.stride(), *k_buf.stride(), *v_buf.stride(), n_items, layout.num_kv_heads,
-        layout.chunk, scale * _LOG2E,
+        layout.chunk, scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_N=cfg.block_n, HAS_COMP=comp,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _merge_kernel[(n_q_heads, batch)](
         part_o, part_lse, part_ks, part_vs, out, layout.first_item, layout.item_count,
         q, ev_k, ev_v, layout.compensate, layout.sinks, layout.rings, n_seen, span,
-        *out.stride(), *q.stride(), n_items, layout.num_kv_heads, layout.chunk, scale * _LOG2E,
+        *out.stride(), *q.stride(), n_items, layout.num_kv_heads, layout.chunk, scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_I=_MERGE_BLOCK, HAS_COMP=comp, num_warps=4,
     )
     return out
@@ -464,8 +369,7 @@ def _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale, evicted) -> torc
         first, cap = layout.head_slots(h)
         sink = int(layout.sinks[h])
         pos = slot_positions(sink, cap - sink, n_seen)  # [B, cap]
-        query_pos = (n_seen - 1)[:, None]
-        ok = (pos >= 0) & ((pos < sink) | (query_pos - pos < span[:, h, None]))
+        ok = (pos >= 0) & visible(sink, span[:, h, None], (n_seen - 1)[:, None], pos)
         k = k_buf[:, first:first + cap].to(compute)
         v = v_buf[:, first:first + cap].to(compute)
         qh = q[:, h * group:(h + 1) * group, None].to(compute)
@@ -479,4 +383,58 @@ def _decode_torch(q, k_buf, v_buf, layout, n_seen, span, scale, evicted) -> torc
             dropped = (k_sum[:, None], v_sum[:, None], count[:, None])
         rows = masked_attention(qh, k, v, ok[:, None, None], scale, dropped)
         out[:, h * group:(h + 1) * group] = rows[:, :, 0].to(q.dtype)
+    return out
+
+
+def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    pos: torch.Tensor, spans: torch.Tensor, layout: DecodeLayout, scale: float,
+                    *, cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    evicted: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Torch attention of a multi-token chunk (a prefill, a draft being verified, a chat's
+    next prompt), one KV head at a time: queries ``[B, Hq, T, D]`` over the tokens a cache
+    holds plus the chunk's own keys/values ``[B, Hkv, T, D]``.
+
+    ``pos`` ``[B, T]``: the chunk's real-token positions (``-1`` at padding: zero rows);
+    ``spans`` ``[B, T, Hkv]``: each query's span; ``cached``: ``(keys, values, n_real)`` of a
+    cache laid out by ``layout`` (``[B, C, D]`` each, and the real tokens it holds ``[B]``;
+    None: nothing cached before the chunk); ``evicted``: fp32 ``(key sums, value sums)``
+    ``[B, Hkv, D]`` of the tokens compensating heads no longer hold.  ``window`` and
+    ``softcap``: the model's own sliding window and logit soft-capping.  Returns ``q.dtype``.
+    """
+    batch, n_q_heads, n_new, _ = query.shape
+    n_kv = layout.num_kv_heads
+    group = n_q_heads // n_kv
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q_pos = pos[:, :, None]  # [B, T, 1] against keys [B, 1, K]
+    out = torch.zeros_like(query)
+    for h in range(n_kv):
+        sink = int(layout.sinks[h])
+        k_pos, k, v = pos, key[:, h], value[:, h]
+        if cached is not None:
+            keys, values, n_real = cached
+            first, cap = layout.head_slots(h)
+            k_pos = torch.cat([slot_positions(sink, cap - sink, n_real), pos], 1)
+            k = torch.cat([keys[:, first:first + cap], k], 1)
+            v = torch.cat([values[:, first:first + cap], v], 1)
+        kp = k_pos[:, None, :]
+        causal = (kp >= 0) & (q_pos >= 0) & (kp <= q_pos)  # [B, T, K]
+        if window is not None:
+            causal &= q_pos - kp < window
+        ok = causal & visible(sink, spans[:, :, h, None], q_pos, kp)
+        qh = query[:, h * group:(h + 1) * group].to(compute)
+        k, v = k.to(compute), v.to(compute)
+        dropped = None
+        if layout.compensate[h]:
+            # The chunk's and the cache's dropped tokens, plus those already evicted.
+            hidden = (causal & ~ok).to(compute)
+            dropped = tuple(torch.einsum("btk,bkd->btd", hidden, x) + total[:, h, None]
+                            for x, total in zip((k, v), evicted))
+            dropped += ((pos + 1 - sink - spans[:, :, h]).clamp(min=0),)
+        step = max(1, SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
+        for lo in range(0, n_new, step):
+            hi = min(lo + step, n_new)
+            part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)
+            out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
+                qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part, softcap).to(query.dtype)
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
+from moaplan.kernels.common import LOG2E
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def influence_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: tor
     for t in (q, k, v, do):
         if t.stride(-1) != 1:
             raise ValueError("q, k, v and do need a contiguous last dimension")
-    lse2 = (lse.float() * _LOG2E).contiguous()
+    lse2 = (lse.float() * LOG2E).contiguous()
     delta = delta.float().contiguous()
     grid = (triton.cdiv(nblk, row_blocks), batch * kv_heads)
     _influence_kernel[grid](
@@ -114,7 +114,7 @@ def influence_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: tor
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        n, nblk, kv_heads, head_dim, scale * _LOG2E,
+        n, nblk, kv_heads, head_dim, scale * LOG2E,
         GROUP=q_heads // kv_heads, BLOCK=block, ROW_BLOCKS=row_blocks, NUM_SINK=sink.shape[1],
         HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
         EPSILON=eps, IEEE=q.dtype == torch.float32,

@@ -33,6 +33,12 @@ own rows' mean keys, of which only the diagonal (each row's own entry, logit
 ``q . mean(K) * scale + log(count)``) is kept.  That tile has the shape of a key tile, so the
 compensating kernel needs no more registers than the plain one.  Layers without such heads
 compile without that step, and plain heads of a mixed layer skip it on one scalar branch.
+
+The torch version, :func:`reference_attention`, is the exact masked attention, the oracle
+every kernel is tested against: it builds the rule's boolean mask explicitly (one batch
+element and one block of queries at a time, so memory stays bounded) and applies a plain
+softmax; it is meant to be obviously right, not fast.  :func:`sparse_attention` runs one or
+the other (``backend``, :func:`moaplan.kernels.common.use_triton`).
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ import triton
 import triton.language as tl
 
 from moaplan.errors import ModelError
+from moaplan.kernels.common import LOG2E, SCORE_ELEMENTS, use_triton
+from moaplan.kernels.decode import soft_cap
+from moaplan.rules import visible
 
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 # Query rows per program of the compensation pre-passes.
 _MEANS_BLOCK_T = 128
 
@@ -381,8 +389,9 @@ def _head_list(name: str, values: torch.Tensor | Sequence[int], n_kv_heads: int,
     return [x for x in _int_list(name, values, n_kv_heads) for _ in range(group)]
 
 
-def _per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
-                  minimum: int) -> torch.Tensor:
+def _upload_per_sequence(name: str, value: torch.Tensor, batch: int, device: torch.device,
+                         minimum: int) -> torch.Tensor:
+    """A checked ``[B]`` integer tensor, as int32 on ``device``."""
     if value.dim() != 1 or value.numel() != batch or value.dtype.is_floating_point:
         raise ModelError(f"{name} must be an integer tensor of shape [{batch}], got "
                          f"{value.dtype} {tuple(value.shape)}")
@@ -424,8 +433,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ModelError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
     interpreted = not isinstance(_sparse_prefill_kernel, triton.runtime.JITFunction)
     if q.device.type != "cuda" and not interpreted:
-        raise ModelError("sparse_attention runs on CUDA tensors (on the CPU use "
-                         "moaplan.runtime.reference.reference_attention)")
+        raise ModelError("the sparse_attention kernel runs on CUDA tensors (on the CPU use "
+                         "backend='torch' or 'auto')")
 
 
 def sparse_attention(
@@ -440,10 +449,12 @@ def sparse_attention(
     seq_lens: torch.Tensor | None = None,
     compensate: torch.Tensor | Sequence[bool] | None = None,
     config: PrefillConfig | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Sink + window attention for a whole layer, one launch (three with compensation
     tokens: two small passes compute the dropped keys' means first); same contract as
-    ``moaplan.runtime.reference.reference_attention``.
+    :func:`reference_attention`, which runs instead where ``backend`` (``"auto"``: on CUDA
+    tensors the kernel) says so.
 
     ``q`` is ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (any strides), ``sink``/``span``
     hold one value per KV head or one per query head (a plan's per-query-head spans; CPU
@@ -454,6 +465,9 @@ def sparse_attention(
     compensating head's query heads must share one sink and span).
     Returns a contiguous ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
     """
+    if not use_triton(backend, q):
+        return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                                   seq_lens=seq_lens, compensate=compensate)
     _check_inputs(q, k, v)
     batch, n_q_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -494,13 +508,14 @@ def sparse_attention(
              *flat[2 * n_q_heads:].view(len(per_kv), n_kv_heads))
 
     if isinstance(q_offset, torch.Tensor):
-        qoff = _per_sequence("q_offset", q_offset, batch, q.device, 0)
+        qoff = _upload_per_sequence("q_offset", q_offset, batch, q.device, 0)
         q_offset_scalar = 0
     else:
         if int(q_offset) < 0:
             raise ModelError(f"q_offset must be >= 0, got {q_offset}")
         qoff, q_offset_scalar = None, int(q_offset)
-    lens = None if seq_lens is None else _per_sequence("seq_lens", seq_lens, batch, q.device, 0)
+    lens = (None if seq_lens is None
+            else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
     reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach)
@@ -519,7 +534,7 @@ def sparse_attention(
         qoff if qoff is not None else flat, lens if lens is not None else flat,
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * _LOG2E,
+        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
         HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
@@ -551,3 +566,115 @@ def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
                                 q_offset, n_queries, k.shape[2], len(comp_heads),
                                 BLOCK_S=64, **common)
     return mean_k, mean_v
+
+
+def _as_per_sequence(value: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """An int or a ``[B]`` tensor as an int64 ``[B]`` tensor."""
+    out = torch.as_tensor(value, dtype=torch.int64, device=device)
+    if out.ndim == 0:
+        return out.expand(batch)
+    if out.shape != (batch,):
+        raise ValueError(f"expected an int or a tensor of shape [{batch}], got {tuple(out.shape)}")
+    return out
+
+
+def per_query_head(value: torch.Tensor | Sequence[int], hkv: int, group: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """A rule's per-KV-head or per-query-head values (sinks, spans) as int64 ``[Hkv, G]``:
+    one per query head, query head ``h * G + g`` belonging to KV head ``h``."""
+    flat = torch.as_tensor(value, dtype=torch.int64, device=device).reshape(-1)
+    if flat.numel() == hkv * group:
+        return flat.reshape(hkv, group)
+    if flat.numel() != hkv:
+        raise ValueError(f"expected one entry per KV head ({hkv}) or per query head "
+                         f"({hkv * group}), got {flat.numel()}")
+    return flat[:, None].expand(hkv, group)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: torch.Tensor,
+    span: torch.Tensor,
+    *,
+    scale: float | None = None,
+    q_offset: int | torch.Tensor = 0,
+    seq_lens: torch.Tensor | None = None,
+    compensate: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of every query head under its KV head's (sink, span) rule.
+
+    ``q``: ``[B, Hq, Nq, D]``; ``k``, ``v``: ``[B, Hkv, Nk, D]`` with ``Hq`` a multiple of
+    ``Hkv`` (query head ``h`` uses KV head ``h // (Hq // Hkv)``); ``sink``, ``span``: int
+    ``[Hkv]``, or ``[Hq]`` for a rule per query head (``span >= Nk`` means full).  Query
+    ``t`` of sequence ``b`` sits at absolute position ``q_offset + t`` (``q_offset`` an int
+    or an int ``[B]``), key ``j`` at ``j``.
+    ``seq_lens`` (int ``[B]``) marks right padding: keys at ``j >= seq_lens[b]`` are invisible
+    and query rows at positions ``>= seq_lens[b]`` are zeros.  A row that sees no key at all
+    is zeros as well.  ``compensate`` (bool or int ``[Hkv]``, default none) marks the heads with
+    RazorAttention's compensation token: each query also attends to one extra entry whose key
+    and value are the means of the keys and values it drops (real keys ``j <= i`` the rule
+    hides), with its weight multiplied by their count (logit ``+ log(count)``); a query that
+    drops nothing has no such entry.  ``window``: the model's own sliding window (a local
+    layer's), intersected with every rule: query ``i`` sees key ``j`` only if ``i - j < window``.
+    ``softcap``: the model's attention logit soft-capping, ``softcap * tanh(score / softcap)``
+    on every score (the compensation entry's too, before its count is added).  Computes in
+    float32 (float64 for float64 inputs); returns ``q.dtype``.
+    """
+    batch, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if k.shape != (batch, hkv, nk, dim) or v.shape[:3] != (batch, hkv, nk):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q "
+                         f"{tuple(q.shape)}: expected [B, Hkv, Nk, D]")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads")
+    device = q.device
+    group = hq // hkv
+    sink, span = (per_query_head(x, hkv, group, device) for x in (sink, span))
+    comp = torch.zeros(hkv, dtype=torch.bool, device=device) if compensate is None else (
+        torch.as_tensor(compensate, device=device).reshape(-1).to(torch.bool))
+    if comp.shape != (hkv,):
+        raise ValueError(f"compensate needs one flag per KV head ({hkv}), got "
+                         f"{tuple(comp.shape)}")
+    offsets = _as_per_sequence(q_offset, batch, device)
+    lens = _as_per_sequence(nk if seq_lens is None else seq_lens, batch, device)
+    scale = dim ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    out = torch.zeros(batch, hkv, group, nq, v.shape[-1], dtype=compute, device=device)
+    k_pos = torch.arange(nk, device=device)
+    rule_sink, rule_span = sink[:, :, None, None], span[:, :, None, None]  # [Hkv, G, 1, 1]
+    chunk = max(1, SCORE_ELEMENTS // max(1, hq * nk))
+    for b in range(batch):
+        qb = q[b].to(compute).reshape(hkv, group, nq, dim)
+        kb, vb = k[b].to(compute), v[b].to(compute)
+        key_ok = k_pos < lens[b]
+        for start in range(0, nq, chunk):
+            stop = min(start + chunk, nq)
+            q_pos = (offsets[b] + torch.arange(start, stop, device=device))[:, None]
+            real = (k_pos <= q_pos) & key_ok & (q_pos < lens[b])  # padding rows: zeros
+            if window is not None:
+                real = real & (q_pos - k_pos < window)
+            mask = visible(rule_sink, rule_span, q_pos, k_pos) & real  # [Hkv, G, c, Nk]
+            qc = qb[:, :, start:stop]
+            scores = soft_cap(torch.einsum("hgqd,hkd->hgqk", qc, kb) * scale, softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            if comp.any():
+                # The dropped entries of each row, averaged into one extra column.
+                dropped = (real & ~mask & comp[:, None, None, None]).to(compute)
+                count = dropped.sum(-1)  # [Hkv, G, c]
+                mean_k, mean_v = (torch.einsum("hgqk,hkd->hgqd", dropped, x)
+                                  / count.clamp(min=1)[..., None] for x in (kb, vb))
+                extra = (soft_cap(torch.einsum("hgqd,hgqd->hgq", qc, mean_k) * scale, softcap)
+                         + count.log())
+                scores = torch.cat([scores, extra[..., None]], -1)  # log(0) = -inf: no entry
+            # A row with no visible key is all -inf; its softmax is NaN, and its output is 0.
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            rows = torch.einsum("hgqk,hkd->hgqd", probs[..., :nk], vb)
+            if comp.any():
+                rows += probs[..., nk:] * mean_v
+            out[b, :, :, start:stop] = rows
+    return out.reshape(batch, hq, nq, -1).to(q.dtype)

@@ -21,6 +21,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -135,11 +136,6 @@ class Rule:
         return text + (" +comp" if self.compensate else "")
 
 
-def _round_half_up(x: np.ndarray) -> np.ndarray:
-    # Python's round() is banker's rounding; plans must give the same span on every machine.
-    return np.floor(x + 0.5).astype(np.int64)
-
-
 def rule_arrays(rules: Sequence[Rule]) -> dict[str, np.ndarray]:
     """Column arrays of a list of rules, shaped ``(len(rules), 1)`` to broadcast against lengths."""
     big = np.iinfo(np.int64).max // 4
@@ -160,12 +156,28 @@ def rule_arrays(rules: Sequence[Rule]) -> dict[str, np.ndarray]:
 def rule_spans(rules: Sequence[Rule], n: ArrayLike) -> np.ndarray:
     """Spans of every rule at every length: int64 array ``(len(rules), *shape(n))``."""
     n = np.asarray(n, dtype=np.int64)
-    flat = n.reshape(1, -1)
     c = rule_arrays(rules)
-    raw = _round_half_up(c["alpha"] + c["beta"] * flat)
-    span = np.minimum(np.maximum(raw, c["min_span"]), np.minimum(c["max_span"], flat))
-    span = np.where(c["full"], flat, span)
+    span = span_formula(n.reshape(1, -1), c["full"], c["alpha"], c["beta"], c["min_span"],
+                        c["max_span"])
     return span.reshape((len(rules),) + n.shape)
+
+
+def span_formula(n: Any, full: Any, alpha: Any, beta: Any, min_span: Any, max_span: Any,
+                 xp: Any = np) -> Any:
+    """The span formula, the one host/torch copy of it (the decode write's Triton copy is
+    ``moaplan.kernels.layout.rule_span``): ``n`` where ``full``, else
+    ``clamp(floor(alpha + beta n + 1/2), min_span, min(max_span, n))`` in float64 then int64,
+    on numpy arrays (``xp=np``) or torch tensors (``xp=torch``) that broadcast together."""
+    # Half up, not Python's banker's round(): plans must give the same span on every machine.
+    raw = xp.asarray(xp.floor(alpha + beta * n + 0.5), dtype=xp.int64)
+    return xp.where(full, n, xp.minimum(xp.maximum(raw, min_span), xp.minimum(max_span, n)))
+
+
+def visible(sink: Any, span: Any, q_pos: Any, k_pos: Any) -> Any:
+    """Which (query position, key position) pairs a head sees, on numpy arrays or torch
+    tensors that broadcast together: the one convention, query ``i`` sees key ``j`` iff
+    ``j <= i and (j < sink or i - j < span)``."""
+    return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < span))
 
 
 def query_spans(rules: Sequence[Rule], n: ArrayLike, group: int) -> np.ndarray:
@@ -302,12 +314,9 @@ class RuleSpace:
     def spans(self, lengths: ArrayLike) -> np.ndarray:
         return rule_spans(self.rules, lengths)
 
-    def kv_density(self, lengths: ArrayLike) -> np.ndarray:
-        """``(len(space), len(lengths))`` KV densities."""
-        return density(self.rules, lengths, "kv")
-
-    def attention_density(self, lengths: ArrayLike) -> np.ndarray:
-        return density(self.rules, lengths, "attention")
+    def density(self, lengths: ArrayLike, kind: str = "kv") -> np.ndarray:
+        """``(len(space), len(lengths))`` densities of ``kind`` (:func:`density`)."""
+        return density(self.rules, lengths, kind)
 
     def cost_factors(self) -> np.ndarray:
         """``(len(space),)`` multipliers of the profiled dropped influence: ``compensate_factor``

@@ -42,8 +42,8 @@ from moaplan.profile import (
     calibration_hash,
     load_profile,
 )
-from moaplan.profile.profile import BLOCK
 from moaplan.profile.profiler import profile_to_file
+from moaplan.profile.record import BLOCK
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.shape import ModelShape
@@ -180,10 +180,7 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
 
 def target_densities(settings: SearchSettings) -> np.ndarray:
     """``(target lengths, rules)``: the budgeted density of every candidate rule."""
-    space, targets = settings.rule_space, settings.target_lengths
-    if settings.budget.kind == "kv":
-        return space.kv_density(targets).T
-    return space.attention_density(targets).T
+    return settings.rule_space.density(settings.target_lengths, settings.budget.kind).T
 
 
 def check_budget(settings: SearchSettings) -> None:

@@ -13,6 +13,7 @@ import torch
 from interpreter import interpreter_pool
 from transformers import LlamaConfig
 
+from moaplan.kernels.append import append_token
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule
 from moaplan.runtime.cache import MoaplanCache
@@ -25,11 +26,9 @@ RULES = [Rule(sink=3, alpha=4.0, beta=0.25, compensate=True),  # elastic, compen
 
 def _interpreted(args: tuple) -> tuple[torch.Tensor, ...]:
     """Runs in the worker: the kernel writes into its copies of the buffers, returned."""
-    from moaplan.kernels.append import append_token
-
     key, value, keys, values, key_sum, value_sum, layout, n_after, real, table = args
     spans = append_token(key, value, keys, values, key_sum, value_sum, layout, n_after, real,
-                         table)
+                         table, backend="triton")
     return spans, keys, values, key_sum, value_sum
 
 
@@ -64,8 +63,10 @@ def test_append_matches_the_torch_path(interp, dtype):
         n_after = layer.n_real + (1 if real is None else real)
         state = tuple(x.clone() for x in (layer.keys, layer.values, layer.key_sum,
                                           layer.value_sum))
-        got = interp(key, value, *state, layer.layout, n_after, real, layer.rules.table)
-        want_spans = layer._write_one(key, value, n_after, real)  # the torch path (CPU)
+        got = interp(key, value, *state, layer.layout, n_after, real, layer.rules)
+        want_spans = append_token(key, value, layer.keys, layer.values, layer.key_sum,
+                                  layer.value_sum, layer.layout, n_after, real, layer.rules,
+                                  backend="torch")
         assert torch.equal(got[0], want_spans.to(torch.int32)), f"spans, step {step}"
         for name, out, ref in zip(("keys", "values", "key_sum", "value_sum"), got[1:],
                                   (layer.keys, layer.values, layer.key_sum, layer.value_sum)):

@@ -123,6 +123,29 @@ def test_apply_from_yaml_path_and_remove(tmp_path):
         remove(model)
 
 
+def test_repeated_apply_and_remove_leave_no_state():
+    # transformers' registries end as the first apply left them (the same function under the
+    # same names), and remove takes moaplan's attention off every module
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def registries() -> tuple[dict, dict]:
+        return (dict(AttentionInterface._global_mapping),
+                dict(AttentionMaskInterface._global_mapping))
+
+    model = tiny_model("llama")
+    plan = full_plan(model)
+    remove(apply(model, plan))
+    before = registries()
+    for _ in range(3):
+        apply(model, plan)
+        apply(model, plan)  # a second plan replaces the first; one remove undoes both
+        remove(model)
+    assert registries() == before
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(module, "_moaplan_attention") for module in model.modules())
+
+
 @pytest.mark.parametrize("shape", [dict(num_layers=3), dict(num_key_value_heads=4)])
 def test_mismatched_plan_raises_plan_error(shape):
     model = tiny_model("llama")

@@ -138,7 +138,7 @@ def test_cli_defaults_are_the_librarys_and_load_no_torch():
              "a = p.parse_args(['profile']); print(a.block, a.device, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
-    from moaplan.profile.profile import BLOCK
+    from moaplan.profile.record import BLOCK
 
     assert out == [str(BLOCK), "auto", "False"]
     parser = build_parser()

@@ -45,7 +45,7 @@ def test_rule_space_offers_compensating_twins_at_a_discount():
     assert (plain.cost_factors() == 1).all()
     # One extra key where something is dropped, nothing more.
     lengths = [1024, 4096]
-    extra = comp.kv_density(lengths)[2::2] - plain.kv_density(lengths)[1:]
+    extra = comp.density(lengths)[2::2] - plain.density(lengths)[1:]
     assert np.isin(np.round(extra * np.array(lengths), 9), [0, 1]).all() and extra.any()
     # A profile made for one prices the other: equality ignores the compensation options.
     assert comp == plain and RuleSpace.from_dict(comp.to_dict()).compensate

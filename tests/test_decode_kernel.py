@@ -15,13 +15,9 @@ import torch
 from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
-from moaplan.kernels.decode import (
-    _MERGE_BLOCK,
-    decode_attention,
-    decode_layout,
-    slot_positions,
-)
-from moaplan.runtime.reference import reference_attention
+from moaplan.kernels.decode import _MERGE_BLOCK, decode_attention
+from moaplan.kernels.layout import decode_layout, slot_positions
+from moaplan.kernels.prefill import reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 

@@ -35,7 +35,7 @@ from moaplan.errors import MoaplanError
 from moaplan.model import byte_tokenizer
 from moaplan.plan import Budget, ModelShape, load_plan, plan_to_dict, save_plan, uniform_plan
 from moaplan.profile import Profile, load_profile, save_profile
-from moaplan.profile.profile import metadata_path
+from moaplan.profile.record import metadata_path
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import MoaplanCache, apply, kv_bytes, remove
 from moaplan.runtime.cache import cache_keyword

@@ -24,6 +24,7 @@ LAYERS: list[str] = [
     "moaplan.io",
     "moaplan.rules",
     "moaplan.shape",
+    "moaplan.dispatch",  # switching a model's attention through transformers' registries
     "moaplan.model",  # the loader every command uses (model.loading, .config, .tokenizer)
     "moaplan.kernels",
     "moaplan.data",

@@ -25,7 +25,7 @@ from moaplan.optimize import (
 )
 from moaplan.optimize.milp import run_highs
 from moaplan.optimize.select import open_study
-from moaplan.optimize.synthetic import dropped_influence, synthetic_problem
+from moaplan.optimize.synthetic import masked_mass, synthetic_problem
 from moaplan.rules import RuleSpace
 
 
@@ -124,7 +124,7 @@ def test_below_reachable_density_names_the_minimum_at_each_length() -> None:
     space = RuleSpace(sinks=(64,), alphas=(256,), betas=(0.0, 0.25))
     lengths = (4096, 16384)
     problem = KnapsackProblem(cost=np.ones((1, 2, len(space))),
-                              density=space.kv_density(lengths).T, budget=0.05,
+                              density=space.density(lengths).T, budget=0.05,
                               target_lengths=lengths)
     with pytest.raises(BudgetError) as err:
         solve(problem)
@@ -165,13 +165,13 @@ def test_bad_input_is_a_clear_error() -> None:
                         group_max_density=0.5)
 
 
-def test_dropped_influence_matches_the_mask() -> None:
+def test_masked_mass_matches_the_mask() -> None:
     rng = np.random.default_rng(3)
     n, f = 40, rng.random(40)
     sink, span = np.array([0, 3, 5, 0, 30]), np.array([1, 4, 10, 40, 20])
     expected = [sum(f[i - j] for i in range(n) for j in range(i + 1)
                     if not (j < s or i - j < w)) for s, w in zip(sink, span)]
-    assert np.allclose(dropped_influence(f, sink, span, n), expected)
+    assert np.allclose(masked_mass(f, sink, span, n), expected)
 
 
 def test_simplex_weights_and_pareto_plans_are_deduplicated() -> None:

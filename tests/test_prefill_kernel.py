@@ -16,15 +16,14 @@ from hypothesis import strategies as st
 from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
-from moaplan.kernels.prefill import PrefillConfig, sparse_attention
-from moaplan.runtime.reference import reference_attention
+from moaplan.kernels.prefill import PrefillConfig, reference_attention, sparse_attention
 
 
 def _interpreted_attention(kwargs: dict) -> torch.Tensor:
     """Runs in the worker, whose Triton was imported with TRITON_INTERPRET=1."""
     from moaplan.kernels.prefill import sparse_attention
 
-    return sparse_attention(**kwargs)
+    return sparse_attention(**kwargs, backend="triton")
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +253,9 @@ def test_compiled_kernel_refuses_cpu_tensors():
         pytest.skip("checks the CPU-only refusal")
     x = torch.randn(1, 1, 8, 32)
     with pytest.raises(ModelError, match="CUDA"):
-        sparse_attention(x, x, x, [0], [4])
+        sparse_attention(x, x, x, [0], [4], backend="triton")
+    # the default picks the torch version on the CPU
+    assert torch.equal(sparse_attention(x, x, x, [0], [4]), reference_attention(x, x, x, [0], [4]))
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moaplan.runtime.reference import reference_attention, visible
+from moaplan.kernels.prefill import reference_attention
+from moaplan.rules import visible
 
 
 def naive_attention(q, k, v, sink, span, scale, q_offset, seq_lens, compensate=None):

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from moaplan.kernels.prefill import reference_attention
 from moaplan.rules import Rule
 from moaplan.runtime import routing
 from moaplan.runtime.layer import layer_attention
-from moaplan.runtime.reference import reference_attention
 from moaplan.runtime.routing import DEFAULT_COST, CostModel, choose_route, routed_attention
 
 FULL = 2**40

@@ -126,7 +126,7 @@ def test_rule_space_is_sized_for_real_models():
     assert len(space) >= 200
     assert space.rules[0].full
     assert len(set(space.rules)) == len(space.rules)
-    kv = space.kv_density([1024, 4096, 32768])
+    kv = space.density([1024, 4096, 32768])
     assert kv.shape == (len(space), 3)
     assert (kv[0] == 1).all() and (kv > 0).all() and (kv <= 1).all()
     assert RuleSpace.from_dict(space.to_dict()) == space

@@ -22,7 +22,7 @@ from moaplan.profile import load_profile, profile_model, save_profile
 from moaplan.profile.attention import profiling_attention
 from moaplan.profile.compare import gradient_importance, overlaps, profile_rankings, top_heads
 from moaplan.profile.influence import summarize_dense
-from moaplan.profile.profile import default_profile_path, metadata_path
+from moaplan.profile.record import default_profile_path, metadata_path
 from moaplan.profile.scorers import (
     FLOOR,
     HeadScores,
@@ -153,7 +153,7 @@ def test_profile_from_scores_prices_rules_by_score_and_keeps_the_retriever_wide(
     settings = SearchSettings(budget=Budget("kv", 0.4), lengths=[256, 512],
                               validation_length=384, rule_space=SPACE, block=16)
     choice = solve(knapsack(profile, settings), time_limit=10).choice
-    kv = SPACE.kv_density([512])[:, 0]
+    kv = SPACE.density([512])[:, 0]
     assert kv[choice[1]] == kv[choice].max()  # the retrieval head keeps the widest rule
     assert kv[choice[1]] > kv[choice[0]]
 

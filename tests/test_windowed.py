@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moaplan.runtime.reference import reference_attention
+from moaplan.kernels.prefill import reference_attention
 from moaplan.runtime.windowed import QUERY_BLOCK, windowed_attention
 
 

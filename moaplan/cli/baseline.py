@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         plan = uniform_plan(ModelShape.from_config(config), budget, lengths, args.sink)
     else:
         from moaplan.cli.session import ModelSession
-        from moaplan.profile.profile import check_profile_output
+        from moaplan.profile.record import check_profile_output
         from moaplan.search import obtain_profile
 
         session = ModelSession.open(args, lambda config: check_lengths(config, args.lengths))

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.model import check_lengths
     from moaplan.optimize import default_storage
     from moaplan.plan import Budget, check_plan_output
-    from moaplan.profile.profile import check_profile_output
+    from moaplan.profile.record import check_profile_output
     from moaplan.rules import RuleSpace
     from moaplan.search import SearchSettings, search
 

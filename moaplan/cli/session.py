@@ -1,5 +1,5 @@
 """What the model-driven commands share: loading the model and its calibration data, the
-profile path (:func:`moaplan.profile.profile.default_profile_path` unless given), progress bars
+profile path (:func:`moaplan.profile.record.default_profile_path` unless given), progress bars
 and the closing summary."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from moaplan.cli.common import ConfigCheck, TokenRate
 from moaplan.plan.report import plan_table
 from moaplan.profile.layout import Layout
-from moaplan.profile.profile import default_profile_path
+from moaplan.profile.record import default_profile_path
 from moaplan.search import SampleSource, SearchResult, SearchSettings
 from moaplan.shape import ModelShape
 

@@ -8,7 +8,9 @@ The share counts keys at distance >= ``far`` from the query, leaving out the fir
 positions: nearly every head parks mass on the first tokens (attention sinks), which says
 nothing about looking far.  Two query sets are reported: the answer region (the question and
 the answer, where retrieval happens) and every query that has keys that far back.  A third
-map is the retrieval score of Wu et al.: the answer region's mass on the needle's tokens.
+map is the needle mass: the answer region's attention mass on the needle's tokens (an
+attention share, not Wu et al.'s retrieval score, which counts copied tokens:
+:func:`moaplan.profile.scorers.retrieval_score`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from moaplan.optimize.problem import KnapsackProblem
 from moaplan.rules import RuleSpace, rule_sinks
 
 
-def dropped_influence(f: np.ndarray, sink: np.ndarray, span: np.ndarray, n: int) -> np.ndarray:
+def masked_mass(f: np.ndarray, sink: np.ndarray, span: np.ndarray, n: int) -> np.ndarray:
     """Sum of ``f(i - j)`` over the entries a (sink, span) rule masks at length ``n``.
 
     Row ``i`` masks keys ``sink <= j <= i - span``, i.e. distances ``span .. i - sink``, so with
@@ -51,7 +51,7 @@ def synthetic_problem(n_layers: int, heads_per_layer: int, budget: float, *,
         f = scale[h] * (mix[h] * np.exp(-d / tau[h]) / tau[h]
                         + (1 - mix[h]) * (d + 1) ** -power[h])
         for li, (sink, span, n) in enumerate(shapes):
-            cost[li, h] = dropped_influence(f, sink, span, n)
-    return KnapsackProblem(cost=cost, density=space.kv_density(target_lengths).T, budget=budget,
+            cost[li, h] = masked_mass(f, sink, span, n)
+    return KnapsackProblem(cost=cost, density=space.density(target_lengths).T, budget=budget,
                            head_groups=np.repeat(np.arange(n_layers), heads_per_layer),
                            target_lengths=tuple(target_lengths))

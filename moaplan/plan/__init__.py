@@ -2,7 +2,7 @@
 
 from moaplan.plan.baselines import duo_plan, uniform_plan, uniform_rule
 from moaplan.plan.interop import import_duo, import_moa
-from moaplan.plan.plan import Budget, Plan
+from moaplan.plan.record import Budget, Plan
 from moaplan.plan.yaml_format import (
     FORMAT,
     as_plan,

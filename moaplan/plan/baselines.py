@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from moaplan.errors import BudgetError
-from moaplan.plan.plan import Budget, Plan
+from moaplan.plan.record import Budget, Plan
 from moaplan.rules import Rule, density
 from moaplan.shape import ModelShape
 

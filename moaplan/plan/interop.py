@@ -12,7 +12,7 @@ import numpy as np
 
 from moaplan.errors import PlanError
 from moaplan.io import read_text
-from moaplan.plan.plan import Plan
+from moaplan.plan.record import Plan
 from moaplan.rules import Rule
 from moaplan.shape import ModelShape
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moaplan.io import atomic_write
-from moaplan.plan.plan import Plan
+from moaplan.plan.record import Plan
 
 
 def plan_table(plan: Plan, lengths: list[int]) -> str:

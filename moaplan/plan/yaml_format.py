@@ -16,7 +16,7 @@ from typing import Any
 from moaplan import __version__
 from moaplan.errors import PlanError, RuleError
 from moaplan.io import atomic_write_text, check_output, dump_yaml, file_head, load_yaml
-from moaplan.plan.plan import BUDGET_KINDS, Budget, Plan
+from moaplan.plan.record import BUDGET_KINDS, Budget, Plan
 from moaplan.rules import MAX_TOKENS, Rule, is_density
 from moaplan.shape import ModelShape
 

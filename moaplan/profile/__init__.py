@@ -29,8 +29,8 @@ the layers over several GPUs, chosen by a memory estimate), :mod:`.job` (``moapl
 torchrun ranks, loading, the file).
 """
 
-from moaplan.profile.profile import Profile, load_profile, save_profile
 from moaplan.profile.profiler import calibration_hash, checkpoint_path, profile_model
+from moaplan.profile.record import Profile, load_profile, save_profile
 from moaplan.profile.show import show_profile
 
 __all__ = ["Profile", "calibration_hash", "checkpoint_path", "load_profile", "profile_model",

@@ -20,22 +20,21 @@ FlashAttention-2 op, whose log-sum-exp comes for free, is used.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 
+from moaplan.dispatch import attention_switched
 from moaplan.errors import ModelError
+from moaplan.kernels.common import BACKENDS, use_triton
 from moaplan.profile.influence import (
     EPS,
     BlockSummary,
     attention_backward,
     attention_forward,
 )
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _repeat_kv(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -146,9 +145,6 @@ class InfluenceCollector:
                                                        self.num_sink_blocks, device)
         return self.summaries[layer]
 
-    def _fused(self, q: torch.Tensor) -> bool:
-        return self.backend == "triton" or (self.backend == "auto" and q.is_cuda)
-
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: torch.Tensor | None,
                  scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
@@ -156,7 +152,7 @@ class InfluenceCollector:
         scale = plain_causal_scale("profiling", query, key, attention_mask, scaling, kwargs)
         if torch.is_grad_enabled() and query.requires_grad:
             out = _ProfiledAttention.apply(query, key, value, scale, self, module.layer_idx,
-                                           self._fused(query))
+                                           use_triton(self.backend, query))
         else:  # no backward follows (a checkpointed layer's first pass): plain attention
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale,
@@ -165,19 +161,10 @@ class InfluenceCollector:
 
 
 @contextlib.contextmanager
-def profiling_attention(model: torch.nn.Module, collector: InfluenceCollector) -> Iterator[None]:
-    """Run ``model``'s attention through ``collector`` inside the block, then restore it.
-
-    ``AttentionInterface`` is a registry keyed by name, so the collector is registered under a
-    name unique to it and removed again on exit.
-    """
-    name = f"moaplan_profile_{id(collector):x}"
-    config = model.config
-    previous = config._attn_implementation
-    AttentionInterface.register(name, collector)
-    config._attn_implementation = name
-    try:
+def profiling_attention(model: torch.nn.Module, collector: Callable) -> Iterator[None]:
+    """Run ``model``'s attention through ``collector`` (an :class:`InfluenceCollector`, or
+    any attention function that records) inside the block, then restore it
+    (:func:`moaplan.dispatch.attention_switched`; no mask function: profiling runs whole
+    unpadded sequences)."""
+    with attention_switched(model, collector):
         yield
-    finally:
-        config._attn_implementation = previous
-        AttentionInterface._global_mapping.pop(name, None)

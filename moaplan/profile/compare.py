@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from moaplan.errors import ModelError
-from moaplan.profile.profile import Profile
 from moaplan.profile.profiler import Progress, profile_model
+from moaplan.profile.record import Profile
 from moaplan.profile.scorers import head_scores
 from moaplan.rules import Rule
 

@@ -24,7 +24,8 @@ from moaplan.data.calibration import sample_source
 from moaplan.errors import ProfileError
 from moaplan.model.loading import ModelSource
 from moaplan.profile.layout import Layout, load_laid_out
-from moaplan.profile.profile import (
+from moaplan.profile.profiler import Progress, checkpoint_path, profile_to_file
+from moaplan.profile.record import (
     BLOCK,
     Profile,
     check_profile_output,
@@ -32,7 +33,6 @@ from moaplan.profile.profile import (
     save_profile,
     sink_blocks,
 )
-from moaplan.profile.profiler import Progress, checkpoint_path, profile_to_file
 from moaplan.profile.scorers import score_profile
 from moaplan.rules import RuleSpace
 from moaplan.shape import ModelShape

@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import InfluenceCollector, profiling_attention
-from moaplan.profile.profile import (
+from moaplan.profile.record import (
     BLOCK,
     Profile,
     load_profile,

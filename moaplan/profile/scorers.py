@@ -52,8 +52,8 @@ from moaplan.data.tokens import bos_ids
 from moaplan.errors import DataError, ProfileError
 from moaplan.profile.attention import plain_causal_scale, profiling_attention
 from moaplan.profile.influence import causal_scores, grouped_queries, rows_per_slab
-from moaplan.profile.profile import BLOCK, Profile, num_blocks, sink_blocks
 from moaplan.profile.profiler import Progress
+from moaplan.profile.record import BLOCK, Profile, num_blocks, sink_blocks
 from moaplan.rules import RuleSpace
 from moaplan.shape import ModelShape
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from moaplan.io import atomic_write
-from moaplan.profile.profile import load_profile
+from moaplan.profile.record import load_profile
 
 
 def show_profile(path: str | Path, out_png: str | Path) -> Path:

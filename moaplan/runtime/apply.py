@@ -1,10 +1,9 @@
 """Make a Hugging Face model follow a plan: ``apply(model, plan)`` and ``remove(model)``.
 
 How it hooks in, through public ``transformers`` APIs only (no patched classes, no touched
-weights): the plan's attention function and a matching mask function are registered in
-``AttentionInterface`` and ``AttentionMaskInterface`` under a name derived from the plan's
-rules, and the model is switched to that name with ``model.set_attn_implementation``.  The
-attention function finds its layer's rules through ``module.layer_idx``.
+weights): :func:`moaplan.dispatch.switch_attention` switches the model to the plan's attention
+function and a matching mask function, and :func:`remove` switches it back.  The attention
+function finds its layer's rules through ``module.layer_idx``.
 
 The mask function only marks which slots hold real tokens (not padding, not unwritten
 slots of a static cache): the plan's rule positions count *real* tokens, so with left
@@ -23,30 +22,27 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
+from moaplan.dispatch import attention_switched, restore_attention, switch_attention
 from moaplan.errors import ModelError
+from moaplan.kernels.layout import RuleTable
 from moaplan.plan import Plan, as_plan, save_plan
-from moaplan.rules import Rule
-from moaplan.runtime.cache import MoaplanCache, attend_cached, cache_keyword
+from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.cached import attend_cached
 from moaplan.runtime.layer import NativeAttention, layer_attention
 
 PLAN_FILE = "moaplan_plan.yaml"  # the plan save_pretrained writes beside the weights
-_PREFIX = "moaplan_"
-_PROBE = "moaplan_probe"
 # What an attention call may carry that the plan's attention honours (window, soft-capping,
 # scaling) or that does not change the result (positions, cache flags).  A model passing
 # anything else (attention sinks, ALiBi slopes, ...) is refused up front.
 _UNDERSTOOD = frozenset({"sliding_window", "softcap", "scaling", "dropout", "position_ids",
                          "use_cache", "cache_position", "output_attentions", "is_causal"})
-_PREVIOUS = "_moaplan_previous_attn_implementation"
+_SWITCH = "_moaplan_switch"  # what apply changed, for remove to undo
 _PLAN = "_moaplan_plan"  # the applied plan, read by the generate wrapper
 _WINDOWS = "_moaplan_windows"  # the model's own window per layer, which bounds its cache
 
@@ -129,8 +125,8 @@ def _check_call(module: torch.nn.Module, n_queries: int, attention_mask: torch.T
                          "a moaplan plan: run each document as its own (padded) sequence")
 
 
-def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
-    """The function registered in ``AttentionInterface`` for one plan."""
+def _attention_function(tables: tuple[RuleTable, ...]):
+    """The attention function of one plan (its rules, one table per layer)."""
 
     def moaplan_attention(
         module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -139,15 +135,15 @@ def _attention_function(rules: tuple[tuple[Rule, ...], ...]):
         position_ids: torch.Tensor | None = None, **_: Any,
     ) -> tuple[torch.Tensor, None]:
         _check_call(module, query.shape[2], attention_mask, dropout, position_ids)
-        layer_rules = rules[module.layer_idx]
-        if sliding_window is not None and any(rule.compensate for rule in layer_rules):
+        table = tables[module.layer_idx]
+        if sliding_window is not None and any(rule.compensate for rule in table.rules):
             raise ModelError("compensation tokens are not supported on a layer with its own "
                              "sliding window; make the plan without --compensate")
         native = NativeAttention(sliding_window, softcap)
         # A MoaplanCache hands over its compressed per-head view; a dense cache the full keys.
         out = attend_cached(query, key, attention_mask, scaling, native)
         if out is None:
-            out = layer_attention(layer_rules, query, key, value, attention_mask, scale=scaling,
+            out = layer_attention(table, query, key, value, attention_mask, scale=scaling,
                                   native=native)
         return out.transpose(1, 2).contiguous(), None
 
@@ -201,8 +197,6 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
         calls[getattr(module, "layer_idx", None)] = (tuple(key.shape), given)
         return query.transpose(1, 2), None
 
-    AttentionInterface.register(_PROBE, recording)
-    AttentionMaskInterface.register(_PROBE, real_token_mask)
     config = copy.deepcopy(config)
     name = model_class.__name__ if model_class else type(config).__name__
     try:
@@ -211,8 +205,7 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
                      else AutoModelForCausalLM.from_config(
                          config, trust_remote_code=trust_remote_code))
         name = type(probe).__name__
-        probe.set_attn_implementation(_PROBE)
-        with torch.no_grad():
+        with attention_switched(probe, recording, mask=real_token_mask), torch.no_grad():
             probe(input_ids=torch.zeros(1, 3, dtype=torch.long, device="meta"))
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
         raise ModelError(f"cannot check how {name} computes attention (a forward pass on the "
@@ -238,12 +231,6 @@ def check_attention_routing(config: Any, model_class: type | None = None, *,
                                 for layer in range(shape.num_layers)))
 
 
-def implementation_name(plan: Plan) -> str:
-    """The registry name of a plan: a hash of its rules, so that equal plans share it."""
-    digest = hashlib.sha256(repr(plan.rules).encode()).hexdigest()[:16]
-    return _PREFIX + digest
-
-
 def apply(model: Any, plan: Plan | str | Path | None = None, *, strict: bool = True) -> Any:
     """Make ``model`` attend by ``plan``: any causal LM whose attention goes through
     ``transformers``' ``AttentionInterface`` (see :func:`check_attention_routing`), honouring
@@ -267,15 +254,12 @@ def apply(model: Any, plan: Plan | str | Path | None = None, *, strict: bool = T
                              "call moaplan.apply(model, plan)")
     plan = as_plan(plan)
     plan.check_model(config, strict=strict)
-    name = implementation_name(plan)
-    # Snapshot the rules: a Plan is mutable, but the registered name describes these rules.
-    rules = tuple(tuple(layer) for layer in plan.rules)
-    AttentionInterface.register(name, _attention_function(rules))
-    AttentionMaskInterface.register(name, real_token_mask)
-    current = config._attn_implementation
-    if current and not current.startswith(_PREFIX):
-        setattr(model, _PREVIOUS, current)
-    model.set_attn_implementation(name)
+    # Snapshot the rules: a Plan is mutable, but the attention function runs these rules.
+    tables = tuple(RuleTable.of(layer) for layer in plan.rules)
+    if hasattr(model, _SWITCH):  # a plan applied before: this one replaces it
+        restore_attention(getattr(model, _SWITCH))
+    setattr(model, _SWITCH, switch_attention(model, _attention_function(tables),
+                                             mask=real_token_mask))
     setattr(model, _PLAN, plan)
     setattr(model, _WINDOWS, attention.windows)
     if "generate" not in vars(model):
@@ -399,11 +383,10 @@ def _check_cache(model: Any, cache: MoaplanCache, ids: Any) -> None:
 
 def remove(model: Any) -> Any:
     """Switch a model that :func:`apply` changed back to its previous attention."""
-    previous = getattr(model, _PREVIOUS, None)
-    if previous is None:
+    if not hasattr(model, _SWITCH):
         raise ModelError("this model has no moaplan plan applied")
-    model.set_attn_implementation(previous)
-    delattr(model, _PREVIOUS)
+    restore_attention(getattr(model, _SWITCH))
+    delattr(model, _SWITCH)
     delattr(model, _PLAN)
     delattr(model, _WINDOWS)
     del model.generate, model.save_pretrained  # the class's methods again

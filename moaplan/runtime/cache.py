@@ -5,24 +5,18 @@ pass it to ``generate(..., past_key_values=cache)`` (or ``cache=`` on newer rele
 model that :func:`moaplan.apply` switched to the plan's attention.  It is sized for requests
 of up to ``max_length`` real tokens per sequence (prompt plus new tokens, padding excluded):
 head ``h`` of a layer gets ``sink`` slots and a ring of ``span(max_length)`` slots, in one flat
-buffer per layer (the layout is described in :mod:`moaplan.kernels.decode`), so memory is
+buffer per layer (the layout is described in :mod:`moaplan.kernels.layout`), so memory is
 ``sum over heads of (sink + span)`` and not ``heads x max_length``.  Positions count real
 tokens only (left or right padding is skipped), as in :mod:`moaplan.runtime.apply`.
 
-How attention reaches the compressed view.  A model calls ``cache.update(k, v, layer)`` and
-hands what it returns to the attention function.  ``update`` does not store anything: it
-stages the chunk and returns it, tagged so that :func:`cache_step` finds this layer.  The
-plan's attention function then calls, before its dense path::
-
-    out = attend_cached(query, key, attention_mask, scaling)   # [B, Hq, Nq, D] or None
-
-which is ``cache_step(key).attend(query, scale=..., chunk_real=real)`` with ``real`` the
-``[B, Nq]`` bool mask of the chunk's real tokens (None: all real).  ``attend`` computes the
-chunk's attention and only then writes the chunk, because with a multi-token chunk (a
-prefill, or a second prompt in a multi-turn chat) the ring may have to evict keys that the
-chunk's first queries still see.  A single-token chunk (decode) is
-written first (on the GPU in one launch, :mod:`moaplan.kernels.append`) and read by the
-split-KV decode kernel.
+The cache stores and hands out; it computes no attention.  A model calls
+``cache.update(k, v, layer)`` and hands what it returns to the attention function.  ``update``
+does not store anything: it stages the chunk and returns it, tagged so that
+:func:`cache_step` finds this layer (the attention function gets neither the cache nor the
+layer from ``transformers``: the model's attention module takes the cache as a named argument
+and does not pass it on).  :func:`moaplan.runtime.cached.attend_cached` then computes the
+chunk's attention over what the layer holds and has the layer write the chunk
+(:meth:`MoaplanLayer.write_token`, :meth:`MoaplanLayer.write_chunk`).
 
 Rule length: like the dense path, a first prefill's queries all use ``span(N)`` with ``N``
 the sequence's real length after it, and every later query (a decode step, a draft being
@@ -49,25 +43,12 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
-from moaplan.kernels.append import SpanTable, append_token
-from moaplan.kernels.decode import (
-    DecodeLayout,
-    decode_attention,
-    decode_layout,
-    masked_attention,
-    slot_positions,
-)
+from moaplan.kernels.append import append_token
+from moaplan.kernels.layout import DecodeLayout, RuleTable, decode_layout, slot_positions
 from moaplan.model.loading import resolve_device
 from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
-from moaplan.runtime.layer import (
-    PLAIN,
-    NativeAttention,
-    layer_attention,
-    real_token_attention,
-)
 from moaplan.runtime.memory import check_count, check_fits, plan_kv_bytes
-from moaplan.runtime.reference import SCORE_ELEMENTS
 
 _STEP_ATTR = "_moaplan_cache_step"
 
@@ -83,21 +64,6 @@ def cache_step(key: torch.Tensor) -> MoaplanLayer | None:
     return getattr(key, _STEP_ATTR, None)
 
 
-class _LayerRules:
-    """One layer's rules, and their coefficients as device tensors to evaluate ``span(n)``
-    without leaving the GPU."""
-
-    def __init__(self, rules: Sequence[Rule], device: torch.device):
-        self.rules = tuple(rules)
-        cols = rule_arrays(self.rules)
-        self.table = SpanTable(*(torch.from_numpy(cols[name][:, 0]).to(device) for name in
-                                 ("full", "alpha", "beta", "min_span", "max_span")))
-
-    def spans(self, n: torch.Tensor) -> torch.Tensor:
-        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``)."""
-        return self.table.spans(n)
-
-
 class MoaplanLayer(CacheLayerMixin):
     """One layer of a :class:`MoaplanCache`: flat K/V buffers ``[B, C, D]`` and counters."""
 
@@ -108,7 +74,7 @@ class MoaplanLayer(CacheLayerMixin):
                  num_q_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  chunk: int | None = None, headroom: int = 0, window: int | None = None):
         super().__init__()
-        self.rules = _LayerRules(rules, device)
+        self.rules = RuleTable.of(rules, device)
         self.max_length = max_length
         self.num_q_heads = num_q_heads
         self.headroom = headroom
@@ -131,7 +97,6 @@ class MoaplanLayer(CacheLayerMixin):
         sums = (batch_size, len(rules), head_dim) if self.layout.has_compensation else (0,)
         self.key_sum = torch.zeros(sums, dtype=torch.float32, device=device)
         self.value_sum = torch.zeros(sums, dtype=torch.float32, device=device)
-        self._comp = self.layout.compensate.to(torch.bool)
         self.device, self.dtype = torch.device(device), dtype
         self.batch_size = batch_size
         self.is_initialized = True
@@ -142,9 +107,6 @@ class MoaplanLayer(CacheLayerMixin):
         self.layout: DecodeLayout = decode_layout(self.sinks, self.rings, batch=batch_size,
                                                   device=device, chunk=self._chunk,
                                                   compensate=self.compensate)
-        # int64 copies for the per-step slot arithmetic (no casts on the decode path).
-        self._sink, self._ring, self._offset = (
-            t.to(torch.int64) for t in (self.layout.sinks, self.layout.rings, self.layout.offsets))
 
     def _reset_counters(self) -> None:
         self.written = 0  # slots the model has passed, padding included (get_seq_length)
@@ -251,7 +213,7 @@ class MoaplanLayer(CacheLayerMixin):
             first, cap = self.layout.head_slots(h)
             pos = slot_positions(self.sinks[h], self.rings[h], self.n_real)  # [B, cap]
             b, j = (pos >= 0).nonzero(as_tuple=True)
-            rows = b * new.layout.capacity + new._slots(pos[b, j])[:, h]
+            rows = b * new.layout.capacity + new.layout.slots(pos[b, j])[:, h]
             for old, buf in ((self.keys, new.keys), (self.values, new.values)):
                 buf.view(-1, buf.shape[-1])[rows] = old[b, first + j]
         new.written, new.n_real, new._max_real = self.written, self.n_real, self._max_real
@@ -265,37 +227,44 @@ class MoaplanLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(x.nbytes for x in (self.keys, self.values, self.key_sum, self.value_sum))
 
-    # --- attention over the compressed view ---------------------------------------------
-    def attend(self, query: torch.Tensor, *, scale: float | None = None,
-               chunk_real: torch.Tensor | None = None,
-               native: NativeAttention = PLAIN) -> torch.Tensor:
-        """Attention of the staged chunk's queries ``[B, Hq, Nq, D]`` over this layer's
-        cache plus the chunk; then the chunk is written.  ``chunk_real``: bool ``[B, Nq]``,
-        False at padding (those rows come out as zeros).  ``native``: the model's own window
-        and soft-capping, which only the multi-token path implements (a single token with
-        them takes that path too).  Returns ``[B, Hq, Nq, D]``."""
+    # --- what the attention over the compressed view reads and writes ---------------------
+    def take_staged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk ``update`` staged, ``(keys, values)`` ``[B, Hkv, Nq, D]``; the layer
+        holds no staged chunk after this."""
         if self._pending is None:
-            raise ModelError("attend() needs a chunk staged by update() first")
-        key, value = self._pending
-        self._pending = None
-        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        plain = native == PLAIN and (not query.is_cuda or native.kernel_ready(query))
-        if query.shape[2] == 1 and plain:
-            real = None if chunk_real is None else chunk_real[:, 0].to(torch.bool)
-            n_after = self.n_real + (1 if real is None else real)
-            self._check_capacity(1, n_after)
-            spans = self._write_one(key, value, n_after, real)
-            out = decode_attention(query[:, :, 0], self.keys, self.values, self.layout, n_after,
-                                   spans, scale=scale, evicted=(self.key_sum, self.value_sum))
-            if real is not None:
-                out = out.masked_fill(~real[:, None, None], 0.0)
-            self.n_real.copy_(n_after)  # in place, so that a replayed CUDA graph advances it
-            return out[:, :, None]
-        pos, _, n_after = self._positions(chunk_real, query.shape[0], query.shape[2])
-        out = self._chunk_attention(query, key, value, pos, n_after, scale, native)
-        self._write_many(key, value, pos, n_after)
+            raise ModelError("attention over a MoaplanCache needs a chunk staged by update() "
+                             "first")
+        staged, self._pending = self._pending, None
+        return staged
+
+    def write_token(self, key: torch.Tensor, value: torch.Tensor,
+                    real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's write, without a host sync: each sequence's token ``[B, Hkv, 1, D]``
+        (nothing where ``real`` ``[B]`` is False) and the compensation sums
+        (:func:`moaplan.kernels.append.append_token`).  Returns the real lengths after it and
+        the heads' spans there, ``[B]`` and ``[B, Hkv]``."""
+        n_after = self.n_real + (1 if real is None else real)
+        self._check_capacity(1, n_after)
+        spans = append_token(key, value, self.keys, self.values, self.key_sum, self.value_sum,
+                             self.layout, n_after, real, self.rules)
+        self.n_real.copy_(n_after)  # in place, so that a replayed CUDA graph advances it
+        return n_after, spans
+
+    def write_chunk(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+                    n_after: torch.Tensor) -> None:
+        """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave: the tokens
+        each head keeps, its sinks and the last ``ring`` tokens after them (the kept tokens of
+        one head land in distinct slots)."""
+        p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
+        sink, ring = self.layout.sinks, self.layout.rings
+        keep = (p >= 0) & ((p < sink) | (p >= n_after[:, None, None] - ring))
+        if self.layout.has_compensation:
+            self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
+        b, t, h = keep.nonzero(as_tuple=True)
+        rows = b * self.layout.capacity + self.layout.slots(pos)[b, t, h]
+        for buf, new in ((self.keys, key), (self.values, value)):
+            buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
         self.n_real = n_after
-        return out
 
     def reserve(self, steps: int) -> None:
         """Check that ``steps`` more tokens per sequence fit, and set the host bound of the
@@ -318,17 +287,17 @@ class MoaplanLayer(CacheLayerMixin):
     def append(self, key: torch.Tensor, value: torch.Tensor,
                chunk_real: torch.Tensor | None = None) -> None:
         """Write keys/values ``[B, Hkv, T, D]`` (after RoPE) without computing attention, e.g.
-        to load a prefix computed elsewhere; ``chunk_real`` as in :meth:`attend`."""
+        to load a prefix computed elsewhere; ``chunk_real`` as in :meth:`positions`."""
         self.update(key, value)
         self._pending = None
-        pos, _, n_after = self._positions(chunk_real, key.shape[0], key.shape[2])
-        self._write_many(key, value, pos, n_after)
-        self.n_real = n_after
+        pos, n_after = self.positions(chunk_real, key.shape[0], key.shape[2])
+        self.write_chunk(key, value, pos, n_after)
 
-    def _positions(self, chunk_real: torch.Tensor | None, batch: int,
-                   n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Real-token positions of the chunk (``-1`` at padding), its real mask, and each
-        sequence's real length after it; checks the capacity."""
+    def positions(self, chunk_real: torch.Tensor | None, batch: int,
+                  n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real-token positions of a chunk of ``n_new`` tokens (``-1`` at padding) and each
+        sequence's real length after it; checks the capacity.  ``chunk_real``: bool
+        ``[B, n_new]``, False at padding (None: all real)."""
         if chunk_real is None:
             real = torch.ones(batch, n_new, dtype=torch.bool, device=self.device)
         else:
@@ -336,7 +305,7 @@ class MoaplanLayer(CacheLayerMixin):
         pos = torch.where(real, self.n_real[:, None] + real.cumsum(1) - 1, -1)
         n_after = self.n_real + real.sum(1)
         self._check_capacity(n_new, n_after)
-        return pos, real, n_after
+        return pos, n_after
 
     def _check_capacity(self, n_new: int, n_after: torch.Tensor) -> None:
         self._max_real += n_new
@@ -347,59 +316,11 @@ class MoaplanLayer(CacheLayerMixin):
                                  f"sequence but a sequence reached {self._max_real}; make it "
                                  "with a larger max_length")
 
-    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
-        """Slot (within a sequence's buffer) of each head for token positions ``pos`` ``[...]``:
-        ``[..., Hkv]``."""
-        sink, ring, pos = self._sink, self._ring, pos[..., None]
-        local = torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
-        return self._offset + local
-
-    def _write_one(self, key: torch.Tensor, value: torch.Tensor, n_after: torch.Tensor,
-                   real: torch.Tensor | None) -> torch.Tensor:
-        """Decode write without a host sync: each sequence's token at position
-        ``n_after - 1`` (nothing where ``real`` is False); the ring token it overwrites (at
-        ``pos - ring``) joins a compensating head's sums.  Returns the heads' spans at
-        ``n_after``.  On the GPU one launch (:func:`moaplan.kernels.append.append_token`); the
-        torch version below is the CPU path and the oracle."""
-        if self.keys.is_cuda:
-            return append_token(key, value, self.keys, self.values, self.key_sum,
-                                self.value_sum, self.layout, n_after, real, self.rules.table)
-        batch, capacity = self.batch_size, self.layout.capacity
-        if real is None:
-            real = torch.ones(batch, dtype=torch.bool, device=n_after.device)
-        pos = n_after - 1  # for padding rows the previous token, rewritten with its old content
-        rows = (self._slots(pos.clamp(min=0))
-                + torch.arange(batch, device=pos.device)[:, None] * capacity).reshape(-1)
-        keep = real[:, None, None]
-        evicts = (real[:, None] & (pos[:, None] >= self._sink + self._ring) & self._comp)[..., None]
-        for buf, total, new in ((self.keys, self.key_sum, key),
-                                (self.values, self.value_sum, value)):
-            flat = buf.view(batch * capacity, -1)
-            old = flat[rows].view_as(new[:, :, 0])
-            if self.layout.has_compensation:
-                total += torch.where(evicts, old.float(), 0.0)
-            merged = torch.where(keep, new[:, :, 0], old)
-            flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
-        return self.rules.spans(n_after)
-
-    def _write_many(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
-                    n_after: torch.Tensor) -> None:
-        """Write the tokens each head keeps: its sinks and the last ``ring`` tokens after them
-        (the kept tokens of one head land in distinct slots)."""
-        p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
-        keep = (p >= 0) & ((p < self._sink) | (p >= n_after[:, None, None] - self._ring))
-        if self.layout.has_compensation:
-            self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
-        b, t, h = keep.nonzero(as_tuple=True)
-        rows = b * self.layout.capacity + self._slots(pos)[b, t, h]
-        for buf, new in ((self.keys, key), (self.values, value)):
-            buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
-
     def _add_evicted(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
                      n_after: torch.Tensor, skipped: torch.Tensor) -> None:
         """Before a chunk is written: add to the sums the held ring tokens it pushes out and
         its own tokens that are never stored (``skipped``, ``[B, T, Hkv]``)."""
-        weight = (skipped & self._comp).to(torch.float32)
+        weight = (skipped & self.layout.compensate.to(torch.bool)).to(torch.float32)
         pushed = {}  # compensating head -> [B, cap] weights of its held tokens pushed out
         for h in (h for h, comp in enumerate(self.compensate) if comp):
             held = slot_positions(self.sinks[h], self.rings[h], self.n_real)
@@ -411,81 +332,6 @@ class MoaplanLayer(CacheLayerMixin):
             for h, out in pushed.items():
                 first, cap = self.layout.head_slots(h)
                 total[:, h] += torch.einsum("bk,bkd->bd", out, buf[:, first:first + cap].float())
-
-    def _chunk_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         pos: torch.Tensor, n_after: torch.Tensor, scale: float,
-                         native: NativeAttention) -> torch.Tensor:
-        """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
-        batch, n_q_heads, n_new, head_dim = query.shape
-        n_kv = self.layout.num_kv_heads
-        group = n_q_heads // n_kv
-        empty = self.written == n_new  # nothing was cached before this chunk
-        if empty and query.is_cuda:  # a first prefill: the block-sparse kernel
-            if chunk_is_plain(pos):
-                return layer_attention(self.rules.rules, query, key, value, None, scale=scale,
-                                       native=native)
-            real = pos >= 0
-            return real_token_attention(self.rules.rules, query, key, value, real, real,
-                                        scale=scale, native=native)
-        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-        if empty:  # a first prefill: every query at N, the real length after the chunk
-            spans = self.rules.spans(n_after)[:, None, :].expand(-1, n_new, -1)
-        else:  # a continuation: each query at its own length, exactly as if decoded one by one
-            spans = self.rules.spans((pos + 1).clamp(min=1).reshape(-1)).view(batch, n_new, -1)
-        out = torch.zeros_like(query)
-        for h in range(n_kv):
-            first, cap = self.layout.head_slots(h)
-            k_pos, k, v = pos, key[:, h], value[:, h]
-            if not empty:
-                cached = slot_positions(self.sinks[h], self.rings[h], self.n_real)
-                k_pos = torch.cat([cached, pos], 1)
-                k = torch.cat([self.keys[:, first:first + cap], k], 1)
-                v = torch.cat([self.values[:, first:first + cap], v], 1)
-            kp = k_pos[:, None, :]  # [B, 1, K] against queries [B, T, 1]
-            causal = (kp >= 0) & (pos[:, :, None] >= 0) & (kp <= pos[:, :, None])  # [B, T, K]
-            if native.window is not None:
-                causal &= pos[:, :, None] - kp < native.window
-            ok = causal & ((kp < self.sinks[h]) | (pos[:, :, None] - kp < spans[:, :, h, None]))
-            qh = query[:, h * group:(h + 1) * group].to(compute)
-            k, v = k.to(compute), v.to(compute)
-            dropped = None
-            if self.compensate[h]:
-                # The chunk's and the cache's dropped tokens, plus those already evicted.
-                hidden = (causal & ~ok).to(compute)
-                dropped = tuple(torch.einsum("btk,bkd->btd", hidden, x) + total[:, h, None]
-                                for x, total in ((k, self.key_sum), (v, self.value_sum)))
-                count = (pos + 1 - self.sinks[h] - spans[:, :, h]).clamp(min=0)
-                dropped += (count,)
-            step = max(1, SCORE_ELEMENTS // max(1, batch * group * k.shape[1]))
-            for lo in range(0, n_new, step):
-                hi = min(lo + step, n_new)
-                part = None if dropped is None else tuple(x[:, lo:hi] for x in dropped)
-                out[:, h * group:(h + 1) * group, lo:hi] = masked_attention(
-                    qh[:, :, lo:hi], k, v, ok[:, None, lo:hi], scale, part,
-                    native.softcap).to(query.dtype)
-        return out
-
-
-def attend_cached(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                  scale: float | None = None,
-                  native: NativeAttention = PLAIN) -> torch.Tensor | None:
-    """The call the plan's attention function makes first: ``[B, Hq, Nq, D]`` through the
-    compressed view when ``key`` came from a :class:`MoaplanCache`, else None (dense path).
-
-    ``attention_mask`` is what :func:`moaplan.runtime.apply.real_token_mask` gives: None
-    (every token real) or bool ``[B, 1, Nq, Nk]`` whose padding rows are all False.
-    """
-    step = cache_step(key)
-    if step is None:
-        return None
-    real = None if attention_mask is None else attention_mask[:, 0].any(2)
-    return step.attend(query, scale=scale, chunk_real=real, native=native)
-
-
-def chunk_is_plain(pos: torch.Tensor) -> bool:
-    """True when every sequence's chunk is real tokens ``0 .. T-1`` (no padding, empty cache);
-    a host check of a small tensor."""
-    return bool((pos == torch.arange(pos.shape[1], device=pos.device)).all())
 
 
 class MoaplanCache(Cache):
@@ -564,9 +410,3 @@ class MoaplanCache(Cache):
     def nbytes(self) -> int:
         """Bytes of the K/V buffers this cache holds (what :func:`moaplan.kv_bytes` predicts)."""
         return sum(layer.nbytes() for layer in self.layers)
-
-    def kv_density(self) -> float:
-        """Held slots over a dense cache's ``layers x KV heads x max_length``."""
-        shape = self.plan.model
-        dense = shape.num_layers * shape.num_key_value_heads * self.max_length
-        return sum(layer.layout.capacity for layer in self.layers) / dense

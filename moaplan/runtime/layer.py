@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moaplan.kernels.prefill import HEAD_DIMS
-from moaplan.rules import Rule, query_spans, rule_arrays, rule_sinks, rule_spans
-from moaplan.runtime.reference import reference_attention
+from moaplan.kernels.common import use_triton
+from moaplan.kernels.layout import RuleTable
+from moaplan.kernels.prefill import HEAD_DIMS, reference_attention
+from moaplan.rules import Rule
 from moaplan.runtime.routing import routed_attention
 from moaplan.runtime.windowed import windowed_attention
 
@@ -33,7 +34,7 @@ class NativeAttention:
         """Whether the Triton kernels can run this call: on CUDA, with a head_dim they are
         built for and nothing they do not implement; otherwise the torch path runs, and on a
         GPU a warning says so (it is much slower there)."""
-        if not q.is_cuda:
+        if not use_triton("auto", q):
             return False
         missing = [what for what, absent in (
             (f"head_dim {q.shape[-1]}", q.shape[-1] in HEAD_DIMS),
@@ -48,27 +49,8 @@ class NativeAttention:
 PLAIN = NativeAttention()  # a model that asks nothing beyond the rules
 
 
-@dataclass(frozen=True)
-class HeadRules:
-    """One layer's rules at one length as host tensors (the kernel plans its tiles from them
-    on the CPU, with no device sync): int64 ``sink`` per KV head, ``span`` per KV head or,
-    where a rule has ``query_windows``, per query head (the prefill's spans), and bool
-    ``compensate`` per KV head (RazorAttention's compensation token; False for full rules)."""
-
-    sink: torch.Tensor
-    span: torch.Tensor
-    compensate: torch.Tensor
-
-    @classmethod
-    def at(cls, rules: Sequence[Rule], n: int, group: int = 1) -> HeadRules:
-        windows = any(rule.query_windows is not None for rule in rules)
-        spans = query_spans(rules, n, group) if windows else rule_spans(rules, n)
-        return cls(torch.from_numpy(rule_sinks(rules, n)), torch.from_numpy(spans),
-                   torch.from_numpy(rule_arrays(rules)["compensate"][:, 0]))
-
-
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rules: Sequence[Rule], n: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: RuleTable, n: int,
     *, scale: float | None, q_offset: int | torch.Tensor, seq_lens: torch.Tensor | None,
     native: NativeAttention,
 ) -> torch.Tensor:
@@ -82,8 +64,8 @@ def _attend(
     CUDA) the windowed torch attention where it applies (nothing asked beyond the rules,
     no padding, no compensation token), else the torch reference with ``window`` and
     ``softcap``."""
-    heads = HeadRules.at(rules, n, q.shape[1] // k.shape[1])
-    if native.kernel_ready(q) or (native == PLAIN and not q.is_cuda):
+    heads = table.at(n, q.shape[1] // k.shape[1])
+    if native.kernel_ready(q) or (native == PLAIN and not use_triton("auto", q)):
         return routed_attention(q, k, v, heads.sink, heads.span, scale=scale,
                                 q_offset=q_offset, seq_lens=seq_lens,
                                 compensate=heads.compensate)
@@ -103,7 +85,7 @@ def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def layer_attention(
-    rules: Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    rules: RuleTable | Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask: torch.Tensor | None, *, scale: float | None = None,
     native: NativeAttention = PLAIN,
 ) -> torch.Tensor:
@@ -112,8 +94,10 @@ def layer_attention(
 
     ``mask`` is ``moaplan.runtime.apply.real_token_mask``'s: None (no padding, queries in the
     last slots: one call at ``N = Nk``), or bool ``[B, 1, Nq, Nk]`` whose padding rows and
-    columns are all False (see :func:`real_token_attention`).
+    columns are all False (see :func:`real_token_attention`).  ``rules``: the layer's rules,
+    one per KV head, or their :class:`~moaplan.kernels.layout.RuleTable`.
     """
+    rules = rules if isinstance(rules, RuleTable) else RuleTable.of(rules)
     nq, nk = q.shape[2], k.shape[2]
     if 1 < nq and (mask is None and nq < nk or mask is not None and _continues(mask)):
         # A chunk after cached tokens: each query at its own length, as if decoded one by one.
@@ -137,7 +121,7 @@ def _continues(mask: torch.Tensor) -> bool:
 
 
 def real_token_attention(
-    rules: Sequence[Rule], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    table: RuleTable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_real: torch.Tensor, q_real: torch.Tensor, *, scale: float | None = None,
     native: NativeAttention = PLAIN,
 ) -> torch.Tensor:
@@ -160,7 +144,7 @@ def real_token_attention(
         if n == 0:
             continue  # no real token yet: nothing to attend, the rows stay zero
         rows = (seq_lens == n).nonzero().squeeze(1)
-        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], rules, n, scale=scale,
+        out_c[rows] = _attend(q_c[rows], k_c[rows], v_c[rows], table, n, scale=scale,
                               q_offset=q_offset[rows], seq_lens=seq_lens[rows], native=native)
     # q_order is a permutation of the query slots: scatter undoes the gather.
     index = q_order[:, None, :, None].expand(-1, out_c.shape[1], -1, out_c.shape[3])

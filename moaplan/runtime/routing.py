@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from moaplan.io import atomic_write_text
-from moaplan.kernels.prefill import default_config, sparse_attention
+from moaplan.kernels.common import use_triton
+from moaplan.kernels.prefill import default_config, per_query_head, sparse_attention
 from moaplan.rules import block_attention_density
-from moaplan.runtime.reference import per_query_head, reference_attention
 from moaplan.runtime.windowed import windowed_attention
 
 log = logging.getLogger(__name__)
@@ -197,15 +197,13 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tenso
             span: torch.Tensor, *, scale: float | None, q_offset: int | torch.Tensor,
             seq_lens: torch.Tensor | None, compensate: torch.Tensor | None) -> torch.Tensor:
     """The rules without SDPA: the block-sparse kernel on CUDA; elsewhere the windowed torch
-    attention where it applies (no padding, no compensation token), else the reference."""
-    if q.is_cuda:
-        return sparse_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
-                                seq_lens=seq_lens, compensate=compensate)
-    if seq_lens is None and isinstance(q_offset, int) and (
+    attention where it applies (no padding, no compensation token), else the kernel's torch
+    version (the reference)."""
+    if not use_triton("auto", q) and seq_lens is None and isinstance(q_offset, int) and (
             compensate is None or not torch.as_tensor(compensate).any()):
         return windowed_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset)
-    return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
-                               seq_lens=seq_lens, compensate=compensate)
+    return sparse_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
+                            seq_lens=seq_lens, compensate=compensate)
 
 
 def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: np.ndarray,

@@ -1,6 +1,6 @@
 """A fast torch attention under per-KV-head rules, for devices without the Triton kernel.
 
-The reference attention (:mod:`moaplan.runtime.reference`) masks every score of a dense
+The reference attention (:mod:`moaplan.kernels.prefill`) masks every score of a dense
 ``N x N`` product, which on a CPU is about ten times slower than the dense SDPA kernel.  Here
 each KV head's query heads (those of one rule together) are handled by the cheapest exact
 call: a full head by one causal SDPA call, a windowed head by one SDPA call per block of
@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moaplan.runtime.reference import per_query_head, visible
+from moaplan.kernels.prefill import per_query_head
+from moaplan.rules import visible
 
 QUERY_BLOCK = 512
 

@@ -1,0 +1,176 @@
+"""The layout of one layer's compressed cache, and the record of one layer's rules that the
+kernel launchers consume.
+
+Storage convention (every kernel and the cache share it): one layer keeps its keys in one flat
+buffer ``[B, C, D]`` (values alike).  KV head ``h`` owns slots
+``[offset[h], offset[h] + sink[h] + ring[h])``: the first ``sink[h]`` slots hold the tokens at
+positions ``0 .. sink-1``, and a ring of ``ring[h]`` slots holds the latest tokens after them,
+token ``p >= sink`` in ring slot ``(p - sink) % ring``.  Keys are stored after RoPE, so the
+order inside the ring does not matter to attention; only which slots are visible does.
+
+Rules reach the kernels as one :class:`RuleTable` per layer: the prefill launchers read the
+sinks and spans at a length from it on the host (:meth:`RuleTable.at`), the decode write
+evaluates each head's span at the new length on the device (:meth:`RuleTable.spans` in torch,
+:func:`rule_span` in Triton).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moaplan.errors import ModelError
+from moaplan.rules import Rule, query_spans, rule_arrays, rule_sinks, rule_spans, span_formula
+
+# Work items (split programs, all sequences together) the default chunk aims at: about one
+# per SM of an H100 (132); each program streams its chunk with several blocks resident per SM.
+# Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK slots, so a large batch
+# still splits its long heads.
+_TARGET_ITEMS = 128
+_MAX_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class HeadRules:
+    """One layer's rules at one length as host tensors (a prefill launcher plans its tiles
+    from them on the CPU, with no device sync): int64 ``sink`` per KV head, ``span`` per KV
+    head or, where a rule has ``query_windows``, per query head (the prefill's spans), and
+    bool ``compensate`` per KV head (RazorAttention's compensation token; False for full
+    rules)."""
+
+    sink: torch.Tensor
+    span: torch.Tensor
+    compensate: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RuleTable:
+    """One layer's rules, one per KV head: the record a plan hands to every kernel launcher.
+    The span coefficients sit on a device so that a decode step evaluates ``span(n)`` without
+    leaving it."""
+
+    rules: tuple[Rule, ...]
+    full: torch.Tensor  # bool [Hkv]
+    alpha: torch.Tensor  # float64 [Hkv]
+    beta: torch.Tensor  # float64 [Hkv]
+    min_span: torch.Tensor  # int64 [Hkv]
+    max_span: torch.Tensor  # int64 [Hkv]
+
+    @classmethod
+    def of(cls, rules: Sequence[Rule], device: torch.device | str = "cpu") -> RuleTable:
+        cols = rule_arrays(rules)
+        return cls(tuple(rules), *(torch.from_numpy(cols[name][:, 0]).to(device) for name in
+                                   ("full", "alpha", "beta", "min_span", "max_span")))
+
+    def spans(self, n: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv]`` int64 spans at real lengths ``n`` (``[B]``), in torch."""
+        return span_formula(n.to(torch.int64)[:, None], self.full, self.alpha, self.beta,
+                            self.min_span, self.max_span, xp=torch)
+
+    def at(self, n: int, group: int = 1) -> HeadRules:
+        """The sinks and spans at length ``n`` on the host, per query head where a rule has
+        ``query_windows`` (``group`` query heads per KV head)."""
+        windows = any(rule.query_windows is not None for rule in self.rules)
+        spans = query_spans(self.rules, n, group) if windows else rule_spans(self.rules, n)
+        return HeadRules(torch.from_numpy(rule_sinks(self.rules, n)), torch.from_numpy(spans),
+                         torch.from_numpy(rule_arrays(self.rules)["compensate"][:, 0]))
+
+
+@triton.jit
+def rule_span(n, full, alpha, beta, min_span, max_span):
+    """:func:`moaplan.rules.span_formula` in Triton, for one head at an int64 length ``n``."""
+    raw = tl.floor(alpha + beta * n.to(tl.float64) + 0.5).to(tl.int64)
+    return tl.where(full != 0, n, tl.minimum(tl.maximum(raw, min_span), tl.minimum(max_span, n)))
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """The static shape of one layer's compressed cache, and its split-KV work list."""
+
+    offsets: torch.Tensor  # int32 [Hkv]: first slot of each head
+    sinks: torch.Tensor  # int32 [Hkv]
+    rings: torch.Tensor  # int32 [Hkv]
+    items: torch.Tensor  # int32 [n_items, 2]: (KV head, first slot within the head)
+    first_item: torch.Tensor  # int32 [Hkv]: the items of head h are first_item[h] + 0..count-1
+    item_count: torch.Tensor  # int32 [Hkv]
+    chunk: int
+    capacity: int  # slots per sequence: sum of sink + ring
+    compensate: torch.Tensor  # int32 [Hkv]: 1 for heads with the compensation token
+    has_compensation: bool  # any head compensates (host copy, to pick the kernel variant)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.offsets.numel()
+
+    def head_slots(self, head: int) -> tuple[int, int]:
+        """``(first slot, number of slots)`` of one KV head (host ints)."""
+        return int(self.offsets[head]), int(self.sinks[head]) + int(self.rings[head])
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slot (within a sequence's buffer) of each head for token positions ``pos``
+        ``[...]``: int64 ``[..., Hkv]``."""
+        sink, ring, offset = (x.to(torch.int64) for x in (self.sinks, self.rings, self.offsets))
+        pos = pos[..., None]
+        return offset + torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
+
+
+def default_chunk(capacity: int, batch: int) -> int:
+    """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
+    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK`` (so the measured
+    shapes, batch 8 / 32K and batch 1 / 128K, both get the cap)."""
+    per_item = math.ceil(batch * capacity / _TARGET_ITEMS)
+    return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
+
+
+def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
+                  device: torch.device | str = "cpu", chunk: int | None = None,
+                  compensate: Sequence[bool] | None = None) -> DecodeLayout:
+    """Slot offsets and the work list for heads with ``sinks[h]`` sink slots and a ring of
+    ``rings[h]`` slots, split into work items of ``chunk`` slots (default: ``default_chunk``
+    for ``batch`` sequences; a layout runs any batch, ``batch`` only picks the chunk);
+    ``compensate`` marks the heads with a compensation token."""
+    sinks, rings = [int(s) for s in sinks], [int(r) for r in rings]
+    flags = [False] * len(sinks) if compensate is None else [bool(c) for c in compensate]
+    if len(sinks) != len(rings) or len(flags) != len(sinks) or not sinks:
+        raise ModelError(f"need one sink, one ring size and one compensate flag per KV head, "
+                         f"got {len(sinks)}, {len(rings)} and {len(flags)}")
+    if min(sinks) < 0 or min(rings) < 1:
+        raise ModelError(f"sinks must be >= 0 and rings >= 1, got {sinks} and {rings}")
+    if batch < 1:
+        raise ModelError(f"batch must be >= 1, got {batch}")
+    caps = [s + r for s, r in zip(sinks, rings)]
+    chunk = default_chunk(sum(caps), batch) if chunk is None else chunk
+    if chunk < 1:
+        raise ModelError(f"chunk must be >= 1, got {chunk}")
+    items, first, count = [], [], []
+    for h, cap in enumerate(caps):
+        first.append(len(items))
+        items.extend((h, start) for start in range(0, cap, chunk))
+        count.append(len(items) - first[-1])
+    offsets = [0]
+    for cap in caps[:-1]:
+        offsets.append(offsets[-1] + cap)
+
+    def ints(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return DecodeLayout(ints(offsets), ints(sinks), ints(rings), ints(items).reshape(-1, 2),
+                        ints(first), ints(count), chunk, sum(caps), ints(flags), any(flags))
+
+
+def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
+    """Token position held by each slot of one head after ``n[b]`` real tokens: int64
+    ``[B, sink + ring]``, ``-1`` for an empty slot."""
+    n = n.to(torch.int64)[:, None]
+    slot = torch.arange(sink + ring, device=n.device)
+    r = (slot - sink).clamp(min=0)
+    newest = (n - 1 - sink).clamp(min=0) % ring
+    age = (newest - r) % ring  # torch's % of ints is never negative
+    pos = torch.where(slot < sink, slot, n - 1 - age)
+    filled = torch.where(slot < sink, slot < n, r < (n - sink).clamp(0, ring))
+    return torch.where(filled, pos, -1)
