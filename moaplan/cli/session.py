@@ -80,7 +80,9 @@ def search_summary(result: SearchResult, settings: SearchSettings) -> str:
         "predicted vs measured rank correlation (Spearman, complete candidates): first order "
         f"{result.agreement['first_order']:.2f}, after the ablation correction "
         f"{result.agreement['corrected']:.2f}",
-        f"chosen: {result.chosen}",
+        f"chosen: {result.chosen}" + ("" if result.chosen == result.lowest else
+                                       f" (tied within 95% with the lowest KL, {result.lowest}; "
+                                       "the least loss the corrected profile predicts)"),
         "",
         plan_table(result.plan, [longest]),
     ]
