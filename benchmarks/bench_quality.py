@@ -52,7 +52,7 @@ from moaplan.io import atomic_write_text
 from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, Plan, best_duo_plan, uniform_plan
 from moaplan.runtime import apply, remove
-from moaplan.search import SearchSettings, search
+from moaplan.search import SearchSettings, answered, attend_locally, search
 from moaplan.validation import DenseReference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,8 +143,11 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         return replace(base, budget=Budget("kv", budget))
 
     probe = search_settings(settings.budgets[0])
-    held_out = [s for n, c in probe.validation_counts().items() for s in source(n, c, True)]
-    validation = DenseReference(model, held_out)
+    # the search's own validation: the same held-out samples, scored the same way
+    held_out = answered([s for n, c in probe.validation_counts().items()
+                         for s in source(n, c, True)])
+    validation = DenseReference(model, held_out,
+                                local=attend_locally(model, probe.target_lengths))
     text = text_samples(tokenizer, max(lengths), settings.text_windows, settings.seed)
     text_reference = DenseReference(model, text)
     targets = sorted({*probe.target_lengths, *lengths})
