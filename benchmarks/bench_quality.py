@@ -46,13 +46,13 @@ from tqdm import tqdm
 from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
 from moaplan.data.tasks import CALIBRATION_PHRASINGS
 from moaplan.data.tokens import text_row
-from moaplan.errors import BudgetError, MoaplanError
+from moaplan.errors import MoaplanError
 from moaplan.eval import perplexity, retrieval_accuracy
 from moaplan.io import atomic_write_text
 from moaplan.model import load_model
-from moaplan.plan import Budget, ModelShape, Plan, duo_plan, uniform_plan
+from moaplan.plan import Budget, ModelShape, Plan, best_duo_plan, uniform_plan
 from moaplan.runtime import apply, remove
-from moaplan.search import SearchSettings, dropped_shares, search
+from moaplan.search import SearchSettings, answered, attend_locally, search
 from moaplan.validation import DenseReference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ class QualitySettings:
     samples: int = 16  # per (length, depth) cell and task
     text_windows: int = 8  # held-out text windows at the longest length (ppl and KL)
     sink: int = 64
-    recent: int = 256  # the longest recent window of Duo streaming heads (see duo_baseline)
+    recent: int = 256  # the longest recent window of Duo streaming heads (see best_duo_plan)
     batch_size: int = 8
     seed: int = 0
     search: SearchSettings | None = None  # None: moaplan search's defaults, per test bed
@@ -105,28 +105,6 @@ def load_testbed(testbed: Testbed, device: str):
         raise MoaplanError(f"no model at {testbed.model}; run `make smollm2` first")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return load_model(testbed.model, dtype=dtype, device=device)
-
-
-def duo_baseline(shape: ModelShape, profile, budget: Budget, lengths: list[int],
-                 settings: QualitySettings) -> Plan:
-    """The best DuoAttention-style plan: heads scored like ``moaplan baseline duo``, trying
-    the recent windows ``recent``, ``recent / 2``, ... 32 and keeping the feasible plan with
-    the least dropped influence (the optimizer's first-order prediction)."""
-    best, best_cost, recent = None, np.inf, settings.recent
-    while recent >= 32:
-        try:
-            plan = duo_plan(shape, profile.duo_scores(settings.sink, recent), budget, lengths,
-                            settings.sink, recent)
-        except BudgetError:
-            recent //= 2
-            continue
-        cost = dropped_shares(profile, plan.flat_rules).sum()
-        if cost < best_cost:
-            best, best_cost = replace(plan, provenance={**plan.provenance, "recent": recent}), cost
-        recent //= 2
-    if best is None:
-        raise BudgetError(f"no DuoAttention-style plan meets KV budget {budget.value}")
-    return best
 
 
 def text_samples(tokenizer, length: int, count: int, seed: int) -> list[CalibrationSample]:
@@ -165,8 +143,11 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         return replace(base, budget=Budget("kv", budget))
 
     probe = search_settings(settings.budgets[0])
-    held_out = [s for n, c in probe.validation_counts().items() for s in source(n, c, True)]
-    validation = DenseReference(model, held_out)
+    # the search's own validation: the same held-out samples, scored the same way
+    held_out = answered([s for n, c in probe.validation_counts().items()
+                         for s in source(n, c, True)])
+    validation = DenseReference(model, held_out,
+                                local=attend_locally(model, probe.target_lengths))
     text = text_samples(tokenizer, max(lengths), settings.text_windows, settings.seed)
     text_reference = DenseReference(model, text)
     targets = sorted({*probe.target_lengths, *lengths})
@@ -233,7 +214,7 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
                                 "predicted": c.predicted, "corrected": c.corrected}
                                for c in found.candidates]})
             record("streaming", value, uniform_plan(shape, budget, targets, settings.sink))
-            duo = duo_baseline(shape, found.profile, budget, targets, settings)
+            duo = best_duo_plan(found.profile, budget, targets, settings.sink, settings.recent)
             record("duo", value, duo, full_heads=duo.provenance["full_heads"],
                    recent=duo.provenance["recent"])
             record("searched", value, found.plan, chosen=found.chosen, search_seconds=seconds,

@@ -49,6 +49,10 @@ def test_model_calibration_responses_are_the_models_greedy_continuations():
     for row, s in enumerate(samples):
         positions = s.response_mask.nonzero().squeeze(1)
         assert torch.equal(predicted[row, positions - 1], s.input_ids[positions])
+    # each task records whether the model answered it (the reference model retrieves its
+    # passkey); running text has no answer to miss
+    assert [s.answered is None for s in samples] == [False] * 4 + [True]
+    assert samples[0].answered is True
 
 
 def test_model_calibration_uses_the_chat_template_and_cuts_no_needle():

@@ -72,9 +72,13 @@ def test_search_end_to_end(checkpoint, monkeypatch, capsys):
     assert search["candidates"]["streaming"]["state"] == "complete"  # never pruned
     assert len(search["ablated_heads"]) == 2  # --ablate 2: measured one head at a time
     assert set(search["predicted_vs_measured_spearman"]) == {"first_order", "corrected"}
-    chosen = search["candidates"][search["chosen"]]["kl"]
-    assert chosen <= min(c["kl"] for c in search["candidates"].values()
-                         if c["state"] == "complete")
+    # the lowest KL, and every other complete candidate's paired interval against it
+    chosen = search["candidates"][search["chosen"]]
+    assert chosen["kl"] == min(c["kl"] for c in search["candidates"].values()
+                               if c["state"] == "complete")
+    assert chosen["vs_chosen_95"] == [0.0, 0.0]
+    assert all(len(c["vs_chosen_95"]) == 2 for c in search["candidates"].values()
+               if c["state"] == "complete")
     profile = next((checkpoint / "profiles").glob("*.safetensors"))
     assert plan.provenance["profile"] == str(profile.relative_to(checkpoint))
 
@@ -166,21 +170,92 @@ def test_profile_then_search_and_duo_reuse_the_default_profile(checkpoint, tmp_p
         written.name, written.name.replace(".safetensors", ".profile.yaml")}
 
 
-def test_ablation_correction_rescales_the_measured_heads_only():
+def test_ablation_correction_scales_up_only_the_heads_that_lose_more_than_predicted():
     from moaplan.plan import Budget, ModelShape
     from moaplan.profile import Profile
     from moaplan.search import SearchSettings, correction_factors, protection_order
 
-    shape = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    shape = ModelShape(num_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=8)
     rng = np.random.default_rng(0)
     profile = Profile(model=shape, block=64, lengths=[1024], samples={1024: 1})
-    profile.add(1024, rng.random((4, 16, 2)), rng.random((4, 1, 16, 2)))
+    profile.add(1024, rng.random((8, 16, 2)), rng.random((8, 1, 16, 2)))
     settings = SearchSettings(budget=Budget("kv", 0.5), lengths=[1024], validation_length=768)
     share = profile.dropped_share(moaplan.plan.uniform_rule(settings.budget,
                                                             settings.target_lengths))
-    # Head 2 loses ten times what its share predicts relative to head 0.
-    measured = {0: float(share[0]), 2: float(10 * share[2])}
-    factors = correction_factors(profile, settings, measured)
-    assert factors[1] == factors[3] == 1.0  # not measured: unchanged
-    assert factors[2] / factors[0] == pytest.approx(10.0)
-    assert protection_order(profile, settings, measured)[:2] == [2, 0]
+    a, b, big, small = [int(h) for h in np.flatnonzero(share > 0)[:4]]
+    # Against the typical (median) head: ``big`` loses ten times what its share predicts,
+    # ``small`` a tenth of it; ``a`` and ``b`` as predicted (0.01 per unit of share).
+    measured = {a: 0.01 * share[a], b: 0.01 * share[b], big: 0.1 * share[big],
+                small: 0.001 * share[small]}
+    factors = correction_factors(profile, settings, {h: float(v) for h, v in measured.items()})
+    assert factors[big] == pytest.approx(10.0)
+    # a head that loses less than predicted keeps its costs: the ablation priced one rule
+    assert factors[a] == factors[b] == factors[small] == 1.0
+    others = [h for h in range(8) if h not in measured]
+    assert (factors[others] == 1.0).all()  # not measured: unchanged
+    assert protection_order(profile, settings, measured)[0] == big
+
+
+def _random_profile(shape, lengths: list[int]):
+    from moaplan.profile import Profile
+
+    rng = np.random.default_rng(1)
+    profile = Profile(model=shape, block=64, lengths=lengths, samples={n: 1 for n in lengths})
+    for n in lengths:
+        profile.add(n, rng.random(profile.far_sum[n].shape), rng.random(profile.sink_sum[n].shape))
+    return profile
+
+
+def test_duo_stays_a_candidate_where_its_default_window_does_not_fit():
+    """At KV 0.3 from 1K, 64 sinks + 256 recent keys (31% of 1K) leave no room for full heads:
+    the Duo candidate takes the shorter recent window that fits and drops the least (measured:
+    without it the search never compared against the Duo plan the benchmark then beat it
+    with)."""
+    from moaplan.errors import BudgetError
+    from moaplan.plan import Budget, ModelShape, best_duo_plan, duo_plan
+    from moaplan.search import SearchSettings, candidate_plans
+
+    shape = ModelShape(num_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    lengths = [1024, 2048, 4096]
+    profile = _random_profile(shape, lengths)
+    budget = Budget("kv", 0.3)
+    with pytest.raises(BudgetError):
+        duo_plan(shape, profile.duo_scores(64, 256), budget, lengths)
+    plan = best_duo_plan(profile, budget, lengths)
+    assert plan.provenance["recent"] < 256 and plan.provenance["full_heads"] > 0
+    assert (plan.densities(lengths)["kv"].mean((0, 1)) <= 0.3 + 1e-9).all()
+    # of the feasible windows, the one that drops the least
+    costs = {}
+    for recent in (128, 64, 32):
+        try:
+            other = duo_plan(shape, profile.duo_scores(64, recent), budget, lengths, 64, recent)
+        except BudgetError:
+            continue
+        costs[recent] = profile.dropped_share(other.flat_rules).sum()
+    assert plan.provenance["recent"] == min(costs, key=costs.get)
+
+    settings = SearchSettings(budget=budget, lengths=lengths, validation_length=3072, ablate=0)
+    names = [name for name, _, _ in candidate_plans(profile, settings, np.ones(16),
+                                                     list(range(16)))]
+    assert "duo" in names and "streaming" in names
+    # Duo's full heads also enter with the budget Duo leaves unspent given to the others
+    candidates = {name: plan for name, plan, _ in candidate_plans(
+        profile, settings, np.ones(16), list(range(16)))}
+    spent = candidates["duo heads full, rest uniform"]
+    assert [r.full for r in spent.flat_rules] == [r.full for r in plan.flat_rules]
+    kv = spent.densities(lengths)["kv"].mean((0, 1))
+    assert (kv <= 0.3 + 1e-9).all() and (kv > plan.densities(lengths)["kv"].mean((0, 1))).all()
+
+
+def test_validation_leaves_out_the_tasks_the_dense_model_did_not_answer():
+    """A task the dense model got wrong shows only how each plan perturbs a guess; running
+    text and user records (no known answer) stay; nothing left is a clear error."""
+    from moaplan.data import CalibrationSample
+    from moaplan.errors import DataError
+    from moaplan.search import answered
+
+    ids, mask = torch.arange(8), torch.ones(8, dtype=torch.bool)
+    right, wrong, text = (CalibrationSample(ids, mask, flag) for flag in (True, False, None))
+    assert answered([right, wrong, text, wrong]) == [right, text]
+    with pytest.raises(DataError, match="answered none of the 2 held-out tasks"):
+        answered([wrong, wrong])

@@ -28,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="longer lengths the plan must also meet the budget at")
     parser.add_argument("--sink", type=non_negative_int, default=64,
                         help="sink tokens (default 64)")
-    parser.add_argument("--recent", type=positive_int, default=256,
-                        help="duo: recent window of streaming heads (default 256)")
+    parser.add_argument("--recent", type=positive_int, default=None,
+                        help="duo: recent window of streaming heads (default: of 256, 128, "
+                             "64 and 32, the feasible one that drops the least influence)")
     parser.add_argument("--out", required=True, help="plan file to write")
     add_json_argument(parser)
     parser.set_defaults(run=run)
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from moaplan.plan import (
         Budget,
         ModelShape,
+        best_duo_plan,
         check_plan_output,
         duo_plan,
         save_plan,
@@ -65,8 +67,11 @@ def run(args: argparse.Namespace) -> int:
         # the profiler's own block size and rule space, as search's defaults
         profile = obtain_profile(session.model, samples, session.profile_path,
                                  gradient_checkpointing=session.layout.checkpointing)
-        plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
-                        lengths, args.sink, args.recent)
+        if args.recent is None:
+            plan = best_duo_plan(profile, budget, lengths, args.sink)
+        else:
+            plan = duo_plan(profile.model, profile.duo_scores(args.sink, args.recent), budget,
+                            lengths, args.sink, args.recent)
     save_plan(plan, args.out)
     if args.json:
         from moaplan.plan.report import plan_record

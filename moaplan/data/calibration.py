@@ -37,20 +37,23 @@ from moaplan.errors import DataError
 class CalibrationSample:
     input_ids: torch.Tensor  # LongTensor [N]
     response_mask: torch.Tensor  # BoolTensor [N], True on response tokens
+    # whether the response holds the task's answer (None: no known answer, e.g. running
+    # text or a user's record)
+    answered: bool | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.shape != self.response_mask.shape or self.input_ids.dim() != 1:
             raise ValueError("input_ids and response_mask must be 1-D tensors of equal length")
 
 
-def _sample(prompt: list[int], response: list[int], scored: int | None = None
-            ) -> CalibrationSample:
+def _sample(prompt: list[int], response: list[int], scored: int | None = None,
+            answered: bool | None = None) -> CalibrationSample:
     """``prompt + response`` with the loss on the first ``scored`` response tokens (all if
     None)."""
     mask = torch.zeros(len(prompt) + len(response), dtype=torch.bool)
     mask[len(prompt) : len(prompt) + (len(response) if scored is None else scored)] = True
     mask[0] = False
-    return CalibrationSample(torch.tensor(prompt + response, dtype=torch.long), mask)
+    return CalibrationSample(torch.tensor(prompt + response, dtype=torch.long), mask, answered)
 
 
 # The families the default calibration data cycles through (those that fit the length):
@@ -67,6 +70,7 @@ class _Prompt:
     ids: list[int]
     scored: int | None  # response tokens the loss is taken on (None: all)
     respond: int  # response tokens to generate
+    answer: list[int] | None = None  # the task's own answer (None: running text)
 
 
 def _prompt(kind: str, wording: str, tokenizer, corpus, length: int, depth: float,
@@ -83,7 +87,7 @@ def _prompt(kind: str, wording: str, tokenizer, corpus, length: int, depth: floa
     task = CALIBRATION_TASKS[kind](tokenizer, corpus, length - extra, depth, rng, phrasing,
                                    frame)
     respond = len(task.answer_ids) + extra
-    return _Prompt(task.input_ids[: task.answer_start], respond, respond)
+    return _Prompt(task.input_ids[: task.answer_start], respond, respond, task.answer_ids)
 
 
 @torch.inference_mode()
@@ -109,7 +113,8 @@ def model_calibration(
     what a model rambles on with after answering depends on recent text only, and would drown
     the few tokens that depend on the needle.  Needle depths are stratified over the retrieval
     prompts, so that even a few samples include a needle far back; a prompt is built around
-    its needles at the exact length, never cut."""
+    its needles at the exact length, never cut.  Each task sample records whether the model
+    answered it (:attr:`CalibrationSample.answered`)."""
     if length < 4 * TEXT_RESPONSE_TOKENS:
         raise DataError(f"length {length} is too short for calibration prompts; give lengths "
                         f"of at least {4 * TEXT_RESPONSE_TOKENS} tokens")
@@ -136,7 +141,16 @@ def model_calibration(
                                  max_new_tokens=respond, min_new_tokens=respond,
                                  do_sample=False)
             responses.update(zip(chunk, out[:, ids.shape[1]:].tolist()))
-    return [_sample(p.ids, responses[i], p.scored) for i, p in enumerate(prompts)]
+    return [_sample(p.ids, responses[i], p.scored, _answered(tokenizer, p.answer, responses[i]))
+            for i, p in enumerate(prompts)]
+
+
+def _answered(tokenizer, answer: list[int] | None, response: list[int]) -> bool | None:
+    """Whether ``response`` holds the task's ``answer`` (compared as text: a chat model may
+    restate the question first, and may split the answer into other tokens)."""
+    if answer is None:
+        return None
+    return tokenizer.decode(answer).strip() in tokenizer.decode(response)
 
 
 def _chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:

@@ -5,16 +5,20 @@
   is the fair comparison with elastic searched plans.
 - ``duo_plan``: DuoAttention-style, the heads with the highest scores full and the rest a
   constant sink + recent window, with as many full heads as the budget allows.
+- ``best_duo_plan``: the ``duo_plan`` a user would pick from a profile: of the recent windows
+  ``recent``, ``recent / 2``, ... 32, the feasible plan that drops the least influence.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from moaplan.errors import BudgetError
 from moaplan.plan.record import Budget, Plan
+from moaplan.profile import Profile
 from moaplan.rules import Rule, density
 from moaplan.shape import ModelShape
 
@@ -81,3 +85,30 @@ def duo_plan(shape: ModelShape, head_scores: np.ndarray, budget: Budget, lengths
     rules = [[Rule.full_attention() if f else stream for f in row] for row in full]
     return Plan(model=shape, rules=rules, budget=budget, lengths=lengths,
                 provenance={"baseline": "duo", "full_heads": n_full})
+
+
+def best_duo_plan(profile: Profile, budget: Budget, lengths: list[int], sink: int = 64,
+                  recent: int = 256) -> Plan:
+    """The best DuoAttention-style plan from ``profile``: trying the recent windows
+    ``recent``, ``recent / 2``, ... down to 32, the feasible one whose rules drop the least
+    profiled influence.  A fixed recent window is infeasible at tight budgets and short
+    lengths (64 + 256 keys are 31% of 1K), where a shorter one still leaves room for full
+    heads; provenance records the window chosen."""
+    best, best_cost = None, np.inf
+    while recent >= 32:
+        try:
+            plan = duo_plan(profile.model, profile.duo_scores(sink, recent), budget, lengths,
+                            sink, recent)
+        except BudgetError:
+            recent //= 2
+            continue
+        cost = float(profile.dropped_share(plan.flat_rules).sum())
+        if cost < best_cost:
+            best = replace(plan, provenance={**plan.provenance, "recent": recent})
+            best_cost = cost
+        recent //= 2
+    if best is None:
+        raise BudgetError(f"no DuoAttention-style plan with {sink} sinks meets {budget.kind} "
+                          f"density {budget.value} at lengths {sorted(lengths)}; raise the "
+                          "budget or lower --sink")
+    return best

@@ -140,12 +140,19 @@ class Profile:
         """The optimizer's cost matrix ``(heads, len(rules))`` at a profiled length."""
         return dropped_influence(self.far(length), self.sink(length), rules, length, self.block)
 
-    def dropped_share(self, rule: Rule) -> np.ndarray:
-        """``(heads,)`` the influence ``rule`` drops on each head as a share of all heads'
-        total, averaged over the profiled lengths that have samples: how much a head loses
-        under one rule, comparable across lengths whose raw influence differs by orders of
-        magnitude."""
-        shares = [self.dropped_influence([rule], n)[:, 0] / max(self.total(n).sum(), 1e-300)
+    def dropped_share(self, rules: Rule | Sequence[Rule]) -> np.ndarray:
+        """``(heads,)`` the influence each head drops as a share of all heads' total,
+        averaged over the profiled lengths that have samples: how much a head loses,
+        comparable across lengths whose raw influence differs by orders of magnitude.
+        ``rules``: one rule for every head, or one rule per head (a plan's ``flat_rules``)."""
+        if isinstance(rules, Rule):
+            unique, column = [rules], np.zeros(self.num_heads, dtype=np.int64)
+        else:
+            unique = list(dict.fromkeys(rules))
+            column = np.array([unique.index(r) for r in rules])
+        heads = np.arange(self.num_heads)
+        shares = [self.dropped_influence(unique, n)[heads, column]
+                  / max(self.total(n).sum(), 1e-300)
                   for n in self.lengths if self.finished[n]]
         return np.mean(shares, axis=0)
 
