@@ -127,6 +127,7 @@ class SearchResult:
     profile: Profile
     ablation: dict[int, float]  # KV head -> measured KL with that head alone restricted
     agreement: dict[str, float]  # rank correlation of predicted vs measured, before / after
+    unanswered: int  # held-out tasks left out: the dense model missed their answer
 
 
 # (length, count, held_out) -> samples of that length; held-out samples are never the ones
@@ -476,6 +477,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     drawn = [s for group in itertools.zip_longest(*by_length) for s in group if s is not None]
     check_disjoint(samples, drawn)
     held_out = answered(drawn)
+    unanswered = len(drawn) - len(held_out)
     local = attend_locally(model, settings.target_lengths)
     # The profile is taken on the long-range response tokens: the rest would drown them.
     calibration = {n: DenseReference(model, group, local=local) for n, group in samples.items()}
@@ -527,7 +529,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         "search": {
             "chosen": name,
             "validation": {"lengths": settings.validation_lengths, "samples": len(held_out),
-                           "unanswered_left_out": len(drawn) - len(held_out),
+                           "unanswered_left_out": unanswered,
                            "long_range_tokens": round(reference.long_range_share(), 4),
                            "kl": round(best.mean_kl, 6),
                            "kl_95": [round(best.kl_interval().low, 6),
@@ -541,7 +543,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     }
     save_plan(plan, out)
     return SearchResult(plan=plan, chosen=name, candidates=results, profile=profile,
-                        ablation=measured, agreement=agreement)
+                        ablation=measured, agreement=agreement, unanswered=unanswered)
 
 
 def _record(result: Measured, chosen: Measured) -> dict[str, Any]:

@@ -74,12 +74,11 @@ def search_summary(result: SearchResult, settings: SearchSettings) -> str:
         lines.append(f"{c.name:<30} {dens['kv'].mean():>8.3f} {dens['attention'].mean():>10.3f} "
                      f"{kl:>26} {match:>6} {diff:>28} {c.predicted:>9.4f} {c.corrected:>9.4f}")
     n = len(chosen.score.kl)
-    unanswered = result.plan.provenance["search"]["validation"]["unanswered_left_out"]
+    left_out = (f" ({result.unanswered} tasks the dense model did not answer left out)"
+                if result.unanswered else "")
     lines += [
         "",
-        f"validation: {n} held-out samples" + (
-            f" ({unanswered} tasks the dense model did not answer left out)" if unanswered
-            else "") + " at lengths "
+        f"validation: {n} held-out samples{left_out} at lengths "
         f"{', '.join(map(str, settings.validation_lengths))}; KL(dense || plan) per response "
         f"token; densities at {longest}",
         "predicted vs measured rank correlation (Spearman, complete candidates): first order "
