@@ -52,7 +52,7 @@ from moaplan.io import atomic_write_text
 from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, Plan, best_duo_plan, uniform_plan
 from moaplan.runtime import apply, remove
-from moaplan.search import SearchSettings, answered, attend_locally, search
+from moaplan.search import SearchSettings, attend_locally, search
 from moaplan.validation import DenseReference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,8 +144,7 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
 
     probe = search_settings(settings.budgets[0])
     # the search's own validation: the same held-out samples, scored the same way
-    held_out = answered([s for n, c in probe.validation_counts().items()
-                         for s in source(n, c, True)])
+    held_out = [s for n, c in probe.validation_counts().items() for s in source(n, c, True)]
     validation = DenseReference(model, held_out,
                                 local=attend_locally(model, probe.target_lengths))
     text = text_samples(tokenizer, max(lengths), settings.text_windows, settings.seed)
@@ -156,7 +155,7 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
         "settings": asdict(replace(settings, search=None)) | {
             "lengths": lengths, "validation_length": validation_length,
             "validation_lengths": probe.validation_lengths,
-            "validation_samples": len(held_out), "profile_samples": probe.samples,
+            "validation_samples": len(validation), "profile_samples": probe.samples,
             "candidates": probe.candidates, "ablate": probe.ablate,
             "target_lengths": targets}},
         "methods": [], "searches": []}

@@ -127,7 +127,7 @@ class SearchResult:
     profile: Profile
     ablation: dict[int, float]  # KV head -> measured KL with that head alone restricted
     agreement: dict[str, float]  # rank correlation of predicted vs measured, before / after
-    unanswered: int  # held-out tasks left out: the dense model missed their answer
+    forced: int  # held-out tasks the dense model missed, scored on their own answer
 
 
 # (length, count, held_out) -> samples of that length; held-out samples are never the ones
@@ -417,19 +417,6 @@ def check_disjoint(profiled: Samples, held_out: list[Any]) -> None:
                         "more data, or fewer --samples / --validation-samples")
 
 
-def answered(held_out: list[Any]) -> list[Any]:
-    """The held-out samples that can show what a plan loses: a task whose answer the dense
-    model missed only shows how differently each plan perturbs a guess (on the second test
-    bed, key-value prompts in a wording it was not trained on: validation KL 0.2 for plans
-    that keep every needle), so it is left out; samples without a known answer stay."""
-    kept = [s for s in held_out if getattr(s, "answered", None) is not False]
-    if not kept:
-        raise DataError(f"the dense model answered none of the {len(held_out)} held-out "
-                        "tasks; give calibration data it can answer (--data JSONL in its "
-                        "own format)")
-    return kept
-
-
 def _study_name(profile: Profile, settings: SearchSettings, held_out: list[Any]) -> str:
     digest = hashlib.sha1(b"".join(_sample_digest(s) for s in held_out))
     digest.update(repr((settings.ablate, settings.candidates, settings.rule_space.compensate,
@@ -474,10 +461,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     samples = {n: source(n, settings.samples, False) for n in settings.lengths}
     # The validation lengths alternate, so every step of a running score sees them all.
     by_length = [source(n, count, True) for n, count in settings.validation_counts().items()]
-    drawn = [s for group in itertools.zip_longest(*by_length) for s in group if s is not None]
-    check_disjoint(samples, drawn)
-    held_out = answered(drawn)
-    unanswered = len(drawn) - len(held_out)
+    held_out = [s for group in itertools.zip_longest(*by_length) for s in group if s is not None]
+    check_disjoint(samples, held_out)
     local = attend_locally(model, settings.target_lengths)
     # The profile is taken on the long-range response tokens: the rest would drown them.
     calibration = {n: DenseReference(model, group, local=local) for n, group in samples.items()}
@@ -497,6 +482,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         on_step("reference", 0, 1, "dense model on the held-out samples")
     reference = shared_reference(model, held_out, local, storage=storage,
                                  study_name=f"{name}-reference")
+    forced = sum(getattr(s, "answered", None) is False for s in reference.samples)
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         score = _scored(model, candidates[index][1], reference,
@@ -528,8 +514,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         "profile": str(profile_path),
         "search": {
             "chosen": name,
-            "validation": {"lengths": settings.validation_lengths, "samples": len(held_out),
-                           "unanswered_left_out": unanswered,
+            "validation": {"lengths": settings.validation_lengths, "samples": len(reference),
+                           "answers_forced": forced,
                            "long_range_tokens": round(reference.long_range_share(), 4),
                            "kl": round(best.mean_kl, 6),
                            "kl_95": [round(best.kl_interval().low, 6),
@@ -543,7 +529,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
     }
     save_plan(plan, out)
     return SearchResult(plan=plan, chosen=name, candidates=results, profile=profile,
-                        ablation=measured, agreement=agreement, unanswered=unanswered)
+                        ablation=measured, agreement=agreement, forced=forced)
 
 
 def _record(result: Measured, chosen: Measured) -> dict[str, Any]:

@@ -4,9 +4,9 @@ A plan is scored by the divergence of its next-token distributions from the dens
 the response tokens of held-out samples (whose responses the dense model wrote itself):
 ``KL(dense || plan)``.  Unlike the response loss, it does not saturate: a plan that keeps a
 retrieved answer still pays for every bit of confidence it loses, and a plan can never score
-better than dense.  Beside it, the *match* rate: the share of samples whose every response
-token is still the plan's top token, i.e. greedy decoding would write the dense model's
-answer.
+better than dense.  Beside it, the *match* rate: the share of samples where at every
+response position the plan's top token is the dense model's, i.e. greedy decoding would
+write the dense model's answer.
 
 Most tokens are predicted as well from the last few hundred tokens as from the whole
 context; a plain mean over them hides the few that need the far context, which is exactly
@@ -14,7 +14,10 @@ what a sparse plan can lose (LongPPL's observation, Fang et al. 2024).  So the r
 tokens are split once, with the dense model under a *local* plan (every head sees 64 sink
 tokens and the last 256): a token is *long-range* when the dense model predicts it at least
 ``LONG_RANGE_GAIN`` nats better with the whole context.  A sample's score is the mean of
-its long-range tokens' KL and its other tokens' KL (whichever it has).
+its long-range tokens' KL and its other tokens' KL (whichever it has).  A task the dense
+model missed carries the task's own answer, teacher-forced
+(:attr:`~moaplan.data.CalibrationSample.answered`); its score is its long-range tokens' KL
+alone, since its other tokens only show how each plan perturbs a guess.
 
 The dense distributions are measured once and kept as their ``top_k`` most likely tokens
 plus one bucket for the rest; the KL is that of the two distributions coarsened to those
@@ -94,11 +97,16 @@ class _Reference:
     top_ids: torch.Tensor  # [T, k] the dense model's most likely tokens
     top_logp: torch.Tensor  # [T, k + 1] their log-probabilities, then the rest's
     long_range: torch.Tensor  # [T] bool: the token needs the far context
+    forced: bool  # the response is a missed task's answer, teacher-forced
 
     def sample_score(self, kl: torch.Tensor) -> float:
-        """The mean of the long-range tokens' KL and the other tokens' KL."""
+        """The mean of the long-range tokens' KL and the other tokens' KL; for a forced
+        answer, the long-range tokens' alone (all tokens if it has none)."""
+        if self.forced and self.long_range.any():
+            return float(kl[self.long_range].mean())
         parts = [kl[m].mean() for m in (self.long_range, ~self.long_range) if m.any()]
         return float(torch.stack(parts).mean())
+
 
 
 def _response_positions(sample: Sample) -> torch.Tensor:
@@ -162,8 +170,10 @@ def _references(model: torch.nn.Module, samples: Sequence[Sample], top_k: int,
         targets = s.input_ids[positions + 1]
         long_range = torch.zeros(len(positions), dtype=torch.bool) if near is None else (
             _target_logp(logits, targets) - _target_logp(near, targets) >= LONG_RANGE_GAIN)
+        # a forced answer is told apart only where its long-range tokens are marked
+        forced = near is not None and getattr(s, "answered", None) is False
         refs.append(_Reference(positions, targets, top_ids, _coarse_logp(logits, top_ids),
-                               long_range))
+                               long_range, forced))
     return refs
 
 
@@ -180,6 +190,7 @@ def reference_part(model: torch.nn.Module, samples: Sequence[Sample], rows: list
         arrays[f"ids{j}"] = ref.top_ids.numpy().astype(np.int32)  # a vocabulary fits int32
         arrays[f"logp{j}"] = ref.top_logp.numpy()
         arrays[f"long{j}"] = ref.long_range.numpy()
+        arrays[f"forced{j}"] = np.array(ref.forced)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -189,7 +200,8 @@ class DenseReference:
     """The dense model's distributions on the response tokens of ``samples``, against which
     plans are scored (:meth:`score`).  ``local`` (a callable that makes the model attend
     locally and returns an undo callable, e.g. applying a plan) marks the long-range
-    tokens; without it every token counts alike."""
+    tokens; without it every token counts alike.  ``samples`` keeps the samples scored: with
+    ``local``, a forced answer without a long-range token is left out (:meth:`_keep`)."""
 
     def __init__(self, model: torch.nn.Module, samples: Sequence[Sample], top_k: int = TOP_K,
                  local: Callable[[], Callable[[], None]] | None = None):
@@ -199,7 +211,7 @@ class DenseReference:
             if not bool(s.response_mask[1:].any()):
                 raise DataError("a held-out sample has no response tokens")
         self.samples = list(samples)
-        self.refs: list[_Reference] = _references(model, self.samples, top_k, local)
+        self._keep(_references(model, self.samples, top_k, local))
 
     @classmethod
     def from_parts(cls, samples: Sequence[Sample], parts: Sequence[tuple[list[int], str]]
@@ -216,11 +228,26 @@ class DenseReference:
                     refs[i] = _Reference(positions, samples[i].input_ids[positions + 1],
                                          torch.from_numpy(arrays[f"ids{j}"].astype(np.int64)),
                                          torch.from_numpy(arrays[f"logp{j}"]),
-                                         torch.from_numpy(arrays[f"long{j}"]))
+                                         torch.from_numpy(arrays[f"long{j}"]),
+                                         bool(arrays[f"forced{j}"]))
         if any(r is None for r in refs):
             raise DataError("the reference parts do not cover every held-out sample")
-        reference.refs = refs  # type: ignore[assignment]
+        reference._keep(refs)  # type: ignore[arg-type]
         return reference
+
+    def _keep(self, refs: list[_Reference]) -> None:
+        """Keep the samples a plan can show a loss on: a forced answer without a long-range
+        token is left out (the dense model does not use the far context for it; on the
+        reference model, copying a half line of code it cannot copy)."""
+        kept = [(s, r) for s, r in zip(self.samples, refs)
+                if not (r.forced and not r.long_range.any())]
+        if not kept:
+            raise DataError(f"none of the {len(refs)} samples shows what a plan loses: the "
+                            "dense model missed every task and needs no far context for its "
+                            "answers; give calibration data it can answer (--data JSONL in "
+                            "its own format)")
+        self.samples = [s for s, _ in kept]
+        self.refs = [r for _, r in kept]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -257,7 +284,7 @@ class DenseReference:
                 p = ref.top_logp.exp()
                 token_kl = (p * (ref.top_logp - plan_logp)).sum(1).clamp(min=0)
                 kl.append(ref.sample_score(token_kl))
-                match.append(bool((logits.argmax(1) == ref.targets).all()))
+                match.append(bool((logits.argmax(1) == ref.top_ids[:, 0]).all()))
             if report is not None:
                 report(step, Score(tuple(kl), tuple(match)))
         return Score(tuple(kl), tuple(match))

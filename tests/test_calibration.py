@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moaplan.data import CalibrationFile, CalibrationSample, load_calibration, model_calibration
+from moaplan.data.calibration import CHAT_ANSWER_TOKENS
 from moaplan.errors import DataError
 from moaplan.model import byte_tokenizer, load_model
 from moaplan.model.tokenizer import BOS_ID
@@ -28,13 +29,14 @@ def _write_jsonl(path, records):
     return path
 
 
-def test_model_calibration_responses_are_the_models_greedy_continuations():
+def test_model_calibration_responses_are_the_models_greedy_continuations_or_forced_answers():
     model, tok = load_model()
     samples = model_calibration(model, tok, length=1024, n_samples=5, seed=0)
     assert len(samples) == 5
     # The families in turn (1024 tokens leave out multidoc): passkey, kv, repeat, copy, text.
     # A retrieval prompt stops before its answer and the model writes exactly that many
-    # tokens, all scored; a text prompt is followed by 64 scored tokens.
+    # tokens (or, where it misses the answer, the answer is teacher-forced), all scored; a
+    # text prompt is followed by 64 scored tokens.
     for s in samples:
         assert s.input_ids.dtype == torch.long and s.response_mask.dtype == torch.bool
         assert s.input_ids.shape == (1024,)
@@ -48,11 +50,19 @@ def test_model_calibration_responses_are_the_models_greedy_continuations():
         predicted = model(input_ids=batch).logits.argmax(-1)
     for row, s in enumerate(samples):
         positions = s.response_mask.nonzero().squeeze(1)
-        assert torch.equal(predicted[row, positions - 1], s.input_ids[positions])
+        greedy = torch.equal(predicted[row, positions - 1], s.input_ids[positions])
+        if s.answered is False:
+            # the forced answer is the needle's (the model wrote something else)
+            assert not greedy
+            answer, prompt = (tok.decode(s.input_ids[part]) for part in
+                              (positions, slice(0, positions[0])))
+            assert answer.strip() in prompt
+        else:
+            assert greedy
     # each task records whether the model answered it (the reference model retrieves its
-    # passkey); running text has no answer to miss
+    # passkey, misses the copy task at seed 0); running text has no answer to miss
     assert [s.answered is None for s in samples] == [False] * 4 + [True]
-    assert samples[0].answered is True
+    assert samples[0].answered is True and False in [s.answered for s in samples]
 
 
 def test_model_calibration_uses_the_chat_template_and_cuts_no_needle():
@@ -61,7 +71,8 @@ def test_model_calibration_uses_the_chat_template_and_cuts_no_needle():
     samples = model_calibration(model, tok, length=1024, n_samples=2, seed=1)
     texts = [bytes(s.input_ids.tolist()).decode("utf-8", errors="replace") for s in samples]
     for s, text in zip(samples, texts):
-        assert s.input_ids.shape == (1024,)
+        # a forced answer (the model missed it) stands for the model's longer chat reply
+        assert len(s.input_ids) == 1024 - CHAT_ANSWER_TOKENS * (s.answered is False)
         assert "<user>" in text[:10] and "</user>\n<assistant>" in text
         # the answer comes after the template's generation prompt
         assert text.index("<assistant>") < int(s.response_mask.nonzero()[0])

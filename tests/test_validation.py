@@ -10,6 +10,7 @@ import moaplan
 from moaplan.data import model_calibration
 from moaplan.model import load_model
 from moaplan.plan import Budget, ModelShape, uniform_plan
+from moaplan.search import attend_locally
 from moaplan.validation import DenseReference, Interval, Score, rank_correlation
 
 
@@ -70,3 +71,35 @@ def test_intervals_and_paired_differences():
     assert a.match_rate() == pytest.approx(2 / 3)
     assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert np.isnan(rank_correlation([1, 2], [3, 4]))
+
+
+def test_a_missed_task_counts_on_its_long_range_answer_tokens_alone():
+    """A task the dense model missed carries its own answer, teacher-forced; only the tokens
+    that need the far context count (the others show how a plan perturbs a guess), and a
+    forced answer without one is left out."""
+    model, tokenizer = load_model()
+    # seed 0 at 1024: passkey and kv answered; repeat missed, with long-range answer tokens;
+    # copy missed, with none; text
+    samples = model_calibration(model, tokenizer, length=1024, n_samples=5, seed=0)
+    assert [s.answered for s in samples] == [True, True, False, False, None]
+    dense = DenseReference(model, samples, local=attend_locally(model, [1024]))
+    assert dense.samples == [samples[i] for i in (0, 1, 2, 4)]
+    forced = dense.refs[2]
+    assert forced.forced and 0 < forced.long_range.sum() < len(forced.long_range)
+    # without the local plan nothing is told apart: every sample, every token
+    assert len(DenseReference(model, samples).samples) == 5
+
+    plan = uniform_plan(ModelShape.from_config(model.config), Budget("kv", 0.3), [1024])
+    moaplan.apply(model, plan)
+    try:
+        score = dense.score(model)
+        with torch.no_grad():
+            logits = model(input_ids=samples[2].input_ids[None]).logits[0].float()
+    finally:
+        moaplan.remove(model)
+    p = forced.top_logp.exp()
+    plan_logp = torch.log_softmax(logits[forced.positions], -1).gather(1, forced.top_ids)
+    rest = torch.log1p(-plan_logp.exp().sum(1).clamp(max=1 - 1e-7))
+    token_kl = (p * (forced.top_logp - torch.cat([plan_logp, rest[:, None]], 1))).sum(1)
+    assert score.kl[2] == pytest.approx(float(token_kl[forced.long_range].mean()), rel=1e-4)
+    assert score.kl[2] != pytest.approx(float(token_kl.mean()), rel=1e-2)

@@ -74,11 +74,11 @@ def search_summary(result: SearchResult, settings: SearchSettings) -> str:
         lines.append(f"{c.name:<30} {dens['kv'].mean():>8.3f} {dens['attention'].mean():>10.3f} "
                      f"{kl:>26} {match:>6} {diff:>28} {c.predicted:>9.4f} {c.corrected:>9.4f}")
     n = len(chosen.score.kl)
-    left_out = (f" ({result.unanswered} tasks the dense model did not answer left out)"
-                if result.unanswered else "")
+    forced = (f" ({result.forced} tasks the dense model missed, scored on their own answer)"
+              if result.forced else "")
     lines += [
         "",
-        f"validation: {n} held-out samples{left_out} at lengths "
+        f"validation: {n} held-out samples{forced} at lengths "
         f"{', '.join(map(str, settings.validation_lengths))}; KL(dense || plan) per response "
         f"token; densities at {longest}",
         "predicted vs measured rank correlation (Spearman, complete candidates): first order "

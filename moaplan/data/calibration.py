@@ -37,7 +37,8 @@ from moaplan.errors import DataError
 class CalibrationSample:
     input_ids: torch.Tensor  # LongTensor [N]
     response_mask: torch.Tensor  # BoolTensor [N], True on response tokens
-    # whether the response holds the task's answer (None: no known answer, e.g. running
+    # whether the dense model's own response held the task's answer; when it did not, the
+    # response is the task's answer, teacher-forced (None: no known answer, e.g. running
     # text or a user's record)
     answered: bool | None = None
 
@@ -114,7 +115,9 @@ def model_calibration(
     the few tokens that depend on the needle.  Needle depths are stratified over the retrieval
     prompts, so that even a few samples include a needle far back; a prompt is built around
     its needles at the exact length, never cut.  Each task sample records whether the model
-    answered it (:attr:`CalibrationSample.answered`)."""
+    answered it (:attr:`CalibrationSample.answered`); where it did not, the sample's response
+    is the task's answer instead of the model's (after a chat prompt it is then
+    :data:`CHAT_ANSWER_TOKENS` shorter than ``length``)."""
     if length < 4 * TEXT_RESPONSE_TOKENS:
         raise DataError(f"length {length} is too short for calibration prompts; give lengths "
                         f"of at least {4 * TEXT_RESPONSE_TOKENS} tokens")
@@ -141,8 +144,18 @@ def model_calibration(
                                  max_new_tokens=respond, min_new_tokens=respond,
                                  do_sample=False)
             responses.update(zip(chunk, out[:, ids.shape[1]:].tolist()))
-    return [_sample(p.ids, responses[i], p.scored, _answered(tokenizer, p.answer, responses[i]))
-            for i, p in enumerate(prompts)]
+    samples = []
+    for i, p in enumerate(prompts):
+        answered = _answered(tokenizer, p.answer, responses[i])
+        if answered is False:
+            # A missed answer is often a matter of form (a model trained on another wording
+            # starts its reply otherwise); teacher-forced, its tokens still depend on the
+            # needle (second test bed: 50-67% of them are long-range), a signal its own
+            # reply lacks.
+            samples.append(_sample(p.ids, p.answer, answered=False))
+        else:
+            samples.append(_sample(p.ids, responses[i], p.scored, answered))
+    return samples
 
 
 def _answered(tokenizer, answer: list[int] | None, response: list[int]) -> bool | None:
