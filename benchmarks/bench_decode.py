@@ -20,13 +20,22 @@ costs a decode step; the faster is the baseline).  Cache memory is measured (all
 and compared with ``kv_bytes``; the largest batch is computed from the memory left after the
 weights.
 
+Two dense baselines stand beside the mixed plan (issue 15): moaplan's own runtime under an
+all-full plan, replayed from the same CUDA graph (what the plan buys, the runtime being
+equal), and transformers' fastest dense setup, a StaticCache + SDPA whose decode step is
+replayed from a CUDA graph captured here.  Every run is set against its byte bound: the bytes
+a step must read (weights, and the K/V its attention needs) over the card's measured copy
+bandwidth.  Time to first token is measured at 32K and 128K tokens.
+
     python benchmarks/bench_decode.py --out DIR [--layers 32]
+    python benchmarks/bench_decode.py --e2e-only --out DIR    # decode_e2e.{json,md} only
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import statistics
@@ -49,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
 
-from moaplan.runtime.cache import cache_keyword
+from moaplan.runtime.cache import MoaplanCache, cache_keyword
 from moaplan.runtime.graphed import capture_decode_step, capture_graph
 
 DEVICE = "cuda"
@@ -68,6 +77,17 @@ CONFIGS = list(dict.fromkeys([DecodeConfig(), DecodeConfig(32, 4, 4), DecodeConf
 CHUNKS = [None, 512, 1024, 2048]  # None: the library's chunk for the batch
 # Useful TB/s the default launch should reach on the H200 (issue 15), per (batch, context).
 TARGETS = {(8, 32768): 3.6, (1, 131072): 3.2}
+STEPS = 8  # decode steps per timed round, end to end
+LONG = 131072  # the long prompt of the time-to-first-token measurement
+# The end-to-end setups at the common batch (result key: label); the first three are the dense
+# baselines the mixed plan is set against.
+SETUPS = {"dense": "DynamicCache + SDPA, eager",
+          "dense_static": "StaticCache + SDPA, CUDA graph",
+          "dense_flex": "StaticCache + flex_attention, CUDA graph",
+          "moaplan_full": "MoaplanCache + all-full plan",
+          "moaplan": "MoaplanCache + mixed plan"}
+BASELINES = ("dense", "dense_static", "dense_flex", "moaplan_full")
+_START = time.monotonic()
 
 
 def mixed_rules(rotate: int = 0) -> list[Rule]:
@@ -155,6 +175,13 @@ def sdpa_bench(q: torch.Tensor, batch: int, n: int) -> tuple[float, float]:
     return bench(sdpa), bench(capture_graph(sdpa))
 
 
+def log(message: str) -> None:
+    """A progress line with the time of day and the seconds since the start, flushed: a run
+    cut off by its time limit still shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _START:4.0f} s] {message}",
+          flush=True)
+
+
 def random_llama(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -173,30 +200,93 @@ def random_llama(layers: int):
     return model
 
 
-def fill(cache, layers: int, batch: int, n: int, compressed: bool) -> None:
-    """Random post-RoPE keys for ``n`` tokens in every layer (one tensor, expanded)."""
+def copy_bandwidth(nbytes: int = 2 * 2**30) -> dict:
+    """The card's copy bandwidth: a device-to-device ``copy_`` of ``nbytes`` (do_bench median,
+    CUDA events).  A copy reads and writes every byte, and the rate counts both (bytes read +
+    written per second): the convention under which the H200 gave ~4.25 TB/s.  It is the
+    denominator of the byte bounds, whose steps mostly read."""
+    src, dst = (torch.empty(nbytes, dtype=torch.uint8, device=DEVICE) for _ in range(2))
+    ms = bench(functools.partial(dst.copy_, src))
+    src = dst = None
+    torch.cuda.empty_cache()
+    return dict(bytes=nbytes, ms=ms, read_write_bytes_per_s=2 * nbytes / (ms * 1e-3),
+                convention="bytes read + bytes written, per second, of one copy_")
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes of weights a decode step reads: every parameter but the input embedding table, of
+    which a step reads only its tokens' rows (the 8B shape does not tie it to the output head,
+    which ``logits_to_keep=1`` still reads whole)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is embed:
+        return params
+    return params - embed.numel() * embed.element_size()
+
+
+def add_bound(row: dict, weight_bytes: int, kv_read: int, bandwidth: float) -> None:
+    """Set ``row``'s step against its byte bound: (weights + the K/V bytes its attention must
+    read) / copy bandwidth.  The measured step is the graph replay's where there is one, else
+    the host clock's."""
+    timed_by = "graph_tokens_per_s" if "graph_tokens_per_s" in row else "tokens_per_s"
+    ms = 1e3 * row["batch"] / row[timed_by]
+    bound_ms = 1e3 * (weight_bytes + kv_read) / bandwidth
+    row["bound"] = dict(weight_bytes=weight_bytes, kv_bytes_read=kv_read, bound_ms=bound_ms,
+                        ms_per_step=ms, timed_by=timed_by, fraction_of_bound=bound_ms / ms)
+
+
+def best_rate(row: dict) -> float:
+    """Tokens/s from graph replays where measured, else from the host clock."""
+    return row.get("graph_tokens_per_s", row["tokens_per_s"])
+
+
+def versus(row: dict, base: dict) -> dict:
+    """``row``'s tokens/s over ``base``'s (:func:`best_rate`), beside the ratio their byte
+    bounds allow (tokens/s at the bound = batch / bound, so batches may differ)."""
+    allow = (row["batch"] / row["bound"]["bound_ms"]) / (base["batch"] / base["bound"]["bound_ms"])
+    return dict(measured=best_rate(row) / best_rate(base), bytes_allow=allow)
+
+
+def fill(cache, layers: int, batch: int, n: int) -> None:
+    """Random post-RoPE keys for ``n`` tokens in every layer (one tensor, expanded).  The
+    ``cache_position`` is for transformers releases whose StaticCache still takes the slots
+    to write from its caller; later ones count them on the device and ignore it."""
     k = torch.randn(1, HKV, n, DIM, device=DEVICE, dtype=torch.bfloat16).expand(batch, -1, -1, -1)
+    slots = {"cache_position": torch.arange(n, device=DEVICE)}
     for layer in range(layers):
-        if compressed:
+        if isinstance(cache, MoaplanCache):
             cache.layers[layer].append(k, k)
         else:
-            cache.update(k.contiguous(), k.contiguous(), layer)
+            cache.update(k.contiguous(), k.contiguous(), layer, slots)
 
 
-def decode_speed(model, cache, batch: int, n: int, steps: int = 8,
+def decode_tokens(steps: int, graphed: bool) -> int:
+    """Tokens :func:`decode_speed` appends to each sequence: two warm-up steps, ``ROUNDS``
+    timed rounds and one profiled round of ``steps``; with a graph, one step on the side
+    stream before the capture and ``ROUNDS`` replayed rounds (the captured step runs none)."""
+    return 2 + (ROUNDS + 1) * steps + (1 + ROUNDS * steps if graphed else 0)
+
+
+def decode_speed(model, cache, batch: int, n: int, steps: int = STEPS,
                  graphed: bool = False) -> dict:
     """Decode tokens/s from the host clock (median of ``ROUNDS`` rounds of ``steps`` steps,
     after two warm-up steps), and from the GPU's busy time alone (the kernels of ``steps`` more
     steps, from the profiler): eager decoding of a 32-layer model is partly bound by the host's
     launch cost, which differs between machines; the second is not.  With ``graphed``, also
-    the tokens/s of steps replayed from a CUDA graph (a MoaplanCache; as
-    ``moaplan.greedy_generate`` decodes)."""
+    the tokens/s of steps replayed from a CUDA graph (a MoaplanCache, as
+    ``moaplan.greedy_generate`` decodes, or a StaticCache, whose write position lives on the
+    device)."""
     ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
     position = iter(range(n, n + 3 + (ROUNDS + 1) * steps))
     with_cache = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
+    # Older transformers releases take the slots a StaticCache writes from the caller, as a
+    # view of the positions (so a replay's in-place position update moves it too).
+    takes_slots = "cache_position" in inspect.signature(model.forward).parameters
 
     def forward(pos: torch.Tensor) -> None:
-        model(ids, position_ids=pos, **with_cache)
+        slots = {"cache_position": pos[0]} if takes_slots else {}
+        model(ids, position_ids=pos, **with_cache, **slots)
 
     def step() -> None:
         forward(torch.full((batch, 1), next(position), device=DEVICE))
@@ -222,12 +312,58 @@ def decode_speed(model, cache, batch: int, n: int, steps: int = 8,
                 forward(pos)
                 pos.add_(1)
 
-            speed["graph_tokens_per_s"] = timed_rounds(capture_decode_step(cache, step_in_place))
-            cache.count_replayed(ROUNDS * steps)
+            # A MoaplanCache keeps host counters that replays must be counted into; all of a
+            # StaticCache's state (keys, values, its length) is on the device.
+            moaplan = isinstance(cache, MoaplanCache)
+            replay = (capture_decode_step(cache, step_in_place) if moaplan
+                      else capture_graph(step_in_place))
+            speed["graph_tokens_per_s"] = timed_rounds(replay)
+            if moaplan:
+                cache.count_replayed(ROUNDS * steps)
     busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
     speed["gpu_tokens_per_s"] = batch * steps / (busy_us * 1e-6)
     return speed
+
+
+def measure(model, make_cache, layers: int, batch: int, n: int, graphed: bool) -> dict:
+    """A new cache of ``batch`` sequences filled with ``n`` random tokens, its bytes
+    (allocator delta) and its decode speed (:func:`decode_speed`); the cache is freed after."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    cache = make_cache(batch, n)
+    fill(cache, layers, batch, n)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    speed = decode_speed(model, cache, batch, n, graphed=graphed)
+    del cache
+    torch.cuda.empty_cache()
+    return dict(batch=batch, held_bytes=held, **speed)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def by_backend(run, key: str) -> dict:
+    """``run()`` under each SDPA backend set of ``DENSE_BACKENDS``: the fastest row by
+    ``key``, with every set's ``key`` (or its error: a set that fails to run or to be
+    captured is recorded, not fatal).  SDPA's default backend (cuDNN on the H100/H200) builds
+    a new plan for every new key length, i.e. at every step of a growing cache."""
+    rows = {}
+    for name, backends in DENSE_BACKENDS.items():
+        try:
+            with sdpa_kernel(backends):
+                rows[name] = run()
+        except RuntimeError as err:  # out of memory, or a kernel the graph cannot hold
+            rows[name] = dict(error=first_line(err))
+        torch.cuda.empty_cache()  # after the except block, which kept the failed run's frames
+    ran = [name for name in rows if "error" not in rows[name]]
+    if not ran:
+        return dict(error="; ".join(f"{k}: {v['error']}" for k, v in rows.items()))
+    best = max(ran, key=lambda name: rows[name][key])
+    return dict(rows[best], sdpa_backend=best,
+                **{f"{key}_by_backend": {k: v.get(key, v.get("error")) for k, v in rows.items()}})
 
 
 def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -239,92 +375,187 @@ def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"batch 1": (ids[:1], mask[:1]), "batch 2, left padding": (ids, mask)}
 
 
-def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor) -> float:
+def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
+                    rounds: int = ROUNDS) -> float:
     """Seconds to prefill ``ids`` into a fresh cache (time to first token): the median of
-    ``ROUNDS`` runs after one warm-up."""
+    ``rounds`` runs after one warm-up."""
     def prefill_into(cache) -> None:
         model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
               **{cache_keyword(model): cache})
 
     times = []
     with torch.inference_mode():
-        for _ in range(ROUNDS + 1):
-            cache = make_cache(ids.shape[0])
+        for _ in range(rounds + 1):
+            cache = make_cache(*ids.shape)
             times.append(wall_seconds(functools.partial(prefill_into, cache)))
             del cache
             torch.cuda.empty_cache()
     return statistics.median(times[1:])
 
 
-def e2e(layers: int, n: int, batch: int, new: int = 64) -> dict:
-    from transformers import DynamicCache
+def prefill_times(model, make_cache, n: int) -> tuple[dict, dict]:
+    """Prefill seconds of :func:`prefill_prompts`, and the time to first token (batch 1) at
+    ``n`` tokens (the batch-1 prompt there) and at ``LONG`` tokens (one timed run after a
+    warm-up: ~10 s each for the dense 8B shape; an out-of-memory error is recorded instead)."""
+    prompts = {name: prefill_seconds(model, make_cache, *p)
+               for name, p in prefill_prompts(n).items()}
+    ttft: dict[str, float | dict] = {str(n): prompts["batch 1"]}
+    ids = torch.randint(0, 1000, (1, LONG), device=DEVICE)
+    try:
+        ttft[str(LONG)] = prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=1)
+    except torch.cuda.OutOfMemoryError as err:
+        ttft[str(LONG)] = dict(error=first_line(err))
+    torch.cuda.empty_cache()
+    return prompts, ttft
 
-    from moaplan.runtime import apply
-    from moaplan.runtime.cache import MoaplanCache
+
+def at_largest_batch(model, make_cache, layers: int, batch: int, n: int, graphed: bool,
+                     backends: list[SDPBackend]) -> dict:
+    """:func:`measure` at ``batch``, or its out-of-memory error (the batch is computed from
+    the memory left, which the allocator's rounding can undercut)."""
+    try:
+        with sdpa_kernel(backends):
+            return measure(model, make_cache, layers, batch, n, graphed)
+    except torch.cuda.OutOfMemoryError as err:
+        error = first_line(err)
+    torch.cuda.empty_cache()
+    return dict(batch=batch, error=error)
+
+
+def flex_static(model, make_static, layers: int, batch: int, n: int) -> dict:
+    """StaticCache + transformers' flex_attention, CUDA graph replays: flex decodes a one-token
+    query with its keys split across thread blocks and skips the blocks its block mask
+    leaves empty (the static cache's free tail), which SDPA under a mask does not.
+    transformers compiles flex_attention (and the block mask) on the first call, in the
+    eager warm-up steps; an error (compiling, capturing: RuntimeErrors both) is recorded."""
+    model.set_attn_implementation("flex_attention")
+    try:
+        row = measure(model, make_static, layers, batch, n, True)
+    except RuntimeError as err:
+        row = dict(batch=batch, error=first_line(err))
+    model.set_attn_implementation("sdpa")
+    torch.cuda.empty_cache()  # after the except block, which kept the failed run's frames
+    return row
+
+
+def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
+        save=lambda: None) -> dict:
+    """The end-to-end runs, filling ``out`` (returned) and calling ``save`` after each."""
+    from transformers import DynamicCache, StaticCache
+
+    from moaplan.runtime import apply, remove
     from moaplan.runtime.memory import kv_bytes
 
+    if decode_tokens(STEPS, graphed=True) > new:  # a StaticCache has no room past n + new
+        raise ValueError(f"decode_speed appends {decode_tokens(STEPS, True)} tokens; new={new}")
+    out = {} if out is None else out
     model = random_llama(layers)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
-    plan = Plan(ModelShape.from_config(model.config), [mixed_rules(i) for i in range(layers)])
-    out = dict(layers=layers, n=n, max_length=n + new, weights_gib=weights / 2**30,
-               plan_kv_density=float(plan.densities([n])["kv"].mean()))
-    reserve = 4 * 2**30  # decode activations, logits, the dense cache's torch.cat copy
+    shape = ModelShape.from_config(model.config)
+    plan = Plan(shape, [mixed_rules(i) for i in range(layers)])
+    full = Plan(shape, [[Rule.full_attention()] * HKV for _ in range(layers)])
+    out.update(layers=layers, n=n, max_length=n + new, weights_gib=weights / 2**30,
+               plan_kv_density=float(plan.densities([n])["kv"].mean()),
+               copy_bandwidth=copy_bandwidth(), weight_bytes_read=weight_bytes_read(model))
+    bandwidth = out["copy_bandwidth"]["read_write_bytes_per_s"]
+    log(f"model ready ({weights / 2**30:.1f} GiB); copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+        "(read + write)")
+    save()
 
-    def measure(make, compressed: bool, b: int) -> tuple[int, dict]:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        cache = make(b)
-        fill(cache, layers, b, n, compressed)
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - before
-        speed = decode_speed(model, cache, b, n, graphed=compressed)
-        del cache
-        torch.cuda.empty_cache()
-        return held, speed
+    def kv_read(which: Plan, b: int, dense: bool = False) -> int:
+        """K/V bytes a step at context n reads: the plan's slots (sinks + span(n)), or with
+        ``dense`` all n tokens (2 x layers x KV heads x n x head_dim x 2 bytes x batch)."""
+        return kv_bytes(which, model.config, n, b, torch.bfloat16, dense=dense)
 
-    make_dense = lambda b: DynamicCache()
-    make_moa = lambda b: MoaplanCache(plan, b, n + new, torch.bfloat16, "cuda")
-    prompts = prefill_prompts(n)
-    out["prefill_s"] = {"dense": {name: prefill_seconds(model, make_dense, *p)
-                                  for name, p in prompts.items()}}
-    # The dense baseline at its best: SDPA's default backend (cuDNN on the H100) builds a new
-    # plan for every new key length, i.e. at every decode step; without cuDNN it does not.
-    speeds = {}
-    for name, backends in DENSE_BACKENDS.items():
-        with sdpa_kernel(backends):
-            dense_held, speeds[name] = measure(make_dense, False, batch)
-    dense_backend = max(speeds, key=lambda name: speeds[name]["tokens_per_s"])
-    out["dense"] = dict(batch=batch, held_bytes=dense_held, **speeds[dense_backend],
-                        sdpa_backend=dense_backend,
-                        tokens_per_s_by_backend={k: v["tokens_per_s"] for k, v in speeds.items()},
-                        predicted_bytes=kv_bytes(plan, model.config, n, batch, torch.bfloat16,
-                                                 dense=True))
+    def record(row: dict, kv: int, what: str) -> dict:
+        if "error" not in row:
+            add_bound(row, out["weight_bytes_read"], kv, bandwidth)
+            b = row["bound"]
+            graph = (f"{row['graph_tokens_per_s']:.1f} graph, "
+                     if "graph_tokens_per_s" in row else "")
+            log(f"{what}, batch {row['batch']}: {row['tokens_per_s']:.1f} tok/s host clock, "
+                f"{graph}{row['gpu_tokens_per_s']:.1f} GPU-only; {b['ms_per_step']:.2f} ms/step vs "
+                f"bound {b['bound_ms']:.2f} ms ({100 * b['fraction_of_bound']:.0f}%)")
+        else:
+            log(f"{what}, batch {row.get('batch', batch)}: {row['error']}")
+        save()
+        return row
+
+    # Makers of a fresh cache for (batch, context): room for `new` tokens past the context.
+    make_dense = lambda b, context: DynamicCache()
+    make_static = lambda b, context: StaticCache(config=model.config,
+                                                 max_cache_len=context + new)
+
+    def make_moaplan(which: Plan):
+        return lambda b, context: MoaplanCache(which, b, context + new, torch.bfloat16, DEVICE)
+
+    def run_prefill(name: str, make) -> None:
+        prompts, ttft = prefill_times(model, make, n)
+        out.setdefault("prefill_s", {})[name] = prompts
+        out.setdefault("ttft_s", {})[name] = ttft
+        log(f"prefill ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in prompts.items())
+            + f"; time to first token at {LONG}: {ttft[str(LONG)]}")
+        save()
+
+    # Dense, transformers' own attention (no plan applied yet).
+    run_prefill("dense", make_dense)
+    dense = by_backend(lambda: measure(model, make_dense, layers, batch, n, False),
+                       "tokens_per_s")
+    if "error" in dense:  # the reference every other row is compared with
+        raise RuntimeError(f"DynamicCache + SDPA failed: {dense['error']}")
+    dense["predicted_bytes"] = kv_read(plan, batch, dense=True)
+    out["dense"] = record(dense, kv_read(plan, batch, dense=True), "DynamicCache + SDPA")
+    # transformers' fastest dense decode: a StaticCache step replayed from a CUDA graph.  SDPA
+    # then attends, with a mask, over all n + new slots (how transformers runs it); the bound
+    # counts the n tokens the step needs, 0.2% fewer.
+    out["dense_static"] = record(
+        by_backend(lambda: measure(model, make_static, layers, batch, n, True),
+                   "graph_tokens_per_s"),
+        kv_read(plan, batch, dense=True), "StaticCache + SDPA, CUDA graph")
+
+    # moaplan's runtime with every head full: the same kernels and graph as the plan below.
+    apply(model, full, strict=False)
+    out["moaplan_full"] = record(measure(model, make_moaplan(full), layers, batch, n, True),
+                                 kv_read(full, batch), "MoaplanCache + all-full plan")
+
+    make_moa = make_moaplan(plan)
     apply(model, plan, strict=False)
-    out["prefill_s"]["moaplan"] = {name: prefill_seconds(model, make_moa, *p)
-                                   for name, p in prompts.items()}
-    moa_held, moa_speed = measure(make_moa, True, batch)
+    run_prefill("moaplan", make_moa)
+    moa = measure(model, make_moa, layers, batch, n, True)
     predicted = kv_bytes(plan, model.config, n + new, batch, torch.bfloat16)
-    out["moaplan"] = dict(batch=batch, held_bytes=moa_held, predicted_bytes=predicted,
-                          prediction_error=moa_held / predicted - 1, **moa_speed,
-                          memory_vs_dense=moa_held / dense_held)
+    moa.update(predicted_bytes=predicted, prediction_error=moa["held_bytes"] / predicted - 1,
+               memory_vs_dense=moa["held_bytes"] / dense["held_bytes"])
+    out["moaplan"] = record(moa, kv_read(plan, batch), "MoaplanCache + mixed plan")
+    out["moaplan_vs"] = {key: versus(moa, out[key]) for key in BASELINES
+                         if "bound" in out.get(key, {})}
+
+    reserve = 4 * 2**30  # decode activations, logits
     free = total - weights - reserve
-    per_seq = {"dense": dense_held / batch, "moaplan": moa_held / batch}
+    # A DynamicCache step also holds, while torch.cat grows it, a new copy of one layer's keys
+    # (then values): 1/(2 x layers) more than the cache (1.9 GiB at batch 30 on the H200,
+    # which a fixed reserve missed).
+    per_seq = {"dense": dense["held_bytes"] / batch * (1 + 1 / (2 * layers)),
+               "moaplan": moa["held_bytes"] / batch}
     out["largest_batch"] = {k: int(free // v) for k, v in per_seq.items()}
     out["largest_batch_ratio"] = out["largest_batch"]["moaplan"] / out["largest_batch"]["dense"]
-    for name, make, compressed in (("moaplan", make_moa, True), ("dense", make_dense, False)):
-        if name == "dense":
-            from moaplan.runtime import remove
-            remove(model)
-        b = out["largest_batch"][name]
-        backends = DENSE_BACKENDS[dense_backend] if name == "dense" else ALL_BACKENDS
-        try:
-            with sdpa_kernel(backends):
-                out[name]["at_largest_batch"] = dict(batch=b, **measure(make, compressed, b)[1])
-        except torch.cuda.OutOfMemoryError as err:
-            out[name]["at_largest_batch"] = dict(batch=b, error=str(err).splitlines()[0])
-            torch.cuda.empty_cache()
+    b = out["largest_batch"]["moaplan"]
+    moa["at_largest_batch"] = record(
+        at_largest_batch(model, make_moa, layers, b, n, True, ALL_BACKENDS),
+        kv_read(plan, b), "MoaplanCache + mixed plan")
+    remove(model)
+    b = out["largest_batch"]["dense"]
+    dense["at_largest_batch"] = record(
+        at_largest_batch(model, make_dense, layers, b, n, False,
+                         DENSE_BACKENDS[dense["sdpa_backend"]]),
+        kv_read(plan, b, dense=True), "DynamicCache + SDPA")
+    # Last, so that a failure (compiling, capturing) costs no other row.
+    out["dense_flex"] = record(flex_static(model, make_static, layers, batch, n),
+                               kv_read(plan, batch, dense=True),
+                               "StaticCache + flex_attention, CUDA graph")
+    out["moaplan_vs"] = {key: versus(moa, out[key]) for key in BASELINES
+                         if "bound" in out.get(key, {})}
     return out
 
 
@@ -341,15 +572,25 @@ def _launch(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Decode benchmark ({result['card']}, {result['date']}, commit {result['commit']})",
-             "", "Kernel: bf16, 32 query / 8 KV heads, head_dim 128, mixed plan (spans N/32..N/2 "
+    """The report: the kernel part and the end-to-end part, whichever the result has."""
+    title = "Decode benchmark" if result.get("kernel") else "Decode end to end"
+    lines = [f"# {title} ({result['card']}, {result['date']}, commit {result['commit']})"]
+    if result.get("kernel"):
+        lines += kernel_markdown(result["kernel"])
+    if result.get("e2e"):
+        lines += e2e_markdown(result["e2e"])
+    return "\n".join(lines) + "\n"
+
+
+def kernel_markdown(kernel: list[dict]) -> list[str]:
+    lines = ["", "Kernel: bf16, 32 query / 8 KV heads, head_dim 128, mixed plan (spans N/32..N/2 "
              "with 64 sinks, 3 full heads). Useful bandwidth = K/V bytes the rule reads / time.",
              "", "Launch: (chunk, block_n, warps, stages); the default is the auto chunk for the "
              "batch and `DecodeConfig()`.", "",
              "| batch | context | KV density | default launch | ms | useful TB/s | target "
              "| best launch | ms | useful TB/s | SDPA dense ms | SDPA TB/s | speedup (best) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in result["kernel"]:
+    for k in kernel:
         d, b = k["default"], k["best"]
         target = "-" if k["target_tb_s"] is None else (
             f"{k['target_tb_s']:.2f} ({'met' if k['default_meets_target'] else 'missed'})")
@@ -357,7 +598,7 @@ def markdown(result: dict) -> str:
                      f"{d['ms']:.3f} | {d['useful_tb_s']:.2f} | {target} | {_launch(b)} | "
                      f"{b['ms']:.3f} | {b['useful_tb_s']:.2f} | {k['sdpa_ms']:.3f} | "
                      f"{k['sdpa_tb_s']:.2f} | {k['speedup_vs_sdpa']:.2f}x |")
-    graphs = [k for k in result["kernel"] if "graph" in k]  # older results lack it
+    graphs = [k for k in kernel if "graph" in k]  # older results lack it
     if graphs:
         lines += ["", "The GPU's time alone: the default launch (split + merge) and SDPA replayed "
                   "from CUDA graphs.  The table above times Python calls, whose host cost can "
@@ -371,7 +612,7 @@ def markdown(result: dict) -> str:
             f"({'met' if g['useful_tb_s'] >= k['target_tb_s'] else 'missed'})")
         lines.append(f"| {k['batch']} | {k['n']} | {g['ms']:.3f} | {g['useful_tb_s']:.2f} | "
                      f"{target} | {g['sdpa_ms']:.3f} | {g['speedup_vs_sdpa']:.2f}x |")
-    for k in result["kernel"]:
+    for k in kernel:
         configs = list(dict.fromkeys(_config(r) for r in k["sweep"]))
         lines += ["", f"Sweep at batch {k['batch']} / {k['n']}: useful TB/s per chunk (rows) and "
                   "(block_n, warps, stages) (columns).", "",
@@ -383,7 +624,7 @@ def markdown(result: dict) -> str:
             by_chunk.setdefault(label, {})[_config(r)] = r["useful_tb_s"]
         for label, cells in by_chunk.items():
             lines.append(f"| {label} | " + " | ".join(f"{cells[c]:.2f}" for c in configs) + " |")
-    measured = [k for k in result["kernel"] if "compensation" in k]  # older results lack it
+    measured = [k for k in kernel if "compensation" in k]  # older results lack it
     if measured:
         lines += ["", "Compensation tokens on the 5 windowed heads (default launch):", "",
                   "| batch | context | off ms | on ms | overhead | GPU-only overhead (graph) "
@@ -393,49 +634,145 @@ def markdown(result: dict) -> str:
         graph = f"{100 * c['graph_overhead']:+.1f}%" if "graph_overhead" in c else "-"
         lines.append(f"| {k['batch']} | {k['n']} | {c['ms_off']:.3f} | {c['ms_on']:.3f} | "
                      f"{100 * c['overhead']:+.1f}% | {graph} | {c['rel_err_vs_fp32']:.1e} |")
-    e = result.get("e2e")
-    if e:
-        d, m = e["dense"], e["moaplan"]
-        lines += ["", f"End to end: random bf16 Llama-3-8B shape with {e['layers']} layers, "
-                  f"{e['n']}-token contexts, plan KV density {e['plan_kv_density']:.3f}.", "",
-                  "| cache | batch | KV bytes held | predicted | decode tok/s | CUDA graph tok/s "
-                  "| GPU-only tok/s | largest batch | tok/s at largest | CUDA graph at largest "
-                  "| GPU-only at largest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        def rates(row: dict) -> str:
-            return " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in
-                              ("tokens_per_s", "graph_tokens_per_s", "gpu_tokens_per_s"))
+    return lines
 
+
+def _num(value, fmt: str = ".1f") -> str:
+    """A number, or the error recorded in its place."""
+    if isinstance(value, (int, float)):
+        return format(value, fmt)
+    return f"error: {value.get('error', value) if isinstance(value, dict) else value}"
+
+
+def _rates(row: dict, keys=("tokens_per_s", "gpu_tokens_per_s", "graph_tokens_per_s")) -> str:
+    return " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in keys)
+
+
+def bound_markdown(e: dict) -> list[str]:
+    """Each setup against its byte bound, and against each dense baseline."""
+    rows = [(label, e[key]) for key, label in SETUPS.items() if key in e]
+    rows += [(f"{SETUPS[key]}, largest batch", e[key]["at_largest_batch"])
+             for key in ("moaplan", "dense") if "at_largest_batch" in e.get(key, {})]
+    if not rows:
+        return []
+    bases = [key for key in BASELINES if "bound" in e.get(key, {})]
+    bw = e["copy_bandwidth"]
+    lines = ["", f"Decode against the byte bound ({e['n']}-token contexts, graph replays where "
+             "there are some).", "",
+             "| setup | batch | tokens/s (host clock) | GPU-only tokens/s | graph tokens/s "
+             "| ms/step | byte bound ms | % of bound | "
+             + " | ".join(f"vs {SETUPS[key]}" for key in bases) + " |",
+             "|---" * (8 + len(bases)) + "|"]
+    for label, row in rows:
+        if "sdpa_backend" in row:
+            label += f" (SDPA {row['sdpa_backend']})"
+        if "error" in row:
+            lines.append(f"| {label} | {row.get('batch', '-')} | error: {row['error']} |"
+                         + " - |" * (5 + len(bases)))
+            continue
+        b = row["bound"]
+        ratios = [versus(row, e[key]) for key in bases]
+        lines.append(f"| {label} | {row['batch']} | {_rates(row)} | {b['ms_per_step']:.2f} | "
+                     f"{b['bound_ms']:.2f} | {100 * b['fraction_of_bound']:.0f}% | "
+                     + " | ".join(f"{r['measured']:.2f}x ({r['bytes_allow']:.2f}x)"
+                                  for r in ratios) + " |")
+    dense_kv = next((r["bound"]["kv_bytes_read"] for _, r in rows[:1] if "bound" in r), None)
+    lines += ["", "- ms/step: from graph replays where the setup has them, else from the host "
+              "clock (DynamicCache: its tensors grow every step, so it cannot be replayed).",
+              f"- Byte bound: (weights a step reads, {e['weight_bytes_read'] / 2**30:.2f} GiB: "
+              "all but the input embedding table, of which a step reads its tokens' rows; + the "
+              "K/V bytes its attention needs) / the copy bandwidth, "
+              f"{bw['read_write_bytes_per_s'] / 1e12:.2f} TB/s counted as bytes read + "
+              f"written per second of a {bw['bytes'] / 2**30:.0f} GiB device-to-device "
+              "`copy_` (the bound takes a step's reads at that rate).  K/V bytes: the dense "
+              "setups and the all-full plan read all n tokens of every head"
+              + (f" ({dense_kv / 2**30:.2f} GiB at batch {rows[0][1]['batch']})"
+                 if dense_kv else "")
+              + "; the mixed plan its sinks + span(n) per head (`kv_bytes`).",
+              "- StaticCache: transformers' setup for fixed-shape decoding; its decode step "
+              "(one `model(...)` on static input ids and positions, updated in place; the "
+              "cache keeps its write position on the device) is captured with "
+              "`torch.cuda.graph` after a warm-up on a side stream and replayed.  With SDPA, "
+              f"attention runs, with a mask, over all {e['max_length']} slots of the static "
+              "cache, the free ones included, which is how transformers runs it; under a mask "
+              "SDPA does not take its flash kernel, and the kernels it takes are slow for a "
+              "one-token query over a long cache (see its % of bound).  With flex_attention "
+              "(compiled by transformers on first use) the block mask lets the kernel skip the "
+              "free slots.  The bound counts the n tokens the step needs.",
+              "- DynamicCache + SDPA also copies its whole cache every step (`torch.cat`), "
+              "which the bound does not count.",
+              "- vs columns: this row's tokens/s over the baseline's (graph where measured, "
+              "else host clock), and in parentheses the ratio their byte bounds allow (tokens/s "
+              "at the bound = batch / bound ms)."]
+    return lines
+
+
+def ttft_markdown(e: dict) -> list[str]:
+    ttft = e.get("ttft_s", {})
+    if "dense" not in ttft:
+        return []
+    lines = ["", "Time to first token, batch 1 (prefill with `logits_to_keep=1`; the shorter "
+             f"context: median of {ROUNDS} runs after a warm-up, the longer: one run after a "
+             "warm-up):", "", "| context | DynamicCache + SDPA s | MoaplanCache + mixed plan s "
+             "| speedup |", "|---|---|---|---|"]
+    for length, dense_s in ttft["dense"].items():
+        ours_s = ttft.get("moaplan", {}).get(length)
+        both = isinstance(dense_s, float) and isinstance(ours_s, float)
+        lines.append(f"| {length} | {_num(dense_s, '.3f')} | "
+                     f"{'-' if ours_s is None else _num(ours_s, '.3f')} | "
+                     f"{f'{dense_s / ours_s:.2f}x' if both else '-'} |")
+    return lines
+
+
+def e2e_markdown(e: dict) -> list[str]:
+    lines = ["", f"End to end: random bf16 Llama-3-8B shape with {e['layers']} layers, "
+             f"{e['n']}-token contexts, plan KV density {e['plan_kv_density']:.3f}."]
+    lines += bound_markdown(e) + ttft_markdown(e)
+    if "moaplan" in e and "largest_batch" in e:
+        d, m = e["dense"], e["moaplan"]
+        lines += ["", "| cache | batch | KV bytes held | predicted | decode tok/s | CUDA graph "
+                  "tok/s | GPU-only tok/s | largest batch | tok/s at largest | CUDA graph at "
+                  "largest | GPU-only at largest |", "|---" * 11 + "|"]
+        rates = functools.partial(_rates, keys=("tokens_per_s", "graph_tokens_per_s",
+                                                "gpu_tokens_per_s"))
         for name, r in (("DynamicCache + SDPA", d), ("MoaplanCache + plan", m)):
             key = "dense" if r is d else "moaplan"
             lines.append(f"| {name} | {r['batch']} | {r['held_bytes'] / 2**30:.2f} GiB | "
                          f"{r['predicted_bytes'] / 2**30:.2f} GiB | {rates(r)} | "
                          f"{e['largest_batch'][key]} | {rates(r.get('at_largest_batch', {}))} |")
-        lines += ["", "decode tok/s: host clock, the median of 3 rounds of 8 steps (eager "
-                  "PyTorch, so partly bound by the host's launch cost, which differs between "
-                  "machines); CUDA graph: the same, each step replayed from one graph (as "
+        lines += ["", f"decode tok/s: host clock, the median of {ROUNDS} rounds of {STEPS} steps "
+                  "(eager PyTorch, so partly bound by the host's launch cost, which differs "
+                  "between machines); CUDA graph: the same, each step replayed from one graph (as "
                   "`moaplan.greedy_generate` decodes; DynamicCache's growing tensors cannot be "
-                  "replayed); GPU-only: from the kernels' busy time over 8 eager steps (the "
+                  f"replayed); GPU-only: from the kernels' busy time over {STEPS} eager steps (the "
                   "profiler), what a launch-free decode loop would approach."]
         if "tokens_per_s_by_backend" in d:  # older results lack it
             lines += ["", "DynamicCache + SDPA decode tok/s at batch "
                       f"{d['batch']} by SDPA backend: " + ", ".join(
-                          f"{k} {v:.1f}" for k, v in d["tokens_per_s_by_backend"].items())
-                      + f"; the table uses the faster ({d['sdpa_backend']})."]
-        if "prefill_s" in e:  # older results lack it
-            p = e["prefill_s"]
-            lines += ["", f"Prefill of {e['n']}-token prompts (time to first token, median of "
-                      f"{ROUNDS}), DynamicCache + SDPA (default backend) vs MoaplanCache + plan "
-                      "(block-sparse kernel):", "", "| prompts | dense s | moaplan s | speedup |",
-                      "|---|---|---|---|"]
-            for name, dense_s in p["dense"].items():
-                ours_s = p["moaplan"][name]
-                lines.append(f"| {name} | {dense_s:.3f} | {ours_s:.3f} | "
-                             f"{dense_s / ours_s:.2f}x |")
+                          f"{k} {_num(v)}" for k, v in d["tokens_per_s_by_backend"].items())
+                      + f"; the tables use the faster ({d['sdpa_backend']})."]
+        static = e.get("dense_static", {})
+        if "graph_tokens_per_s_by_backend" in static:
+            lines += ["", "StaticCache + SDPA graph tok/s at batch "
+                      f"{static['batch']} by SDPA backend: " + ", ".join(
+                          f"{k} {_num(v)}"
+                          for k, v in static["graph_tokens_per_s_by_backend"].items())
+                      + f"; the tables use the faster ({static['sdpa_backend']})."]
         lines += ["", f"Memory vs DynamicCache: {m['memory_vs_dense']:.3f}; prediction error "
                   f"{100 * m['prediction_error']:+.2f}%; largest batch ratio "
                   f"{e['largest_batch_ratio']:.2f}x (computed from the memory left after the "
-                  "weights and a 4 GiB reserve)."]
-    return "\n".join(lines) + "\n"
+                  "weights and a 4 GiB reserve; DynamicCache's also leaves room for the copy of "
+                  "one layer's keys that torch.cat makes at each step)."]
+    p = e.get("prefill_s", {})
+    if "moaplan" in p:  # older results lack it
+        lines += ["", f"Prefill of {e['n']}-token prompts (time to first token, median of "
+                  f"{ROUNDS}), DynamicCache + SDPA (default backend) vs MoaplanCache + plan "
+                  "(block-sparse kernel):", "", "| prompts | dense s | moaplan s | speedup |",
+                  "|---|---|---|---|"]
+        for name, dense_s in p["dense"].items():
+            ours_s = p["moaplan"][name]
+            lines.append(f"| {name} | {dense_s:.3f} | {ours_s:.3f} | {dense_s / ours_s:.2f}x |")
+    return lines
 
 
 def main() -> None:
@@ -443,30 +780,44 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/h100"))
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--e2e-only", action="store_true",
+                        help="only the end-to-end part, into OUT/decode_e2e.{json,md} "
+                             "(a few minutes on an H200)")
     args = parser.parse_args()
+    if args.skip_e2e and args.e2e_only:
+        parser.error("--skip-e2e and --e2e-only leave nothing to run")
+    import transformers
+
     result = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  commit=provenance()["commit"],
-                  torch=torch.__version__, triton=triton.__version__, kernel=[])
+                  commit=provenance()["commit"], torch=torch.__version__,
+                  triton=triton.__version__, transformers=transformers.__version__)
+    stem = "decode_e2e" if args.e2e_only else "decode"
 
     def save() -> None:
-        atomic_write_text(args.out / "decode.json", json.dumps(result, indent=1))
-        atomic_write_text(args.out / "decode.md", markdown(result))
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1))
+        atomic_write_text(args.out / f"{stem}.md", markdown(result))
 
-    for batch, n in ((8, 32768), (1, 131072)):
-        result["kernel"].append(kernel_bench(batch, n))
-        save()
-        k = result["kernel"][-1]
-        print(f"B={batch} N={n}: default {k['default']['ms']:.3f} ms "
-              f"{k['default']['useful_tb_s']:.2f} TB/s (target {k['target_tb_s']}), best "
-              f"{_launch(k['best'])} {k['best']['ms']:.3f} ms {k['best']['useful_tb_s']:.2f} "
-              f"TB/s, SDPA {k['sdpa_ms']:.3f} ms, err {k['rel_err_vs_fp32']:.1e}; graph "
-              f"{k['graph']['ms']:.3f} ms {k['graph']['useful_tb_s']:.2f} TB/s", flush=True)
-        torch.cuda.empty_cache()
+    if not args.e2e_only:
+        result["kernel"] = []
+        for batch, n in ((8, 32768), (1, 131072)):
+            result["kernel"].append(kernel_bench(batch, n))
+            save()
+            k = result["kernel"][-1]
+            print(f"B={batch} N={n}: default {k['default']['ms']:.3f} ms "
+                  f"{k['default']['useful_tb_s']:.2f} TB/s (target {k['target_tb_s']}), best "
+                  f"{_launch(k['best'])} {k['best']['ms']:.3f} ms "
+                  f"{k['best']['useful_tb_s']:.2f} TB/s, SDPA {k['sdpa_ms']:.3f} ms, err "
+                  f"{k['rel_err_vs_fp32']:.1e}; graph {k['graph']['ms']:.3f} ms "
+                  f"{k['graph']['useful_tb_s']:.2f} TB/s", flush=True)
+            torch.cuda.empty_cache()
     if not args.skip_e2e:
-        result["e2e"] = e2e(args.layers, 32768, 8)
+        result["e2e"] = {}
+        e2e(args.layers, 32768, 8, out=result["e2e"], save=save)
         save()
+        log("done")
     print(markdown(result))
-    assert math.isfinite(result["kernel"][0]["best"]["ms"])
+    if result.get("kernel"):
+        assert math.isfinite(result["kernel"][0]["best"]["ms"])
 
 
 if __name__ == "__main__":

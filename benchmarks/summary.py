@@ -154,6 +154,49 @@ def _decode(path: Path, base: Path) -> list[str]:
     return ["\n".join(lines), _image(path.with_name("decode_bandwidth.png"), base, "decode")]
 
 
+# The end-to-end setups of bench_decode --e2e-only, in table order.
+_E2E_SETUPS = {"dense": "DynamicCache + SDPA, eager",
+               "dense_static": "StaticCache + SDPA, graph",
+               "dense_flex": "StaticCache + flex_attention, graph",
+               "moaplan_full": "moaplan, all-full plan, graph",
+               "moaplan": "moaplan, mixed plan, graph"}
+
+
+def _decode_e2e(path: Path, base: Path) -> list[str]:
+    report = _load(path)
+    e2e = report["e2e"]
+    link = _link(path.with_suffix(".md"), base)
+    lines = [f"Decode end to end (`benchmarks/bench_decode.py --e2e-only`): a random "
+             f"{e2e['layers']}-layer Llama-3-8B shape, bf16, {e2e['n'] // 1024}K-token contexts, "
+             f"the mixed plan at KV density {e2e['plan_kv_density']:.2f}; {report['card']}, "
+             f"{report['date']}, commit `{_short(report['commit'])}`.  Byte bound: (weights + "
+             "the K/V bytes a step must read) / the card's measured copy bandwidth "
+             f"({e2e['copy_bandwidth']['read_write_bytes_per_s'] / 1e12:.2f} TB/s).  The mixed "
+             "plan's ratio against each dense setup, beside the ratio the bytes allow.  "
+             f"Details: [{link}]({link}).",
+             "",
+             "| setup | batch | tokens/s | ms/step | byte bound ms | % of bound "
+             "| mixed plan vs this (bytes allow) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for key, label in _E2E_SETUPS.items():
+        row = e2e.get(key)
+        if row is None or "bound" not in row:
+            continue
+        rate = row.get("graph_tokens_per_s", row["tokens_per_s"])
+        vs = e2e["moaplan_vs"].get(key)
+        ratio = f"{vs['measured']:.2f}x ({vs['bytes_allow']:.2f}x)" if vs else "-"
+        bound = row["bound"]
+        lines.append(f"| {label} | {row['batch']} | {rate:.0f} | {bound['ms_per_step']:.2f} "
+                     f"| {bound['bound_ms']:.2f} | {bound['fraction_of_bound']:.0%} | {ratio} |")
+    ttft = e2e.get("ttft_s")
+    if ttft:
+        parts = [f"{int(n) // 1024}K {ttft['dense'][n]:.2f} s vs {ttft['moaplan'][n]:.2f} s "
+                 f"({ttft['dense'][n] / ttft['moaplan'][n]:.2f}x)" for n in ttft["moaplan"]]
+        lines += ["", "Time to first token, batch 1, DynamicCache + SDPA vs the mixed plan: "
+                  + "; ".join(parts) + "."]
+    return ["\n".join(lines)]
+
+
 def _profiler_multi(path: Path) -> str:
     report = _load(path)
     one, many = report["runs"][0], report["runs"][-1]
@@ -213,7 +256,8 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
     # Every machine's speed results, this machine's first: each table names its card.
     speed = [(path, render) for name, render in (("prefill.json", _prefill),
                                                  ("layers.json", _layers),
-                                                 ("decode.json", _decode))
+                                                 ("decode.json", _decode),
+                                                 ("decode_e2e.json", _decode_e2e))
              for path in _every(root, name, machine)]
     speed.sort(key=lambda item: (item[0].parent.name != machine, item[0].parent.name))
     profiler = _find(root, "profiler.md", machine)
