@@ -515,10 +515,18 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
                    "graph_tokens_per_s"),
         kv_read(plan, batch, dense=True), "StaticCache + SDPA, CUDA graph")
 
-    # moaplan's runtime with every head full: the same kernels and graph as the plan below.
+    reserve = 4 * 2**30  # decode activations, logits
+    free = total - weights - reserve
+    # moaplan's runtime with every head full: the same kernels and graph as the plan below,
+    # also at the largest batch its (dense-sized) cache fits: the fairest dense side of the
+    # "more sequences in the same memory" comparison.
     apply(model, full, strict=False)
-    out["moaplan_full"] = record(measure(model, make_moaplan(full), layers, batch, n, True),
-                                 kv_read(full, batch), "MoaplanCache + all-full plan")
+    full_row = measure(model, make_moaplan(full), layers, batch, n, True)
+    out["moaplan_full"] = record(full_row, kv_read(full, batch), "MoaplanCache + all-full plan")
+    b = int(free // (full_row["held_bytes"] / batch))
+    full_row["at_largest_batch"] = record(
+        at_largest_batch(model, make_moaplan(full), layers, b, n, True, ALL_BACKENDS),
+        kv_read(full, b), "MoaplanCache + all-full plan")
 
     make_moa = make_moaplan(plan)
     apply(model, plan, strict=False)
@@ -531,8 +539,6 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
     out["moaplan_vs"] = {key: versus(moa, out[key]) for key in BASELINES
                          if "bound" in out.get(key, {})}
 
-    reserve = 4 * 2**30  # decode activations, logits
-    free = total - weights - reserve
     # A DynamicCache step also holds, while torch.cat grows it, a new copy of one layer's keys
     # (then values): 1/(2 x layers) more than the cache (1.9 GiB at batch 30 on the H200,
     # which a fixed reserve missed).
@@ -556,6 +562,9 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
                                "StaticCache + flex_attention, CUDA graph")
     out["moaplan_vs"] = {key: versus(moa, out[key]) for key in BASELINES
                          if "bound" in out.get(key, {})}
+    largest = moa["at_largest_batch"], full_row["at_largest_batch"]
+    if all("bound" in row for row in largest):
+        out["largest_batch_vs_full"] = versus(*largest)
     return out
 
 
@@ -652,7 +661,8 @@ def bound_markdown(e: dict) -> list[str]:
     """Each setup against its byte bound, and against each dense baseline."""
     rows = [(label, e[key]) for key, label in SETUPS.items() if key in e]
     rows += [(f"{SETUPS[key]}, largest batch", e[key]["at_largest_batch"])
-             for key in ("moaplan", "dense") if "at_largest_batch" in e.get(key, {})]
+             for key in ("moaplan", "moaplan_full", "dense")
+             if "at_largest_batch" in e.get(key, {})]
     if not rows:
         return []
     bases = [key for key in BASELINES if "bound" in e.get(key, {})]

@@ -188,6 +188,13 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
         bound = row["bound"]
         lines.append(f"| {label} | {row['batch']} | {rate:.0f} | {bound['ms_per_step']:.2f} "
                      f"| {bound['bound_ms']:.2f} | {bound['fraction_of_bound']:.0%} | {ratio} |")
+    largest = e2e.get("largest_batch_vs_full")
+    if largest:
+        ours, full = e2e["moaplan"]["at_largest_batch"], e2e["moaplan_full"]["at_largest_batch"]
+        lines += ["", f"At the largest batch each cache fits: the mixed plan at batch "
+                  f"{ours['batch']} {ours['graph_tokens_per_s']:.0f} tokens/s, the all-full "
+                  f"plan at batch {full['batch']} {full['graph_tokens_per_s']:.0f}: "
+                  f"{largest['measured']:.2f}x (the bytes allow {largest['bytes_allow']:.2f}x)."]
     ttft = e2e.get("ttft_s")
     if ttft:
         parts = [f"{int(n) // 1024}K {ttft['dense'][n]:.2f} s vs {ttft['moaplan'][n]:.2f} s "
