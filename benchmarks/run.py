@@ -58,7 +58,10 @@ class Section:
     cpu_args: tuple[str, ...] = ()
 
     def command(self, out: Path, quick: bool, gpus: int) -> list[str]:
-        extra = self.quick_args if quick else () if gpus else self.cpu_args
+        if quick:
+            extra = self.quick_args
+        else:
+            extra = () if gpus else self.cpu_args
         return [sys.executable, str(HERE / self.script), "--out", str(out), *extra]
 
     def cannot_run(self, gpus: int) -> str | None:

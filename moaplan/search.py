@@ -482,7 +482,7 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         on_step("reference", 0, 1, "dense model on the held-out samples")
     reference = shared_reference(model, held_out, local, storage=storage,
                                  study_name=f"{name}-reference")
-    forced = sum(getattr(s, "answered", None) is False for s in reference.samples)
+    forced = reference.forced()
 
     def evaluate(index: int, report: Callable[[int, float], None]) -> tuple[float, dict]:
         score = _scored(model, candidates[index][1], reference,

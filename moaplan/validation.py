@@ -101,12 +101,12 @@ class _Reference:
 
     def sample_score(self, kl: torch.Tensor) -> float:
         """The mean of the long-range tokens' KL and the other tokens' KL; for a forced
-        answer, the long-range tokens' alone (all tokens if it has none)."""
-        if self.forced and self.long_range.any():
+        answer, the long-range tokens' alone (a forced answer without any is never scored:
+        :meth:`DenseReference._keep`)."""
+        if self.forced:
             return float(kl[self.long_range].mean())
         parts = [kl[m].mean() for m in (self.long_range, ~self.long_range) if m.any()]
         return float(torch.stack(parts).mean())
-
 
 
 def _response_positions(sample: Sample) -> torch.Tensor:
@@ -251,6 +251,10 @@ class DenseReference:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def forced(self) -> int:
+        """How many of the scored samples are missed tasks with their answer forced."""
+        return sum(r.forced for r in self.refs)
 
     def long_range_share(self) -> float:
         """The share of response tokens that are long-range."""
