@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moaplan.errors import ModelError
 from moaplan.kernels.common import LOG2E, SCORE_ELEMENTS, use_triton
@@ -68,7 +69,9 @@ class PrefillConfig:
 
     ``head_major`` orders the programs KV head by KV head (every query block of one GQA group
     before the next group) instead of query-block row by row: the programs running together
-    then read one head's K/V, which stays in L2.
+    then read one head's K/V, which stays in L2.  ``tma`` loads the K/V tiles through tensor
+    descriptors (Hopper's TMA unit) where the GPU and the tensors' layout allow, else through
+    pointers: on the H200 the dense tiles ran 12% faster that way (NOTES_prefill.md, run 6).
     """
 
     block_m: int
@@ -76,20 +79,24 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     head_major: bool = False
+    tma: bool = True
 
 
 def default_config(head_dim: int, reach: int) -> PrefillConfig:
     """Tile shape for a launch; ``reach`` is the most keys any row sees (max sink + span,
     capped at the key count).
 
-    Measured on an H100 in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md): programs that
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-6): programs that
     visit at most 4096 keys finish sooner with 64 x 64 tiles (more, shorter programs and less
-    window-edge waste); longer ones run best with 128 x 128, in head-major order (2-7% faster
-    from 16K to 64K; the short programs gain nothing from it).  Other head dims are untuned.
+    window-edge waste); longer ones run best with 128 x 128 tiles through TMA loads, in
+    head-major order.  The short tiles take TMA loads for narrow windows (reach <= 2048: 5-7%
+    faster at 16K-32K on the H200) but pointer loads for wider ones (the 4K mixed plan ran
+    0.176 ms with pointers, 0.213 ms with TMA).  Other head dims are untuned.
     """
     if head_dim == 128:
         if reach <= 4096:
-            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3,
+                                 tma=reach <= 2048)
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
                              head_major=True)
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
@@ -116,23 +123,37 @@ def _softmax_step(acc, m_i, l_i, s, v, qk_scale, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _load_tile(base, desc, b, kvh, start, cols, offs_d, stride_n, stride_d, n_keys,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               TMA: tl.constexpr):
+    """Key (or value) rows ``cols = start + [0, BLOCK_N)`` of one head, zeros past
+    ``n_keys``.  A TMA load (a tensor descriptor over ``[B, Hkv, Nk, D]``) fills rows past
+    the end with zeros by itself; a pointer load bounds-checks only where ``MASKED``
+    (interior tiles lie inside the keys)."""
+    if TMA:
+        return desc.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    ptrs = base + cols[:, None] * stride_n + offs_d[None, :] * stride_d
+    if MASKED:
+        return tl.load(ptrs, mask=(cols < n_keys)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
+                 stride_kn, stride_kd, stride_vn, stride_vd,
                  tile, rows, offs_n, offs_d, sink, span, n_keys, qk_scale,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                 TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over key tile ``tile``.
 
     ``MASKED`` tiles bounds-check their loads and apply the rule; interior tiles skip both.
     """
-    cols = tile * BLOCK_N + offs_n
-    k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        in_bounds = (cols < n_keys)[:, None]
-        k = tl.load(k_ptrs, mask=in_bounds, other=0.0)
-        v = tl.load(v_ptrs, mask=in_bounds, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    start = tile * BLOCK_N
+    cols = start + offs_n
+    k = _load_tile(k_base, desc_k, b, kvh, start, cols, offs_d, stride_kn, stride_kd, n_keys,
+                   BLOCK_N, HEAD_DIM, MASKED, TMA)
+    v = _load_tile(v_base, desc_v, b, kvh, start, cols, offs_d, stride_vn, stride_vd, n_keys,
+                   BLOCK_N, HEAD_DIM, MASKED, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         # j visible to i iff 0 <= i - j < limit_j, limit_j = 2^30 for sinks, else span:
@@ -274,7 +295,7 @@ def _dropped_means_kernel(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, Out, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, MK, MV,
+    Q, K, V, Out, desc_k, desc_v, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, MK, MV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -283,7 +304,7 @@ def _sparse_prefill_kernel(
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     if HEAD_MAJOR:  # 1-D grid: query head in group, then query block, then (sequence, KV head)
         n_blocks = tl.cdiv(n_queries, BLOCK_M)
@@ -343,13 +364,15 @@ def _sparse_prefill_kernel(
     for idx in range(0, s_end + n_edge + (d - f)):
         tile = tl.where(idx < s_end, idx, tl.where(idx < s_end + n_edge, a + idx - s_end,
                                                    f + idx - s_end - n_edge))
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
-                                     stride_vn, stride_vd, tile, rows, offs_n, offs_d, sink,
-                                     span, n_keys, qk_scale, BLOCK_N, True, DOT_PRECISION)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, tile, rows,
+                                     offs_n, offs_d, sink, span, n_keys, qk_scale, BLOCK_N,
+                                     HEAD_DIM, True, TMA, DOT_PRECISION)
     for tile in range(e, f):
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd,
-                                     stride_vn, stride_vd, tile, rows, offs_n, offs_d, sink,
-                                     span, n_keys, qk_scale, BLOCK_N, False, DOT_PRECISION)
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, tile, rows,
+                                     offs_n, offs_d, sink, span, n_keys, qk_scale, BLOCK_N,
+                                     HEAD_DIM, False, TMA, DOT_PRECISION)
 
     if HAS_COMP:
         comp = tl.load(COMP_SLOT + kvh)
@@ -413,6 +436,29 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def _interpreted() -> bool:
+    """Whether the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return not isinstance(_sparse_prefill_kernel, triton.runtime.JITFunction)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor,
+                    cfg: PrefillConfig) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """TMA descriptors of ``[1, 1, BLOCK_N, D]`` tiles over K and V, or None where the
+    pointer loads must serve: TMA off in ``cfg``, a GPU before Hopper, or a layout TMA cannot
+    address (its base and every stride but the last, which must be 1, 16-byte aligned)."""
+    if not cfg.tma or k.shape[2] == 0:
+        return None
+    if not _interpreted() and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    for x in (k, v):
+        size = x.element_size()
+        if (x.stride(-1) != 1 or x.data_ptr() % 16
+                or any(st <= 0 or st * size % 16 for st in x.stride()[:-1])):
+            return None
+    block = [1, 1, cfg.block_n, k.shape[3]]
+    return TensorDescriptor.from_tensor(k, block), TensorDescriptor.from_tensor(v, block)
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -431,8 +477,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ModelError(f"head_dim {q.shape[3]} is not supported (supported: {HEAD_DIMS})")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ModelError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
-    interpreted = not isinstance(_sparse_prefill_kernel, triton.runtime.JITFunction)
-    if q.device.type != "cuda" and not interpreted:
+    if q.device.type != "cuda" and not _interpreted():
         raise ModelError("the sparse_attention kernel runs on CUDA tensors (on the CPU use "
                          "backend='torch' or 'auto')")
 
@@ -529,8 +574,9 @@ def sparse_attention(
     grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
     if cfg.head_major:
         grid = (grid[0] * grid[1],)
+    descriptors = _kv_descriptors(k, v, cfg)
     _sparse_prefill_kernel[grid](
-        q, k, v, out, table[0], table[1], table[2],
+        q, k, v, out, *(descriptors or (0, 0)), table[0], table[1], table[2],
         qoff if qoff is not None else flat, lens if lens is not None else flat,
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
@@ -538,7 +584,8 @@ def sparse_attention(
         HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
-        HEAD_MAJOR=cfg.head_major, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

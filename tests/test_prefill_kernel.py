@@ -62,17 +62,32 @@ def _check(out, ref, dtype):
 
 
 @pytest.mark.parametrize(
-    "seed,dtype,dim,group",
-    [(0, torch.float32, 32, 1), (1, torch.float16, 64, 2), (2, torch.float32, 32, 4),
-     (3, torch.float16, 32, 3)],
+    "seed,dtype,dim,group,tma",
+    [(0, torch.float32, 32, 1, True), (1, torch.float16, 64, 2, True),
+     (2, torch.float32, 32, 4, False), (3, torch.float16, 32, 3, False)],
 )
-def test_matches_reference(interp, seed, dtype, dim, group):
+def test_matches_reference(interp, seed, dtype, dim, group, tma):
     gen = torch.Generator().manual_seed(seed)
     hkv, n = 2, 77
     q, k, v = _qkv(gen, 1, hkv * group, hkv, n, n, dim, dtype)
     sink, span = _random_rule(gen, hkv, n)
     ref = reference_attention(q, k, v, sink, span)
-    _check(interp(q, k, v, sink, span, config=SMALL), ref, dtype)
+    config = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, tma=tma)
+    _check(interp(q, k, v, sink, span, config=config), ref, dtype)
+
+
+def test_layouts_tma_cannot_address_take_pointer_loads(interp):
+    """Keys whose head_dim is strided (every other element) or whose base is off the 16-byte
+    grid cannot go through a tensor descriptor; the kernel falls back to pointer loads."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = _qkv(gen, 1, 4, 2, 40, 41, 32, torch.float32)
+    wide = torch.randn(1, 2, 41, 64, generator=gen)
+    strided_k = wide[..., ::2]  # stride(-1) == 2
+    shifted_v = torch.randn(1 * 2 * 41 * 32 + 1, generator=gen)[1:].view(1, 2, 41, 32)
+    sink, span = torch.tensor([2, 0]), torch.tensor([7, 2**40])
+    ref = reference_attention(q, strided_k, shifted_v, sink, span, q_offset=1)
+    _check(interp(q, strided_k, shifted_v, sink, span, q_offset=1, config=SMALL), ref,
+           torch.float32)
 
 
 @st.composite
@@ -100,6 +115,7 @@ def _cases(draw):
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
         head_major=draw(st.booleans()),
+        tma=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31)),
     )
 
@@ -114,7 +130,7 @@ def test_random_plans_match_reference(interp, case):
                   compensate=case["compensate"])
     ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
     config = PrefillConfig(*case["block"], num_warps=4, num_stages=1,
-                           head_major=case["head_major"])
+                           head_major=case["head_major"], tma=case["tma"])
     out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
     _check(out, ref, case["dtype"])
 
