@@ -57,19 +57,23 @@ def attend(layer: MoaplanLayer, query: torch.Tensor, *, scale: float | None = No
             out = out.masked_fill(~real[:, None, None], 0.0)
         return out[:, :, None]
     pos, n_after = layer.positions(chunk_real, query.shape[0], query.shape[2])
-    out = _chunk(layer, query, key, value, pos, n_after, scale, native)
-    layer.write_chunk(key, value, pos, n_after)
+    # A first prefill without padding: every sequence's chunk is its tokens 0 .. T-1, known
+    # here without looking at the device.
+    first = chunk_real is None and layer.written == query.shape[2]
+    out = _chunk(layer, query, key, value, pos, n_after, scale, native, first)
+    layer.write_chunk(key, value, pos, n_after, first=first)
     return out
 
 
 def _chunk(layer: MoaplanLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            pos: torch.Tensor, n_after: torch.Tensor, scale: float,
-           native: NativeAttention) -> torch.Tensor:
-    """Multi-token chunk: its queries over the cached keys plus the chunk's own keys."""
+           native: NativeAttention, first: bool) -> torch.Tensor:
+    """Multi-token chunk: its queries over the cached keys plus the chunk's own keys;
+    ``first``: a first prefill known to have no padding."""
     batch, _, n_new, _ = query.shape
     empty = layer.written == n_new  # nothing was cached before this chunk
     if empty and use_triton("auto", query):  # a first prefill: the block-sparse kernel
-        if _chunk_is_plain(pos):
+        if first or _chunk_is_plain(pos):
             return layer_attention(layer.rules, query, key, value, None, scale=scale,
                                    native=native)
         real = pos >= 0
