@@ -50,7 +50,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4 builds no host-side descriptors: pointer loads only
+    TensorDescriptor = None
 
 from moaplan.errors import ModelError
 from moaplan.kernels.common import LOG2E, SCORE_ELEMENTS, use_triton
@@ -442,11 +446,12 @@ def _interpreted() -> bool:
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor,
-                    cfg: PrefillConfig) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+                    cfg: PrefillConfig) -> tuple[object, object] | None:
     """TMA descriptors of ``[1, 1, BLOCK_N, D]`` tiles over K and V, or None where the
     pointer loads must serve: TMA off in ``cfg``, a GPU before Hopper, or a layout TMA cannot
-    address (its base and every stride but the last, which must be 1, 16-byte aligned)."""
-    if not cfg.tma or k.shape[2] == 0:
+    address (its base and every stride but the last, which must be 1, 16-byte aligned), or a
+    Triton without host-side descriptors."""
+    if not cfg.tma or k.shape[2] == 0 or TensorDescriptor is None:
         return None
     if not _interpreted() and torch.cuda.get_device_capability(k.device)[0] < 9:
         return None
