@@ -59,8 +59,8 @@ class CostModel:
     """
 
     sdpa_tflops: float = 600.0
-    efficiency_short: float = 0.7
-    efficiency_long: float = 0.8
+    efficiency_short: float = 0.85
+    efficiency_long: float = 0.94
     copy_tbps: float = 4.2
     gqa_native: bool = True
     split_short: float = 1.2
