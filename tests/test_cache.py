@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from moaplan.errors import ModelError
+from moaplan.kernels.layout import slot_positions
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule
 from moaplan.runtime import apply
@@ -270,24 +271,45 @@ def test_reference_model_generates_the_same_tokens():
 
 
 
-@pytest.mark.parametrize("length", [1, 3, 9, 40, 100])
-def test_first_prefill_write_matches_the_general_write(length):
-    """The sync-free write of a first unpadded prefill stores exactly what the general write
-    stores: sinks filled or not, rings partly filled or wrapped several times."""
+@pytest.mark.parametrize("first,second", [(1, 2), (3, 0), (9, 5), (40, 7), (100, 30)])
+def test_chunk_writes_store_each_slots_token(first, second):
+    """Two chunks written one after the other (the first left-padded in one sequence, the
+    second right-padded in the other) leave every slot holding the real token its sink or
+    ring keeps (sinks filled or not, rings partly filled or wrapped several times), and the
+    empty slots zero."""
     config = LlamaConfig(**CONFIG)
     plan = mixed_plan(config, compensate=False)
-    gen = torch.Generator().manual_seed(length)
-    caches = [MoaplanCache(plan, 2, 128) for _ in range(2)]
-    key, value = (torch.randn(2, KV_HEADS, length, 16, generator=gen) for _ in range(2))
-    for first, cache in zip((True, False), caches):
-        for layer in cache.layers:
+    gen = torch.Generator().manual_seed(first)
+    cache = MoaplanCache(plan, 2, 160)
+    chunks = []
+    for length, padded in ((first, 0), (second, 1)):
+        real = torch.ones(2, length, dtype=torch.bool)
+        pads = min(3, length - 1) if length else 0
+        if padded == 0:
+            real[1, :pads] = False
+        else:
+            real[0, length - pads:] = False
+        chunks.append((real, *(torch.randn(2, KV_HEADS, length, 16, generator=gen)
+                               for _ in range(2))))
+    for layer in cache.layers:
+        for real, key, value in chunks:
             layer.update(key, value)
             layer.take_staged()
-            pos, n_after = layer.positions(None, 2, length)
-            layer.write_chunk(key, value, pos, n_after, first=first)
-    for fast, general in zip(*(cache.layers for cache in caches)):
-        assert torch.equal(fast.keys, general.keys) and torch.equal(fast.values, general.values)
-        assert torch.equal(fast.n_real, general.n_real)
+            layer.write_chunk(key, value, *layer.positions(real, 2, real.shape[1]))
+    for layer in cache.layers:
+        for b in range(2):
+            held = {name: torch.cat([x[b][:, r[b]] for r, *kv in chunks
+                                     for x in [kv[i]]], 1)
+                    for i, name in enumerate(("keys", "values"))}  # [Hkv, n, D]
+            n = held["keys"].shape[1]
+            assert int(layer.n_real[b]) == n
+            for h in range(KV_HEADS):
+                start, cap = layer.layout.head_slots(h)
+                positions = slot_positions(layer.sinks[h], layer.rings[h], torch.tensor([n]))[0]
+                for name, tokens in held.items():
+                    expected = torch.zeros(cap, 16)
+                    expected[positions >= 0] = tokens[h, positions[positions >= 0]]
+                    assert torch.equal(getattr(layer, name)[b, start:start + cap], expected)
 
 
 @pytest.mark.gpu

@@ -251,36 +251,28 @@ class MoaplanLayer(CacheLayerMixin):
         return n_after, spans
 
     def write_chunk(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
-                    n_after: torch.Tensor, *, first: bool = False) -> None:
-        """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave: the tokens
-        each head keeps, its sinks and the last ``ring`` tokens after them (the kept tokens of
-        one head land in distinct slots).  ``first``: the chunk is every sequence's tokens
-        ``0 .. T-1`` into an empty cache (no padding), which is written without a host
-        sync."""
-        if first and not self.layout.has_compensation:
-            self._write_first(key, value)
-            self.n_real = n_after
-            return
-        p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
-        sink, ring = self.layout.sinks, self.layout.rings
-        keep = (p >= 0) & ((p < sink) | (p >= n_after[:, None, None] - ring))
+                    n_after: torch.Tensor) -> None:
+        """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave, without a
+        host sync: every slot whose token after the chunk (its sink's, or the latest of its
+        ring's, :meth:`DecodeLayout.held_positions`) is one of the chunk's takes it, by a
+        gather over the slots; the others keep theirs."""
         if self.layout.has_compensation:
+            p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
+            sink, ring = self.layout.sinks, self.layout.rings
+            keep = (p >= 0) & ((p < sink) | (p >= n_after[:, None, None] - ring))
             self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
-        b, t, h = keep.nonzero(as_tuple=True)
-        rows = b * self.layout.capacity + self.layout.slots(pos)[b, t, h]
-        for buf, new in ((self.keys, key), (self.values, value)):
-            buf.view(-1, buf.shape[-1])[rows] = new[b, h, t].to(buf.dtype)
+        if pos.shape[1] == 0:  # nothing to gather from
+            return
+        head, held = self.layout.held_positions(n_after)  # [capacity], [B, capacity]
+        rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
+        # Its index in the chunk: the first at which the count of real tokens reaches rank + 1.
+        counts = (pos >= 0).cumsum(1)
+        index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(max=pos.shape[1] - 1)
+        batch = torch.arange(key.shape[0], device=key.device)[:, None]
+        new = (rank >= 0)[..., None]
+        for buf, chunk in ((self.keys, key), (self.values, value)):
+            buf.copy_(torch.where(new, chunk[batch, head, index].to(buf.dtype), buf))
         self.n_real = n_after
-
-    def _write_first(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Every slot takes the chunk's token it holds after ``T`` tokens (a gather over the
-        slots; the general write finds the kept tokens with ``nonzero``, a host sync that
-        left the GPU idle twice per layer of a long prefill)."""
-        head, pos = self.layout.held_positions(key.shape[2])
-        filled = (pos >= 0)[None, :, None]
-        for buf, new in ((self.keys, key), (self.values, value)):
-            taken = new[:, head, pos.clamp(min=0)].to(buf.dtype)  # [B, capacity, D]
-            buf.copy_(torch.where(filled, taken, buf))
 
     def reserve(self, steps: int) -> None:
         """Check that ``steps`` more tokens per sequence fit, and set the host bound of the

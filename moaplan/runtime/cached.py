@@ -57,23 +57,22 @@ def attend(layer: MoaplanLayer, query: torch.Tensor, *, scale: float | None = No
             out = out.masked_fill(~real[:, None, None], 0.0)
         return out[:, :, None]
     pos, n_after = layer.positions(chunk_real, query.shape[0], query.shape[2])
-    # A first prefill without padding: every sequence's chunk is its tokens 0 .. T-1, known
-    # here without looking at the device.
-    first = chunk_real is None and layer.written == query.shape[2]
-    out = _chunk(layer, query, key, value, pos, n_after, scale, native, first)
-    layer.write_chunk(key, value, pos, n_after, first=first)
+    out = _chunk(layer, query, key, value, pos, n_after, scale, native,
+                 unpadded=chunk_real is None)
+    layer.write_chunk(key, value, pos, n_after)
     return out
 
 
 def _chunk(layer: MoaplanLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            pos: torch.Tensor, n_after: torch.Tensor, scale: float,
-           native: NativeAttention, first: bool) -> torch.Tensor:
+           native: NativeAttention, *, unpadded: bool) -> torch.Tensor:
     """Multi-token chunk: its queries over the cached keys plus the chunk's own keys;
-    ``first``: a first prefill known to have no padding."""
+    ``unpadded``: the chunk is known on the host to have no padding (then a first prefill's
+    positions are ``0 .. T-1`` without looking at the device)."""
     batch, _, n_new, _ = query.shape
     empty = layer.written == n_new  # nothing was cached before this chunk
     if empty and use_triton("auto", query):  # a first prefill: the block-sparse kernel
-        if first or _chunk_is_plain(pos):
+        if unpadded or _chunk_is_plain(pos):
             return layer_attention(layer.rules, query, key, value, None, scale=scale,
                                    native=native)
         real = pos >= 0
