@@ -234,7 +234,7 @@ def add_bound(row: dict, weight_bytes: int, kv_read: int, bandwidth: float) -> N
     read) / copy bandwidth.  The measured step is the graph replay's where there is one, else
     the host clock's."""
     timed_by = "graph_tokens_per_s" if "graph_tokens_per_s" in row else "tokens_per_s"
-    ms = 1e3 * row["batch"] / row[timed_by]
+    ms = 1e3 * row["batch"] / best_rate(row)
     bound_ms = 1e3 * (weight_bytes + kv_read) / bandwidth
     row["bound"] = dict(weight_bytes=weight_bytes, kv_bytes_read=kv_read, bound_ms=bound_ms,
                         ms_per_step=ms, timed_by=timed_by, fraction_of_bound=bound_ms / ms)
