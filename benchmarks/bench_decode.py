@@ -59,7 +59,8 @@ from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
 
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
-from moaplan.runtime.graphed import capture_decode_step, capture_graph
+from moaplan.runtime.gpu_time import capture_graph
+from moaplan.runtime.graphed import capture_decode_step
 
 DEVICE = "cuda"
 ALL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,

@@ -44,7 +44,7 @@ from moaplan.kernels.layout import RuleTable
 from moaplan.kernels.prefill import reference_attention, sparse_attention
 from moaplan.plan.interop import moa_rules_from_json
 from moaplan.rules import Rule, density
-from moaplan.runtime.graphed import capture_graph
+from moaplan.runtime.gpu_time import capture_graph
 from moaplan.runtime.routing import choose_route, cost_model, dense_attention, routed_attention
 
 LAYERS, HQ, HKV, DIM = 8, 32, 8, 128

@@ -43,7 +43,7 @@ from moaplan.kernels.prefill import (
     sparse_attention,
 )
 from moaplan.rules import attention_density
-from moaplan.runtime.graphed import capture_graph
+from moaplan.runtime.gpu_time import capture_graph
 
 HQ, HKV, DIM, SINK = 32, 8, 128, 64
 GROUP = HQ // HKV

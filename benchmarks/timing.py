@@ -1,14 +1,15 @@
 """GPU timing shared by the benchmarks: do_bench medians and interleaved rounds (graph replays
-come from ``moaplan.runtime.graphed.capture_graph``)."""
+come from ``moaplan.runtime.gpu_time.capture_graph``)."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import triton
+
+from moaplan.runtime.gpu_time import interleaved_medians
 
 # Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
 # by up to 10% between runs minutes apart on the H100 (clocks), more than some margins.
@@ -23,11 +24,7 @@ def bench(fn: Callable[[], object]) -> float:
 def bench_together(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median over ``ROUNDS`` rounds of each function's do_bench median, the functions
     taking turns inside every round, so a drift of the card's speed hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return interleaved_medians(fns, bench, ROUNDS)
 
 
 def wall_seconds(fn: Callable[[], object]) -> float:

@@ -90,17 +90,16 @@ def default_config(head_dim: int, reach: int) -> PrefillConfig:
     """Tile shape for a launch; ``reach`` is the most keys any row sees (max sink + span,
     capped at the key count).
 
-    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-6): programs that
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-7): programs that
     visit at most 4096 keys finish sooner with 64 x 64 tiles (more, shorter programs and less
-    window-edge waste); longer ones run best with 128 x 128 tiles through TMA loads, in
-    head-major order.  The short tiles take TMA loads for narrow windows (reach <= 2048: 5-7%
-    faster at 16K-32K on the H200) but pointer loads for wider ones (the 4K mixed plan ran
-    0.176 ms with pointers, 0.213 ms with TMA).  Other head dims are untuned.
+    window-edge waste); longer ones run best with 128 x 128 tiles in head-major order.  Both
+    load K/V through TMA: timed as CUDA-graph replays on the H200, the 64 x 64 tiles ran
+    4-8% faster with it on every layer of a 4K MoA-like plan and on the 4K mixed plan (run 7).
+    Other head dims are untuned.
     """
     if head_dim == 128:
         if reach <= 4096:
-            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3,
-                                 tma=reach <= 2048)
+            return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
                              head_major=True)
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
@@ -513,7 +512,8 @@ def sparse_attention(
     of valid keys per sequence (right padding; default ``Nk``), ``compensate`` one flag per KV
     head for the compensation token (default none; a CPU tensor or list avoids a sync; a
     compensating head's query heads must share one sink and span).
-    Returns a contiguous ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype.
+    Returns a ``[B, Hq, Nq, D]`` tensor in ``q``'s dtype and, where ``q``'s last dimension is
+    contiguous, in ``q``'s memory layout.
     """
     if not use_triton(backend, q):
         return reference_attention(q, k, v, sink, span, scale=scale, q_offset=q_offset,
@@ -569,7 +569,12 @@ def sparse_attention(
 
     reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach)
-    out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype, device=q.device)
+    # In q's memory layout, as SDPA does: transformers' [B, N, H, D] seen through a transpose
+    # stays so, and the attention layer's transpose back to it costs no copy.
+    out = torch.empty_like(q)
+    if out.stride(-1) != 1:
+        out = torch.empty((batch, n_q_heads, n_queries, head_dim), dtype=q.dtype,
+                          device=q.device)
     if out.numel() == 0:
         return out
     if comp_heads:

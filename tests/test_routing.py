@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from moaplan.kernels.prefill import reference_attention
-from moaplan.rules import Rule
+from moaplan.kernels.prefill import default_config, reference_attention
+from moaplan.rules import Rule, block_attention_density
 from moaplan.runtime import routing
 from moaplan.runtime.layer import layer_attention
 from moaplan.runtime.routing import DEFAULT_COST, CostModel, choose_route, routed_attention
@@ -111,14 +111,44 @@ def test_cost_model_is_read_from_disk(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-def test_split_calibration_runs_the_split_route():
-    # The calibration's own plumbing, on the CPU with a stand-in timer (1 ms per call).
-    calls = []
-    bench = lambda fn: calls.append(fn()) or 1.0
-    factor = routing._split_factor(bench, torch.device("cpu"), 256, (4, 2), 32, DEFAULT_COST)
-    predicted = choose_route([0, 0, 64, 64], [256, 256, 64, 64], 256, 32).predicted_s["split"]
-    assert factor == pytest.approx(1e-3 / predicted)
-    assert len(calls) == 1 and calls[0].shape == (1, 4, 256, 32)
+def test_calibration_derives_the_cost_model_from_its_timings():
+    # The calibration's own plumbing on the CPU, with a stand-in timer that runs every
+    # function once and reports the times of a made-up card: SDPA at 100 TFLOP/s (150% of
+    # that time with enable_gqa), the kernel at 80% of SDPA's speed on the tiles it visits,
+    # the split route 1 ms, a copy at 1 TB/s.
+    heads, dim, lengths = (4, 2), 32, (128, 256)
+    outputs = {}
+
+    def timer(fns):
+        outputs.update({name: fn() for name, fn in fns.items()})
+        ms = {"copy": 2 * (4 * 256 * 32 * 2) / 1e12 * 1e3}  # the longest layer's q, bf16
+        for n in lengths:
+            dense = 4 * dim * n * (n + 1) / 2 * heads[0] / 100e12 * 1e3
+            ms |= {f"{n}/sdpa": dense, f"{n}/sdpa_gqa": 1.5 * dense, f"{n}/split": 1.0}
+            for name, (sink, share) in routing._CalibrationLayers.WINDOWED.items():
+                cfg = default_config(dim, min(sink + int(share * n), n))
+                ms[f"{n}/{name}"] = dense / 0.8 * float(block_attention_density(
+                    sink, int(share * n), n, cfg.block_m, cfg.block_n))
+        return ms
+
+    cost = routing.calibrate(torch.device("cpu"), heads=heads, head_dim=dim, lengths=lengths,
+                             timer=timer)
+    assert cost.sdpa_tflops == pytest.approx(100.0)
+    assert cost.efficiency_short == pytest.approx(0.8) == cost.efficiency_long
+    assert cost.copy_tbps == pytest.approx(1.0) and not cost.gqa_native
+    assert set(outputs) == {f"{n}/{name}" for n in lengths for name in
+                            ("sdpa", "sdpa_gqa", "full", "half", "split")} | {"copy"}
+    unsplit = dataclasses.replace(cost, split_short=1.0, split_long=1.0)
+    for name, n in zip(("short", "long"), lengths):
+        layer = routing._CalibrationLayers(torch.device("cpu"), n, heads, dim)
+        # The split factor: the measured time over the prediction.
+        assert getattr(cost, f"split_{name}") == pytest.approx(
+            1e-3 / layer.predicted_split(unsplit))
+        # What was timed as the split route computes the layer's rules.
+        ref = reference_attention(*(x.float() for x in (layer.q, layer.k, layer.v)),
+                                  torch.from_numpy(layer.split_sinks),
+                                  torch.from_numpy(layer.split_spans))
+        torch.testing.assert_close(outputs[f"{n}/split"].float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

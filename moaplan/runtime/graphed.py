@@ -27,6 +27,7 @@ import torch
 from moaplan.errors import ModelError
 from moaplan.runtime.apply import applied_plan
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.gpu_time import capture_graph
 
 
 @torch.inference_mode()
@@ -115,20 +116,6 @@ def capture_decode_step(cache: MoaplanCache, step: Callable[[], object]) -> Call
     replay = capture_graph(step)
     cache.count_replayed(-1)
     return replay
-
-
-def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """Runs ``fn`` once on a side stream (capture needs its kernels compiled and its
-    workspaces allocated), then records the next call in a CUDA graph; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    recorded = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(recorded):
-        fn()
-    return recorded.replay
 
 
 def _stop_at_eos(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:

@@ -9,11 +9,11 @@ fastest; :func:`routed_attention` runs it, on CUDA (the Triton kernel) and elsew
 windowed torch attention or the reference stand in for the kernel), with the same result
 either way.
 
-The cost model is measured once per GPU (:func:`calibrate`: a few SDPA and kernel timings and
-a copy, about a second) and kept on disk, keyed by the card and the torch and Triton versions,
-under ``$MOAPLAN_CACHE_DIR`` (default ``~/.cache/moaplan``).  On the CPU, and during a
-CUDA-graph capture before the card is measured, :data:`DEFAULT_COST` stands in: an H200's
-figures, rounded (benchmarks/results/h200/layers.md).
+The cost model is measured once per GPU (:func:`calibrate`: the GPU's time of a few SDPA and
+kernel calls and a copy, replayed from CUDA graphs, a few seconds) and kept on disk, keyed by
+the card and the torch and Triton versions, under ``$MOAPLAN_CACHE_DIR`` (default
+``~/.cache/moaplan``).  On the CPU, and during a CUDA-graph capture before the card is measured,
+:data:`DEFAULT_COST` stands in: an H200's figures, rounded (benchmarks/results/h200/layers.md).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from moaplan.io import atomic_write_text
 from moaplan.kernels.common import use_triton
 from moaplan.kernels.prefill import default_config, per_query_head, sparse_attention
 from moaplan.rules import block_attention_density
+from moaplan.runtime.gpu_time import graph_medians
 from moaplan.runtime.windowed import windowed_attention
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,8 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: n
 
 
 def _cache_file(device: torch.device) -> Path:
-    name = f"{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+    # v2: measured from CUDA-graph replays (the GPU's time); v1 files timed Python calls.
+    name = f"v2-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
     return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"
@@ -276,67 +278,82 @@ def cost_model(device: torch.device) -> CostModel:
 
 
 def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
-              head_dim: int = 128) -> CostModel:
-    """Measures a :class:`CostModel` on ``device`` in bf16 (about a second): SDPA and the
-    kernel on all-full and half-window layers at 4K (short tiles) and 16K (long tiles),
-    SDPA with ``enable_gqa`` against repeated keys, and a device copy."""
-    import triton
-
-    log.info("measuring the prefill cost model of %s", torch.cuda.get_device_name(device))
-    bench = functools.partial(triton.testing.do_bench, warmup=10, rep=40, return_mode="median")
-    short, long = (_measure_length(bench, device, n, heads, head_dim) for n in (4096, 16384))
-    x = torch.empty(1 << 28, device=device, dtype=torch.float32)
-    y = torch.empty_like(x)
-    t_copy = bench(lambda: y.copy_(x))
+              head_dim: int = 128, lengths: tuple[int, int] = (4096, 16384),
+              timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]]
+              = graph_medians) -> CostModel:
+    """Measures a :class:`CostModel` on ``device`` in bf16 (a few seconds): SDPA and the
+    kernel on all-full and half-window layers at a length where the kernel takes its short
+    tiles and at one where it takes its long ones (``lengths``), SDPA with ``enable_gqa``
+    against repeated keys, the split route, and a device copy.  ``timer`` gives each
+    function's milliseconds: by default the GPU's time of its CUDA-graph replay, all of them
+    taking turns, since a prefill in a model runs with the host ahead of the GPU."""
+    log.info("measuring the prefill cost model of %s", device)
+    layers = [_CalibrationLayers(device, n, heads, head_dim) for n in lengths]
+    fns = {f"{layer.n}/{name}": fn for layer in layers for name, fn in layer.fns().items()}
+    src = layers[-1].q
+    dst = torch.empty_like(src)
+    fns["copy"] = lambda: dst.copy_(src)
+    times = timer(fns)
+    short, long = (layer.rates({name.split("/")[1]: t for name, t in times.items()
+                                if name.startswith(f"{layer.n}/")}) for layer in layers)
     cost = CostModel(sdpa_tflops=long["tflops"], efficiency_short=short["efficiency"],
                      efficiency_long=long["efficiency"],
-                     copy_tbps=2 * x.numel() * 4 / t_copy * 1e-9,
+                     copy_tbps=2 * src.numel() * src.element_size() / times["copy"] * 1e-9,
                      gqa_native=long["gqa_native"] and short["gqa_native"],
                      split_short=1.0, split_long=1.0)
     cost = dataclasses.replace(cost, **{
-        f"split_{name}": _split_factor(bench, device, n, heads, head_dim, cost)
-        for name, n in (("short", 4096), ("long", 16384))})
+        f"split_{name}": times[f"{layer.n}/split"] * 1e-3 / layer.predicted_split(cost)
+        for name, layer in zip(("short", "long"), layers)})
     log.info("prefill cost model: %s", cost)
     return cost
 
 
-def _inputs(device: torch.device, n: int, heads: tuple[int, int],
-            head_dim: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator(device=device).manual_seed(n)
-    return tuple(torch.randn(1, h, n, head_dim, device=device, dtype=torch.bfloat16,
-                             generator=gen) for h in (heads[0], heads[1], heads[1]))
+class _CalibrationLayers:
+    """The layers :func:`calibrate` times at one length ``n``: dense SDPA (keys repeated per
+    query head, and ``enable_gqa``), the kernel on an all-full and on a half-window layer,
+    and the split route on a layer whose first half of KV heads is full and whose other half
+    keeps 64 sinks and a window of N/4."""
 
+    WINDOWED = {"full": (0, 1.0), "half": (64, 0.5)}  # name: (sink, span / n)
 
-def _measure_length(bench: Callable[[Callable[[], object]], float], device: torch.device,
-                    n: int, heads: tuple[int, int], head_dim: int) -> dict:
-    """SDPA's rate, whether its ``enable_gqa`` keeps it, and the kernel's efficiency (the
-    lower of an all-full and a half-window layer) at length ``n``."""
-    n_q, n_kv = heads
-    q, k, v = _inputs(device, n, heads, head_dim)
-    kx, vx = (x.repeat_interleave(n_q // n_kv, 1) for x in (k, v))
-    t_dense = bench(lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True))
-    t_gqa = bench(lambda: dense_attention(q, k, v, scale=None, gqa_native=True))
-    ratios = []
-    for sink, span in ((0, n), (64, n // 2)):
-        cfg = default_config(head_dim, min(sink + span, n))
-        tiles = float(block_attention_density(sink, span, n, cfg.block_m, cfg.block_n))
-        t = bench(lambda sink=sink, span=span: sparse_attention(q, k, v, [sink] * n_kv,
-                                                                [span] * n_kv))
-        ratios.append(tiles * t_dense / t)
-    return {"tflops": 4 * head_dim * n * (n + 1) / 2 * n_q / t_dense * 1e-9,
-            "gqa_native": t_gqa <= 1.02 * t_dense, "efficiency": min(ratios)}
+    def __init__(self, device: torch.device, n: int, heads: tuple[int, int], head_dim: int):
+        self.n, self.heads, self.head_dim = n, heads, head_dim
+        gen = torch.Generator(device=device).manual_seed(n)
+        self.q, self.k, self.v = (
+            torch.randn(1, h, n, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+            for h in (heads[0], heads[1], heads[1]))
+        n_q, n_kv = heads
+        self.full = np.arange(n_q) < n_q // 2 // (n_q // n_kv) * (n_q // n_kv)
+        self.split_sinks = np.where(self.full, 0, 64)
+        self.split_spans = np.where(self.full, n, n // 4)
 
+    def fns(self) -> dict[str, Callable[[], object]]:
+        q, k, v = self.q, self.k, self.v
+        group = self.heads[0] // self.heads[1]
+        kx, vx = (x.repeat_interleave(group, 1) for x in (k, v))
+        fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True),
+               "sdpa_gqa": lambda: dense_attention(q, k, v, scale=None, gqa_native=True)}
+        for name, (sink, share) in self.WINDOWED.items():
+            rule = ([sink] * self.heads[1], [int(share * self.n)] * self.heads[1])
+            fns[name] = lambda rule=rule: sparse_attention(q, k, v, *rule)
+        fns["split"] = lambda: _split_attention(q, k, v, self.split_sinks, self.split_spans,
+                                                tuple(self.full), scale=None, q_offset=0,
+                                                seq_lens=None)
+        return fns
 
-def _split_factor(bench: Callable[[Callable[[], object]], float], device: torch.device,
-                  n: int, heads: tuple[int, int], head_dim: int, cost: CostModel) -> float:
-    """The split route's measured time over its prediction by ``cost``, on a layer whose
-    first half of KV heads is full and whose other half keeps 64 sinks and a window of N/4."""
-    n_q, n_kv = heads
-    q, k, v = _inputs(device, n, heads, head_dim)
-    group = n_q // n_kv
-    full = np.arange(n_q) < n_q // 2 // group * group
-    sinks, spans = np.where(full, 0, 64), np.where(full, n, n // 4)
-    predicted = choose_route(sinks, spans, n, head_dim, cost).predicted_s
-    t = bench(lambda: _split_attention(q, k, v, sinks, spans, tuple(full), scale=None,
-                                       q_offset=0, seq_lens=None))
-    return t * 1e-3 / predicted["split"]
+    def rates(self, ms: dict[str, float]) -> dict:
+        """SDPA's rate, whether its ``enable_gqa`` keeps it, and the kernel's efficiency (the
+        lower of the all-full and the half-window layer) from the functions' times."""
+        n, n_q = self.n, self.heads[0]
+        ratios = []
+        for name, (sink, share) in self.WINDOWED.items():
+            span = int(share * n)
+            cfg = default_config(self.head_dim, min(sink + span, n))
+            tiles = float(block_attention_density(sink, span, n, cfg.block_m, cfg.block_n))
+            ratios.append(tiles * ms["sdpa"] / ms[name])
+        return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / ms["sdpa"] * 1e-9,
+                "gqa_native": ms["sdpa_gqa"] <= 1.02 * ms["sdpa"], "efficiency": min(ratios)}
+
+    def predicted_split(self, cost: CostModel) -> float:
+        return choose_route(self.split_sinks, self.split_spans, self.n, self.head_dim,
+                            cost).predicted_s["split"]
