@@ -114,8 +114,8 @@ def test_cost_model_is_read_from_disk(tmp_path, monkeypatch):
 def test_calibration_derives_the_cost_model_from_its_timings():
     # The calibration's own plumbing on the CPU, with a stand-in timer that runs every
     # function once and reports the times of a made-up card: SDPA at 100 TFLOP/s (150% of
-    # that time with enable_gqa), the kernel at 80% of SDPA's speed on the tiles it visits,
-    # the split route 1 ms, a copy at 1 TB/s.
+    # that time with enable_gqa, 120% repeating the keys in the call), the kernel at 80% of
+    # SDPA's speed on the tiles it visits, the split route 1 ms, a copy at 1 TB/s.
     heads, dim, lengths = (4, 2), 32, (128, 256)
     outputs = {}
 
@@ -124,7 +124,8 @@ def test_calibration_derives_the_cost_model_from_its_timings():
         ms = {"copy": 2 * (4 * 256 * 32 * 2) / 1e12 * 1e3}  # the longest layer's q, bf16
         for n in lengths:
             dense = 4 * dim * n * (n + 1) / 2 * heads[0] / 100e12 * 1e3
-            ms |= {f"{n}/sdpa": dense, f"{n}/sdpa_gqa": 1.5 * dense, f"{n}/split": 1.0}
+            ms |= {f"{n}/sdpa": dense, f"{n}/sdpa_gqa": 1.5 * dense,
+                   f"{n}/sdpa_repeat": 1.2 * dense, f"{n}/split": 1.0}
             for name, (sink, share) in routing._CalibrationLayers.WINDOWED.items():
                 cfg = default_config(dim, min(sink + int(share * n), n))
                 ms[f"{n}/{name}"] = dense / 0.8 * float(block_attention_density(
@@ -137,7 +138,8 @@ def test_calibration_derives_the_cost_model_from_its_timings():
     assert cost.efficiency_short == pytest.approx(0.8) == cost.efficiency_long
     assert cost.copy_tbps == pytest.approx(1.0) and not cost.gqa_native
     assert set(outputs) == {f"{n}/{name}" for n in lengths for name in
-                            ("sdpa", "sdpa_gqa", "full", "half", "split")} | {"copy"}
+                            ("sdpa", "sdpa_gqa", "sdpa_repeat", "full", "half", "split")
+                            } | {"copy"}
     unsplit = dataclasses.replace(cost, split_short=1.0, split_long=1.0)
     for name, n in zip(("short", "long"), lengths):
         layer = routing._CalibrationLayers(torch.device("cpu"), n, heads, dim)
