@@ -42,6 +42,12 @@ def test_choice_follows_the_cost():
     assert choose_route([64] * 32, spans, n, dim, fast).kind == "sparse"
     # Half windows everywhere: the kernel does half the work.
     assert choose_route([64] * 32, [n // 2] * 32, n, dim).kind == "sparse"
+    # The split route's measured excess shrinks as 1/N from where it was measured.
+    costly = dataclasses.replace(DEFAULT_COST, split_short=1.4, split_long=1.2)
+    assert costly.split(dim, 4096) == pytest.approx(1.4)
+    assert costly.split(dim, 2048) == pytest.approx(1.8)
+    assert costly.split(dim, 16384) == pytest.approx(1.2)
+    assert costly.split(dim, 65536) == pytest.approx(1.05)
 
 
 @pytest.mark.parametrize("with_compensation", [False, True])  # the windowed path, the reference

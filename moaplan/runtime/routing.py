@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 ROUTES = ("sparse", "dense", "split")
 
 
+# The lengths calibrate measures at: one where the kernel takes its short tiles, one long.
+CALIBRATION_LENGTHS = (4096, 16384)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Prefill speeds of one GPU, enough to predict each route's time.
@@ -52,26 +56,31 @@ class CostModel:
     ``efficiency_short`` / ``efficiency_long``: the block-sparse kernel's speed on the tiles
     it visits relative to SDPA's (tile density x T_SDPA / T_kernel), with its short (reach
     <= 4096 keys) and long tiles; ``copy_tbps``: device copy bandwidth (bytes read plus
-    written); ``gqa_native``: SDPA's ``enable_gqa`` is as fast as SDPA on keys repeated per
-    query head (else the dense route repeats them, a copy); ``split_short`` /
+    written); ``gqa_native``: SDPA's ``enable_gqa`` is faster than repeating the keys per
+    query head in the call (else the dense route repeats them, a copy); ``split_short`` /
     ``split_long``: the split route's measured time over its prediction from the rest (two
-    launches that each fill the GPU less than one, the gathers), at lengths up to 4096 and
-    beyond.
+    launches that each fill the GPU less than one, the gathers) at the
+    :data:`CALIBRATION_LENGTHS`.
     """
 
-    sdpa_tflops: float = 600.0
-    efficiency_short: float = 0.85
-    efficiency_long: float = 0.94
-    copy_tbps: float = 4.2
+    sdpa_tflops: float = 555.0
+    efficiency_short: float = 0.86
+    efficiency_long: float = 0.96
+    copy_tbps: float = 3.9
     gqa_native: bool = True
-    split_short: float = 1.2
-    split_long: float = 1.0
+    split_short: float = 1.3
+    split_long: float = 1.04
 
     def efficiency(self, head_dim: int, reach: int) -> float:
         return self.efficiency_short if _short(head_dim, reach) else self.efficiency_long
 
     def split(self, head_dim: int, n: int) -> float:
-        return self.split_short if _short(head_dim, n) else self.split_long
+        """The split factor at length ``n``.  Its excess over 1 is the two launches' tails,
+        each about one program long (O(N)) against the layer's O(N^2) work, so it shrinks as
+        1/N from the length it was measured at."""
+        short = _short(head_dim, n)
+        factor = self.split_short if short else self.split_long
+        return 1 + (factor - 1) * CALIBRATION_LENGTHS[0 if short else 1] / n
 
 
 def _short(head_dim: int, reach: int) -> bool:
@@ -278,7 +287,7 @@ def cost_model(device: torch.device) -> CostModel:
 
 
 def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
-              head_dim: int = 128, lengths: tuple[int, int] = (4096, 16384),
+              head_dim: int = 128, lengths: tuple[int, int] = CALIBRATION_LENGTHS,
               timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]]
               = graph_medians) -> CostModel:
     """Measures a :class:`CostModel` on ``device`` in bf16 (a few seconds): SDPA and the
@@ -286,7 +295,9 @@ def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
     tiles and at one where it takes its long ones (``lengths``), SDPA with ``enable_gqa``
     against repeated keys, the split route, and a device copy.  ``timer`` gives each
     function's milliseconds: by default the GPU's time of its CUDA-graph replay, all of them
-    taking turns, since a prefill in a model runs with the host ahead of the GPU."""
+    taking turns, since a prefill in a model runs with the host ahead of the GPU.  Other
+    ``lengths`` than :data:`CALIBRATION_LENGTHS` serve tests only: the split factors are read
+    as measured there."""
     log.info("measuring the prefill cost model of %s", device)
     layers = [_CalibrationLayers(device, n, heads, head_dim) for n in lengths]
     fns = {f"{layer.n}/{name}": fn for layer in layers for name, fn in layer.fns().items()}
