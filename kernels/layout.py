@@ -102,14 +102,17 @@ class DecodeLayout:
     capacity: int  # slots per sequence: sum of sink + ring
     compensate: torch.Tensor  # int32 [Hkv]: 1 for heads with the compensation token
     has_compensation: bool  # any head compensates (host copy, to pick the kernel variant)
+    # Host copy of each head's (first slot, number of slots): reading them from the device
+    # tensors above would make the host wait for the stream.
+    slot_ranges: tuple[tuple[int, int], ...]
 
     @property
     def num_kv_heads(self) -> int:
         return self.offsets.numel()
 
     def head_slots(self, head: int) -> tuple[int, int]:
-        """``(first slot, number of slots)`` of one KV head (host ints)."""
-        return int(self.offsets[head]), int(self.sinks[head]) + int(self.rings[head])
+        """``(first slot, number of slots)`` of one KV head (host ints, no device read)."""
+        return self.slot_ranges[head]
 
     def held_positions(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For every slot of a sequence's buffer, its KV head, and the token position it
@@ -173,7 +176,8 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
         return torch.tensor(values, dtype=torch.int32, device=device)
 
     return DecodeLayout(ints(offsets), ints(sinks), ints(rings), ints(items).reshape(-1, 2),
-                        ints(first), ints(count), chunk, sum(caps), ints(flags), any(flags))
+                        ints(first), ints(count), chunk, sum(caps), ints(flags), any(flags),
+                        tuple(zip(offsets, caps)))
 
 
 def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
