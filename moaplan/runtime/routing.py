@@ -293,9 +293,9 @@ def calibrate(device: torch.device, *, heads: tuple[int, int] = (32, 8),
     """Measures a :class:`CostModel` on ``device`` in bf16 (a few seconds): SDPA and the
     kernel on all-full and half-window layers at a length where the kernel takes its short
     tiles and at one where it takes its long ones (``lengths``), SDPA with ``enable_gqa``
-    against repeated keys, the split route, and a device copy.  ``timer`` gives each
-    function's milliseconds: by default the GPU's time of its CUDA-graph replay, all of them
-    taking turns, since a prefill in a model runs with the host ahead of the GPU.  Other
+    against repeating the keys in the call, the split route, and a device copy.  ``timer``
+    gives each function's milliseconds: by default the GPU's time of its CUDA-graph replay,
+    all of them taking turns, since a prefill in a model runs with the host ahead.  Other
     ``lengths`` than :data:`CALIBRATION_LENGTHS` serve tests only: the split factors are read
     as measured there."""
     log.info("measuring the prefill cost model of %s", device)
