@@ -124,9 +124,7 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     def ours(heads: np.ndarray) -> float:
         if not heads.any():
             return 0.0
-        reach = int(min((sink + span)[heads].max(), n))
-        cfg = default_config(head_dim, reach)
-        tiles = block_attention_density(sink[heads], span[heads], n, cfg.block_m, cfg.block_n)
+        tiles, reach = _kernel_tiles(sink[heads], span[heads], n, head_dim)
         return float(tiles.sum()) * head_s / cost.efficiency(head_dim, reach)
 
     def sdpa(n_heads: int, gathered: bool) -> float:
@@ -144,6 +142,15 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     kind = min(predicted, key=predicted.get)
     dense = full if kind == "split" else np.full_like(full, kind == "dense")
     return Route(kind, tuple(bool(x) for x in dense), predicted)
+
+
+def _kernel_tiles(sink: np.ndarray, span: np.ndarray, n: int,
+                  head_dim: int) -> tuple[np.ndarray, int]:
+    """The share of the causal tiles the kernel visits for each head, under the tiles one
+    launch of these heads takes (by their widest reach), and that reach."""
+    reach = int(min((sink + span).max(), n))
+    cfg = default_config(head_dim, reach)
+    return block_attention_density(sink, span, n, cfg.block_m, cfg.block_n), reach
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -360,10 +367,9 @@ class _CalibrationLayers:
         n, n_q = self.n, self.heads[0]
         ratios = []
         for name, (sink, share) in self.WINDOWED.items():
-            span = int(share * n)
-            cfg = default_config(self.head_dim, min(sink + span, n))
-            tiles = float(block_attention_density(sink, span, n, cfg.block_m, cfg.block_n))
-            ratios.append(tiles * ms["sdpa"] / ms[name])
+            tiles, _ = _kernel_tiles(np.array([sink]), np.array([int(share * n)]), n,
+                                     self.head_dim)
+            ratios.append(float(tiles[0]) * ms["sdpa"] / ms[name])
         return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / ms["sdpa"] * 1e-9,
                 "gqa_native": ms["sdpa_gqa"] <= ms["sdpa_repeat"], "efficiency": min(ratios)}
 
