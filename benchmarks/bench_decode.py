@@ -5,8 +5,10 @@ N/8, N/4, N/2 with 64 sinks, and three full heads: KV density ~0.5).  Useful ban
 of K and V the rule makes the query read / time.  SDPA runs on a dense cache [B, 8, N, 128]:
 the padded cache holding the same tokens is that size (the full heads hold all N tokens), and
 SDPA reads it whole.  Times are medians of ``triton.testing.do_bench``; the default launch and
-SDPA are also timed as CUDA graph replays (the GPU's time alone).  The launch sweep:
-the library's chunk for the batch (``auto``: at most 4096 slots, about 128 work items) and
+SDPA are also timed as CUDA graph replays (the GPU's time alone), and per layer in a stack of
+8 layers replayed from one graph, each layer with its own buffers (the time a model's decode
+step spends on a layer).  The launch sweep:
+the library's chunk for the batch (``auto``: at most 4096 slots, about two work items per SM) and
 fixed chunks of 512/1024/2048 slots, each with a few tile configs; the default launch (auto chunk,
 ``DecodeConfig()``) is recorded beside the best one, against the issue's bandwidth target.
 The compensation token's overhead: the default launch with tokens on the five windowed heads

@@ -12,9 +12,9 @@ with the current length.
 Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``chunk`` slots
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
 short heads few, so the launch stays balanced however different the heads are.  The chunk is
-picked per batch (:func:`moaplan.kernels.layout.default_chunk`: about ``_TARGET_ITEMS``
-programs, in chunks of at most ``_MAX_CHUNK`` slots; an H100 sweep found 4096-slot chunks with
-64-row tiles fastest over both batch 8 / 32K and batch 1 / 128K).  One program loads each K/V
+picked per batch (:func:`moaplan.kernels.layout.default_chunk`: about two programs per SM,
+in chunks of at most ``_MAX_CHUNK`` slots; an H200 sweep found that fastest at batch 8 / 32K
+and batch 1 / 128K, with 64-row tiles and 4 pipeline stages).  One program loads each K/V
 tile once for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a
 partial output with its log-sum-exp for the group's real rows; a second small kernel, one
 program per (query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so

@@ -27,11 +27,16 @@ import triton.language as tl
 from moaplan.errors import ModelError
 from moaplan.rules import Rule, query_spans, rule_arrays, rule_sinks, rule_spans, span_formula
 
-# Work items (split programs, all sequences together) the default chunk aims at: about one
-# per SM of an H100 (132); each program streams its chunk with several blocks resident per SM.
-# Chunks are multiples of 64 (whole key tiles) and at most _MAX_CHUNK slots, so a large batch
-# still splits its long heads.
-_TARGET_ITEMS = 128
+# Work items (split programs, all sequences together) the default chunk aims at: two per SM
+# of the layout's GPU.  On the H200, timed per layer in a stack of layers, batch 1 / 128K ran
+# 6% faster with two items per SM (2048-slot chunks) than with one (4096), and batch 8 / 32K
+# (288 items of 4096 slots, the cap) was fastest at the cap (benchmarks/results/h200).  A
+# program keeps one SM's shared memory busy with its pipeline (4 stages of K and V tiles), so
+# the second item per SM mostly evens out the heads' unequal last items.  Where the device has
+# no SM count (the CPU), two per SM of an H100 / H200.  Chunks are multiples of 64 (whole key
+# tiles) and at most _MAX_CHUNK slots, so a large batch still splits its long heads.
+_ITEMS_PER_SM = 2
+_TARGET_ITEMS = 264
 _MAX_CHUNK = 4096
 
 
@@ -135,11 +140,20 @@ class DecodeLayout:
         return offset + torch.where(pos < sink, pos, sink + (pos - sink).clamp(min=0) % ring)
 
 
-def default_chunk(capacity: int, batch: int) -> int:
+def target_items(device: torch.device | str) -> int:
+    """Work items a decode launch on ``device`` aims at: ``_ITEMS_PER_SM`` per SM of a CUDA
+    device, else ``_TARGET_ITEMS``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _TARGET_ITEMS
+    return _ITEMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_chunk(capacity: int, batch: int, items: int = _TARGET_ITEMS) -> int:
     """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
-    giving about ``_TARGET_ITEMS`` items, between 64 and ``_MAX_CHUNK`` (so the measured
-    shapes, batch 8 / 32K and batch 1 / 128K, both get the cap)."""
-    per_item = math.ceil(batch * capacity / _TARGET_ITEMS)
+    giving about ``items`` work items, between 64 and ``_MAX_CHUNK`` (on an H200 batch 1 /
+    128K gets about 2048 slots, batch 8 / 32K the cap)."""
+    per_item = math.ceil(batch * capacity / items)
     return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
 
 
@@ -148,7 +162,8 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
                   compensate: Sequence[bool] | None = None) -> DecodeLayout:
     """Slot offsets and the work list for heads with ``sinks[h]`` sink slots and a ring of
     ``rings[h]`` slots, split into work items of ``chunk`` slots (default: ``default_chunk``
-    for ``batch`` sequences; a layout runs any batch, ``batch`` only picks the chunk);
+    for ``batch`` sequences and ``device``'s SMs; a layout runs any batch, ``batch`` only
+    picks the chunk);
     ``compensate`` marks the heads with a compensation token."""
     sinks, rings = [int(s) for s in sinks], [int(r) for r in rings]
     flags = [False] * len(sinks) if compensate is None else [bool(c) for c in compensate]
@@ -160,7 +175,7 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
     if batch < 1:
         raise ModelError(f"batch must be >= 1, got {batch}")
     caps = [s + r for s, r in zip(sinks, rings)]
-    chunk = default_chunk(sum(caps), batch) if chunk is None else chunk
+    chunk = default_chunk(sum(caps), batch, target_items(device)) if chunk is None else chunk
     if chunk < 1:
         raise ModelError(f"chunk must be >= 1, got {chunk}")
     items, first, count = [], [], []

@@ -16,7 +16,7 @@ from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
 from moaplan.kernels.decode import _MERGE_BLOCK, decode_attention
-from moaplan.kernels.layout import decode_layout, slot_positions
+from moaplan.kernels.layout import decode_layout, slot_positions, target_items
 from moaplan.kernels.prefill import reference_attention
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -184,17 +184,19 @@ def test_spans_wider_than_rings_that_hold_every_token(interp, dtype):
 
 
 def test_default_chunk_gives_enough_work_items():
-    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads): the 4096-slot
-    chunks the H100 sweep picked at batch 1 / 128K and batch 8 / 32K (about 128 items or
-    more), capped chunks at batch 64, and short contexts split to about 128 items."""
+    """The bench's mixed plan (spans N/32..N/2 with 64 sinks, 3 full heads) on the CPU (no SM
+    count: the items of two per SM of an H200, 264): about 2048-slot chunks at batch 1 / 128K
+    and 4096 at batch 8 / 32K, as the H200 sweep picked, capped chunks at batch 64, and short
+    contexts split to about 264 items."""
     def mixed(n: int) -> tuple[list[int], list[int]]:
         return [64] * 5 + [0] * 3, [n // 32, n // 16, n // 8, n // 4, n // 2] + [n] * 3
 
-    for batch, n, chunk, items in ((1, 131072, 4096, 132), (8, 32768, 4096, 36 * 8),
-                                   (64, 32768, 4096, 36 * 64), (1, 4096, 192, 89)):
+    for batch, n, chunk, items in ((1, 131072, 1984, 269), (8, 32768, 3968, 39 * 8),
+                                   (64, 32768, 4096, 36 * 64), (1, 4096, 64, 259)):
         layout = decode_layout(*mixed(n), batch=batch)
         assert (layout.chunk, batch * layout.items.shape[0]) == (chunk, items)
     assert decode_layout([0], [10], batch=3).chunk == 64
+    assert target_items("cpu") == 264
     with pytest.raises(ModelError, match="batch"):
         decode_layout([0], [10], batch=0)
 
@@ -241,3 +243,15 @@ def test_gpu_matches_reference(dtype):
                      chunk=None, compensate=[True, False, True, False, True, False, True, True])
     out = run(case, lambda *a, **kw: decode_attention(*a, **kw, backend="triton"))
     assert rel_err(out, reference(case)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_layout_aims_at_two_items_per_sm():
+    """On a GPU the default chunk follows its SM count: a long single sequence gets about
+    two work items per SM (the chunk rounds up to whole key tiles, and each head's last item
+    may be partial)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rings = [16384, 32768, 65536, 131072]
+    layout = decode_layout([64] * 4, rings, batch=1, device="cuda")
+    assert 2 * sms * 0.9 <= layout.items.shape[0] <= 2 * sms + len(rings)
