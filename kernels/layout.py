@@ -30,11 +30,12 @@ from moaplan.rules import Rule, query_spans, rule_arrays, rule_sinks, rule_spans
 # Work items (split programs, all sequences together) the default chunk aims at: two per SM
 # of the layout's GPU.  On the H200, timed per layer in a stack of layers, batch 1 / 128K ran
 # 6% faster with two items per SM (2048-slot chunks) than with one (4096), and batch 8 / 32K
-# (288 items of 4096 slots, the cap) was fastest at the cap (benchmarks/results/h200).  A
-# program keeps one SM's shared memory busy with its pipeline (4 stages of K and V tiles), so
-# the second item per SM mostly evens out the heads' unequal last items.  Where the device has
-# no SM count (the CPU), two per SM of an H100 / H200.  Chunks are multiples of 64 (whole key
-# tiles) and at most _MAX_CHUNK slots, so a large batch still splits its long heads.
+# ran as fast with 288 items of 4096 slots (the cap) as with 544 of 2048
+# (benchmarks/results/h200).  A program fills one SM's shared memory with its pipeline (4
+# stages of K and V tiles), so the second item per SM mostly evens out the heads' unequal last
+# items.  Where the device has no SM count (the CPU), two per SM of an H100 / H200.  Chunks
+# are powers of two from 64 (whole key tiles) to _MAX_CHUNK slots, so a large batch still
+# splits its long heads.
 _ITEMS_PER_SM = 2
 _TARGET_ITEMS = 264
 _MAX_CHUNK = 4096
@@ -150,11 +151,13 @@ def target_items(device: torch.device | str) -> int:
 
 
 def default_chunk(capacity: int, batch: int, items: int = _TARGET_ITEMS) -> int:
-    """Slots per work item for ``batch`` sequences of ``capacity`` slots: a multiple of 64
-    giving about ``items`` work items, between 64 and ``_MAX_CHUNK`` (on an H200 batch 1 /
-    128K gets about 2048 slots, batch 8 / 32K the cap)."""
-    per_item = math.ceil(batch * capacity / items)
-    return min(_MAX_CHUNK, max(64, math.ceil(per_item / 64) * 64))
+    """Slots per work item for ``batch`` sequences of ``capacity`` slots: the power of two
+    nearest (in ratio) to what gives ``items`` work items, between 64 and ``_MAX_CHUNK`` (on an
+    H200 batch 1 / 128K gets 2048 slots, batch 8 / 32K the cap).  Powers of two, because the
+    H200 ran chunks of 1984 and 3968 slots 7-8% slower than 2048 and 4096: with spans of
+    whole powers of two (the benchmark's plan) the items then come out whole."""
+    per_item = batch * capacity / items
+    return min(_MAX_CHUNK, max(64, 2 ** round(math.log2(max(per_item, 1)))))
 
 
 def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
