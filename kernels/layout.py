@@ -120,10 +120,10 @@ class DecodeLayout:
         """``(first slot, number of slots)`` of one KV head (host ints, no device read)."""
         return self.slot_ranges[head]
 
-    def held_positions(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For every slot of a sequence's buffer, its KV head, and the token position it
-        holds after ``n[b]`` real tokens (``-1`` where empty): int64 ``[capacity]`` and
-        ``[B, capacity]``, computed on the layout's device (no host sync)."""
+    def held_positions(self, n: torch.Tensor) -> torch.Tensor:
+        """For every slot of a sequence's buffer, the token position it holds after ``n[b]``
+        real tokens (``-1`` where empty): int64 ``[B, capacity]``, computed on the layout's
+        device (no host sync)."""
         device = self.offsets.device
         caps = (self.sinks + self.rings).to(torch.int64)
         head = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=device), caps,
@@ -131,7 +131,7 @@ class DecodeLayout:
         sink, ring, offset = (x.to(torch.int64)[head] for x in
                               (self.sinks, self.rings, self.offsets))
         slot = torch.arange(self.capacity, device=device) - offset
-        return head, _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
+        return _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
 
     def slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Slot (within a sequence's buffer) of each head for token positions ``pos``

@@ -263,15 +263,21 @@ class MoaplanLayer(CacheLayerMixin):
             self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
         if pos.shape[1] == 0:  # nothing to gather from
             return
-        head, held = self.layout.held_positions(n_after)  # [capacity], [B, capacity]
+        held = self.layout.held_positions(n_after)  # [B, capacity]
         rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
         # Its index in the chunk: the first at which the count of real tokens reaches rank + 1.
         counts = (pos >= 0).cumsum(1)
         index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(max=pos.shape[1] - 1)
         batch = torch.arange(key.shape[0], device=key.device)[:, None]
         new = (rank >= 0)[..., None]
-        for buf, chunk in ((self.keys, key), (self.values, value)):
-            buf.copy_(torch.where(new, chunk[batch, head, index].to(buf.dtype), buf))
+        # One head's slots at a time, written in place: gathering for the whole buffer at once
+        # held a copy of it, which at the largest batch that fits did not fit beside the cache.
+        for h, (first, cap) in enumerate(self.layout.slot_ranges):
+            part = slice(first, first + cap)
+            for buf, chunk in ((self.keys, key), (self.values, value)):
+                held_part = buf[:, part]
+                torch.where(new[:, part], chunk[batch, h, index[:, part]].to(buf.dtype),
+                            held_part, out=held_part)
         self.n_real = n_after
 
     def reserve(self, steps: int) -> None:
