@@ -13,8 +13,8 @@ Kernel: the work list is static per layer, ``(KV head, first slot)`` items of ``
 covering every head's capacity; the grid is ``(item, sequence)``.  Long heads get many items,
 short heads few, so the launch stays balanced however different the heads are.  The chunk is
 picked per batch (:func:`moaplan.kernels.layout.default_chunk`: about two programs per SM,
-in chunks of at most ``_MAX_CHUNK`` slots; an H200 sweep found that fastest at batch 8 / 32K
-and batch 1 / 128K, with 64-row tiles and 4 pipeline stages).  One program loads each K/V
+in chunks of a power of two up to ``_MAX_CHUNK`` slots; on an H200 that was the fastest chunk
+at batch 1 / 128K and as fast as any at batch 8 / 32K).  One program loads each K/V
 tile once for all query heads of its GQA group (packed into one ``tl.dot`` tile), and writes a
 partial output with its log-sum-exp for the group's real rows; a second small kernel, one
 program per (query head, sequence), merges that head's partials ``_MERGE_BLOCK`` at a time, so
@@ -53,8 +53,9 @@ _MERGE_BLOCK = 32
 class DecodeConfig:
     """Launch parameters of the split kernel: key tile rows, warps, pipeline stages."""
 
-    # With 4096-slot chunks the best launch of the H100 sweep at both measured shapes;
-    # benchmarks/bench_decode.py sweeps it against other chunks and tiles.
+    # The H100 sweep's best launch at both measured shapes.  On the H200, per layer in a
+    # stack, the best at batch 8 / 32K; at batch 1 / 128K 3 stages were 2% faster, but 13%
+    # slower at batch 8 / 32K with 2048-slot chunks.  benchmarks/bench_decode.py sweeps it.
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 4

@@ -10,6 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from moaplan.errors import ModelError
@@ -339,3 +341,35 @@ def test_first_prefill_layer_never_waits_for_the_stream(compensate):
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert torch.equal(layer.keys, warm.keys)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor any operation returns (views by their own
+    extent, not their storage's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+        return out
+
+
+def test_a_chunk_write_makes_no_copy_of_the_layer_buffer():
+    # Gathering the chunk for the whole buffer at once (then a torch.where of the same size)
+    # made two copies of the layer's keys: 1.9 GiB each at batch 30 / 32K for an 8B model's
+    # all-full layer, which did not fit beside the largest cache.  One head at a time, in place.
+    config = LlamaConfig(**CONFIG | dict(hidden_size=128))  # head_dim 32
+    plan = Plan(ModelShape.from_config(config), [[Rule.full_attention()] * KV_HEADS] * LAYERS)
+    layer = MoaplanCache(plan, 2, 256).layers[0]  # 256 slots a head
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, KV_HEADS, 64, 32, generator=gen) for _ in range(2))
+    with _LargestTensor() as largest:
+        layer.append(k, v)
+    assert largest.nbytes <= layer.keys.nbytes / KV_HEADS  # one head's slots
+    for buf, chunk in ((layer.keys, k), (layer.values, v)):
+        assert torch.equal(buf.view(2, KV_HEADS, 256, 32)[:, :, :64], chunk)
