@@ -57,6 +57,8 @@ from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_setups import SETUPS as E2E_SETUPS  # noqa: E402
+from e2e_setups import best_rate  # noqa: E402
 from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
 
@@ -88,11 +90,7 @@ STEPS = 8  # decode steps per timed round, end to end
 LONG = 131072  # the long prompt of the time-to-first-token measurement
 # The end-to-end setups at the common batch (result key: label); the first three are the dense
 # baselines the mixed plan is set against.
-SETUPS = {"dense": "DynamicCache + SDPA, eager",
-          "dense_static": "StaticCache + SDPA, CUDA graph",
-          "dense_flex": "StaticCache + flex_attention, CUDA graph",
-          "moaplan_full": "MoaplanCache + all-full plan",
-          "moaplan": "MoaplanCache + mixed plan"}
+SETUPS = {key: labels[0] for key, labels in E2E_SETUPS.items()}
 BASELINES = ("dense", "dense_static", "dense_flex", "moaplan_full")
 _START = time.monotonic()
 
@@ -264,11 +262,6 @@ def add_bound(row: dict, weight_bytes: int, kv_read: int, bandwidth: float) -> N
     bound_ms = 1e3 * (weight_bytes + kv_read) / bandwidth
     row["bound"] = dict(weight_bytes=weight_bytes, kv_bytes_read=kv_read, bound_ms=bound_ms,
                         ms_per_step=ms, timed_by=timed_by, fraction_of_bound=bound_ms / ms)
-
-
-def best_rate(row: dict) -> float:
-    """Tokens/s from graph replays where measured, else from the host clock."""
-    return row.get("graph_tokens_per_s", row["tokens_per_s"])
 
 
 def versus(row: dict, base: dict) -> dict:

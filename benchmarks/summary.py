@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from e2e_setups import SETUPS, best_rate
 from quality_report import describe, quality_table, validation_agreement, verdicts
 
 
@@ -162,13 +163,6 @@ def _decode(path: Path, base: Path) -> list[str]:
 
 
 # The end-to-end setups of bench_decode --e2e-only, in table order.
-_E2E_SETUPS = {"dense": "DynamicCache + SDPA, eager",
-               "dense_static": "StaticCache + SDPA, graph",
-               "dense_flex": "StaticCache + flex_attention, graph",
-               "moaplan_full": "moaplan, all-full plan, graph",
-               "moaplan": "moaplan, mixed plan, graph"}
-
-
 def _decode_e2e(path: Path, base: Path) -> list[str]:
     report = _load(path)
     e2e = report["e2e"]
@@ -185,11 +179,11 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
              "| setup | batch | tokens/s | ms/step | byte bound ms | % of bound "
              "| mixed plan vs this (bytes allow) |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for key, label in _E2E_SETUPS.items():
+    for key, (_, label) in SETUPS.items():
         row = e2e.get(key)
         if row is None or "bound" not in row:
             continue
-        rate = row.get("graph_tokens_per_s", row["tokens_per_s"])
+        rate = best_rate(row)
         vs = e2e["moaplan_vs"].get(key)
         ratio = f"{vs['measured']:.2f}x ({vs['bytes_allow']:.2f}x)" if vs else "-"
         bound = row["bound"]

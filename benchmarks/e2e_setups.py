@@ -1,0 +1,18 @@
+"""The end-to-end decode setups of ``bench_decode.py``, by the key of their row in its JSON,
+and how a row's tokens/s is read.  Their own module so that ``summary.py``, which reads the
+committed JSON only, shares them without importing torch."""
+
+from __future__ import annotations
+
+# key: (the label of bench_decode's tables, the shorter one of the README summary)
+SETUPS = {"dense": ("DynamicCache + SDPA, eager", "DynamicCache + SDPA, eager"),
+          "dense_static": ("StaticCache + SDPA, CUDA graph", "StaticCache + SDPA, graph"),
+          "dense_flex": ("StaticCache + flex_attention, CUDA graph",
+                         "StaticCache + flex_attention, graph"),
+          "moaplan_full": ("MoaplanCache + all-full plan", "moaplan, all-full plan, graph"),
+          "moaplan": ("MoaplanCache + mixed plan", "moaplan, mixed plan, graph")}
+
+
+def best_rate(row: dict) -> float:
+    """Tokens/s from graph replays where measured, else from the host clock."""
+    return row.get("graph_tokens_per_s", row["tokens_per_s"])
