@@ -162,7 +162,6 @@ def _decode(path: Path, base: Path) -> list[str]:
     return ["\n".join(lines), _image(path.with_name("decode_bandwidth.png"), base, "decode")]
 
 
-# The end-to-end setups of bench_decode --e2e-only, in table order.
 def _decode_e2e(path: Path, base: Path) -> list[str]:
     report = _load(path)
     e2e = report["e2e"]
