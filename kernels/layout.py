@@ -120,19 +120,6 @@ class DecodeLayout:
         """``(first slot, number of slots)`` of one KV head (host ints, no device read)."""
         return self.slot_ranges[head]
 
-    def held_positions(self, n: torch.Tensor) -> torch.Tensor:
-        """For every slot of a sequence's buffer, the token position it holds after ``n[b]``
-        real tokens (``-1`` where empty): int64 ``[B, capacity]``, computed on the layout's
-        device (no host sync)."""
-        device = self.offsets.device
-        caps = (self.sinks + self.rings).to(torch.int64)
-        head = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=device), caps,
-                                       output_size=self.capacity)
-        sink, ring, offset = (x.to(torch.int64)[head] for x in
-                              (self.sinks, self.rings, self.offsets))
-        slot = torch.arange(self.capacity, device=device) - offset
-        return _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
-
     def slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Slot (within a sequence's buffer) of each head for token positions ``pos``
         ``[...]``: int64 ``[..., Hkv]``."""
@@ -201,19 +188,11 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
 def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
     """Token position held by each slot of one head after ``n[b]`` real tokens: int64
     ``[B, sink + ring]``, ``-1`` for an empty slot."""
+    n = n.to(torch.int64)[:, None]
     slot = torch.arange(sink + ring, device=n.device)
-    return _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
-
-
-def _held_position(slot: torch.Tensor, sink: torch.Tensor | int, ring: torch.Tensor | int,
-                   n: torch.Tensor | int) -> torch.Tensor:
-    """Token position held by slot ``slot`` (counted from its head's first slot) of a head
-    with ``sink`` sink slots and a ring of ``ring`` after ``n`` real tokens, ``-1`` where
-    empty; every argument broadcasts."""
     r = (slot - sink).clamp(min=0)
-    newest = torch.as_tensor(n - 1 - sink).clamp(min=0) % ring
+    newest = (n - 1 - sink).clamp(min=0) % ring
     age = (newest - r) % ring  # torch's % of ints is never negative
     pos = torch.where(slot < sink, slot, n - 1 - age)
-    filled = torch.where(slot < sink, slot < n,
-                         r < torch.as_tensor(n - sink).clamp(min=0).clamp(max=ring))
+    filled = torch.where(slot < sink, slot < n, r < (n - sink).clamp(0, ring))
     return torch.where(filled, pos, -1)

@@ -254,8 +254,8 @@ class MoaplanLayer(CacheLayerMixin):
                     n_after: torch.Tensor) -> None:
         """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave, without a
         host sync: every slot whose token after the chunk (its sink's, or the latest of its
-        ring's, :meth:`DecodeLayout.held_positions`) is one of the chunk's takes it, by a
-        gather over the slots; the others keep theirs."""
+        ring's, :func:`~moaplan.kernels.layout.slot_positions`) is one of the chunk's takes it,
+        by a gather over the slots; the others keep theirs."""
         if self.layout.has_compensation:
             p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
             sink, ring = self.layout.sinks, self.layout.rings
@@ -263,21 +263,22 @@ class MoaplanLayer(CacheLayerMixin):
             self._add_evicted(key, value, pos, n_after, skipped=(p >= 0) & ~keep)
         if pos.shape[1] == 0:  # nothing to gather from
             return
-        held = self.layout.held_positions(n_after)  # [B, capacity]
-        rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
-        # Its index in the chunk: the first at which the count of real tokens reaches rank + 1.
-        counts = (pos >= 0).cumsum(1)
-        index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(max=pos.shape[1] - 1)
+        counts = (pos >= 0).cumsum(1)  # real tokens of the chunk up to each of its positions
         batch = torch.arange(key.shape[0], device=key.device)[:, None]
-        new = (rank >= 0)[..., None]
         # One head's slots at a time, written in place: gathering for the whole buffer at once
         # held a copy of it, which at the largest batch that fits did not fit beside the cache.
         for h, (first, cap) in enumerate(self.layout.slot_ranges):
-            part = slice(first, first + cap)
+            held = slot_positions(self.sinks[h], self.rings[h], n_after)  # [B, cap]
+            rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
+            # Its index in the chunk: the first at which the count of real tokens reaches
+            # rank + 1.
+            index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(
+                max=pos.shape[1] - 1)
+            new = (rank >= 0)[..., None]
             for buf, chunk in ((self.keys, key), (self.values, value)):
-                held_part = buf[:, part]
-                torch.where(new[:, part], chunk[batch, h, index[:, part]].to(buf.dtype),
-                            held_part, out=held_part)
+                held_part = buf[:, first:first + cap]
+                torch.where(new, chunk[batch, h, index].to(buf.dtype), held_part,
+                            out=held_part)
         self.n_real = n_after
 
     def reserve(self, steps: int) -> None:
