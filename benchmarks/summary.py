@@ -112,11 +112,14 @@ def _layers(path: Path, base: Path) -> list[str]:
 
 def _decode(path: Path, base: Path) -> list[str]:
     report = _load(path)
+    # Older results lack the graph and stack timings.
+    stacks = [k["stack"] for k in report["kernel"] if "stack" in k]
+    stack_note = "" if not stacks else (
+        f"  In a stack: one CUDA graph runs the call for {stacks[0]['layers']} layers, each "
+        "over its own buffers, as a decode step does (per layer).")
     lines = [f"Decode attention (`benchmarks/bench_decode.py`), a mixed plan at KV density 0.5; "
              f"{report['card']}, {report['date']}, commit `{_short(report['commit'])}`; "
-             "speedup against SDPA (default backend) reading the dense cache.  In a stack: "
-             "one CUDA graph runs the call for 8 layers, each over its own buffers, as a "
-             "decode step does (per layer).",
+             f"speedup against SDPA (default backend) reading the dense cache.{stack_note}",
              "",
              "| batch | context | moaplan ms (default launch) | useful TB/s | best launch TB/s "
              "| GPU-only TB/s (graph) | GPU per layer in a stack TB/s | SDPA dense cache ms "
@@ -124,7 +127,6 @@ def _decode(path: Path, base: Path) -> list[str]:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in report["kernel"]:
         default = k.get("default", k["best"])  # results from before defaults were recorded
-        # Older results lack the graph and stack timings.
         graph = f"{k['graph']['useful_tb_s']:.2f}" if "graph" in k else "-"
         stack = k.get("stack")
         in_stack = ("-", "-") if stack is None else (
