@@ -132,7 +132,7 @@ def time_length(layers: list[list[Rule]], n: int, log) -> dict:
         routes.append({
             name: choose_route(np.repeat(h.sink.numpy(), GROUP), h.span.numpy()
                                if h.span.numel() == HQ else np.repeat(h.span.numpy(), GROUP),
-                               n, DIM, cost).kind
+                               n, DIM, cost, GROUP).kind
             for name, h in (("kv", kv_heads), ("q", q_heads))})
     times = bench_together({name: capture_graph(fn) for name, fn in fns.items()})
     rows = []

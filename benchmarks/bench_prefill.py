@@ -68,7 +68,8 @@ class Plan:
 
     def config(self, n: int) -> PrefillConfig:
         """The tiles sparse_attention picks for this plan by default."""
-        return default_config(DIM, min(max(a + b for a, b in zip(self.sink, self.span)), n))
+        reach = min(max(a + b for a, b in zip(self.sink, self.span)), n)
+        return default_config(DIM, reach, GROUP)  # one rule per KV head: its group shares it
 
 
 def plans(n: int, names: list[str] | None = None) -> list[Plan]:
@@ -320,7 +321,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
            f"taking turns in each round.  ideal = density x T(SDPA default dense); "
            f"eta = ideal / T.", "",
            "Tiles (BM x BN) are the kernel's default for each plan (`default_config`); "
-           "\"hm\": programs in head-major order.", "",
+           "\"hm\": programs in head-major order; \"pN\": N query heads of a GQA group packed "
+           "in each program.", "",
            "| N | plan | density | tiles | ours ms | flex ms | SDPA ms | SDPA-FA2 ms | ideal ms | "
            "ours TFLOP/s | flex TFLOP/s | ours/SDPA | ours/flex | eta ours | eta flex |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -329,7 +331,9 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
         out.append(
             f"| {r['n']} | {r['plan']} | {r['density']:.3f} | "
             f"{r['config']['block_m']}x{r['config']['block_n']}"
-            f"{' hm' if r['config'].get('head_major') else ''} | {ms['ours']:.3f} | "
+            f"{' hm' if r['config'].get('head_major') else ''}"
+            f"{' p' + str(r['config']['pack']) if r['config'].get('pack', 1) > 1 else ''} | "
+            f"{ms['ours']:.3f} | "
             f"{fmt(ms['flex'], '.3f')} | {ms['sdpa_default_dense']:.3f} | "
             f"{ms['sdpa_flash_dense']:.3f} | {ms['ideal']:.3f} | {r['tflops_ours']:.0f} | "
             f"{fmt(r['tflops_flex'], '.0f')} | {r['speedup_vs_sdpa']:.2f}x | "

@@ -7,7 +7,10 @@ full causal attention; a head with ``sink = span = 0`` sees nothing and costs no
 positions ``>= seq_lens[b]`` (right padding) come out as zeros.
 
 Each program owns one query block of one query head and works out analytically which key
-tiles its rows can see (no lookup tables):
+tiles its rows can see (no lookup tables).  Where the query heads of a GQA group share one
+rule, a program may hold a block of each of several of them (``PrefillConfig.pack``): every
+K/V tile it loads then serves them all, and its rows span fewer positions, so a window's
+edges waste less.  The tile ranges below are those of the block's rows:
 
 * sink tiles   ``[0, s_end)`` keys below ``sink`` that the window does not already cover;
 * window tiles ``[a, d)``    from the tile of the earliest row's first window key to the
@@ -76,6 +79,9 @@ class PrefillConfig:
     then read one head's K/V, which stays in L2.  ``tma`` loads the K/V tiles through tensor
     descriptors (Hopper's TMA unit) where the GPU and the tensors' layout allow, else through
     pointers: on the H200 the dense tiles ran 12% faster that way (NOTES_prefill.md, run 6).
+    ``pack`` query heads of one GQA group share a program: its ``block_m`` rows are
+    ``block_m / pack`` queries of each, so every K/V tile it loads serves them all and a
+    window's edge tiles waste less (a power of two dividing the group; 1 where it does not).
     """
 
     block_m: int
@@ -84,25 +90,45 @@ class PrefillConfig:
     num_stages: int
     head_major: bool = False
     tma: bool = True
+    pack: int = 1
 
 
-def default_config(head_dim: int, reach: int) -> PrefillConfig:
+def _pack(wanted: int, group: int, block_m: int) -> int:
+    """The most query heads, up to ``wanted``, that one program can pack: a power of two
+    dividing both the GQA group and the tile's rows."""
+    pack = 1
+    while pack * 2 <= wanted and group % (pack * 2) == 0 and block_m % (pack * 2) == 0:
+        pack *= 2
+    return pack
+
+
+def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     """Tile shape for a launch; ``reach`` is the most keys any row sees (max sink + span,
-    capped at the key count).
+    capped at the key count); ``shared`` how many query heads of each GQA group share one
+    rule (the group size for per-KV-head rules, 1 where query heads have their own spans).
 
-    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-7): programs that
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-8): programs that
     visit at most 4096 keys finish sooner with 64 x 64 tiles (more, shorter programs and less
-    window-edge waste); longer ones run best with 128 x 128 tiles in head-major order.  Both
-    load K/V through TMA: timed as CUDA-graph replays on the H200, the 64 x 64 tiles ran
-    4-8% faster with it on every layer of a 4K MoA-like plan and on the 4K mixed plan (run 7).
-    Other head dims are untuned.
+    window-edge waste); longer ones run best with 128 x 128 tiles in head-major order, packing
+    4 query heads that share a rule (run 8: the mixed plan 2-10% faster at 16K-64K; heads of
+    different rules would mask every tile).  Both load K/V through TMA: timed as CUDA-graph
+    replays on the H200, the 64 x 64 tiles ran 4-8% faster with it on every layer of a 4K
+    MoA-like plan and on the 4K mixed plan (run 7).  Other head dims are untuned.
     """
     if head_dim == 128:
         if reach <= 4096:
             return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                             head_major=True)
+                             head_major=True, pack=_pack(4, shared, 128))
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+
+
+def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int) -> int:
+    """``group`` where every GQA group's query heads (consecutive in ``sinks``/``spans``, one
+    value per query head) share one sink and span, else 1."""
+    rules = list(zip(sinks, spans))
+    uniform = all(len(set(rules[h:h + group])) == 1 for h in range(0, len(rules), group))
+    return group if uniform else 1
 
 
 @triton.jit
@@ -150,6 +176,8 @@ def _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
     """One online-softmax step over key tile ``tile``.
 
     ``MASKED`` tiles bounds-check their loads and apply the rule; interior tiles skip both.
+    ``sink``/``span`` are scalars (one rule for every row) or ``[BLOCK_M, 1]`` (a rule per
+    row, where a program packs several query heads).
     """
     start = tile * BLOCK_N
     cols = start + offs_n
@@ -161,26 +189,27 @@ def _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
     if MASKED:
         # j visible to i iff 0 <= i - j < limit_j, limit_j = 2^30 for sinks, else span:
         # one unsigned compare per entry (a negative i - j wraps to >= 2^31).
-        limit = tl.where(cols < sink, 1 << 30, span).to(tl.uint32)
+        limit = tl.where(cols[None, :] < sink, 1 << 30, span).to(tl.uint32)
         dist = (rows[:, None] - cols[None, :]).to(tl.uint32, bitcast=True)
-        s = tl.where(dist < limit[None, :], s, float("-inf"))
+        s = tl.where(dist < limit, s, float("-inf"))
     return _softmax_step(acc, m_i, l_i, s, v, qk_scale, MASKED, DOT_PRECISION)
 
 
 @triton.jit
 def _compensation_tile(acc, m_i, l_i, q, mk_base, mv_base, t0, i0, first, offs_m, offs_n,
                        offs_d, sink, span, n_queries, qk_scale, HEAD_DIM: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Folds the compensation entries of the block's rows ``first .. first + BLOCK_N - 1``
     into the online softmax: the mean keys of those rows form a key tile whose diagonal
-    (row ``r`` against its own mean key) is the only visible part."""
+    (row ``r`` against its own mean key) is the only visible part.  Row ``r`` holds query
+    ``t0 + r % ROWS`` (of the ``r // ROWS``-th packed head, which shares the mean keys)."""
     cols = first + offs_n  # rows of this block, as columns of the tile
-    t = t0 + cols
+    t = t0 + cols % ROWS
     in_rows = (t < n_queries)[:, None]
     at = t[:, None] * HEAD_DIM + offs_d[None, :]
     mean_k = tl.load(mk_base + at, mask=in_rows, other=0.0)
     mean_v = tl.load(mv_base + at, mask=in_rows, other=0.0)
-    count = i0 + cols - span - sink + 1  # keys [sink, i - span] dropped
+    count = i0 + cols % ROWS - span - sink + 1  # keys [sink, i - span] dropped
     # The entry's weight is count times that of one key at the mean: logit + log(count),
     # added before the softmax step multiplies by qk_scale.
     bias = tl.math.log2(tl.maximum(count, 1).to(tl.float32)) / qk_scale
@@ -304,25 +333,37 @@ def _sparse_prefill_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     q_offset, n_queries, n_keys, n_comp, qk_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
     HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    if HEAD_MAJOR:  # 1-D grid: query head in group, then query block, then (sequence, KV head)
-        n_blocks = tl.cdiv(n_queries, BLOCK_M)
-        rest = tl.program_id(0) // GROUP
+    # A program computes ROWS queries of PACK query heads of one GQA group (row r: query
+    # t0 + r % ROWS of the group's head g0 + r // ROWS); a slot is one such set of heads.
+    ROWS: tl.constexpr = BLOCK_M // PACK
+    SLOTS: tl.constexpr = GROUP // PACK  # slots per KV head
+    if HEAD_MAJOR:  # 1-D grid: slot in group, then query block, then (sequence, KV head)
+        n_blocks = tl.cdiv(n_queries, ROWS)
+        rest = tl.program_id(0) // SLOTS
         block = n_blocks - 1 - rest % n_blocks  # last query block first
-        slot = rest // n_blocks * GROUP + tl.program_id(0) % GROUP
-    else:  # 2-D grid: (sequence, query head), then query block
+        slot = rest // n_blocks * SLOTS + tl.program_id(0) % SLOTS
+    else:  # 2-D grid: (sequence, slot), then query block
         slot = tl.program_id(0)
         block = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = slot // HQ
-    kv_rank = (slot % HQ) // GROUP
+    b = slot // (HQ // PACK)
+    kv_rank = (slot % (HQ // PACK)) // SLOTS
     kvh = tl.load(HEAD_ORDER + kv_rank)  # KV heads sorted widest first
-    hq = kvh * GROUP + slot % GROUP
-    sink = tl.load(SINK + hq)  # per query head
-    span = tl.load(SPAN + hq)
+    offs_m = tl.arange(0, BLOCK_M)
+    hq = kvh * GROUP + slot % SLOTS * PACK + offs_m // ROWS  # each row's query head
+    if PACK == 1:  # one rule for the block: scalars, a cheaper mask
+        sink = tl.load(SINK + kvh * GROUP + slot % SLOTS)
+        span = tl.load(SPAN + kvh * GROUP + slot % SLOTS)
+        sink_hi, span_hi, span_lo = sink, span, span
+    else:  # a rule per row, [BLOCK_M, 1]; the tile ranges cover the widest
+        row_sink = tl.load(SINK + hq)
+        row_span = tl.load(SPAN + hq)
+        sink_hi, span_hi, span_lo = tl.max(row_sink), tl.max(row_span), tl.min(row_span)
+        sink, span = row_sink[:, None], row_span[:, None]
     if HAS_QOFF:
         q_offset = tl.load(QOFF + b)
     seq_len = n_keys
@@ -330,31 +371,31 @@ def _sparse_prefill_kernel(
         seq_len = tl.minimum(tl.load(SEQLENS + b), n_keys)
 
     # Absolute positions of this block's rows and the last one with a valid query.
-    t0 = block * BLOCK_M
+    t0 = block * ROWS
     i0 = q_offset + t0
-    i_last = i0 + BLOCK_M - 1
+    i_last = i0 + ROWS - 1
     hi = tl.minimum(tl.minimum(i_last, seq_len - 1), q_offset + n_queries - 1)
     # A query head with neither sink nor window sees nothing (``routed_attention`` leaves the
-    # heads it sends to SDPA so): no tiles, zero rows.
-    has_rows = (hi >= i0) & ((sink > 0) | (span > 0))
+    # heads it sends to SDPA so): no tiles, zero rows.  Packed with other heads, its rows
+    # take the masked path (span_lo = 0 leaves no interior tiles) and see nothing there.
+    has_rows = (hi >= i0) & ((sink_hi > 0) | (span_hi > 0))
 
     # Key-tile ranges (all bounds non-negative, so integer division is floor division).
     d = tl.where(has_rows, hi // BLOCK_N + 1, 0)
-    lo = tl.maximum(i0 - span + 1, 0)  # earliest window key of any row
-    s_end = tl.minimum(tl.cdiv(tl.minimum(sink, lo), BLOCK_N), d)
+    lo = tl.maximum(i0 - span_hi + 1, 0)  # earliest window key of any row
+    s_end = tl.minimum(tl.cdiv(tl.minimum(sink_hi, lo), BLOCK_N), d)
     a = tl.minimum(tl.maximum(lo // BLOCK_N, s_end), d)
-    first_full = tl.where(i_last >= span, (i_last - span) // BLOCK_N + 1, 0)
+    first_full = tl.where(i_last >= span_lo, (i_last - span_lo) // BLOCK_N + 1, 0)
     e = tl.minimum(tl.maximum(first_full, a), d)
     f = tl.minimum(tl.maximum((i0 + 1) // BLOCK_N, e), d)
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = i0 + offs_m
-    q_rows = t0 + offs_m
-    q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
-    q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=(q_rows < n_queries)[:, None], other=0.0)
+    q_rows = t0 + offs_m % ROWS
+    rows = q_offset + q_rows
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + (hq.to(tl.int64) * stride_qh)[:, None]
+              + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(q_rows < n_queries)[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
 
@@ -381,16 +422,18 @@ def _sparse_prefill_kernel(
         comp = tl.load(COMP_SLOT + kvh)
         if comp >= 0:  # MK, MV: [B, n_comp, n_queries, HEAD_DIM], contiguous
             m_off = (b.to(tl.int64) * n_comp + comp) * n_queries * HEAD_DIM
+            # A compensating group shares one rule, so the widest is every row's.
             for first in tl.static_range(0, BLOCK_M, BLOCK_N):
                 acc, m_i, l_i = _compensation_tile(acc, m_i, l_i, q, MK + m_off, MV + m_off, t0,
-                                                   i0, first, offs_m, offs_n, offs_d, sink, span,
-                                                   n_queries, qk_scale, HEAD_DIM, DOT_PRECISION)
+                                                   i0, first, offs_m, offs_n, offs_d, sink_hi,
+                                                   span_hi, n_queries, qk_scale, HEAD_DIM, ROWS,
+                                                   DOT_PRECISION)
     valid = (q_rows < n_queries) & (rows < seq_len)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out = tl.where(valid[:, None], out, 0.0)
-    o_base = Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
-    tl.store(o_base + q_rows[:, None] * stride_on + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=(q_rows < n_queries)[:, None])
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + (hq.to(tl.int64) * stride_oh)[:, None]
+              + q_rows[:, None] * stride_on + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(q_rows < n_queries)[:, None])
 
 
 def _int_list(name: str, values: torch.Tensor | Sequence[int], n_heads: int) -> list[int]:
@@ -568,7 +611,7 @@ def sparse_attention(
             else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
     reach = min(max(reaches), n_keys)
-    cfg = config or default_config(head_dim, reach)
+    cfg = config or default_config(head_dim, reach, shared_rule_heads(sinks, spans, group))
     # In q's memory layout, as SDPA does: transformers' [B, N, H, D] seen through a transpose
     # stays so, and the attention layer's transpose back to it costs no copy.
     out = torch.empty_like(q)
@@ -581,7 +624,8 @@ def sparse_attention(
         means = _dropped_means(q, k, v, table, comp_heads, qoff, q_offset_scalar)
     else:
         means = (flat, flat)  # never read
-    grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
+    pack = _pack(cfg.pack, group, cfg.block_m)
+    grid = (batch * n_q_heads // pack, triton.cdiv(n_queries, cfg.block_m // pack))
     if cfg.head_major:
         grid = (grid[0] * grid[1],)
     descriptors = _kv_descriptors(k, v, cfg)
@@ -591,7 +635,7 @@ def sparse_attention(
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
-        HQ=n_q_heads, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim,
+        HQ=n_q_heads, GROUP=group, PACK=pack, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
         HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,

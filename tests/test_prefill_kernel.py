@@ -9,6 +9,8 @@ own process alone.  The interpreter gets bf16 dot products wrong, so bf16 is che
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +18,13 @@ from hypothesis import strategies as st
 from interpreter import interpreter_pool
 
 from moaplan.errors import ModelError
-from moaplan.kernels.prefill import PrefillConfig, reference_attention, sparse_attention
+from moaplan.kernels.prefill import (
+    PrefillConfig,
+    default_config,
+    reference_attention,
+    shared_rule_heads,
+    sparse_attention,
+)
 
 
 def _interpreted_attention(kwargs: dict) -> torch.Tensor:
@@ -93,7 +101,7 @@ def test_layouts_tma_cannot_address_take_pointer_loads(interp):
 @st.composite
 def _cases(draw):
     """Random shapes, plans, GQA ratios, offsets, padding and tile sizes."""
-    batch, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    batch, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     nq = draw(st.integers(1, 60))
     nk = nq + draw(st.integers(0, 40))
     offsets = [draw(st.integers(0, nk - nq)) for _ in range(batch)]
@@ -116,6 +124,9 @@ def _cases(draw):
         block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
         head_major=draw(st.booleans()),
         tma=draw(st.booleans()),
+        # Query heads per program (as many as divide the group): per-query-head spans and
+        # the heads of a group with different rules then share a program, row by row.
+        pack=draw(st.sampled_from([1, 2, 4])),
         seed=draw(st.integers(0, 2**31)),
     )
 
@@ -130,15 +141,17 @@ def test_random_plans_match_reference(interp, case):
                   compensate=case["compensate"])
     ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
     config = PrefillConfig(*case["block"], num_warps=4, num_stages=1,
-                           head_major=case["head_major"], tma=case["tma"])
+                           head_major=case["head_major"], tma=case["tma"], pack=case["pack"])
     out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
     _check(out, ref, case["dtype"])
 
 
-@pytest.mark.parametrize("dtype,group", [(torch.float32, 2), (torch.float16, 4)])
-def test_compensation_mixed_with_plain_heads(interp, dtype, group):
+@pytest.mark.parametrize("dtype,group,pack", [(torch.float32, 2, 1), (torch.float16, 4, 1),
+                                              (torch.float16, 4, 4)])
+def test_compensation_mixed_with_plain_heads(interp, dtype, group, pack):
     """Compensating heads (with and without sinks, narrow and wide) beside plain and full ones,
-    GQA, per-sequence offsets and right padding."""
+    GQA, per-sequence offsets and right padding; also with a group's query heads packed in
+    one program, whose rows then take their queries' mean keys."""
     gen = torch.Generator().manual_seed(20 + group)
     hkv, nq, nk = 4, 45, 90
     q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, dtype)
@@ -147,7 +160,7 @@ def test_compensation_mixed_with_plain_heads(interp, dtype, group):
     kwargs = dict(q_offset=torch.tensor([nk - nq, 10]), seq_lens=torch.tensor([nk, 40]),
                   compensate=compensate)
     ref = reference_attention(q, k, v, sink, span, **kwargs)
-    out = interp(q, k, v, sink, span, config=SMALL, **kwargs)
+    out = interp(q, k, v, sink, span, config=dataclasses.replace(SMALL, pack=pack), **kwargs)
     _check(out, ref, dtype)
     plain = reference_attention(q, k, v, sink, span, q_offset=kwargs["q_offset"],
                                 seq_lens=kwargs["seq_lens"])
@@ -165,9 +178,10 @@ def test_per_query_head_rules_and_skipped_heads(interp):
     sink = torch.tensor([0, 8, 8, 8, 0, 4, 0, 4])
     span = torch.tensor([0, 2**40, 60, 17, 0, 150, 33, 1])
     ref = reference_attention(q, k, v, sink, span)
-    out = interp(q, k, v, sink, span, config=SMALL)
-    _check(out, ref, torch.float16)
-    assert (out[:, [0, 4]] == 0).all()
+    for pack in (1, 4):  # one head per program, and a group's four heads in one program
+        out = interp(q, k, v, sink, span, config=dataclasses.replace(SMALL, pack=pack))
+        _check(out, ref, torch.float16)
+        assert (out[:, [0, 4]] == 0).all()
     # Per-KV-head sinks with per-query-head spans, long tiles, padding.
     kv_sink, seq_lens = torch.tensor([8, 4]), torch.tensor([n, 97])
     ref = reference_attention(q, k, v, kv_sink, span, seq_lens=seq_lens)
@@ -217,6 +231,20 @@ def test_int_offset_and_default_tiles(interp):
     sink, span = [3], [70]
     ref = reference_attention(q, k, v, torch.tensor(sink), torch.tensor(span), q_offset=130)
     _check(interp(q, k, v, sink, span, q_offset=130), ref, torch.float16)
+
+
+def test_default_tiles_pack_only_heads_that_share_a_rule():
+    # Long programs pack 4 query heads of a group (fewer where the group has fewer, or an odd
+    # number); query heads with their own spans are not packed, short programs never.
+    assert default_config(128, 8192, shared=4).pack == 4
+    assert default_config(128, 8192, shared=8).pack == 4
+    assert default_config(128, 8192, shared=6).pack == 2
+    assert default_config(128, 8192, shared=3).pack == 1
+    assert default_config(128, 8192).pack == 1
+    assert default_config(128, 2048, shared=4).pack == 1
+    assert shared_rule_heads([64] * 8, [512] * 4 + [2**40] * 4, 4) == 4
+    assert shared_rule_heads([64] * 8, [512] * 3 + [256] + [2**40] * 4, 4) == 1
+    assert shared_rule_heads([0, 64], [8, 8], 1) == 1
 
 
 @pytest.mark.parametrize("head_major", [False, True])
@@ -276,17 +304,24 @@ def test_compiled_kernel_refuses_cpu_tensors():
     assert torch.equal(sparse_attention(x, x, x, [0], [4]), reference_attention(x, x, x, [0], [4]))
 
 
+# The long programs' tiles with a group's 4 query heads packed (the default only from 4096
+# keys of reach on).
+LONG_PACKED = PrefillConfig(128, 128, 8, 3, head_major=True, pack=4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dim,group", [(64, 4), (128, 1), (128, 4)])
-def test_bf16_on_gpu_within_sdpa_error(dim, group):
+@pytest.mark.parametrize("dim,group,config", [(64, 4, None), (128, 1, None), (128, 4, None),
+                                              (128, 4, LONG_PACKED)])
+def test_bf16_on_gpu_within_sdpa_error(dim, group, config):
     gen = torch.Generator().manual_seed(dim + group)
     hkv, n = 4, 1500
     q, k, v = _qkv(gen, 2, hkv * group, hkv, n, n, dim, torch.bfloat16, "cuda")
     sink, span = _random_rule(gen, hkv, n)
     seq_lens = torch.tensor([n, 1100])
     compensate = torch.tensor([True, True, False, True])  # heads 1 and 3 compensate
-    out = sparse_attention(q, k, v, sink, span, seq_lens=seq_lens, compensate=compensate)
+    out = sparse_attention(q, k, v, sink, span, seq_lens=seq_lens, compensate=compensate,
+                           config=config)
     ref = reference_attention(q.float(), k.float(), v.float(), sink, span, seq_lens=seq_lens,
                               compensate=compensate)
     # Dense causal SDPA in bf16 against its own fp32 result sets the error allowed.

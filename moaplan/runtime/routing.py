@@ -34,7 +34,12 @@ import torch.nn.functional as F
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.common import use_triton
-from moaplan.kernels.prefill import default_config, per_query_head, sparse_attention
+from moaplan.kernels.prefill import (
+    default_config,
+    per_query_head,
+    shared_rule_heads,
+    sparse_attention,
+)
 from moaplan.rules import block_attention_density
 from moaplan.runtime.gpu_time import graph_medians
 from moaplan.runtime.windowed import windowed_attention
@@ -103,18 +108,21 @@ class Route:
 
 
 def choose_route(sink: Sequence[int], span: Sequence[int], n: int, head_dim: int,
-                 cost: CostModel = DEFAULT_COST) -> Route:
+                 cost: CostModel = DEFAULT_COST, group: int = 1) -> Route:
     """The fastest route for a whole-prompt prefill of ``n`` tokens whose query heads have
-    ``sink`` and ``span`` (one value per query head).  A head is full when its sinks and
-    window cover every key (``sink + span >= n``).  Remembered per layer and length, so the
-    host does the arithmetic once."""
+    ``sink`` and ``span`` (one value per query head, ``group`` query heads per KV head).  A
+    head is full when its sinks and window cover every key (``sink + span >= n``).
+    Remembered per layer and length, so the host does the arithmetic once."""
     return _choose_route(tuple(int(x) for x in sink), tuple(int(x) for x in span), n,
-                         head_dim, cost)
+                         head_dim, cost, group)
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim: int,
-                  cost: CostModel) -> Route:
+                  cost: CostModel, group: int) -> Route:
+    # The kernel's programs pack the query heads of a group that share a rule (whole groups
+    # stay together in every subset below: a group's heads are all full or all not).
+    shared = shared_rule_heads(sink, span, group) if len(sink) % group == 0 else 1
     sink = np.minimum(np.asarray(sink, dtype=np.int64), n)
     span = np.minimum(np.asarray(span, dtype=np.int64), n)
     full = sink + span >= n
@@ -124,7 +132,7 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     def ours(heads: np.ndarray) -> float:
         if not heads.any():
             return 0.0
-        tiles, reach = _kernel_tiles(sink[heads], span[heads], n, head_dim)
+        tiles, reach = _kernel_tiles(sink[heads], span[heads], n, head_dim, shared)
         return float(tiles.sum()) * head_s / cost.efficiency(head_dim, reach)
 
     def sdpa(n_heads: int, gathered: bool) -> float:
@@ -144,13 +152,14 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     return Route(kind, tuple(bool(x) for x in dense), predicted)
 
 
-def _kernel_tiles(sink: np.ndarray, span: np.ndarray, n: int,
-                  head_dim: int) -> tuple[np.ndarray, int]:
+def _kernel_tiles(sink: np.ndarray, span: np.ndarray, n: int, head_dim: int,
+                  shared: int = 1) -> tuple[np.ndarray, int]:
     """The share of the causal tiles the kernel visits for each head, under the tiles one
-    launch of these heads takes (by their widest reach), and that reach."""
+    launch of these heads takes (by their widest reach; a program's rows are ``block_m /
+    pack`` queries of each packed head), and that reach."""
     reach = int(min((sink + span).max(), n))
-    cfg = default_config(head_dim, reach)
-    return block_attention_density(sink, span, n, cfg.block_m, cfg.block_n), reach
+    cfg = default_config(head_dim, reach, shared)
+    return block_attention_density(sink, span, n, cfg.block_m // cfg.pack, cfg.block_n), reach
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -196,7 +205,7 @@ def routed_attention(
     sinks, spans = (per_query_head(x, k.shape[1], n_q_heads // k.shape[1]).reshape(-1).numpy()
                     for x in (sink, span))
     cost = cost_model(q.device) if q.is_cuda else DEFAULT_COST
-    chosen = choose_route(sinks, spans, n, q.shape[3], cost)
+    chosen = choose_route(sinks, spans, n, q.shape[3], cost, n_q_heads // k.shape[1])
     if route is not None and route != chosen.kind:
         full = tuple(bool(x) for x in np.minimum(sinks, n) + np.minimum(spans, n) >= n)
         chosen = Route(route, full if route == "split" else (route == "dense",) * n_q_heads,
@@ -367,12 +376,13 @@ class _CalibrationLayers:
         n, n_q = self.n, self.heads[0]
         ratios = []
         for name, (sink, share) in self.WINDOWED.items():
+            # Every group's heads share the layer's one rule: the kernel packs them.
             tiles, _ = _kernel_tiles(np.array([sink]), np.array([int(share * n)]), n,
-                                     self.head_dim)
+                                     self.head_dim, n_q // self.heads[1])
             ratios.append(float(tiles[0]) * ms["sdpa"] / ms[name])
         return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / ms["sdpa"] * 1e-9,
                 "gqa_native": ms["sdpa_gqa"] <= ms["sdpa_repeat"], "efficiency": min(ratios)}
 
     def predicted_split(self, cost: CostModel) -> float:
         return choose_route(self.split_sinks, self.split_spans, self.n, self.head_dim,
-                            cost).predicted_s["split"]
+                            cost, self.heads[0] // self.heads[1]).predicted_s["split"]
