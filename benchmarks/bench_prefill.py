@@ -203,7 +203,9 @@ def time_length(n: int, flex: Flex | None, device, log,
         graph = {"ms": {"ours": g_ours, "flex": g_flex, "sdpa_default_dense": dense["graph"]},
                  "tflops_ours": 4 * DIM * entries / g_ours * 1e-9,
                  "speedup_vs_sdpa": dense["graph"] / g_ours,
-                 "speedup_vs_flex": None if g_flex is None else g_flex / g_ours}
+                 "speedup_vs_flex": None if g_flex is None else g_flex / g_ours,
+                 "eta_ours": density * dense["graph"] / g_ours,
+                 "eta_flex": None if g_flex is None else density * dense["graph"] / g_flex}
         row = {
             "n": n, "plan": plan.name, "density": density, "config": asdict(plan.config(n)),
             "ms": {"ours": t_ours, "flex": t_flex, "sdpa_default_dense": t_dense,
