@@ -258,8 +258,9 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: n
 
 
 def _cache_file(device: torch.device) -> Path:
-    # v2: measured from CUDA-graph replays (the GPU's time); v1 files timed Python calls.
-    name = f"v2-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+    # v3: the kernel packs the query heads of a group that share a rule (its efficiency
+    # moved); v2 files timed the unpacked kernel, v1 files timed Python calls.
+    name = f"v3-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
     return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"
