@@ -233,6 +233,20 @@ def test_int_offset_and_default_tiles(interp):
     _check(interp(q, k, v, sink, span, q_offset=130), ref, torch.float16)
 
 
+@pytest.mark.parametrize("head_major", [False, True])
+def test_packed_programs_of_a_wide_group(interp, head_major):
+    # Groups of 8 query heads packed 4 to a program: two programs a group, batch 2 with
+    # per-sequence offsets and padding, per-KV-head rules (sink-only, narrow, full).
+    gen = torch.Generator().manual_seed(50)
+    hkv, group, nq, nk = 3, 8, 37, 80
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, torch.float32)
+    sink, span = torch.tensor([6, 3, 0]), torch.tensor([0, 11, 2**40])
+    kwargs = dict(q_offset=torch.tensor([nk - nq, 5]), seq_lens=torch.tensor([nk, 30]))
+    ref = reference_attention(q, k, v, sink, span, **kwargs)
+    config = PrefillConfig(32, 16, 4, 1, head_major=head_major, pack=4)
+    _check(interp(q, k, v, sink, span, config=config, **kwargs), ref, torch.float32)
+
+
 def test_default_tiles_pack_only_heads_that_share_a_rule():
     # Long programs pack 4 query heads of a group (fewer where the group has fewer, or an odd
     # number); query heads with their own spans are not packed, short programs never.
