@@ -123,10 +123,12 @@ def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
-def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int) -> int:
+def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int,
+                      n_keys: int) -> int:
     """``group`` where every GQA group's query heads (consecutive in ``sinks``/``spans``, one
-    value per query head) share one sink and span, else 1."""
-    rules = list(zip(sinks, spans))
+    value per query head) share one rule over ``n_keys`` keys, else 1.  Sinks and spans
+    compare capped at ``n_keys``: beyond it they all mean every key."""
+    rules = [(min(s, n_keys), min(w, n_keys)) for s, w in zip(sinks, spans)]
     uniform = all(len(set(rules[h:h + group])) == 1 for h in range(0, len(rules), group))
     return group if uniform else 1
 
@@ -611,7 +613,8 @@ def sparse_attention(
             else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
     reach = min(max(reaches), n_keys)
-    cfg = config or default_config(head_dim, reach, shared_rule_heads(sinks, spans, group))
+    cfg = config or default_config(head_dim, reach,
+                                   shared_rule_heads(sinks, spans, group, n_keys))
     # In q's memory layout, as SDPA does: transformers' [B, N, H, D] seen through a transpose
     # stays so, and the attention layer's transpose back to it costs no copy.
     out = torch.empty_like(q)

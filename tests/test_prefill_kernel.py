@@ -256,9 +256,11 @@ def test_default_tiles_pack_only_heads_that_share_a_rule():
     assert default_config(128, 8192, shared=3).pack == 1
     assert default_config(128, 8192).pack == 1
     assert default_config(128, 2048, shared=4).pack == 1
-    assert shared_rule_heads([64] * 8, [512] * 4 + [2**40] * 4, 4) == 4
-    assert shared_rule_heads([64] * 8, [512] * 3 + [256] + [2**40] * 4, 4) == 1
-    assert shared_rule_heads([0, 64], [8, 8], 1) == 1
+    assert shared_rule_heads([64] * 8, [512] * 4 + [2**40] * 4, 4, 1000) == 4
+    assert shared_rule_heads([64] * 8, [512] * 3 + [256] + [2**40] * 4, 4, 1000) == 1
+    assert shared_rule_heads([0, 64], [8, 8], 1, 1000) == 1
+    # Spans (and sinks) past the keys all mean "every key": a group still shares its rule.
+    assert shared_rule_heads([0] * 4, [1000, 1001, 2**40, 5000], 4, 1000) == 4
 
 
 @pytest.mark.parametrize("head_major", [False, True])

@@ -122,7 +122,7 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
                   cost: CostModel, group: int) -> Route:
     # The kernel's programs pack the query heads of a group that share a rule (whole groups
     # stay together in every subset below: a group's heads are all full or all not).
-    shared = shared_rule_heads(sink, span, group) if len(sink) % group == 0 else 1
+    shared = shared_rule_heads(sink, span, group, n) if len(sink) % group == 0 else 1
     sink = np.minimum(np.asarray(sink, dtype=np.int64), n)
     span = np.minimum(np.asarray(span, dtype=np.int64), n)
     full = sink + span >= n
