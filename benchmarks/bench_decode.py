@@ -57,12 +57,13 @@ from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_setups import GRAPH_RATES, best_rate  # noqa: E402
 from e2e_setups import SETUPS as E2E_SETUPS  # noqa: E402
-from e2e_setups import best_rate  # noqa: E402
 from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
 
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.compiled import compiled_layers
 from moaplan.runtime.gpu_time import capture_graph
 from moaplan.runtime.graphed import capture_decode_step
 
@@ -284,22 +285,26 @@ def fill(cache, layers: int, batch: int, n: int) -> None:
             cache.update(k.contiguous(), k.contiguous(), layer, slots)
 
 
-def decode_tokens(steps: int, graphed: bool) -> int:
+def decode_tokens(steps: int, graphed: bool, compiled: bool = False) -> int:
     """Tokens :func:`decode_speed` appends to each sequence: two warm-up steps, ``ROUNDS``
     timed rounds and one profiled round of ``steps``; with a graph, one step on the side
-    stream before the capture and ``ROUNDS`` replayed rounds (the captured step runs none)."""
-    return 2 + (ROUNDS + 1) * steps + (1 + ROUNDS * steps if graphed else 0)
+    stream before the capture and ``ROUNDS`` replayed rounds (the captured step runs none);
+    with ``compiled`` as many again for the compiled graph."""
+    graphs = (1 + int(compiled)) if graphed else 0
+    return 2 + (ROUNDS + 1) * steps + graphs * (1 + ROUNDS * steps)
 
 
 def decode_speed(model, cache, batch: int, n: int, steps: int = STEPS,
-                 graphed: bool = False) -> dict:
+                 graphed: bool = False, compiled: bool = False) -> dict:
     """Decode tokens/s from the host clock (median of ``ROUNDS`` rounds of ``steps`` steps,
     after two warm-up steps), and from the GPU's busy time alone (the kernels of ``steps`` more
     steps, from the profiler): eager decoding of a 32-layer model is partly bound by the host's
     launch cost, which differs between machines; the second is not.  With ``graphed``, also
     the tokens/s of steps replayed from a CUDA graph (a MoaplanCache, as
     ``moaplan.greedy_generate`` decodes, or a StaticCache, whose write position lives on the
-    device)."""
+    device).  With ``compiled`` too, also those of a graph captured with the model's decoder
+    layers compiled (:func:`moaplan.runtime.compiled.compiled_layers`; a failure to compile
+    or capture is recorded as ``compiled_error``)."""
     ids = torch.randint(0, 1000, (batch, 1), device=DEVICE)
     position = iter(range(n, n + 3 + (ROUNDS + 1) * steps))
     with_cache = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
@@ -335,21 +340,32 @@ def decode_speed(model, cache, batch: int, n: int, steps: int = STEPS,
                 forward(pos)
                 pos.add_(1)
 
-            # A MoaplanCache keeps host counters that replays must be counted into; all of a
-            # StaticCache's state (keys, values, its length) is on the device.
-            moaplan = isinstance(cache, MoaplanCache)
-            replay = (capture_decode_step(cache, step_in_place) if moaplan
-                      else capture_graph(step_in_place))
-            speed["graph_tokens_per_s"] = timed_rounds(replay)
-            if moaplan:
-                cache.count_replayed(ROUNDS * steps)
+            def graph_rate() -> float:
+                # A MoaplanCache keeps host counters that replays must be counted into; all of
+                # a StaticCache's state (keys, values, its length) is on the device.
+                moaplan = isinstance(cache, MoaplanCache)
+                replay = (capture_decode_step(cache, step_in_place) if moaplan
+                          else capture_graph(step_in_place))
+                rate = timed_rounds(replay)
+                if moaplan:
+                    cache.count_replayed(ROUNDS * steps)
+                return rate
+
+            speed["graph_tokens_per_s"] = graph_rate()
+            if compiled:
+                try:
+                    with compiled_layers(model):
+                        speed["compiled_graph_tokens_per_s"] = graph_rate()
+                except RuntimeError as err:  # compiling (dynamo, inductor) or capturing
+                    speed["compiled_error"] = first_line(err)
     busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
                   if e.device_type == torch.autograd.DeviceType.CUDA)
     speed["gpu_tokens_per_s"] = batch * steps / (busy_us * 1e-6)
     return speed
 
 
-def measure(model, make_cache, layers: int, batch: int, n: int, graphed: bool) -> dict:
+def measure(model, make_cache, layers: int, batch: int, n: int, graphed: bool,
+            compiled: bool = False) -> dict:
     """A new cache of ``batch`` sequences filled with ``n`` random tokens, its bytes
     (allocator delta) and its decode speed (:func:`decode_speed`); the cache is freed after."""
     torch.cuda.synchronize()
@@ -358,7 +374,7 @@ def measure(model, make_cache, layers: int, batch: int, n: int, graphed: bool) -
     fill(cache, layers, batch, n)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before
-    speed = decode_speed(model, cache, batch, n, graphed=graphed)
+    speed = decode_speed(model, cache, batch, n, graphed=graphed, compiled=compiled)
     del cache
     torch.cuda.empty_cache()
     return dict(batch=batch, held_bytes=held, **speed)
@@ -438,7 +454,7 @@ def at_largest_batch(model, make_cache, layers: int, batch: int, n: int, graphed
     the memory left, which the allocator's rounding can undercut)."""
     try:
         with sdpa_kernel(backends):
-            return measure(model, make_cache, layers, batch, n, graphed)
+            return measure(model, make_cache, layers, batch, n, graphed, compiled=graphed)
     except torch.cuda.OutOfMemoryError as err:
         error = first_line(err)
     torch.cuda.empty_cache()
@@ -453,7 +469,7 @@ def flex_static(model, make_static, layers: int, batch: int, n: int) -> dict:
     eager warm-up steps; an error (compiling, capturing: RuntimeErrors both) is recorded."""
     model.set_attn_implementation("flex_attention")
     try:
-        row = measure(model, make_static, layers, batch, n, True)
+        row = measure(model, make_static, layers, batch, n, True, compiled=True)
     except RuntimeError as err:
         row = dict(batch=batch, error=first_line(err))
     model.set_attn_implementation("sdpa")
@@ -461,7 +477,7 @@ def flex_static(model, make_static, layers: int, batch: int, n: int) -> dict:
     return row
 
 
-def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
+def e2e(layers: int, n: int, batch: int, new: int = 96, out: dict | None = None,
         save=lambda: None) -> dict:
     """The end-to-end runs, filling ``out`` (returned) and calling ``save`` after each."""
     from transformers import DynamicCache, StaticCache
@@ -469,8 +485,9 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
     from moaplan.runtime import apply, remove
     from moaplan.runtime.memory import kv_bytes
 
-    if decode_tokens(STEPS, graphed=True) > new:  # a StaticCache has no room past n + new
-        raise ValueError(f"decode_speed appends {decode_tokens(STEPS, True)} tokens; new={new}")
+    appended = decode_tokens(STEPS, graphed=True, compiled=True)
+    if appended > new:  # a StaticCache has no room past n + new
+        raise ValueError(f"decode_speed appends {appended} tokens; new={new}")
     out = {} if out is None else out
     model = random_llama(layers)
     torch.cuda.synchronize()
@@ -534,7 +551,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
     # then attends, with a mask, over all n + new slots (how transformers runs it); the bound
     # counts the n tokens the step needs, 0.2% fewer.
     out["dense_static"] = record(
-        by_backend(lambda: measure(model, make_static, layers, batch, n, True),
+        by_backend(lambda: measure(model, make_static, layers, batch, n, True, compiled=True),
                    "graph_tokens_per_s"),
         kv_read(plan, batch, dense=True), "StaticCache + SDPA, CUDA graph")
 
@@ -544,7 +561,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
     # also at the largest batch its (dense-sized) cache fits: the fairest dense side of the
     # "more sequences in the same memory" comparison.
     apply(model, full, strict=False)
-    full_row = measure(model, make_moaplan(full), layers, batch, n, True)
+    full_row = measure(model, make_moaplan(full), layers, batch, n, True, compiled=True)
     out["moaplan_full"] = record(full_row, kv_read(full, batch), "MoaplanCache + all-full plan")
     b = int(free // (full_row["held_bytes"] / batch))
     full_row["at_largest_batch"] = record(
@@ -554,7 +571,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 64, out: dict | None = None,
     make_moa = make_moaplan(plan)
     apply(model, plan, strict=False)
     run_prefill("moaplan", make_moa)
-    moa = measure(model, make_moa, layers, batch, n, True)
+    moa = measure(model, make_moa, layers, batch, n, True, compiled=True)
     predicted = kv_bytes(plan, model.config, n + new, batch, torch.bfloat16)
     moa.update(predicted_bytes=predicted, prediction_error=moa["held_bytes"] / predicted - 1,
                memory_vs_dense=moa["held_bytes"] / dense["held_bytes"])
@@ -704,7 +721,7 @@ def _num(value, fmt: str = ".1f") -> str:
     return f"error: {value.get('error', value) if isinstance(value, dict) else value}"
 
 
-def _rates(row: dict, keys=("tokens_per_s", "gpu_tokens_per_s", "graph_tokens_per_s")) -> str:
+def _rates(row: dict, keys=("tokens_per_s", "gpu_tokens_per_s", *GRAPH_RATES)) -> str:
     return " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in keys)
 
 
@@ -721,15 +738,15 @@ def bound_markdown(e: dict) -> list[str]:
     lines = ["", f"Decode against the byte bound ({e['n']}-token contexts, graph replays where "
              "there are some).", "",
              "| setup | batch | tokens/s (host clock) | GPU-only tokens/s | graph tokens/s "
-             "| ms/step | byte bound ms | % of bound | "
+             "| compiled graph tokens/s | ms/step | byte bound ms | % of bound | "
              + " | ".join(f"vs {SETUPS[key]}" for key in bases) + " |",
-             "|---" * (8 + len(bases)) + "|"]
+             "|---" * (9 + len(bases)) + "|"]
     for label, row in rows:
         if "sdpa_backend" in row:
             label += f" (SDPA {row['sdpa_backend']})"
         if "error" in row:
             lines.append(f"| {label} | {row.get('batch', '-')} | error: {row['error']} |"
-                         + " - |" * (5 + len(bases)))
+                         + " - |" * (6 + len(bases)))
             continue
         b = row["bound"]
         ratios = [versus(row, e[key]) for key in bases]
@@ -738,8 +755,17 @@ def bound_markdown(e: dict) -> list[str]:
                      + " | ".join(f"{r['measured']:.2f}x ({r['bytes_allow']:.2f}x)"
                                   for r in ratios) + " |")
     dense_kv = next((r["bound"]["kv_bytes_read"] for _, r in rows[:1] if "bound" in r), None)
-    lines += ["", "- ms/step: from graph replays where the setup has them, else from the host "
-              "clock (DynamicCache: its tensors grow every step, so it cannot be replayed).",
+    failed = [f"{label}: {row['compiled_error']}" for label, row in rows
+              if "compiled_error" in row]
+    lines += ["", "- ms/step: from the faster graph replay where the setup has them, else from "
+              "the host clock (DynamicCache: its tensors grow every step, so it cannot be "
+              "replayed).",
+              "- compiled graph: the same step captured with the model's decoder layers "
+              "compiled by `torch.compile` (`moaplan.runtime.compiled.compiled_layers`, as "
+              "`moaplan.greedy_generate(..., compile=True)` decodes; moaplan's attention and "
+              "cache stay eager), which fuses the layers' small kernels (RMSNorm, rotary, "
+              "SiLU, residual adds)."
+              + (" It failed for " + "; ".join(failed) + "." if failed else ""),
               f"- Byte bound: (weights a step reads, {e['weight_bytes_read'] / 2**30:.2f} GiB: "
               "all but the input embedding table, of which a step reads its tokens' rows; + the "
               "K/V bytes its attention needs) / the copy bandwidth, "

@@ -203,8 +203,8 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
     if largest:
         ours, full = e2e["moaplan"]["at_largest_batch"], e2e["moaplan_full"]["at_largest_batch"]
         lines += ["", f"At the largest batch each cache fits: the mixed plan at batch "
-                  f"{ours['batch']} {ours['graph_tokens_per_s']:.0f} tokens/s, the all-full "
-                  f"plan at batch {full['batch']} {full['graph_tokens_per_s']:.0f}: "
+                  f"{ours['batch']} {best_rate(ours):.0f} tokens/s, the all-full "
+                  f"plan at batch {full['batch']} {best_rate(full):.0f}: "
                   f"{largest['measured']:.2f}x (the bytes allow {largest['bytes_allow']:.2f}x)."]
     ttft = e2e.get("ttft_s")
     if ttft:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -44,6 +45,9 @@ class AttentionSwitch:
     previous_attention: Callable | None
 
 
+# Never traced by torch.compile: the attention callables run their own kernels and host logic
+# (moaplan.runtime.compiled compiles the rest of a layer around this call).
+@torch.compiler.disable
 def _dispatch(module: Any, *args: Any, **kwargs: Any) -> Any:
     """The function registered under :data:`MASKED` and :data:`UNMASKED`: the attention
     callable the model was switched to, called like any ``AttentionInterface`` function."""

@@ -31,13 +31,14 @@ def _left_padded(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def _check_matches_generate(device: str, compensate: bool) -> None:
+def _check_matches_generate(device: str, compensate: bool, compile: bool = False) -> None:
     model = _model(device, compensate)
     ids, mask = _left_padded(device)
     expected = generate(model, ids, 16, mask=mask)  # generate through a MoaplanCache
-    assert torch.equal(greedy_generate(model, ids, mask, max_new_tokens=16), expected)
+    assert torch.equal(greedy_generate(model, ids, mask, max_new_tokens=16, compile=compile),
+                       expected)
     single = prompt(4, 40).to(device)
-    assert torch.equal(greedy_generate(model, single, max_new_tokens=9),
+    assert torch.equal(greedy_generate(model, single, max_new_tokens=9, compile=compile),
                        generate(model, single, 9))
     # End of sequence: a token the first sequence emits midway stops it (pad afterwards).
     eos = int(expected[0, ids.shape[1] + 5])
@@ -45,7 +46,7 @@ def _check_matches_generate(device: str, compensate: bool) -> None:
         stopped = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                                  eos_token_id=eos, pad_token_id=0)
     assert torch.equal(greedy_generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos,
-                                       pad_token_id=0), stopped)
+                                       pad_token_id=0, compile=compile), stopped)
 
 
 @pytest.mark.parametrize("compensate", [False, True])
@@ -72,6 +73,8 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compensate", [False, True])
-def test_graph_replays_match_generate(compensate):
-    _check_matches_generate("cuda", compensate)
+@pytest.mark.parametrize("compensate,compile", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "compensate", "compiled"])
+def test_graph_replays_match_generate(compensate, compile):
+    """With ``compile``, the decoder layers are compiled by inductor around the replays."""
+    _check_matches_generate("cuda", compensate, compile)

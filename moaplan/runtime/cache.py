@@ -118,6 +118,8 @@ class MoaplanLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Buffers are allocated up front (sized by the plan), so there is nothing to do."""
 
+    # Host-side bookkeeping that torch.compile must not trace (see moaplan.runtime.compiled).
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pending is not None:

@@ -20,6 +20,7 @@ end-of-sequence tokens, padding after them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from moaplan.errors import ModelError
 from moaplan.runtime.apply import applied_plan
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.compiled import compiled_layers
 from moaplan.runtime.gpu_time import capture_graph
 
 
@@ -41,12 +43,16 @@ def greedy_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     graph: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy decoding of ``input_ids`` ``[B, T]`` (left padding marked by ``attention_mask``)
     on a model that :func:`moaplan.apply` switched to a plan; returns ``[B, T + new]`` token
     ids like ``generate``.  ``cache``: a MoaplanCache to fill (default: one sized for the
     prompt plus ``max_new_tokens``).  ``eos_token_id``/``pad_token_id`` default to the model's
     generation config.  ``graph``: replay decode steps from a CUDA graph (default: on CUDA).
+    ``compile``: decode with the model's decoder layers compiled by ``torch.compile``
+    (:func:`~moaplan.runtime.compiled.compiled_layers`; the first step compiles them, tens of
+    seconds, so it pays off over long generations).
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ModelError(f"input_ids must be a [batch, tokens] int64 tensor, got "
@@ -89,14 +95,15 @@ def greedy_generate(
 
     remaining = max_new_tokens - 1
     cache.reserve(remaining)  # a clear error now, and no room check on the device later
-    if use_graph and remaining >= 2:
-        replay = capture_decode_step(cache, step)  # runs one step, records the next
-        for _ in range(remaining - 1):
-            replay()
-        cache.count_replayed(remaining - 1)
-    else:
-        for _ in range(remaining):
-            step()
+    with compiled_layers(model) if compile and remaining else nullcontext():
+        if use_graph and remaining >= 2:
+            replay = capture_decode_step(cache, step)  # runs one step, records the next
+            for _ in range(remaining - 1):
+                replay()
+            cache.count_replayed(remaining - 1)
+        else:
+            for _ in range(remaining):
+                step()
     return torch.cat([input_ids, _stop_at_eos(tokens, eos, pad[0])], 1)
 
 
