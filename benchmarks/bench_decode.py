@@ -57,7 +57,7 @@ from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule, rule_sinks, rule_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_setups import GRAPH_RATES, best_rate  # noqa: E402
+from e2e_setups import GRAPH_RATES, best_rate, fastest_first_token  # noqa: E402
 from e2e_setups import SETUPS as E2E_SETUPS  # noqa: E402
 from provenance import provenance  # noqa: E402
 from timing import ROUNDS, bench, bench_together, wall_seconds  # noqa: E402
@@ -432,20 +432,34 @@ def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
     return statistics.median(times[1:])
 
 
-def prefill_times(model, make_cache, n: int) -> tuple[dict, dict]:
-    """Prefill seconds of :func:`prefill_prompts`, and the time to first token (batch 1) at
-    ``n`` tokens (the batch-1 prompt there) and at ``LONG`` tokens (one timed run after a
-    warm-up: ~10 s each for the dense 8B shape; an out-of-memory error is recorded instead)."""
-    prompts = {name: prefill_seconds(model, make_cache, *p)
-               for name, p in prefill_prompts(n).items()}
-    ttft: dict[str, float | dict] = {str(n): prompts["batch 1"]}
+def long_prompt_seconds(model, make_cache) -> float | dict:
+    """Time to first token of one ``LONG``-token prompt: one timed run after a warm-up (~10 s
+    each for the dense 8B shape), or the out-of-memory error."""
     ids = torch.randint(0, 1000, (1, LONG), device=DEVICE)
     try:
-        ttft[str(LONG)] = prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=1)
+        return prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=1)
     except torch.cuda.OutOfMemoryError as err:
-        ttft[str(LONG)] = dict(error=first_line(err))
-    torch.cuda.empty_cache()
-    return prompts, ttft
+        return dict(error=first_line(err))
+    finally:
+        torch.cuda.empty_cache()
+
+
+def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:
+    """Prefill seconds of :func:`prefill_prompts`, and the time to first token (batch 1) at
+    ``n`` tokens (the batch-1 prompt there) and at ``LONG`` tokens; then the time to first
+    token again with the decoder layers compiled (:func:`compiled_layers`, compiled in the
+    warm-up runs), or the error of compiling."""
+    prompts = {name: prefill_seconds(model, make_cache, *p)
+               for name, p in prefill_prompts(n).items()}
+    ttft = {str(n): prompts["batch 1"], str(LONG): long_prompt_seconds(model, make_cache)}
+    try:
+        with compiled_layers(model):
+            compiled = {str(n): prefill_seconds(model, make_cache,
+                                                *prefill_prompts(n)["batch 1"]),
+                        str(LONG): long_prompt_seconds(model, make_cache)}
+    except RuntimeError as err:  # compiling (dynamo, inductor)
+        compiled = dict(error=first_line(err))
+    return prompts, ttft, compiled
 
 
 def at_largest_batch(model, make_cache, layers: int, batch: int, n: int, graphed: bool,
@@ -532,11 +546,12 @@ def e2e(layers: int, n: int, batch: int, new: int = 96, out: dict | None = None,
         return lambda b, context: MoaplanCache(which, b, context + new, torch.bfloat16, DEVICE)
 
     def run_prefill(name: str, make) -> None:
-        prompts, ttft = prefill_times(model, make, n)
+        prompts, ttft, compiled = prefill_times(model, make, n)
         out.setdefault("prefill_s", {})[name] = prompts
         out.setdefault("ttft_s", {})[name] = ttft
+        out.setdefault("ttft_compiled_s", {})[name] = compiled
         log(f"prefill ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in prompts.items())
-            + f"; time to first token at {LONG}: {ttft[str(LONG)]}")
+            + f"; time to first token at {LONG}: {ttft[str(LONG)]}; compiled: {compiled}")
         save()
 
     # Dense, transformers' own attention (no plan applied yet).
@@ -795,19 +810,35 @@ def bound_markdown(e: dict) -> list[str]:
 
 
 def ttft_markdown(e: dict) -> list[str]:
-    ttft = e.get("ttft_s", {})
+    ttft, compiled = e.get("ttft_s", {}), e.get("ttft_compiled_s", {})
     if "dense" not in ttft:
         return []
     lines = ["", "Time to first token, batch 1 (prefill with `logits_to_keep=1`; the shorter "
              f"context: median of {ROUNDS} runs after a warm-up, the longer: one run after a "
-             "warm-up):", "", "| context | DynamicCache + SDPA s | MoaplanCache + mixed plan s "
-             "| speedup |", "|---|---|---|---|"]
-    for length, dense_s in ttft["dense"].items():
-        ours_s = ttft.get("moaplan", {}).get(length)
+             "warm-up), as the model runs and with its decoder layers compiled "
+             "(`compiled_layers`, compiled in the warm-up):", "",
+             "| context | DynamicCache + SDPA s | compiled | MoaplanCache + mixed plan s | "
+             "compiled | speedup | compiled vs compiled | each side's faster |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(dense_s, ours_s) -> str:
         both = isinstance(dense_s, float) and isinstance(ours_s, float)
-        lines.append(f"| {length} | {_num(dense_s, '.3f')} | "
-                     f"{'-' if ours_s is None else _num(ours_s, '.3f')} | "
-                     f"{f'{dense_s / ours_s:.2f}x' if both else '-'} |")
+        return f"{dense_s / ours_s:.2f}x" if both else "-"
+
+    def seconds(times: dict, side: str, length: str) -> str:
+        run = times.get(side, {})  # by length, or a compile error
+        value = run if "error" in run else run.get(length)
+        return "-" if value is None else _num(value, ".3f")
+
+    for length in ttft["dense"]:
+        row = [seconds(ttft, "dense", length), seconds(compiled, "dense", length),
+               seconds(ttft, "moaplan", length), seconds(compiled, "moaplan", length),
+               ratio(ttft["dense"][length], ttft.get("moaplan", {}).get(length)),
+               ratio(compiled.get("dense", {}).get(length),
+                     compiled.get("moaplan", {}).get(length)),
+               ratio(fastest_first_token(e, "dense", length),
+                     fastest_first_token(e, "moaplan", length))]
+        lines.append(f"| {length} | " + " | ".join(row) + " |")
     return lines
 
 

@@ -22,3 +22,12 @@ def best_rate(row: dict) -> float:
     """Tokens/s of the faster graph replay where measured, else from the host clock."""
     graphs = [row[key] for key in GRAPH_RATES if key in row]
     return max(graphs) if graphs else row["tokens_per_s"]
+
+
+def fastest_first_token(e2e: dict, side: str, length: str) -> float | None:
+    """``side``'s time to first token at ``length`` (``"dense"`` or ``"moaplan"``): the faster
+    of the model as it runs and with its decoder layers compiled, of those measured."""
+    runs = (e2e.get("ttft_s", {}), e2e.get("ttft_compiled_s", {}))
+    times = [run.get(side, {}).get(length) for run in runs]
+    times = [t for t in times if isinstance(t, float)]
+    return min(times) if times else None

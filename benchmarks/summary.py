@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from e2e_setups import SETUPS, best_rate
+from e2e_setups import SETUPS, best_rate, fastest_first_token
 from quality_report import describe, quality_table, validation_agreement, verdicts
 
 
@@ -208,9 +208,12 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
                   f"{largest['measured']:.2f}x (the bytes allow {largest['bytes_allow']:.2f}x)."]
     ttft = e2e.get("ttft_s")
     if ttft:
-        parts = [f"{int(n) // 1024}K {ttft['dense'][n]:.2f} s vs {ttft['moaplan'][n]:.2f} s "
-                 f"({ttft['dense'][n] / ttft['moaplan'][n]:.2f}x)" for n in ttft["moaplan"]]
-        lines += ["", "Time to first token, batch 1, DynamicCache + SDPA vs the mixed plan: "
+        fastest = {n: [fastest_first_token(e2e, side, n) for side in ("dense", "moaplan")]
+                   for n in ttft["moaplan"]}
+        parts = [f"{int(n) // 1024}K {dense_s:.2f} s vs {ours_s:.2f} s "
+                 f"({dense_s / ours_s:.2f}x)" for n, (dense_s, ours_s) in fastest.items()]
+        lines += ["", "Time to first token, batch 1, DynamicCache + SDPA vs the mixed plan (each "
+                  "side's faster, as the model runs or with its decoder layers compiled): "
                   + "; ".join(parts) + "."]
     return ["\n".join(lines)]
 

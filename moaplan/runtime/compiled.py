@@ -10,7 +10,12 @@ moaplan's attention (:func:`moaplan.dispatch._dispatch`) and the :class:`Moaplan
 ``update`` are marked ``torch.compiler.disable``: their host logic (routes, layouts, counters)
 stays Python, so each layer compiles into the pieces between them.  Every layer is the same
 code, but its index is a constant of each piece, so there is one compiled entry per layer
-(the recompile limit is raised for the block to allow them).
+and shape (the recompile limits are raised within the block to allow them).
+
+The same block around a prefill fuses the same kernels over the prompt's tokens (in time to
+first token, benchmarks/bench_decode.py).  Shapes follow ``torch.compile``'s default: the
+first call of a layer compiles for its shapes, a call with another prompt length recompiles
+with the length dynamic.
 """
 
 from __future__ import annotations
@@ -39,17 +44,20 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 @contextmanager
 def compiled_layers(model: Any, *, backend: str = "inductor") -> Iterator[None]:
     """Within the block, every decoder layer of ``model`` runs its forward compiled by
-    ``torch.compile`` (``backend``; static shapes: compiled on the first call of each shape,
-    e.g. the first decode step).  The model's own forwards are back afterwards."""
+    ``torch.compile`` (``backend``), compiled on their first call (e.g. the first decode
+    step: tens of seconds for an 8B model with inductor).  The model's own forwards are back
+    afterwards."""
     layers = decoder_layers(model)
     own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's hooks
     config = torch._dynamo.config
-    with config.patch(recompile_limit=config.recompile_limit + len(layers),
+    # Dynamo's limits count compiled entries per code object and in all; every layer adds
+    # its own entries for each shape.
+    with config.patch(recompile_limit=config.recompile_limit * len(layers),
                       accumulated_recompile_limit=config.accumulated_recompile_limit
-                      + 4 * len(layers)):
+                      * len(layers)):
         try:
             for layer in layers:
-                layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
+                layer.forward = torch.compile(layer.forward, backend=backend)
             yield
         finally:
             for layer, forward in zip(layers, own):
