@@ -184,6 +184,9 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
              "the K/V bytes a step must read) / the card's measured copy bandwidth "
              f"({e2e['copy_bandwidth']['read_write_bytes_per_s'] / 1e12:.2f} TB/s).  The mixed "
              "plan's ratio against each dense setup, beside the ratio the bytes allow.  "
+             "Graph setups: the faster of the step replayed from a CUDA graph as the model "
+             "runs it and with its decoder layers compiled by `torch.compile` (both sides "
+             "alike; `moaplan.greedy_generate(..., compile=True)`).  "
              f"Details: [{link}]({link}).",
              "",
              "| setup | batch | tokens/s | ms/step | byte bound ms | % of bound "
