@@ -188,11 +188,19 @@ def decode_layout(sinks: Sequence[int], rings: Sequence[int], *, batch: int = 1,
 def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
     """Token position held by each slot of one head after ``n[b]`` real tokens: int64
     ``[B, sink + ring]``, ``-1`` for an empty slot."""
-    n = n.to(torch.int64)[:, None]
     slot = torch.arange(sink + ring, device=n.device)
+    return held_positions(torch.full_like(slot, sink), torch.full_like(slot, ring), slot, n)
+
+
+def held_positions(sink: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor,
+                   n: torch.Tensor) -> torch.Tensor:
+    """:func:`slot_positions` of slots from several heads at once: ``slot`` is each one's index
+    within its head's slots, ``sink``/``ring`` its head's (int64 ``[S]`` each): ``[B, S]``."""
+    n = n.to(torch.int64)[:, None]
     r = (slot - sink).clamp(min=0)
+    ring = ring.clamp(min=1)  # a head without ring slots has only sinks: its r is unused
     newest = (n - 1 - sink).clamp(min=0) % ring
     age = (newest - r) % ring  # torch's % of ints is never negative
     pos = torch.where(slot < sink, slot, n - 1 - age)
-    filled = torch.where(slot < sink, slot < n, r < (n - sink).clamp(0, ring))
+    filled = torch.where(slot < sink, slot < n, r < torch.minimum((n - sink).clamp(min=0), ring))
     return torch.where(filled, pos, -1)

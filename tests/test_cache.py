@@ -19,6 +19,7 @@ from moaplan.kernels.layout import slot_positions
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule
 from moaplan.runtime import apply
+from moaplan.runtime import cache as cache_module
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
 from moaplan.runtime.memory import kv_bytes
 
@@ -359,17 +360,20 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_a_chunk_write_makes_no_copy_of_the_layer_buffer():
+def test_a_chunk_write_makes_no_copy_of_the_layer_buffer(monkeypatch):
     # Gathering the chunk for the whole buffer at once (then a torch.where of the same size)
     # made two copies of the layer's keys: 1.9 GiB each at batch 30 / 32K for an 8B model's
-    # all-full layer, which did not fit beside the largest cache.  One head at a time, in place.
+    # all-full layer, which did not fit beside the largest cache.  Runs of whole heads within
+    # WRITE_BYTES at a time, in place: here one head's slots (two do not fit).
     config = LlamaConfig(**CONFIG | dict(hidden_size=128))  # head_dim 32
     plan = Plan(ModelShape.from_config(config), [[Rule.full_attention()] * KV_HEADS] * LAYERS)
     layer = MoaplanCache(plan, 2, 256).layers[0]  # 256 slots a head
+    head_bytes = layer.keys.nbytes // KV_HEADS
+    monkeypatch.setattr(cache_module, "WRITE_BYTES", 2 * head_bytes - 1)
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, KV_HEADS, 64, 32, generator=gen) for _ in range(2))
     with _LargestTensor() as largest:
         layer.append(k, v)
-    assert largest.nbytes <= layer.keys.nbytes / KV_HEADS  # one head's slots
+    assert largest.nbytes <= head_bytes
     for buf, chunk in ((layer.keys, k), (layer.values, v)):
         assert torch.equal(buf.view(2, KV_HEADS, 256, 32)[:, :, :64], chunk)

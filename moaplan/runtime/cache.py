@@ -44,7 +44,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
 from moaplan.kernels.append import append_token
-from moaplan.kernels.layout import DecodeLayout, RuleTable, decode_layout, slot_positions
+from moaplan.kernels.layout import (
+    DecodeLayout,
+    RuleTable,
+    decode_layout,
+    held_positions,
+    slot_positions,
+)
 from moaplan.model.loading import resolve_device
 from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
@@ -62,6 +68,10 @@ def cache_keyword(model: Any) -> str:
 def cache_step(key: torch.Tensor) -> MoaplanLayer | None:
     """The cache layer that returned ``key`` from ``update``, or None for another cache."""
     return getattr(key, _STEP_ATTR, None)
+
+
+# The most bytes of gathered keys (or values) a chunk's write holds besides the cache.
+WRITE_BYTES = 256 * 2**20
 
 
 class MoaplanLayer(CacheLayerMixin):
@@ -89,6 +99,15 @@ class MoaplanLayer(CacheLayerMixin):
         self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
         self._chunk = chunk
         self._lay_out(batch_size, device)
+        # Each slot's head, that head's sinks and ring, and the slot's index within the head
+        # (int64 [C]), so that a chunk's write computes many heads' slots at once.
+        caps = torch.tensor([cap for _, cap in self.layout.slot_ranges])
+        head = torch.repeat_interleave(torch.arange(len(caps)), caps)
+        first = torch.tensor([first for first, _ in self.layout.slot_ranges])
+        self._slot_rules = tuple(x.to(device) for x in (
+            torch.tensor(self.sinks)[head], torch.tensor(self.rings)[head],
+            torch.arange(len(head)) - first[head]))
+        self._slot_head = head.to(device)
         shape = (batch_size, self.layout.capacity, head_dim)
         # Zeros, not empty: the torch path multiplies masked slots by probability 0.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -267,21 +286,36 @@ class MoaplanLayer(CacheLayerMixin):
             return
         counts = (pos >= 0).cumsum(1)  # real tokens of the chunk up to each of its positions
         batch = torch.arange(key.shape[0], device=key.device)[:, None]
-        # One head's slots at a time, written in place: gathering for the whole buffer at once
-        # held a copy of it, which at the largest batch that fits did not fit beside the cache.
-        for h, (first, cap) in enumerate(self.layout.slot_ranges):
-            held = slot_positions(self.sinks[h], self.rings[h], n_after)  # [B, cap]
+        for first, stop in self._write_groups(key.shape[0] * key.shape[3] * key.element_size()):
+            sink, ring, index = (x[first:stop] for x in self._slot_rules)
+            held = held_positions(sink, ring, index, n_after)  # [B, stop - first]
             rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
             # Its index in the chunk: the first at which the count of real tokens reaches
             # rank + 1.
             index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(
                 max=pos.shape[1] - 1)
             new = (rank >= 0)[..., None]
+            head = self._slot_head[first:stop]
             for buf, chunk in ((self.keys, key), (self.values, value)):
-                held_part = buf[:, first:first + cap]
-                torch.where(new, chunk[batch, h, index].to(buf.dtype), held_part,
+                held_part = buf[:, first:stop]
+                torch.where(new, chunk[batch, head, index].to(buf.dtype), held_part,
                             out=held_part)
         self.n_real = n_after
+
+    def _write_groups(self, slot_bytes: int) -> list[tuple[int, int]]:
+        """The slot runs ``[first, stop)`` of consecutive whole heads that :meth:`write_chunk`
+        gathers at once, ``slot_bytes`` a slot's gathered rows across the batch: as many heads
+        as fit in :data:`WRITE_BYTES` (one at least).  Written in place run by run: gathering
+        for the whole buffer at once held a copy of it, which at the largest batch that fits
+        did not fit beside the cache; one launch per head cost ~0.7 ms a layer in a 32K
+        prefill (benchmarks/NOTES_decode.md)."""
+        runs: list[tuple[int, int]] = []
+        for first, cap in self.layout.slot_ranges:
+            if runs and (first + cap - runs[-1][0]) * slot_bytes <= WRITE_BYTES:
+                runs[-1] = (runs[-1][0], first + cap)
+            else:
+                runs.append((first, first + cap))
+        return runs
 
     def reserve(self, steps: int) -> None:
         """Check that ``steps`` more tokens per sequence fit, and set the host bound of the
