@@ -51,8 +51,8 @@ def greedy_generate(
     prompt plus ``max_new_tokens``).  ``eos_token_id``/``pad_token_id`` default to the model's
     generation config.  ``graph``: replay decode steps from a CUDA graph (default: on CUDA).
     ``compile``: decode with the model's decoder layers compiled by ``torch.compile``
-    (:func:`~moaplan.runtime.compiled.compiled_layers`; the first step compiles them, tens of
-    seconds, so it pays off over long generations).
+    (:func:`~moaplan.runtime.compiled.compiled_layers`; the first step compiles them, ~9 s
+    for an 8B shape on an H200, so it pays off over long generations).
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ModelError(f"input_ids must be a [batch, tokens] int64 tensor, got "
