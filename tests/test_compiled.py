@@ -57,3 +57,12 @@ def test_model_without_named_layers_is_a_clear_error():
     with pytest.raises(ModelError, match="names no decoder layer class"):
         with compiled_layers(model):
             pass
+
+
+def test_forwards_come_back_when_the_block_fails():
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with compiled_layers(model, backend="aot_eager"):
+            assert all("forward" in layer.__dict__ for layer in decoder_layers(model))
+            raise RuntimeError("interrupted")
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
