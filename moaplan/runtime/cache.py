@@ -287,8 +287,8 @@ class MoaplanLayer(CacheLayerMixin):
         counts = (pos >= 0).cumsum(1)  # real tokens of the chunk up to each of its positions
         batch = torch.arange(key.shape[0], device=key.device)[:, None]
         for first, stop in self._write_groups(key.shape[0] * key.shape[3] * key.element_size()):
-            sink, ring, index = (x[first:stop] for x in self._slot_rules)
-            held = held_positions(sink, ring, index, n_after)  # [B, stop - first]
+            sink, ring, slot = (x[first:stop] for x in self._slot_rules)
+            held = held_positions(sink, ring, slot, n_after)  # [B, stop - first]
             rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
             # Its index in the chunk: the first at which the count of real tokens reaches
             # rank + 1.
@@ -307,8 +307,8 @@ class MoaplanLayer(CacheLayerMixin):
         gathers at once, ``slot_bytes`` a slot's gathered rows across the batch: as many heads
         as fit in :data:`WRITE_BYTES` (one at least).  Written in place run by run: gathering
         for the whole buffer at once held a copy of it, which at the largest batch that fits
-        did not fit beside the cache; one launch per head cost ~0.7 ms a layer in a 32K
-        prefill (benchmarks/NOTES_decode.md)."""
+        did not fit beside the cache; a head at a time, the write took ~0.7 ms a layer of a
+        32K prefill on the H200, a run of all heads ~0.4 (benchmarks/NOTES_decode.md)."""
         runs: list[tuple[int, int]] = []
         for first, cap in self.layout.slot_ranges:
             if runs and (first + cap - runs[-1][0]) * slot_bytes <= WRITE_BYTES:
