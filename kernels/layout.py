@@ -120,6 +120,21 @@ class DecodeLayout:
         """``(first slot, number of slots)`` of one KV head (host ints, no device read)."""
         return self.slot_ranges[head]
 
+    def held_positions(self, n: torch.Tensor, first: int = 0,
+                       stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the slots ``first .. stop - 1`` of a sequence's buffer (default: all), each
+        one's KV head and the token position it holds after ``n[b]`` real tokens (``-1``
+        where empty): int64 ``[S]`` and ``[B, S]``, computed on the layout's device (no host
+        sync)."""
+        device = self.offsets.device
+        caps = (self.sinks + self.rings).to(torch.int64)
+        head = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=device), caps,
+                                       output_size=self.capacity)[first:stop]
+        sink, ring, offset = (x.to(torch.int64)[head] for x in
+                              (self.sinks, self.rings, self.offsets))
+        slot = torch.arange(first, first + head.numel(), device=device) - offset
+        return head, _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
+
     def slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Slot (within a sequence's buffer) of each head for token positions ``pos``
         ``[...]``: int64 ``[..., Hkv]``."""
@@ -189,18 +204,18 @@ def slot_positions(sink: int, ring: int, n: torch.Tensor) -> torch.Tensor:
     """Token position held by each slot of one head after ``n[b]`` real tokens: int64
     ``[B, sink + ring]``, ``-1`` for an empty slot."""
     slot = torch.arange(sink + ring, device=n.device)
-    return held_positions(torch.full_like(slot, sink), torch.full_like(slot, ring), slot, n)
+    return _held_position(slot, sink, ring, n.to(torch.int64)[:, None])
 
 
-def held_positions(sink: torch.Tensor, ring: torch.Tensor, slot: torch.Tensor,
-                   n: torch.Tensor) -> torch.Tensor:
-    """:func:`slot_positions` of slots from several heads at once: ``slot`` is each one's index
-    within its head's slots, ``sink``/``ring`` its head's (int64 ``[S]`` each): ``[B, S]``."""
-    n = n.to(torch.int64)[:, None]
+def _held_position(slot: torch.Tensor, sink: torch.Tensor | int, ring: torch.Tensor | int,
+                   n: torch.Tensor | int) -> torch.Tensor:
+    """Token position held by slot ``slot`` (counted from its head's first slot) of a head
+    with ``sink`` sink slots and a ring of ``ring`` after ``n`` real tokens, ``-1`` where
+    empty; every argument broadcasts."""
     r = (slot - sink).clamp(min=0)
-    ring = ring.clamp(min=1)  # a head without ring slots has only sinks: its r is unused
-    newest = (n - 1 - sink).clamp(min=0) % ring
+    newest = torch.as_tensor(n - 1 - sink).clamp(min=0) % ring
     age = (newest - r) % ring  # torch's % of ints is never negative
     pos = torch.where(slot < sink, slot, n - 1 - age)
-    filled = torch.where(slot < sink, slot < n, r < torch.minimum((n - sink).clamp(min=0), ring))
+    filled = torch.where(slot < sink, slot < n,
+                         r < torch.as_tensor(n - sink).clamp(min=0).clamp(max=ring))
     return torch.where(filled, pos, -1)

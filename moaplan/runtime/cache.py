@@ -44,13 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
 from moaplan.kernels.append import append_token
-from moaplan.kernels.layout import (
-    DecodeLayout,
-    RuleTable,
-    decode_layout,
-    held_positions,
-    slot_positions,
-)
+from moaplan.kernels.layout import DecodeLayout, RuleTable, decode_layout, slot_positions
 from moaplan.model.loading import resolve_device
 from moaplan.plan import Plan, as_plan
 from moaplan.rules import Rule, cache_slots, rule_arrays
@@ -99,15 +93,6 @@ class MoaplanLayer(CacheLayerMixin):
         self.compensate = rule_arrays(rules)["compensate"][:, 0].tolist()
         self._chunk = chunk
         self._lay_out(batch_size, device)
-        # Each slot's head, that head's sinks and ring, and the slot's index within the head
-        # (int64 [C]), so that a chunk's write computes many heads' slots at once.
-        caps = torch.tensor([cap for _, cap in self.layout.slot_ranges])
-        head = torch.repeat_interleave(torch.arange(len(caps)), caps)
-        first = torch.tensor([first for first, _ in self.layout.slot_ranges])
-        self._slot_rules = tuple(x.to(device) for x in (
-            torch.tensor(self.sinks)[head], torch.tensor(self.rings)[head],
-            torch.arange(len(head)) - first[head]))
-        self._slot_head = head.to(device)
         shape = (batch_size, self.layout.capacity, head_dim)
         # Zeros, not empty: the torch path multiplies masked slots by probability 0.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -275,8 +260,8 @@ class MoaplanLayer(CacheLayerMixin):
                     n_after: torch.Tensor) -> None:
         """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave, without a
         host sync: every slot whose token after the chunk (its sink's, or the latest of its
-        ring's, :func:`~moaplan.kernels.layout.slot_positions`) is one of the chunk's takes it,
-        by a gather over the slots; the others keep theirs."""
+        ring's, :meth:`DecodeLayout.held_positions`) is one of the chunk's takes it, by a
+        gather over the slots; the others keep theirs."""
         if self.layout.has_compensation:
             p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
             sink, ring = self.layout.sinks, self.layout.rings
@@ -287,15 +272,13 @@ class MoaplanLayer(CacheLayerMixin):
         counts = (pos >= 0).cumsum(1)  # real tokens of the chunk up to each of its positions
         batch = torch.arange(key.shape[0], device=key.device)[:, None]
         for first, stop in self._write_groups(key.shape[0] * key.shape[3] * key.element_size()):
-            sink, ring, slot = (x[first:stop] for x in self._slot_rules)
-            held = held_positions(sink, ring, slot, n_after)  # [B, stop - first]
+            head, held = self.layout.held_positions(n_after, first, stop)  # [S], [B, S]
             rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
             # Its index in the chunk: the first at which the count of real tokens reaches
             # rank + 1.
             index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(
                 max=pos.shape[1] - 1)
             new = (rank >= 0)[..., None]
-            head = self._slot_head[first:stop]
             for buf, chunk in ((self.keys, key), (self.values, value)):
                 held_part = buf[:, first:stop]
                 torch.where(new, chunk[batch, head, index].to(buf.dtype), held_part,
