@@ -1,5 +1,6 @@
-"""One decode step's cache write in one launch: each sequence's newest token into the slots its
-KV heads keep, and every head's span at the new length.
+"""The cache writes in one launch each: a decode step's (each sequence's newest token into the
+slots its KV heads keep, and every head's span at the new length), and a chunk's (its rows
+into the slots that hold them, :func:`write_slots`).
 
 A decode step of ``MoaplanCache`` otherwise costs some forty small torch kernels per layer
 (slot arithmetic, gathers for the compensation sums, the two scatters, the span formula);
@@ -122,3 +123,55 @@ def _append_torch(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
         merged = torch.where(keep, new[:, :, 0], old)
         flat.index_copy_(0, rows, merged.reshape(len(rows), -1).to(buf.dtype))
     return table.spans(n_after)
+
+
+@triton.jit
+def _write_slots_kernel(
+    KEY, VALUE, KEYS, VALUES, HEAD, RANK, INDEX,
+    stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
+    capacity, first, n_slots, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid ``(B, cdiv(S, BLOCK_S))``: program ``(b, j)`` writes sequence ``b``'s slots
+    ``first + j * BLOCK_S ...`` whose rank is >= 0, keys and values alike."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_s = offs_s < n_slots
+    head = tl.load(HEAD + offs_s, mask=in_s, other=0)
+    at = b * n_slots + offs_s
+    new = in_s & (tl.load(RANK + at, mask=in_s, other=-1) >= 0)
+    row = tl.load(INDEX + at, mask=new, other=0)
+    mask = new[:, None] & (offs_d < head_dim)[None, :]
+    dst = (b * capacity + first + offs_s)[:, None] * head_dim + offs_d[None, :]
+    key = tl.load(KEY + b * stride_kb + head[:, None] * stride_kh + row[:, None] * stride_kt
+                  + offs_d[None, :] * stride_kd, mask=mask)
+    tl.store(KEYS + dst, key.to(KEYS.dtype.element_ty), mask=mask)
+    value = tl.load(VALUE + b * stride_vb + head[:, None] * stride_vh + row[:, None] * stride_vt
+                    + offs_d[None, :] * stride_vd, mask=mask)
+    tl.store(VALUES + dst, value.to(VALUES.dtype.element_ty), mask=mask)
+
+
+def write_slots(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, first: int, head: torch.Tensor, rank: torch.Tensor,
+                index: torch.Tensor, *, backend: str = "auto") -> None:
+    """A chunk's write into slots ``first .. first + S - 1`` of the layer's buffers
+    ``keys``/``values`` ``[B, C, D]`` (contiguous): slot ``s`` of sequence ``b`` takes row
+    ``index[b, s]`` of KV head ``head[s]`` of the chunk ``key``/``value`` ``[B, Hkv, T, D]``
+    (any strides) where ``rank[b, s] >= 0``, and keeps its content elsewhere.  ``head`` int64
+    ``[S]``, ``rank`` and ``index`` int64 ``[B, S]``.  ``backend``: as
+    :func:`moaplan.kernels.common.use_triton`."""
+    if not use_triton(backend, keys):
+        batch = torch.arange(key.shape[0], device=key.device)[:, None]
+        new = (rank >= 0)[..., None]
+        for buf, chunk in ((keys, key), (values, value)):
+            held = buf[:, first:first + head.numel()]
+            torch.where(new, chunk[batch, head, index].to(buf.dtype), held, out=held)
+        return
+    batch, n_slots, head_dim = key.shape[0], head.numel(), key.shape[3]
+    block_s = 64
+    _write_slots_kernel[(batch, triton.cdiv(n_slots, block_s))](
+        key, value, keys, values, head, rank.contiguous(), index.contiguous(),
+        *key.stride(), *value.stride(), keys.shape[1], first, n_slots, head_dim,
+        BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+    )

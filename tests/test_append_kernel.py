@@ -1,5 +1,6 @@
-"""The one-launch decode write of :mod:`moaplan.kernels.append` against the cache's torch
-path, step after step through ring wrap-around, with padding rows and compensating heads.
+"""The one-launch writes of :mod:`moaplan.kernels.append` against their torch versions: the
+decode write step after step through ring wrap-around, with padding rows and compensating
+heads, and a chunk's write into runs of slots.
 
 The Triton kernel runs on the CPU in a worker whose Triton was imported with
 ``TRITON_INTERPRET=1`` (see ``interpreter.py``); everything it writes must equal what the torch
@@ -13,7 +14,7 @@ import torch
 from interpreter import interpreter_pool
 from transformers import LlamaConfig
 
-from moaplan.kernels.append import append_token
+from moaplan.kernels.append import append_token, write_slots
 from moaplan.plan import ModelShape, Plan
 from moaplan.rules import Rule
 from moaplan.runtime.cache import MoaplanCache
@@ -26,6 +27,10 @@ RULES = [Rule(sink=3, alpha=4.0, beta=0.25, compensate=True),  # elastic, compen
 
 def _interpreted(args: tuple) -> tuple[torch.Tensor, ...]:
     """Runs in the worker: the kernel writes into its copies of the buffers, returned."""
+    if len(args) == 8:  # a chunk's write
+        key, value, keys, values = args[:4]
+        write_slots(*args, backend="triton")
+        return keys, values
     key, value, keys, values, key_sum, value_sum, layout, n_after, real, table = args
     spans = append_token(key, value, keys, values, key_sum, value_sum, layout, n_after, real,
                          table, backend="triton")
@@ -73,3 +78,28 @@ def test_append_matches_the_torch_path(interp, dtype):
             assert torch.equal(out, ref), f"{name}, step {step}"
         layer.n_real = n_after
     assert int(layer.key_sum.abs().sum()) > 0  # the compensating head's ring did overwrite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunk_write_matches_the_torch_path(interp, dtype):
+    # 150 slots from slot 7 of a 200-slot buffer (more than one program's 64), keys strided
+    # as RoPE'd keys arrive, some slots keeping their content (rank < 0).
+    gen = torch.Generator().manual_seed(1)
+    batch, n_slots, first, chunk = 2, 150, 7, 40
+    wide = torch.randn(batch, HKV, chunk, 2 * DIM, generator=gen).to(dtype)
+    key, value = wide[..., :DIM], wide[..., DIM:]
+    keys, values = (torch.randn(batch, 200, DIM, generator=gen).to(dtype) for _ in range(2))
+    head = torch.randint(0, HKV, (n_slots,), generator=gen)
+    rank = torch.randint(-3, 5, (batch, n_slots), generator=gen)
+    index = torch.randint(0, chunk, (batch, n_slots), generator=gen)
+    args = (key, value, keys.clone(), values.clone(), first, head, rank, index)
+    got_keys, got_values = interp(*args)
+    write_slots(key, value, keys, values, first, head, rank, index, backend="torch")
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    # Slots outside the run and those of rank < 0 kept their content; the others were written.
+    assert torch.equal(keys[:, :first], args[2][:, :first])
+    assert torch.equal(keys[:, first + n_slots:], args[2][:, first + n_slots:])
+    run, before = keys[:, first:first + n_slots], args[2][:, first:first + n_slots]
+    kept = rank < 0
+    assert torch.equal(run[kept], before[kept])
+    assert torch.equal(run[~kept], key[torch.arange(batch)[:, None], head, index][~kept])

@@ -67,6 +67,24 @@ def test_every_route_gives_the_reference(route, with_compensation):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gqa_native", [True, False])
+def test_split_route_hands_sdpa_whole_groups_their_own_keys(monkeypatch, gqa_native):
+    # Full groups in two runs (KV heads 0 and 2-3) around a windowed one: SDPA gets the
+    # full groups' queries and their 3 KV heads, not keys repeated per query head.
+    monkeypatch.setattr(routing, "DEFAULT_COST", CostModel(gqa_native=gqa_native))
+    shapes = []
+    dense = routing.dense_attention
+    monkeypatch.setattr(routing, "dense_attention",
+                        lambda q, k, v, **kw: shapes.append((q.shape[1], k.shape[1]))
+                        or dense(q, k, v, **kw))
+    q, k, v = _qkv(5, 2, 8, 4, 64)
+    sink, span = torch.tensor([0, 4, 0, 0]), torch.tensor([FULL, 20, FULL, 64])
+    out = routed_attention(q, k, v, sink, span, scale=0.3, route="split")
+    torch.testing.assert_close(out, reference_attention(q, k, v, sink, span, scale=0.3),
+                               atol=1e-5, rtol=1e-5)
+    assert shapes == [(6, 3)]
+
+
 def test_chunks_and_padding_stay_on_the_kernel(monkeypatch):
     calls = []
     sparse = routing._sparse

@@ -43,7 +43,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moaplan.errors import ModelError
-from moaplan.kernels.append import append_token
+from moaplan.kernels.append import append_token, write_slots
 from moaplan.kernels.layout import DecodeLayout, RuleTable, decode_layout, slot_positions
 from moaplan.model.loading import resolve_device
 from moaplan.plan import Plan, as_plan
@@ -270,7 +270,6 @@ class MoaplanLayer(CacheLayerMixin):
         if pos.shape[1] == 0:  # nothing to gather from
             return
         counts = (pos >= 0).cumsum(1)  # real tokens of the chunk up to each of its positions
-        batch = torch.arange(key.shape[0], device=key.device)[:, None]
         for first, stop in self._write_groups(key.shape[0] * key.shape[3] * key.element_size()):
             head, held = self.layout.held_positions(n_after, first, stop)  # [S], [B, S]
             rank = held - self.n_real[:, None]  # the held token is the chunk's rank-th real one
@@ -278,11 +277,7 @@ class MoaplanLayer(CacheLayerMixin):
             # rank + 1.
             index = torch.searchsorted(counts, (rank + 1).clamp(min=1)).clamp(
                 max=pos.shape[1] - 1)
-            new = (rank >= 0)[..., None]
-            for buf, chunk in ((self.keys, key), (self.values, value)):
-                held_part = buf[:, first:stop]
-                torch.where(new, chunk[batch, head, index].to(buf.dtype), held_part,
-                            out=held_part)
+            write_slots(key, value, self.keys, self.values, first, head, rank, index)
         self.n_real = n_after
 
     def _write_groups(self, slot_bytes: int) -> list[tuple[int, int]]:

@@ -216,7 +216,8 @@ def routed_attention(
         return _sparse(q, k, v, sink, span, **kwargs)
     if all(chosen.dense):
         return dense_attention(q, k, v, scale=scale, gqa_native=cost.gqa_native)
-    return _split_attention(q, k, v, sinks, spans, chosen.dense, **kwargs)
+    return _split_attention(q, k, v, sinks, spans, chosen.dense,
+                            gqa_native=cost.gqa_native, **kwargs)
 
 
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor,
@@ -234,10 +235,11 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tenso
 
 def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: np.ndarray,
                      spans: np.ndarray, dense: Sequence[bool], *, scale: float | None,
-                     compensate: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                     gqa_native: bool, compensate: torch.Tensor | None = None,
+                     **kwargs) -> torch.Tensor:
     """The split route: the kernel (or what stands in for it) skips the ``dense`` query heads
-    (no sink, no window: no tiles, zero rows), SDPA computes them on gathered queries and
-    per-query-head keys; ``sinks``/``spans`` per query head."""
+    (no sink, no window: no tiles, zero rows), SDPA computes them and its output is copied
+    into the kernel's; ``sinks``/``spans`` per query head."""
     group = q.shape[1] // k.shape[1]
     skip = torch.tensor(dense)
     if compensate is not None:  # a KV head whose queries all go to SDPA drops nothing
@@ -246,15 +248,27 @@ def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: n
                  torch.from_numpy(spans).masked_fill(skip, 0), scale=scale,
                  compensate=compensate, **kwargs)
     runs = _runs(dense)
-    kv_heads = [h // group for start, stop in runs for h in range(start, stop)]
-    q_d = torch.cat([q[:, start:stop] for start, stop in runs], 1)
-    k_d, v_d = (torch.cat([x[:, h:h + 1] for h in kv_heads], 1) for x in (k, v))
-    dense_out = F.scaled_dot_product_attention(q_d, k_d, v_d, is_causal=True, scale=scale)
+    if all(start % group == 0 and stop % group == 0 for start, stop in runs):
+        # Whole GQA groups: their KV heads as they are (one run: views, no copy).
+        kv_runs = [(start // group, stop // group) for start, stop in runs]
+    else:  # a group split between the routes: each dense query head gets its KV head
+        kv_runs = [(h // group, h // group + 1) for start, stop in runs
+                   for h in range(start, stop)]
+    dense_out = dense_attention(*(_heads(x, r) for x, r in ((q, runs), (k, kv_runs),
+                                                               (v, kv_runs))),
+                                scale=scale, gqa_native=gqa_native)
     at = 0
     for start, stop in runs:
         out[:, start:stop] = dense_out[:, at:at + stop - start]
         at += stop - start
     return out
+
+
+def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The heads of ``x`` (``[B, H, N, D]``) in ``runs``, in order: a view for one run."""
+    if len(runs) == 1:
+        return x[:, runs[0][0]:runs[0][1]]
+    return torch.cat([x[:, start:stop] for start, stop in runs], 1)
 
 
 def _cache_file(device: torch.device) -> Path:
@@ -366,8 +380,8 @@ class _CalibrationLayers:
             rule = ([sink] * self.heads[1], [int(share * self.n)] * self.heads[1])
             fns[name] = lambda rule=rule: sparse_attention(q, k, v, *rule)
         fns["split"] = lambda: _split_attention(q, k, v, self.split_sinks, self.split_spans,
-                                                tuple(self.full), scale=None, q_offset=0,
-                                                seq_lens=None)
+                                                tuple(self.full), scale=None,
+                                                gqa_native=True, q_offset=0, seq_lens=None)
         return fns
 
     def rates(self, ms: dict[str, float]) -> dict:
