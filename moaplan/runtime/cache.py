@@ -64,7 +64,9 @@ def cache_step(key: torch.Tensor) -> MoaplanLayer | None:
     return getattr(key, _STEP_ATTR, None)
 
 
-# The most bytes of gathered keys (or values) a chunk's write holds besides the cache.
+# The most bytes of gathered keys (or values) a chunk's write holds besides the cache (the
+# torch write; the kernel gathers none, and the int64 slot indices of a run take about a
+# sixth of that at D = 128).
 WRITE_BYTES = 256 * 2**20
 
 
@@ -260,8 +262,8 @@ class MoaplanLayer(CacheLayerMixin):
                     n_after: torch.Tensor) -> None:
         """Write a chunk ``[B, Hkv, T, D]`` at the positions :meth:`positions` gave, without a
         host sync: every slot whose token after the chunk (its sink's, or the latest of its
-        ring's, :meth:`DecodeLayout.held_positions`) is one of the chunk's takes it, by a
-        gather over the slots; the others keep theirs."""
+        ring's, :meth:`DecodeLayout.held_positions`) is one of the chunk's takes it
+        (:func:`moaplan.kernels.append.write_slots`); the others keep theirs."""
         if self.layout.has_compensation:
             p = pos[:, :, None]  # [B, T, 1] against heads [Hkv]
             sink, ring = self.layout.sinks, self.layout.rings
@@ -282,11 +284,12 @@ class MoaplanLayer(CacheLayerMixin):
 
     def _write_groups(self, slot_bytes: int) -> list[tuple[int, int]]:
         """The slot runs ``[first, stop)`` of consecutive whole heads that :meth:`write_chunk`
-        gathers at once, ``slot_bytes`` a slot's gathered rows across the batch: as many heads
+        writes at once, ``slot_bytes`` a slot's gathered rows across the batch: as many heads
         as fit in :data:`WRITE_BYTES` (one at least).  Written in place run by run: gathering
         for the whole buffer at once held a copy of it, which at the largest batch that fits
-        did not fit beside the cache; a head at a time, the write took ~0.7 ms a layer of a
-        32K prefill on the H200, a run of all heads ~0.4 (benchmarks/NOTES_decode.md)."""
+        did not fit beside the cache.  On the H200 a 32K prefill's write took ~0.7 ms a layer
+        a head at a time in torch, ~0.4 ms a run of all heads; the kernel alone takes 0.04 ms
+        (benchmarks/NOTES_decode.md, stop 29)."""
         runs: list[tuple[int, int]] = []
         for first, cap in self.layout.slot_ranges:
             if runs and (first + cap - runs[-1][0]) * slot_bytes <= WRITE_BYTES:
