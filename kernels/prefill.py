@@ -123,23 +123,6 @@ def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
-def tile_classes(reaches: Sequence[int], head_dim: int,
-                 shared: int = 1) -> list[tuple[int, int, PrefillConfig]]:
-    """The launches of one layer: ``reaches`` holds each KV head's widest reach (capped at the
-    key count), widest first as the kernel orders them; each launch computes a stretch
-    ``[start, stop)`` of them with its tiles (:func:`default_config`).  Heads whose programs
-    take different tiles launch apart: in one launch a layer's narrow windows ran on the
-    widest head's long tiles (NOTES_prefill.md, run 9)."""
-    launches: list[tuple[int, int, PrefillConfig]] = []
-    for i, reach in enumerate(reaches):
-        cfg = default_config(head_dim, reach, shared)
-        if launches and launches[-1][2] == cfg:
-            launches[-1] = (launches[-1][0], i + 1, cfg)
-        else:
-            launches.append((i, i + 1, cfg))
-    return launches
-
-
 def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int,
                       n_keys: int) -> int:
     """``group`` where every GQA group's query heads (consecutive in ``sinks``/``spans``, one
@@ -629,6 +612,9 @@ def sparse_attention(
     lens = (None if seq_lens is None
             else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
+    reach = min(max(reaches), n_keys)
+    cfg = config or default_config(head_dim, reach,
+                                   shared_rule_heads(sinks, spans, group, n_keys))
     # In q's memory layout, as SDPA does: transformers' [B, N, H, D] seen through a transpose
     # stays so, and the attention layer's transpose back to it costs no copy.
     out = torch.empty_like(q)
@@ -641,31 +627,24 @@ def sparse_attention(
         means = _dropped_means(q, k, v, table, comp_heads, qoff, q_offset_scalar)
     else:
         means = (flat, flat)  # never read
-    shared = shared_rule_heads(sinks, spans, group, n_keys)
-    kv_reaches = [min(max(reaches[i] for i in members[h]), n_keys) for h in order]
-    launches = ([(0, n_kv_heads, config)] if config is not None
-                else tile_classes(kv_reaches, head_dim, shared))
-    for start, stop, cfg in launches:  # each on its KV heads' stretch of the order
-        n_launch = (stop - start) * group
-        pack = _pack(cfg.pack, group, cfg.block_m)
-        grid = (batch * n_launch // pack, triton.cdiv(n_queries, cfg.block_m // pack))
-        if cfg.head_major:
-            grid = (grid[0] * grid[1],)
-        descriptors = _kv_descriptors(k, v, cfg)
-        _sparse_prefill_kernel[grid](
-            q, k, v, out, *(descriptors or (0, 0)), table[0], table[1], table[2][start:],
-            qoff if qoff is not None else flat, lens if lens is not None else flat,
-            table[3], *means,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-            q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
-            HQ=n_launch, GROUP=group, PACK=pack, HEAD_DIM=head_dim,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None,
-            HAS_COMP=bool(comp_heads), HEAD_MAJOR=cfg.head_major,
-            TMA=descriptors is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    pack = _pack(cfg.pack, group, cfg.block_m)
+    grid = (batch * n_q_heads // pack, triton.cdiv(n_queries, cfg.block_m // pack))
+    if cfg.head_major:
+        grid = (grid[0] * grid[1],)
+    descriptors = _kv_descriptors(k, v, cfg)
+    _sparse_prefill_kernel[grid](
+        q, k, v, out, *(descriptors or (0, 0)), table[0], table[1], table[2],
+        qoff if qoff is not None else flat, lens if lens is not None else flat,
+        table[3], *means,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+        q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
+        HQ=n_q_heads, GROUP=group, PACK=pack, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
+        HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out
 
 

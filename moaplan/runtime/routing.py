@@ -39,7 +39,6 @@ from moaplan.kernels.prefill import (
     per_query_head,
     shared_rule_heads,
     sparse_attention,
-    tile_classes,
 )
 from moaplan.rules import block_attention_density
 from moaplan.runtime.gpu_time import graph_medians
@@ -131,23 +130,10 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     head_bytes = n * head_dim * 2 * 2  # one head's [n, D] bf16 tensor, read and written
 
     def ours(heads: np.ndarray) -> float:
-        # The kernel's launches (tile_classes) over the KV heads with query heads in ``heads``,
-        # each KV head at the widest reach among those.
-        kv_reach = np.where(heads, np.minimum(sink + span, n), 0).reshape(-1, group).max(1)
-        order = [h for h in np.argsort(-kv_reach, kind="stable")
-                 if heads[h * group:(h + 1) * group].any()]
-        seconds = 0.0
-        for start, stop, cfg in tile_classes([int(kv_reach[h]) for h in order], head_dim,
-                                             shared):
-            launch = np.zeros_like(heads)
-            for h in order[start:stop]:
-                launch[h * group:(h + 1) * group] = True
-            launch &= heads
-            tiles = block_attention_density(sink[launch], span[launch], n,
-                                            cfg.block_m // cfg.pack, cfg.block_n)
-            seconds += float(tiles.sum()) * head_s / cost.efficiency(
-                head_dim, int(kv_reach[order[start]]))
-        return seconds
+        if not heads.any():
+            return 0.0
+        tiles, reach = _kernel_tiles(sink[heads], span[heads], n, head_dim, shared)
+        return float(tiles.sum()) * head_s / cost.efficiency(head_dim, reach)
 
     def sdpa(n_heads: int, gathered: bool) -> float:
         # Repeating keys and values per query head (two tensors), unless SDPA does GQA;
