@@ -384,11 +384,12 @@ def first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 
-def by_backend(run, key: str) -> dict:
+def by_backend(run) -> dict:
     """``run()`` under each SDPA backend set of ``DENSE_BACKENDS``: the fastest row by
-    ``key``, with every set's ``key`` (or its error: a set that fails to run or to be
-    captured is recorded, not fatal).  SDPA's default backend (cuDNN on the H100/H200) builds
-    a new plan for every new key length, i.e. at every step of a growing cache."""
+    :func:`best_rate` (a graph setup's faster of plain and compiled replays), with every set's
+    rate (or its error: a set that fails to run or to be captured is recorded, not fatal).
+    SDPA's default backend (cuDNN on the H100/H200) builds a new plan for every new key
+    length, i.e. at every step of a growing cache."""
     rows = {}
     for name, backends in DENSE_BACKENDS.items():
         try:
@@ -400,9 +401,9 @@ def by_backend(run, key: str) -> dict:
     ran = [name for name in rows if "error" not in rows[name]]
     if not ran:
         return dict(error="; ".join(f"{k}: {v['error']}" for k, v in rows.items()))
-    best = max(ran, key=lambda name: rows[name][key])
-    return dict(rows[best], sdpa_backend=best,
-                **{f"{key}_by_backend": {k: v.get(key, v.get("error")) for k, v in rows.items()}})
+    best = max(ran, key=lambda name: best_rate(rows[name]))
+    return dict(rows[best], sdpa_backend=best, rate_by_backend={
+        k: v["error"] if "error" in v else best_rate(v) for k, v in rows.items()})
 
 
 def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -556,8 +557,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 96, out: dict | None = None,
 
     # Dense, transformers' own attention (no plan applied yet).
     run_prefill("dense", make_dense)
-    dense = by_backend(lambda: measure(model, make_dense, layers, batch, n, False),
-                       "tokens_per_s")
+    dense = by_backend(lambda: measure(model, make_dense, layers, batch, n, False))
     if "error" in dense:  # the reference every other row is compared with
         raise RuntimeError(f"DynamicCache + SDPA failed: {dense['error']}")
     dense["predicted_bytes"] = kv_read(plan, batch, dense=True)
@@ -566,8 +566,7 @@ def e2e(layers: int, n: int, batch: int, new: int = 96, out: dict | None = None,
     # then attends, with a mask, over all n + new slots (how transformers runs it); the bound
     # counts the n tokens the step needs, 0.2% fewer.
     out["dense_static"] = record(
-        by_backend(lambda: measure(model, make_static, layers, batch, n, True, compiled=True),
-                   "graph_tokens_per_s"),
+        by_backend(lambda: measure(model, make_static, layers, batch, n, True, compiled=True)),
         kv_read(plan, batch, dense=True), "StaticCache + SDPA, CUDA graph")
 
     reserve = 4 * 2**30  # decode activations, logits
@@ -864,18 +863,13 @@ def e2e_markdown(e: dict) -> list[str]:
                   "`moaplan.greedy_generate` decodes; DynamicCache's growing tensors cannot be "
                   f"replayed); GPU-only: from the kernels' busy time over {STEPS} eager steps (the "
                   "profiler), what a launch-free decode loop would approach."]
-        if "tokens_per_s_by_backend" in d:  # older results lack it
-            lines += ["", "DynamicCache + SDPA decode tok/s at batch "
-                      f"{d['batch']} by SDPA backend: " + ", ".join(
-                          f"{k} {_num(v)}" for k, v in d["tokens_per_s_by_backend"].items())
-                      + f"; the tables use the faster ({d['sdpa_backend']})."]
-        static = e.get("dense_static", {})
-        if "graph_tokens_per_s_by_backend" in static:
-            lines += ["", "StaticCache + SDPA graph tok/s at batch "
-                      f"{static['batch']} by SDPA backend: " + ", ".join(
-                          f"{k} {_num(v)}"
-                          for k, v in static["graph_tokens_per_s_by_backend"].items())
-                      + f"; the tables use the faster ({static['sdpa_backend']})."]
+        for row, what in ((d, "DynamicCache + SDPA decode tok/s"),
+                          (e.get("dense_static", {}), "StaticCache + SDPA graph tok/s (the "
+                           "faster of plain and compiled)")):
+            if "rate_by_backend" in row:  # older results lack it
+                lines += ["", f"{what} at batch {row['batch']} by SDPA backend: " + ", ".join(
+                    f"{k} {_num(v)}" for k, v in row["rate_by_backend"].items())
+                    + f"; the tables use the faster ({row['sdpa_backend']})."]
         lines += ["", f"Memory vs DynamicCache: {m['memory_vs_dense']:.3f}; prediction error "
                   f"{100 * m['prediction_error']:+.2f}%; largest batch ratio "
                   f"{e['largest_batch_ratio']:.2f}x (computed from the memory left after the "
