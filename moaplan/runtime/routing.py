@@ -272,9 +272,9 @@ def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 
 def _cache_file(device: torch.device) -> Path:
-    # v3: the kernel packs the query heads of a group that share a rule (its efficiency
-    # moved); v2 files timed the unpacked kernel, v1 files timed Python calls.
-    name = f"v3-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+    # v4: the split route hands SDPA its heads as views (its factor moved); v3 files timed
+    # its copies, v2 files the unpacked kernel, v1 files Python calls.
+    name = f"v4-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
     return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"
@@ -379,6 +379,8 @@ class _CalibrationLayers:
         for name, (sink, share) in self.WINDOWED.items():
             rule = ([sink] * self.heads[1], [int(share * self.n)] * self.heads[1])
             fns[name] = lambda rule=rule: sparse_attention(q, k, v, *rule)
+        # SDPA's own GQA in the split, as on every card measured (the route's prediction adds
+        # the key copies where a card lacks it).
         fns["split"] = lambda: _split_attention(q, k, v, self.split_sinks, self.split_spans,
                                                 tuple(self.full), scale=None,
                                                 gqa_native=True, q_offset=0, seq_lens=None)
