@@ -43,11 +43,11 @@ def interp():
         yield lambda *args: pool.submit(_interpreted, args).result()
 
 
-def _layer(dtype: torch.dtype, batch: int, max_length: int):
+def _layer(dtype: torch.dtype, batch: int, max_length: int, device: str = "cpu"):
     config = LlamaConfig(hidden_size=HKV * DIM * 2, num_attention_heads=HKV * 2,
                          num_key_value_heads=HKV, num_hidden_layers=1, vocab_size=11)
     plan = Plan(ModelShape.from_config(config), [RULES])
-    return MoaplanCache(plan, batch, max_length, dtype=dtype).layers[0]
+    return MoaplanCache(plan, batch, max_length, dtype=dtype, device=device).layers[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -103,3 +103,25 @@ def test_chunk_write_matches_the_torch_path(interp, dtype):
     kept = rank < 0
     assert torch.equal(run[kept], before[kept])
     assert torch.equal(run[~kept], key[torch.arange(batch)[:, None], head, index][~kept])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_chunk_writes_on_gpu_in_bf16_match_the_cpu():
+    # A left-padded prefix, then a padded chunk that wraps the rings, into a bf16 cache: the
+    # CUDA kernel writes the same slots as the torch path on the CPU.
+    gen = torch.Generator().manual_seed(4)
+    batch = 3
+    layers = {device: _layer(torch.bfloat16, batch, 30, device) for device in ("cpu", "cuda")}
+    for length, padding in ((6, (0, 2, 5)), (11, (0, 3, 0))):
+        k, v = (torch.randn(batch, HKV, length, 2 * DIM, generator=gen)[..., ::2]
+                .to(torch.bfloat16) for _ in range(2))  # strided, as RoPE'd keys arrive
+        real = torch.ones(batch, length, dtype=torch.bool)
+        for b, pad in enumerate(padding):
+            real[b, :pad] = False
+        for device, layer in layers.items():
+            layer.append(k.to(device), v.to(device), chunk_real=real.to(device))
+    cpu, gpu = layers["cpu"], layers["cuda"]
+    assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)
+    assert torch.equal(gpu.n_real.cpu(), cpu.n_real)
+    torch.testing.assert_close(gpu.key_sum.cpu(), cpu.key_sum)
