@@ -1,4 +1,5 @@
-"""The benchmark suite driver: its quick quality run end to end, and its README splice."""
+"""The benchmark suite driver (its quick quality run end to end, its README splice) and the
+decode benchmark's choice of the dense baseline's SDPA backend."""
 
 import json
 import subprocess
@@ -60,3 +61,22 @@ def test_machine_names():
     assert run.machine_name(None) == "cpu"
     assert run.machine_name("NVIDIA H100 80GB HBM3") == "h100"
     assert run.machine_name("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_dense_backend_is_picked_by_its_faster_graph():
+    # StaticCache + SDPA: the default backend's plain graph is faster, the other's compiled
+    # graph fastest of all, so the other is taken; a backend that fails is recorded.
+    import bench_decode
+
+    rows = iter([dict(graph_tokens_per_s=40.0, compiled_graph_tokens_per_s=50.0),
+                 dict(graph_tokens_per_s=30.0, compiled_graph_tokens_per_s=90.0)])
+    picked = bench_decode.by_backend(lambda: next(rows))
+    names = list(bench_decode.DENSE_BACKENDS)
+    assert picked["sdpa_backend"] == names[1]
+    assert picked["rate_by_backend"] == {names[0]: 50.0, names[1]: 90.0}
+
+    def fails():
+        raise RuntimeError("out of memory\nmore")
+
+    failed = bench_decode.by_backend(fails)
+    assert failed == {"error": "; ".join(f"{name}: out of memory" for name in names)}
