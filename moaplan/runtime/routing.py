@@ -379,8 +379,8 @@ class _CalibrationLayers:
         for name, (sink, share) in self.WINDOWED.items():
             rule = ([sink] * self.heads[1], [int(share * self.n)] * self.heads[1])
             fns[name] = lambda rule=rule: sparse_attention(q, k, v, *rule)
-        # SDPA's own GQA in the split, as on every card measured (the route's prediction adds
-        # the key copies where a card lacks it).
+        # SDPA's own GQA in the split, as on every card measured; predicted_split predicts the
+        # same, so the factor holds where a card lacks it and the route adds key copies.
         fns["split"] = lambda: _split_attention(q, k, v, self.split_sinks, self.split_spans,
                                                 tuple(self.full), scale=None,
                                                 gqa_native=True, q_offset=0, seq_lens=None)
@@ -401,5 +401,7 @@ class _CalibrationLayers:
                 "gqa_native": ms["sdpa_gqa"] <= ms["sdpa_repeat"], "efficiency": min(ratios)}
 
     def predicted_split(self, cost: CostModel) -> float:
+        """The cost model's time of the split as :meth:`fns` times it (SDPA's own GQA)."""
         return choose_route(self.split_sinks, self.split_spans, self.n, self.head_dim,
-                            cost, self.heads[0] // self.heads[1]).predicted_s["split"]
+                            dataclasses.replace(cost, gqa_native=True),
+                            self.heads[0] // self.heads[1]).predicted_s["split"]
