@@ -4,6 +4,7 @@ clear budget errors, and an optuna study that caches and resumes."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -264,3 +265,103 @@ def test_kept_heads_stay_full_when_the_budget_allows(seed: int) -> None:
     assert _feasible(tight, solve(tight).choice)
     with pytest.raises(ProfileError, match="keep_full names heads outside"):
         problem.with_keep_full([4])
+
+
+@pytest.mark.parametrize("layer_bound", [None, 0.25])
+def test_per_head_density_with_shared_rows_gives_the_shared_plans(layer_bound) -> None:
+    shared = replace(synthetic_problem(4, 4, 0.2, profiled_lengths=(2048, 4096),
+                                       target_lengths=(4096, 8192, 16384)),
+                     group_max_density=layer_bound)
+    repeated = np.repeat(shared.density[:, None, :], shared.n_heads, axis=1)
+    per_head = replace(shared, density=repeated)
+    assert per_head.per_head_density and not shared.per_head_density
+    coef = shared.coefficients()
+    assert (prune_dominated(coef, repeated) == prune_dominated(coef, shared.density)).all()
+    assert greedy(per_head).tolist() == greedy(shared).tolist()
+    assert lagrangian_bound(per_head) == lagrangian_bound(shared)
+    for gap in (1e-3, 0.0):
+        a, b = solve(shared, mip_gap=gap), solve(per_head, mip_gap=gap)
+        assert a.choice.tolist() == b.choice.tolist()
+        assert (a.objective, a.bound, a.method) == (b.objective, b.bound, b.method)
+        assert a.densities.tolist() == b.densities.tolist()
+
+
+def _random_per_head_problem(rng: np.random.Generator) -> KnapsackProblem:
+    """6 heads (2 layers x 3) x 5 rules x 2 target lengths; densities differ per head."""
+    cost = rng.random((2, 6, 5))
+    cost[:, :, 0] = 0.0
+    density = rng.uniform(0.05, 0.95, (2, 6, 5))
+    density[:, :, 0] = 1.0
+    return KnapsackProblem(cost=cost, density=density, budget=float(rng.uniform(0.3, 0.7)),
+                           length_weights=rng.uniform(0.1, 1.0, 2),
+                           head_groups=np.repeat([0, 1], 3),
+                           group_max_density=float(rng.uniform(0.4, 0.9)))
+
+
+def _feasible_per_head(problem: KnapsackProblem, choice: np.ndarray,
+                       tol: float = 1e-9) -> bool:
+    dens = problem.density[:, np.arange(problem.n_heads), choice]  # (targets, heads)
+    layers = [dens[:, problem.head_groups == g] for g in np.unique(problem.head_groups)]
+    return ((dens.mean(axis=1) <= problem.budget + tol).all()
+            and all((d.mean(axis=1) <= problem.group_max_density + tol).all() for d in layers))
+
+
+def test_per_head_density_matches_brute_force() -> None:
+    rng = np.random.default_rng(11)
+    solved, by_highs = 0, 0
+    for _ in range(15):
+        problem = _random_per_head_problem(rng)
+        choices = [np.array(c) for c in itertools.product(range(5), repeat=6)]
+        feasible = [c for c in choices if _feasible_per_head(problem, c)]
+        if not feasible:
+            with pytest.raises(BudgetError):
+                solve(problem)
+            continue
+        optimum = min(problem.evaluate(c)[0] for c in feasible)
+        solution = solve(problem, mip_gap=1e-6)
+        assert _feasible_per_head(problem, solution.choice)
+        assert problem.is_feasible(solution.choice)
+        assert optimum <= solution.objective <= optimum * (1 + 1e-6) + 1e-12
+        assert solution.bound <= optimum + 1e-12
+        assert lagrangian_bound(problem) <= optimum + 1e-12
+        fallback = greedy(problem)
+        assert fallback is None or _feasible_per_head(problem, fallback)
+        solved += 1
+        by_highs += solution.method == "highs"
+    assert solved >= 5 and by_highs >= 3  # not all infeasible, and the MILP really ran
+
+
+def test_pruning_judges_dominance_with_each_heads_own_densities() -> None:
+    # Rule 1 costs no less than rule 0 on either head; it is denser on head 0 (dominated)
+    # but sparser on head 1, where it stays.  Shared, head 0's densities drop it everywhere.
+    density = np.array([[[0.2, 0.3], [0.5, 0.4]]])  # (1 target, 2 heads, 2 rules)
+    coef = np.array([[1.0, 1.0], [1.0, 2.0]])
+    assert prune_dominated(coef, density).tolist() == [[True, False], [True, True]]
+    assert prune_dominated(coef, density[:, 0]).tolist() == [[True, False], [True, False]]
+    problem = KnapsackProblem(cost=coef[None], density=density, budget=0.3)
+    solution = solve(problem, mip_gap=0.0)
+    assert solution.choice.tolist() == [0, 1] and solution.densities.tolist() == [0.3]
+
+
+def test_per_head_reachable_budget_is_the_mean_of_the_heads_minima() -> None:
+    density = np.array([[[1.0, 0.1, 0.5], [1.0, 0.6, 0.3]]])  # minima 0.1 and 0.3
+    cost = np.array([[[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]])
+    with pytest.raises(BudgetError, match="is below the smallest density") as err:
+        solve(KnapsackProblem(cost=cost, density=density, budget=0.19))
+    assert "0.2 at target length #0" in str(err.value)
+    at_minimum = solve(KnapsackProblem(cost=cost, density=density, budget=0.2))
+    assert at_minimum.choice.tolist() == [1, 2] and at_minimum.densities.tolist() == [0.2]
+    # A layer whose heads reach only 0.3 breaks a per-layer bound the mean over all meets.
+    grouped = KnapsackProblem(cost=np.concatenate([cost, cost], axis=1),
+                              density=np.concatenate([density, density[:, ::-1]], axis=1),
+                              budget=0.5, head_groups=np.array([0, 1, 1, 0]),
+                              group_max_density=0.25)
+    with pytest.raises(BudgetError, match="per-layer density bound 0.25"):
+        solve(grouped)
+
+
+def test_per_head_density_of_the_wrong_shape_is_a_clear_error() -> None:
+    with pytest.raises(ProfileError, match=r"density must be .* 2 heads, 3 rules\), got shape"):
+        KnapsackProblem(cost=np.ones((1, 2, 3)), density=np.ones((2, 4, 3)), budget=0.5)
+    with pytest.raises(ProfileError, match="density must be"):
+        KnapsackProblem(cost=np.ones((1, 2, 3)), density=np.ones((2, 2, 4)), budget=0.5)

@@ -33,31 +33,44 @@ def _fmt_minima(problem: KnapsackProblem, minima: np.ndarray) -> str:
 
 def check_reachable(problem: KnapsackProblem) -> None:
     """Raise :class:`BudgetError` if some target length cannot meet the budget on its own."""
-    minima = problem.density.min(axis=1)
-    caps = [("budget", problem.budget)]
+    caps = [("budget", problem.budget, problem.min_mean_density())]
     if problem.group_max_density is not None:
-        caps.append(("per-layer density bound", problem.group_max_density))
-    for name, cap in caps:
+        # The layer whose heads reach the least at each length; with a shared density every
+        # layer reaches the global minimum.
+        layer_minima = np.max([problem.min_mean_density(g) for g in problem.groups()], axis=0)
+        caps.append(("per-layer density bound", problem.group_max_density, layer_minima))
+    for name, cap, minima in caps:
         if (minima > cap + 1e-12).any():
             raise BudgetError(f"{name} {cap:g} is below the smallest density this rule space "
                               f"reaches: {_fmt_minima(problem, minima)}")
 
 
+def _density_order(density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``(targets, heads, rules)`` densities, ``[head, a, b]`` masks: rule ``a`` is no
+    denser than ``b`` at every target length, and sparser at some."""
+    d_a, d_b = density[:, :, :, None], density[:, :, None, :]
+    return (d_a <= d_b).all(axis=0), (d_a < d_b).any(axis=0)
+
+
 def prune_dominated(coef: np.ndarray, density: np.ndarray) -> np.ndarray:
     """``(heads, rules)`` mask of the rules worth keeping per head.
 
-    Rule ``a`` dominates rule ``b`` for a head when ``a`` is no denser at every target length
-    and costs the head no more (ties broken by index, so of two identical rules one stays).
-    Swapping ``b`` for ``a`` keeps every density and per-layer constraint satisfied and does
-    not raise the objective, so some optimal plan uses no dominated rule: pruning is exact.
-    The relation is a strict partial order, so every dominated rule is dominated by a kept one.
+    ``density`` is ``(target lengths, rules)`` shared by every head, or ``(target lengths,
+    heads, rules)``.  Rule ``a`` dominates rule ``b`` for a head when ``a`` is no denser for
+    that head at every target length and costs the head no more (ties broken by index, so of
+    two identical rules one stays).  Swapping ``b`` for ``a`` keeps every density and
+    per-layer constraint satisfied and does not raise the objective, so some optimal plan uses
+    no dominated rule: pruning is exact.  The relation is a strict partial order, so every
+    dominated rule is dominated by a kept one.
     """
     n_heads, n_rules = coef.shape
-    no_denser = (density[:, :, None] <= density[:, None, :]).all(axis=0)  # [a, b]
-    sparser = (density[:, :, None] < density[:, None, :]).any(axis=0)
+    # A shared density's order is the same for every head: computed once, not per chunk.
+    shared = None if density.ndim == 3 else _density_order(density[:, None, :])
     lower_index = np.arange(n_rules)[:, None] < np.arange(n_rules)[None, :]
     keep = np.empty((n_heads, n_rules), dtype=bool)
     for lo in range(0, n_heads, _PRUNE_CHUNK):
+        no_denser, sparser = (shared if shared is not None
+                              else _density_order(density[:, lo:lo + _PRUNE_CHUNK]))
         c = coef[lo:lo + _PRUNE_CHUNK]
         c_a, c_b = c[:, :, None], c[:, None, :]
         dominates = no_denser & (c_a <= c_b) & (sparser | (c_a < c_b) | lower_index)
@@ -70,7 +83,7 @@ def _constraints(problem: KnapsackProblem, heads: np.ndarray, rules: np.ndarray,
     n_vars, n_heads = len(heads), problem.n_heads
     assign = sp.csr_matrix((np.ones(n_vars), (heads, np.arange(n_vars))),
                            shape=(n_heads, n_vars))
-    dens = problem.density[:, rules]  # (targets, vars)
+    dens = problem.pair_density(heads, rules)  # (targets, vars): each variable's own head
     cons = [assign @ x == 1, dens @ x <= problem.budget * n_heads]
     groups = problem.groups()
     if groups:
@@ -91,7 +104,7 @@ def _infeasible(problem: KnapsackProblem) -> BudgetError:
              if problem.group_max_density is not None else "")
     return BudgetError(f"no plan meets budget {problem.budget:g}{layer} at every target length "
                        f"at once; the smallest density reachable at each length separately is "
-                       f"{_fmt_minima(problem, problem.density.min(axis=1))}")
+                       f"{_fmt_minima(problem, problem.min_mean_density())}")
 
 
 def run_highs(problem: KnapsackProblem, time_limit: float | None,

@@ -25,11 +25,15 @@ class KnapsackProblem:
 
     ``cost[l, h, r]``: dropped influence of rule ``r`` on head ``h`` at profiled length ``l``
     (``>= 0``; 0 for the full rule).  ``density[t, r]``: density of rule ``r`` at target
-    length ``t`` (KV or attention density, see :mod:`moaplan.rules`).  ``head_groups[h]`` is
-    the layer of head ``h``; with ``group_max_density`` every layer's average density must
-    also stay under that bound at every target length.  ``keep_full`` names heads that must
-    take a rule that drops nothing (zero cost at every profiled length) whenever the budget
-    allows it.  ``target_lengths`` (the lengths in tokens) only labels error messages.
+    length ``t`` (KV or attention density, see :mod:`moaplan.rules`), shared by every head;
+    or ``density[t, h, r]`` when a candidate's density depends on the head (a query head's
+    window capped at its KV head's span, say).  Every solver takes either form, indexing it
+    through :meth:`head_density`, :meth:`pair_density` and :meth:`chosen_density`; a 3-D
+    density whose heads share rows gives the plans of the 2-D one.  ``head_groups[h]`` is the
+    layer of head ``h``; with ``group_max_density`` every layer's average density must also
+    stay under that bound at every target length.  ``keep_full`` names heads that must take a
+    rule that drops nothing (zero cost at every profiled length) whenever the budget allows
+    it.  ``target_lengths`` (the lengths in tokens) only labels error messages.
     """
 
     cost: np.ndarray
@@ -47,8 +51,11 @@ class KnapsackProblem:
         if cost.ndim != 3 or 0 in cost.shape:
             raise ProfileError(f"cost must be a non-empty (lengths, heads, rules) array, "
                                f"got shape {cost.shape}")
-        if density.ndim != 2 or density.shape[0] == 0 or density.shape[1] != cost.shape[2]:
-            raise ProfileError(f"density must be (target lengths, {cost.shape[2]} rules), "
+        n_heads, n_rules = cost.shape[1:]
+        if density.ndim not in (2, 3) or density.shape[0] == 0 or density.shape[1:] not in (
+                (n_rules,), (n_heads, n_rules)):
+            raise ProfileError(f"density must be (target lengths, {n_rules} rules) or (target "
+                               f"lengths, {n_heads} heads, {n_rules} rules), "
                                f"got shape {density.shape}")
         if not np.isfinite(cost).all() or (cost < 0).any():
             raise ProfileError("costs must be finite and >= 0 (the profile is corrupt)")
@@ -99,6 +106,35 @@ class KnapsackProblem:
     def n_rules(self) -> int:
         return self.cost.shape[2]
 
+    @property
+    def per_head_density(self) -> bool:
+        """Whether ``density`` is ``(target lengths, heads, rules)`` rather than shared."""
+        return self.density.ndim == 3
+
+    def head_density(self) -> np.ndarray:
+        """``density`` as ``(target lengths, heads or 1, rules)``: a shared density gets a
+        head axis of length 1, so it broadcasts against per-head arrays without a copy."""
+        return self.density if self.per_head_density else self.density[:, None, :]
+
+    def pair_density(self, heads: np.ndarray | int, rules: np.ndarray | int) -> np.ndarray:
+        """``(target lengths, *shape)`` density of rule ``rules[i]`` on head ``heads[i]``
+        (index arrays of one shape, or two ints): the one place a (head, rule) pair is looked up."""
+        if self.per_head_density:
+            return self.density[:, heads, rules]
+        return self.density[:, rules]
+
+    def chosen_density(self, choice: np.ndarray) -> np.ndarray:
+        """``(target lengths, heads)`` density of each head's chosen rule."""
+        return self.pair_density(np.arange(self.n_heads), choice)
+
+    def min_mean_density(self, heads: np.ndarray | None = None) -> np.ndarray:
+        """Smallest mean density ``heads`` (default: all) can reach at each target length on
+        its own: the mean over those heads of each one's sparsest rule there."""
+        smallest = self.density.min(axis=-1)
+        if not self.per_head_density:
+            return smallest  # every head reaches the same minimum: no mean, no rounding noise
+        return smallest[:, slice(None) if heads is None else heads].mean(axis=1)
+
     def length_label(self, t: int) -> str:
         return f"N={self.target_lengths[t]}" if self.target_lengths else f"target length #{t}"
 
@@ -135,7 +171,7 @@ class KnapsackProblem:
     def is_feasible(self, choice: np.ndarray) -> bool:
         """Whether a plan meets the budget (and the per-layer bound) at every target length,
         compared exactly on the densities that are reported (see :func:`mean_density`)."""
-        dens = self.density[:, choice]
+        dens = self.chosen_density(choice)
         if (mean_density(dens) > self.budget).any():
             return False
         return all((mean_density(dens[:, g]) <= self.group_max_density).all()
@@ -146,7 +182,7 @@ class KnapsackProblem:
         heads = np.arange(self.n_heads)
         raw = self.cost[:, heads, choice].sum(axis=1)
         objective = float((self.length_weights * raw / self.norms()).sum())
-        return objective, mean_density(self.density[:, choice]), raw
+        return objective, mean_density(self.chosen_density(choice)), raw
 
 
 def mean_density(dens: np.ndarray) -> np.ndarray:

@@ -37,16 +37,20 @@ def _hull_upgrades(coef_h: np.ndarray, size: np.ndarray, start: int) -> list[tup
 
 def greedy(problem: KnapsackProblem) -> np.ndarray | None:
     """A feasible plan by the classic multiple-choice knapsack greedy, or None if its start
-    (every head on the rule of smallest worst-case density) already breaks a constraint.
+    (every head on its rule of smallest worst-case density) already breaks a constraint.
 
     Upgrades from each head's convex hull of worst-case density vs. cost are applied, most
     efficient first, whenever every constraint still holds afterwards.  Density sums are kept
     up to date per move (global and the moved head's layer), so a move costs O(lengths).
     """
-    coef, dens = problem.coefficients(), problem.density
-    size = dens.max(axis=0)
-    start = int(np.lexsort((coef.sum(axis=0), size))[0])
-    choice = np.full(problem.n_heads, start, dtype=np.int64)
+    coef = problem.coefficients()
+    # (targets, heads, rules) view; a shared density is not copied per head.
+    dens = np.broadcast_to(problem.head_density(), (problem.density.shape[0], *coef.shape))
+    size = dens.max(axis=0)  # each head's worst-case density of each rule
+    # Ties in size go to the rule cheapest over all heads: with a shared density every head
+    # then starts on the same rule.
+    tie = np.broadcast_to(coef.sum(axis=0), coef.shape)
+    choice = np.lexsort((tie, size), axis=-1)[:, 0].astype(np.int64)
     if not problem.is_feasible(choice):
         return None
     groups = problem.groups() or [np.arange(problem.n_heads)]  # no layer bound: one group
@@ -55,19 +59,20 @@ def greedy(problem: KnapsackProblem) -> np.ndarray | None:
         layer[heads] = g
     per_head_cap = problem.group_max_density if problem.group_max_density is not None else np.inf
     layer_caps = np.array([len(heads) for heads in groups]) * per_head_cap
-    layer_total = np.stack([dens[:, choice[heads]].sum(axis=1) for heads in groups])
-    total = dens[:, choice].sum(axis=1)
+    chosen = problem.chosen_density(choice)
+    layer_total = np.stack([chosen[:, heads].sum(axis=1) for heads in groups])
+    total = chosen.sum(axis=1)
     cap = problem.budget * problem.n_heads
     # Slack of 1e-13 per head absorbs the running sums' rounding drift, so a plan exactly at
     # the cap stays reachable; it is below the 1e-12 resolution of the exact final check.
     slack = 1e-13 * problem.n_heads
     moves = [(gain, h, a, b) for h in range(problem.n_heads)
-             for gain, a, b in _hull_upgrades(coef[h], size, start)]
+             for gain, a, b in _hull_upgrades(coef[h], size[h], int(choice[h]))]
     moves.sort(key=lambda m: -m[0])
     for _, h, a, b in moves:
         if choice[h] != a:
             continue  # an earlier upgrade of this head did not fit
-        delta = dens[:, b] - dens[:, a]
+        delta = dens[:, h, b] - dens[:, h, a]
         g = layer[h]
         if (total + delta > cap + slack).any() or (
                 layer_total[g] + delta > layer_caps[g] + slack).any():
@@ -81,19 +86,22 @@ def greedy(problem: KnapsackProblem) -> np.ndarray | None:
 def lagrangian_bound(problem: KnapsackProblem) -> float:
     """A proven lower bound on the optimal objective.
 
-    For any ``lam >= 0`` over target lengths, ``sum_h min_r (coef[h, r] + lam . density[:, r])
-    - budget * n_heads * sum(lam)`` bounds the optimum from below (Lagrangian relaxation of the
-    density rows; relaxing the per-layer rows too only lowers it).  Along each ray ``mu * d``
+    For any ``lam >= 0`` over target lengths,
+    ``sum_h min_r (coef[h, r] + lam . density[:, h, r]) - budget * n_heads * sum(lam)`` bounds
+    the optimum from below (Lagrangian relaxation of the density rows; relaxing the per-layer
+    rows too only lowers it).  Along each ray ``mu * d``
     the bound is concave in ``mu``, so bisection on the sign of its slope finds the ray's best
     point; the rays are each length alone and all lengths equally.
     """
-    coef, dens = problem.coefficients(), problem.density
+    coef, dens = problem.coefficients(), problem.head_density()
     cap = problem.budget * problem.n_heads
     n_t = dens.shape[0]
+    # (targets, heads or 1 x rules): one vector-matrix product prices every (head, rule).
+    flat = dens.reshape(n_t, -1)
 
     def value_and_slope(lam: np.ndarray, d: np.ndarray) -> tuple[float, float]:
-        penalised = coef + lam @ dens
-        used = dens[:, penalised.argmin(axis=1)].sum(axis=1)
+        penalised = coef + (lam @ flat).reshape(dens.shape[1:])
+        used = problem.chosen_density(penalised.argmin(axis=1)).sum(axis=1)
         return float(penalised.min(axis=1).sum() - cap * lam.sum()), float(d @ (used - cap))
 
     best = 0.0
