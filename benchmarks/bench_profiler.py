@@ -69,12 +69,13 @@ def kernel_check(dev: str) -> dict:
     k, v = (torch.randn(b, hkv, n, d, device=dev) for _ in range(2))
     scale = d ** -0.5
     q16, k16, v16, do16 = (t.bfloat16() for t in (q, k, v, do))
-    ref = summarize_dense(naive_influence(q16, k16, v16, do16, scale), blk, k_sink, hkv)
+    # summaries are per query head
+    ref = summarize_dense(naive_influence(q16, k16, v16, do16, scale), blk, k_sink, hq)
     o, lse = attention_forward(q16.float(), k16.float(), v16.float(), scale, blk)
-    tri = BlockSummary.zeros(hkv, n, blk, k_sink, dev)
+    tri = BlockSummary.zeros(hq, n, blk, k_sink, dev)
     influence_summary(q16, k16, v16, do16, lse, (do16.float() * o).sum(-1), scale, blk,
                       tri.far, tri.sink, eps=EPS)
-    tor = BlockSummary.zeros(hkv, n, blk, k_sink, dev)
+    tor = BlockSummary.zeros(hq, n, blk, k_sink, dev)
     attention_backward(q16.float(), k16.float(), v16.float(), o, lse, do16.float(), scale, tor, blk)
     # The fused autograd function (flash fwd/bwd + Triton summary) vs SDPA autograd, bf16.
     coll = InfluenceCollector(block=blk, num_sink_blocks=k_sink, backend="triton")
@@ -138,7 +139,7 @@ def kernel_timing(n: int, sweep_configs: bool) -> dict:
     k, v = (torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lse = torch.randn(1, 32, n, device="cuda").abs() + 5
     delta = torch.randn(1, 32, n, device="cuda")
-    s = BlockSummary.zeros(8, n, 64, 1, "cuda")
+    s = BlockSummary.zeros(32, n, 64, 1, "cuda")
     flops = 2 * 2 * 32 * 128 * n * n / 2  # two causal matmuls
     sweep = {}
     for rb, warps, stages in CONFIGS if sweep_configs else []:

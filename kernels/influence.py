@@ -5,8 +5,9 @@ A FlashAttention-backward-style pass over the causal tiles of each KV head: one 
 key blocks ``0..qb``, recomputes ``P = exp(S - lse)`` and ``G = dO V^T`` tile by tile, and reduces
 ``|E| = |P (G - D)| / (1 - P + EPS)`` over each ``block x block`` tile into two numbers
 (part 0: ``i mod b >= j mod b``; part 1: the rest), added with atomics into ``far[h, qb - kb]``
-and, for key blocks below the sink table's size, into ``sink[h, kb, qb - kb]``.  Only entries
-with ``j < i`` count (see :mod:`moaplan.profile.influence`, the torch twin and its contract).
+and, for key blocks below the sink table's size, into ``sink[h, kb, qb - kb]``, ``h`` the query
+head (its KV head's sums are the group's).  Only entries with ``j < i`` count (see
+:mod:`moaplan.profile.influence`, the torch twin and its contract).
 
 It emits the summary only; ``dq, dk, dv`` come from the attention backward the caller runs.
 Query blocks are scheduled longest first so the last wave is short.
@@ -47,14 +48,14 @@ def _influence_kernel(
     row_ok = offs_m < n
     lower = r[None, :] <= (offs_m % BLOCK)[:, None]  # part 0: i mod b >= j mod b
     qbs = qb0 + tl.arange(0, ROW_BLOCKS)  # the query blocks of this program
-    far_row = FAR + h * nblk * 2
-    sink_row = SINK + h * NUM_SINK * nblk * 2
     k_ptr = K + b * stride_kb + h * stride_kh + offs_d[:, None]
     v_ptr = V + b * stride_vb + h * stride_vh + offs_d[:, None]
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
     last_kb = tl.minimum(qb0 + ROW_BLOCKS, nblk) - 1
     for g in range(GROUP):
         hq = h * GROUP + g
+        far_row = FAR + hq * nblk * 2
+        sink_row = SINK + hq * NUM_SINK * nblk * 2
         q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qn
                     + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(DO + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on
@@ -91,17 +92,18 @@ def influence_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: tor
 
     ``q, do: [B, Hq, N, d]``; ``k, v: [B, Hkv, N, d]`` (last dim contiguous); ``lse``: natural
     log-sum-exp of the scaled scores, ``[B, Hq, N]`` float32; ``delta = (dO * O).sum(-1)``,
-    ``[B, Hq, N]`` float32; ``far: [Hkv, nblk, 2]`` and ``sink: [Hkv, K, nblk, 2]`` float32,
-    contiguous, ``nblk = ceil(N / block)`` (the batch is summed into them).  ``block`` is a power
-    of two >= 16 (a ``tl.dot`` tile side).  ``row_blocks`` query blocks share a program (a power
-    of two); it and the launch parameters change the speed, never the result.
+    ``[B, Hq, N]`` float32; ``far: [Hq, nblk, 2]`` and ``sink: [Hq, K, nblk, 2]`` float32,
+    contiguous, one row per query head, ``nblk = ceil(N / block)`` (the batch is summed into
+    them).  ``block`` is a power of two >= 16 (a ``tl.dot`` tile side).  ``row_blocks`` query
+    blocks share a program (a power of two); it and the launch parameters change the speed,
+    never the result.
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
     nblk = -(-n // block)
-    if far.shape != (kv_heads, nblk, 2) or sink.shape[::2] != (kv_heads, nblk):
+    if far.shape != (q_heads, nblk, 2) or sink.shape[::2] != (q_heads, nblk):
         raise ValueError(f"summary buffers {tuple(far.shape)}, {tuple(sink.shape)} do not fit "
-                         f"{kv_heads} KV heads x {nblk} blocks")
+                         f"{q_heads} query heads x {nblk} blocks")
     for t in (q, k, v, do):
         if t.stride(-1) != 1:
             raise ValueError("q, k, v and do need a contiguous last dimension")

@@ -9,6 +9,9 @@
    at every target length) with first-order and corrected costs, with the heads that lose
    most kept full or not, the "top heads full, the rest one uniform rule" plans a head scorer
    gives, and the baselines (streaming, DuoAttention-style) at the same budget.
+   With an attention budget, every candidate's query heads then get their own prefill spans
+   under it (:mod:`moaplan.query_spans`; the KV rules, and so the cache, stay), and the KV
+   optimizer's plan also comes with the common cap of every query head's span, the heuristic.
 4. Measure every candidate on held-out samples that were not profiled (disjoint by
    construction, at an unprofiled length and the longest profiled one) by KL(dense || plan)
    on the dense model's own responses (:mod:`moaplan.validation`), in one optuna study, and
@@ -45,6 +48,7 @@ from moaplan.profile import (
 )
 from moaplan.profile.profiler import profile_to_file
 from moaplan.profile.record import BLOCK
+from moaplan.query_spans import cap_query_heads, narrow_query_heads
 from moaplan.rules import Rule, RuleSpace
 from moaplan.runtime import apply, remove
 from moaplan.shape import ModelShape
@@ -69,6 +73,8 @@ class SearchSettings:
     rule_space: RuleSpace = field(default_factory=RuleSpace)
     time_limit: float = 60.0
     layer_max_density: float | None = None  # optional bound on every layer's mean density
+    # Optional attention-density budget of a KV-budget search, met by per-query-head spans
+    attention_budget: float | None = None
     objective: str = "log_odds"  # what the profile differentiates (profiler.OBJECTIVES)
     seed: int = 0
 
@@ -84,6 +90,12 @@ class SearchSettings:
                               f"samples (two per validation length)")
         if self.ablate < 0:
             raise BudgetError(f"the number of heads to ablate must be >= 0, got {self.ablate}")
+        if self.attention_budget is not None:
+            if self.budget.kind != "kv":
+                raise BudgetError("an attention budget narrows the query heads of a KV-budget "
+                                  "search; with an attention --density the budget already "
+                                  "bounds the prefill")
+            Budget("attention", self.attention_budget)  # a density, or a clear error
 
     @property
     def target_lengths(self) -> list[int]:
@@ -186,11 +198,16 @@ def target_densities(settings: SearchSettings) -> np.ndarray:
 
 
 def check_budget(settings: SearchSettings) -> None:
-    """Fail before any profiling if no plan of the rule space meets the budget."""
-    density = target_densities(settings)
-    check_reachable(KnapsackProblem(cost=np.zeros((1, 1, density.shape[1])), density=density,
-                                    budget=settings.budget.value,
-                                    target_lengths=tuple(settings.target_lengths)))
+    """Fail before any profiling if no plan of the rule space meets the budget (or the
+    attention budget: no query head can be narrower than the space's narrowest rule)."""
+    budgets = [(settings.budget.kind, settings.budget.value)]
+    if settings.attention_budget is not None:
+        budgets.append(("attention", settings.attention_budget))
+    for kind, value in budgets:
+        density = settings.rule_space.density(settings.target_lengths, kind).T
+        check_reachable(KnapsackProblem(cost=np.zeros((1, 1, density.shape[1])),
+                                        density=density, budget=value,
+                                        target_lengths=tuple(settings.target_lengths)))
 
 
 def knapsack(profile: Profile, settings: SearchSettings,
@@ -397,7 +414,40 @@ def candidate_plans(profile: Profile, settings: SearchSettings,
             plan_from_solution(solve(first_order, **kw).choice, profile, settings))
     baselines = [c for c in out if not c[2]]
     others = [c for c in out if c[2]][:max(0, settings.candidates - len(baselines))]
-    return [c for c in out if c in baselines or c in others]
+    chosen = [c for c in out if c in baselines or c in others]
+    if settings.attention_budget is None:
+        return chosen
+    return _with_query_spans(chosen, profile, settings)
+
+
+def _with_query_spans(candidates: list[tuple[str, Plan, bool]], profile: Profile,
+                      settings: SearchSettings) -> list[tuple[str, Plan, bool]]:
+    """Every candidate with its query heads' spans chosen under the attention budget, and the
+    KV optimizer's and the streaming plan with every query head capped at one common window
+    (the heuristic; on the streaming plan a baseline).
+    A candidate that cannot meet the attention budget (its sinks alone exceed it) is left
+    out."""
+    budget = Budget("attention", settings.attention_budget)
+    targets = settings.target_lengths
+    out = []
+    for name, plan, prunable in candidates:
+        try:
+            out.append((name, narrow_query_heads(plan, profile, settings.rule_space,
+                                                 settings.lengths, targets, budget,
+                                                 time_limit=settings.time_limit), prunable))
+        except BudgetError:
+            continue
+        if name in ("optimizer", "streaming"):  # and the heuristic, on plans that use it
+            try:
+                out.append((f"{name}, query heads capped",
+                            cap_query_heads(plan, settings.rule_space, targets, budget),
+                            prunable))
+            except BudgetError:
+                continue
+    if not out:
+        raise BudgetError(f"no candidate plan meets attention budget {budget.value:g}; raise "
+                          "--attention-budget")
+    return out
 
 
 def _digest(plan: Plan) -> str:
@@ -420,7 +470,7 @@ def check_disjoint(profiled: Samples, held_out: list[Any]) -> None:
 def _study_name(profile: Profile, settings: SearchSettings, held_out: list[Any]) -> str:
     digest = hashlib.sha1(b"".join(_sample_digest(s) for s in held_out))
     digest.update(repr((settings.ablate, settings.candidates, settings.rule_space.compensate,
-                        settings.layer_max_density)).encode())
+                        settings.layer_max_density, settings.attention_budget)).encode())
     return (f"moaplan-{profile.model.fingerprint or 'model'}-{profile.data_hash}-"
             f"{settings.budget.kind}{settings.budget.value}-"
             f"{'-'.join(map(str, settings.target_lengths))}-{digest.hexdigest()[:12]}")
@@ -514,6 +564,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         "profile": str(profile_path),
         "search": {
             "chosen": name,
+            **({"attention_budget": settings.attention_budget}
+               if settings.attention_budget is not None else {}),
             "validation": {"lengths": settings.validation_lengths, "samples": len(reference),
                            "answers_forced": forced,
                            "long_range_tokens": round(reference.long_range_share(), 4),

@@ -41,9 +41,9 @@ def test_torch_matches_naive_and_sdpa(monkeypatch, hq, hkv, n, block, slab):
     # A small slab forces several query slabs per call, as at long lengths.
     monkeypatch.setattr("moaplan.profile.influence._SLAB_ELEMENTS", 2 * hq * n * slab)
     q, k, v, do, scale = _inputs(hq=hq, hkv=hkv, n=n)
-    ref = summarize_dense(naive_influence(q, k, v, do, scale), block, 2, hkv)
+    ref = summarize_dense(naive_influence(q, k, v, do, scale), block, 2, hq)
     o, lse = attention_forward(q, k, v, scale, block)
-    summary = BlockSummary.zeros(hkv, n, block, 2)
+    summary = BlockSummary.zeros(hq, n, block, 2)  # per query head
     dq, dk, dv = attention_backward(q, k, v, o, lse, do, scale, summary, block)
     assert _rel(summary.far, ref.far) < 1e-5
     assert _rel(summary.sink, ref.sink) < 1e-5
@@ -54,6 +54,16 @@ def test_torch_matches_naive_and_sdpa(monkeypatch, hq, hkv, n, block, slab):
     assert _rel(o, out.detach()) < 1e-5
     for mine, theirs in zip((dq, dk, dv), leaves, strict=True):
         assert _rel(mine, theirs.grad) < 1e-4
+
+
+def test_kv_summary_is_its_query_heads_sum():
+    q, k, v, do, scale = _inputs(hq=6, hkv=2, n=50)
+    e = naive_influence(q, k, v, do, scale)
+    per_query, per_kv = summarize_dense(e, 16, 2, 6), summarize_dense(e, 16, 2, 2)
+    assert _rel(per_query.far.reshape(2, 3, -1, 2).sum(1), per_kv.far) < 1e-12
+    assert _rel(per_query.sink.reshape(2, 3, 2, -1, 2).sum(1), per_kv.sink) < 1e-12
+    # the query heads of one group differ: their own spans can be priced
+    assert _rel(per_query.far[0], per_query.far[1]) > 1e-3
 
 
 def test_summary_layout_by_hand():
@@ -124,10 +134,10 @@ for hq, hkv, n, d in [(4, 2, 100, 32), (2, 2, 48, 24)]:
     scale = d ** -0.5
     for dtype in (torch.float32, torch.float16):
         qc, kc, vc, dc = (t.to(dtype) for t in (q, k, v, do))
-        ref = summarize_dense(naive_influence(qc, kc, vc, dc, scale), 16, 2, hkv)
+        ref = summarize_dense(naive_influence(qc, kc, vc, dc, scale), 16, 2, hq)
         o, lse = attention_forward(qc.float(), kc.float(), vc.float(), scale, 16)
         for row_blocks in (1, 2):
-            s = BlockSummary.zeros(hkv, n, 16, 2)
+            s = BlockSummary.zeros(hq, n, 16, 2)
             influence_summary(qc, kc, vc, dc, lse, (dc.float() * o).sum(-1), scale, 16, s.far,
                               s.sink, row_blocks=row_blocks)
             err = max(float((a.double() - b).abs().max() / b.abs().max())
@@ -155,9 +165,9 @@ def test_triton_kernel_bf16_on_gpu():
 
     q, k, v, do, scale = _inputs(hq=8, hkv=2, n=1000, d=128, device="cuda")
     q, k, v, do = (t.bfloat16() for t in (q, k, v, do))
-    ref = summarize_dense(naive_influence(q, k, v, do, scale), 64, 2, 2)
+    ref = summarize_dense(naive_influence(q, k, v, do, scale), 64, 2, 8)
     o, lse = attention_forward(q.float(), k.float(), v.float(), scale, 64)
-    s = BlockSummary.zeros(2, 1000, 64, 2, "cuda")
+    s = BlockSummary.zeros(8, 1000, 64, 2, "cuda")
     influence_summary(q, k, v, do, lse, (do.float() * o).sum(-1), scale, 64, s.far, s.sink)
     assert _rel(s.far, ref.far) < 2e-2
     assert _rel(s.sink, ref.sink) < 2e-2

@@ -67,8 +67,9 @@ def _samples(lengths=(48, 70), per_length=2, seed=0):
 
 
 def _oracle(model, samples, num_sink, objective):
-    """Sums of the summaries from an eager attention whose probabilities A are autograd leaves
-    of the graph: dL/dA = G, D_i = sum_k G_ik A_ik, E = -A (G - D) / (1 - A + EPS)."""
+    """Sums of the per-query-head summaries from an eager attention whose probabilities A are
+    autograd leaves of the graph: dL/dA = G, D_i = sum_k G_ik A_ik, E = -A (G - D) / (1 - A +
+    EPS)."""
     seen: list[tuple[int, torch.Tensor]] = []
 
     def eager(module, q, k, v, mask, scaling=None, **kwargs):
@@ -82,12 +83,12 @@ def _oracle(model, samples, num_sink, objective):
         seen.append((module.layer_idx, a))
         return (a @ v).transpose(1, 2).contiguous(), None
 
-    kv = model.config.num_key_value_heads
+    hq = model.config.num_attention_heads
     sums = {}
     with profiling_attention(model, eager):
         model.requires_grad_(False)
         for n, group in samples.items():
-            far = np.zeros((model.config.num_hidden_layers * kv, -(-n // BLOCK), 2))
+            far = np.zeros((model.config.num_hidden_layers * hq, -(-n // BLOCK), 2))
             sink = np.zeros((far.shape[0], num_sink, far.shape[1], 2))
             for sample in group:
                 seen.clear()
@@ -96,9 +97,9 @@ def _oracle(model, samples, num_sink, objective):
                 for layer, a in seen:
                     a64, g = a.detach().double(), a.grad.double()
                     e = -a64 * (g - (g * a64).sum(-1, keepdim=True)) / (1 - a64 + EPS)
-                    s = summarize_dense(e, BLOCK, num_sink, kv)
-                    far[layer * kv:(layer + 1) * kv] += s.far.numpy()
-                    sink[layer * kv:(layer + 1) * kv] += s.sink.numpy()
+                    s = summarize_dense(e, BLOCK, num_sink, hq)
+                    far[layer * hq:(layer + 1) * hq] += s.far.numpy()
+                    sink[layer * hq:(layer + 1) * hq] += s.sink.numpy()
             sums[n] = (far, sink)
     model.requires_grad_(True)
     return sums
@@ -113,10 +114,15 @@ def test_profile_matches_autograd_oracle(kind, config, objective):
     samples = _samples()
     profile = profile_model(model, samples, block=BLOCK, rule_space=SPACE, objective=objective)
     oracle = _oracle(model, samples, num_sink=2, objective=objective)
+    kv, group = profile.num_heads, profile.model.group_size
     for n, (far, sink) in oracle.items():
         assert profile.finished[n] == 2
-        np.testing.assert_allclose(profile.far_sum[n], far, rtol=2e-4, atol=1e-9)
-        np.testing.assert_allclose(profile.sink_sum[n], sink, rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(profile.query_far_sum[n], far, rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(profile.query_sink_sum[n], sink, rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(profile.far_sum[n], far.reshape(kv, group, -1, 2).sum(1),
+                                   rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(profile.sink_sum[n],
+                                   sink.reshape(kv, group, 2, -1, 2).sum(1), rtol=2e-4, atol=1e-9)
     assert model.config._attn_implementation == "sdpa"  # restored
     assert all(p.requires_grad for p in model.parameters())
 
@@ -284,6 +290,34 @@ def test_profile_record_rejects_bad_shapes():
     with pytest.raises(ProfileError, match="wrong shape"):
         Profile(model=shape, block=16, lengths=[32], samples={32: 1},
                 far_sum={32: np.zeros((2, 3, 2))})
+
+
+def test_query_heads_summaries_round_trip_and_sum_to_the_kv_heads(tmp_path):
+    shape = ModelShape(2, 4, 2, 8)
+    rng = np.random.default_rng(0)
+    profile = Profile(model=shape, block=16, lengths=[32, 64], samples={32: 1, 64: 1},
+                      rule_space=SPACE)
+    assert profile.has_query_heads  # a fresh profile is per query head until told otherwise
+    for n in (32, 64):
+        profile.add(n, rng.random((8, n // 16, 2)), rng.random((8, 2, n // 16, 2)),
+                    per_query_head=True)
+    loaded = load_profile(save_profile(profile, tmp_path / "p.safetensors"))
+    assert loaded.has_query_heads
+    np.testing.assert_array_equal(loaded.query_far(64), profile.query_far_sum[64])
+    np.testing.assert_allclose(loaded.far(64), loaded.query_far(64).reshape(4, 2, -1, 2).sum(1))
+    # a sample without query heads (a head scorer's) ends them, and nothing else
+    loaded.add(32, loaded.far_sum[32], loaded.sink_sum[32])
+    assert not loaded.has_query_heads and loaded.finished[32] == 2
+    with pytest.raises(ProfileError, match="no per-query-head summaries"):
+        loaded.query_far(32)
+    again = load_profile(save_profile(loaded, tmp_path / "q.safetensors"))
+    assert not again.has_query_heads
+    with pytest.raises(ProfileError, match="do not match the KV heads"):
+        Profile(model=shape, block=16, lengths=[32], samples={32: 1}, rule_space=SPACE,
+                finished={32: 1}, far_sum={32: np.ones((4, 2, 2))},
+                sink_sum={32: np.ones((4, 2, 2, 2))},
+                query_far_sum={32: np.ones((8, 2, 2))},
+                query_sink_sum={32: np.ones((8, 2, 2, 2))})
 
 
 def test_log_odds_objective_is_the_negative_log_odds_and_does_not_saturate():

@@ -245,3 +245,48 @@ def test_duo_stays_a_candidate_where_its_default_window_does_not_fit():
     assert [r.full for r in spent.flat_rules] == [r.full for r in plan.flat_rules]
     kv = spent.densities(lengths)["kv"].mean((0, 1))
     assert (kv <= 0.3 + 1e-9).all() and (kv > plan.densities(lengths)["kv"].mean((0, 1))).all()
+
+
+def test_candidates_meet_an_attention_budget_by_query_heads_spans():
+    """With an attention budget every candidate keeps its KV rules (the cache) and narrows
+    its query heads to meet it; the KV optimizer's and the streaming plan also enter with
+    the common cap of every query head's span (the heuristic)."""
+    from moaplan.plan import Budget, ModelShape
+    from moaplan.profile import Profile
+    from moaplan.search import SearchSettings, candidate_plans
+
+    shape = ModelShape(num_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    lengths = [1024, 2048, 4096]
+    rng = np.random.default_rng(2)
+    profile = Profile(model=shape, block=64, lengths=lengths, samples={n: 1 for n in lengths})
+    decay = rng.uniform(0.01, 1.0, 32)  # per query head: the heads of a group differ
+    for n in lengths:
+        nblk = n // 64
+        far = np.exp(-decay[:, None, None] * np.arange(nblk)[None, :, None]) * rng.random(
+            (32, nblk, 2))
+        profile.add(n, far, far[:, None] * rng.random((32, 1, 1, 1)), per_query_head=True)
+    kv_only = SearchSettings(budget=Budget("kv", 0.5), lengths=lengths, validation_length=3072,
+                             ablate=0)
+    settings = SearchSettings(budget=Budget("kv", 0.5), lengths=lengths, validation_length=3072,
+                              ablate=0, attention_budget=0.25)
+    before = {name: plan for name, plan, _ in candidate_plans(profile, kv_only, np.ones(16),
+                                                               list(range(16)))}
+    after = {name: plan for name, plan, _ in candidate_plans(profile, settings, np.ones(16),
+                                                              list(range(16)))}
+    assert {"optimizer, query heads capped", "streaming, query heads capped"} <= set(after)
+    targets = settings.target_lengths
+    for name, plan in after.items():
+        dens = plan.densities(targets)
+        assert (dens["attention"].mean((0, 1)) <= 0.25 + 1e-12).all(), name
+        source = before[name.removesuffix(", query heads capped")]
+        np.testing.assert_array_equal(dens["kv"], source.densities(targets)["kv"])
+    assert any(rule.query_windows is not None for rule in after["optimizer"].flat_rules)
+
+
+def test_attention_budget_needs_a_kv_budget(checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoint)
+    code = main(["search", "--budget", "0.5", "--density", "attention", "--attention-budget",
+                 "0.3", "--model", str(checkpoint / "model"), "--data",
+                 str(checkpoint / "calib.jsonl"), *SEARCH, "--out", "x.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "KV-budget search" in err

@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seconds per MILP solve (default 60)")
     parser.add_argument("--layer-max-density", type=density_value,
                         help="also bound every layer's mean density")
+    parser.add_argument("--attention-budget", type=density_value,
+                        help="also bound the prefill's attention density, by giving each query "
+                             "head its own span within its KV head's (a KV --budget binds the "
+                             "cache; needs a gradient profile made by this moaplan)")
     add_objective_argument(parser)
     parser.add_argument("--compensate", action="store_true",
                         help="also offer every windowed rule with RazorAttention's compensation "
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                               candidates=args.candidates, ablate=args.ablate,
                               time_limit=args.time_limit,
                               layer_max_density=args.layer_max_density,
+                              attention_budget=args.attention_budget,
                               objective=args.objective,
                               rule_space=RuleSpace(compensate=args.compensate))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials

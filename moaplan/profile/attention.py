@@ -89,7 +89,7 @@ class _ProfiledAttention(torch.autograd.Function):
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
         collector: InfluenceCollector = ctx.collector
-        summary = collector.summary(ctx.layer, k.shape[1], q.shape[2], q.device)
+        summary = collector.summary(ctx.layer, q.shape[1], q.shape[2], q.device)
         b, hq, n, d = q.shape
         lse = lse[..., :n]
         if ctx.flash is not None:
@@ -119,7 +119,8 @@ class _ProfiledAttention(torch.autograd.Function):
 
 @dataclass
 class InfluenceCollector:
-    """An attention function that records, per layer, the summary of one length's samples.
+    """An attention function that records, per layer, the summary of one length's samples
+    (per query head).
 
     ``summaries[layer]`` accumulates over every backward pass until :meth:`reset`.
     """
@@ -137,11 +138,12 @@ class InfluenceCollector:
     def reset(self) -> None:
         self.summaries.clear()
 
-    def summary(self, layer: int, kv_heads: int, length: int, device: torch.device
+    def summary(self, layer: int, q_heads: int, length: int, device: torch.device
                 ) -> BlockSummary:
-        """The layer's buffer, created on the layer's device (``device_map`` may spread them)."""
+        """The layer's buffer, one row per query head, created on the layer's device
+        (``device_map`` may spread them)."""
         if layer not in self.summaries:
-            self.summaries[layer] = BlockSummary.zeros(kv_heads, length, self.block,
+            self.summaries[layer] = BlockSummary.zeros(q_heads, length, self.block,
                                                        self.num_sink_blocks, device)
         return self.summaries[layer]
 

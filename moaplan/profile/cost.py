@@ -33,30 +33,57 @@ def dropped_influence(far: np.ndarray, sink: np.ndarray, rules: Sequence[Rule], 
                       block: int) -> np.ndarray:
     """``(heads, len(rules))`` dropped influence, from ``far [heads, nblk, 2]`` and
     ``sink [heads, K, nblk, 2]`` of one length."""
+    spans = rule_spans(rules, length).astype(np.int64)
+    sinks = rule_sinks(rules, length).astype(np.int64)
+    full = np.array([r.full for r in rules], dtype=bool)
+    bad = _unpriceable(far, sink, spans, sinks, full, length, block)
+    if bad.any():
+        rule = rules[int(np.flatnonzero(bad)[0])]
+        raise ProfileError(f"rule {rule.describe()!r} has a sink that this profile cannot price "
+                           f"(sinks must be multiples of the block {block} and at most "
+                           f"{sink.shape[1] * block}); profile again with a rule space that has it")
+    return dropped_at(far, sink, spans[None, :], sinks[None, :], length, block,
+                      full=full[None, :])
+
+
+def _unpriceable(far: np.ndarray, sink: np.ndarray, spans: np.ndarray, sinks: np.ndarray,
+                 full: np.ndarray, length: int, block: int) -> np.ndarray:
+    """Where a sink (of a window that drops anything) is not a whole number of the profile's
+    sink blocks."""
+    drops = ~full & (spans < length) & (sinks < length)
+    return drops & ((sinks % block != 0) | (sinks // block > sink.shape[1]))
+
+
+def dropped_at(far: np.ndarray, sink: np.ndarray, spans: np.ndarray, sinks: np.ndarray,
+               length: int, block: int, *, full: np.ndarray | bool = False) -> np.ndarray:
+    """``(heads, C)`` dropped influence of ``C`` windows per head given as token counts:
+    ``spans`` and ``sinks`` broadcast to ``(heads, C)`` (one row for every head, or a row per
+    head, e.g. query heads' spans capped at their KV head's), ``full`` where nothing drops.
+    ``far [heads, nblk, 2]`` and ``sink [heads, K, nblk, 2]`` are the summaries of one length;
+    every sink of a window that drops anything must be a whole number of sink blocks."""
     heads, nblk, _ = far.shape
-    num_sink = sink.shape[1]
+    spans, sinks = np.broadcast_arrays(np.asarray(spans, dtype=np.int64),
+                                       np.asarray(sinks, dtype=np.int64))
+    spans, sinks = (np.broadcast_to(x, (heads, x.shape[-1])) for x in (spans, sinks))
+    full = np.broadcast_to(full, spans.shape)
+    if _unpriceable(far, sink, spans, sinks, full, length, block).any():
+        raise ProfileError(f"a window's sink is not a multiple of the block {block} or exceeds "
+                           f"the profile's {sink.shape[1] * block} sink tokens")
     far_tail = _tails(far.astype(np.float64))  # [H, nblk+1]
     sink_tail = _tails(sink.astype(np.float64))  # [H, K, nblk+1]
     # kept_by_sink[:, k, m]: influence of the entries of key blocks < k that the window drops.
     kept_by_sink = np.concatenate(
         [np.zeros((heads, 1, nblk + 1)), np.cumsum(sink_tail, 1)], 1)  # [H, K+1, nblk+1]
 
-    spans = rule_spans(rules, length).astype(np.int64)
-    sinks = rule_sinks(rules, length).astype(np.int64)
-    full = np.array([r.full for r in rules], dtype=bool) | (spans >= length) | (sinks >= length)
-    bad = (~full) & ((sinks % block != 0) | (sinks // block > num_sink))
-    if bad.any():
-        rule = rules[int(np.flatnonzero(bad)[0])]
-        raise ProfileError(f"rule {rule.describe()!r} has a sink that this profile cannot price "
-                           f"(sinks must be multiples of the block {block} and at most "
-                           f"{num_sink * block}); profile again with a rule space that has it")
+    full = full | (spans >= length) | (sinks >= length)
     k = np.where(full, 0, sinks // block)
     m0 = np.minimum(spans // block, nblk)
     m1 = np.minimum(m0 + 1, nblk)
     frac = (spans - m0 * block) / block
+    head = np.arange(heads)[:, None]
 
     def at(m: np.ndarray) -> np.ndarray:
-        return far_tail[:, m] - kept_by_sink[:, k, m]
+        return far_tail[head, m] - kept_by_sink[head, k, m]
 
     cost = (1 - frac) * at(m0) + frac * at(m1)
     return np.where(full, 0.0, np.maximum(cost, 0.0))

@@ -6,12 +6,14 @@ For one head with ``A = softmax(Q K^T * scale)`` (causal), ``O = A V`` and upstr
 entry ``(i, j)`` and renormalising row ``i``.  Note ``A_ij (G_ij - D_i)`` is FlashAttention's
 ``dS_ij``, so ``E = -dS / (1 - A + EPS)`` falls out of a standard attention backward.
 
-The summary (see :mod:`moaplan.profile` for the contract) has, per KV head, ``far[delta, part]``
+The summary (see :mod:`moaplan.profile` for the contract) has, per query head, ``far[delta, part]``
 and ``sink[k, delta, part]``: sums of ``|E|`` over query block ``i // b`` minus key block
 ``j // b == delta``, split by ``part 0: i mod b >= j mod b`` (token distance ``>= delta * b``)
 and ``part 1`` (the rest).  Only entries with ``j < i`` are summed: every rule keeps a query's own
 key (spans are >= 1), so the diagonal never counts towards a dropped influence, and its ``E`` is
-ill-conditioned (``A_00 = 1`` for the first query).  The query heads of a GQA group are summed.
+ill-conditioned (``A_00 = 1`` for the first query).  A KV head's summary is the sum of its GQA
+group's (the profile keeps both: the KV heads price the cache's rules, the query heads their
+prefill spans).
 
 :func:`naive_influence` and :func:`summarize_dense` build the full ``N x N`` matrix: they are
 the test oracle, for small inputs only.  :func:`attention_forward` and
@@ -32,21 +34,22 @@ _SLAB_ELEMENTS = 1 << 24
 
 @dataclass
 class BlockSummary:
-    """Running sums of ``|E|`` for the KV heads of one layer at one length.
+    """Running sums of ``|E|`` for the heads (query heads, as the profiler fills it) of one
+    layer at one length.
 
-    ``far``: ``[kv_heads, num_blocks, 2]``; ``sink``:
-    ``[kv_heads, num_sink_blocks, num_blocks, 2]``; float32, on the attention's device.
+    ``far``: ``[heads, num_blocks, 2]``; ``sink``:
+    ``[heads, num_sink_blocks, num_blocks, 2]``; float32, on the attention's device.
     """
 
     far: torch.Tensor
     sink: torch.Tensor
 
     @classmethod
-    def zeros(cls, kv_heads: int, length: int, block: int, num_sink_blocks: int,
+    def zeros(cls, heads: int, length: int, block: int, num_sink_blocks: int,
               device: torch.device | str = "cpu") -> BlockSummary:
         nblk = -(-length // block)
-        return cls(torch.zeros(kv_heads, nblk, 2, device=device),
-                   torch.zeros(kv_heads, num_sink_blocks, nblk, 2, device=device))
+        return cls(torch.zeros(heads, nblk, 2, device=device),
+                   torch.zeros(heads, num_sink_blocks, nblk, 2, device=device))
 
 
 def naive_influence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
@@ -67,19 +70,20 @@ def naive_influence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch
     return -a * (g - d) / (1 - a + EPS)
 
 
-def summarize_dense(e: torch.Tensor, block: int, num_sink_blocks: int, kv_heads: int
+def summarize_dense(e: torch.Tensor, block: int, num_sink_blocks: int, heads: int
                     ) -> BlockSummary:
-    """Reduce a full ``E`` ``[B, Hq, N, N]`` to the summary, entry by entry (the oracle)."""
+    """Reduce a full ``E`` ``[B, Hq, N, N]`` to the summary of ``heads`` heads, entry by entry
+    (the oracle): ``heads = Hq`` per query head, ``heads = Hkv`` per KV head (groups summed)."""
     b, hq, n, _ = e.shape
-    summary = BlockSummary.zeros(kv_heads, n, block, num_sink_blocks, e.device)
+    summary = BlockSummary.zeros(heads, n, block, num_sink_blocks, e.device)
     summary.far, summary.sink = summary.far.double(), summary.sink.double()
     i = torch.arange(n, device=e.device)[:, None]
     j = torch.arange(n, device=e.device)[None, :]
     strict = j < i
     delta = (i // block - j // block).clamp(min=0)
     part = ((i % block) < (j % block)).long()
-    absolute = e.abs().reshape(b, kv_heads, hq // kv_heads, n, n).sum((0, 2))
-    for h in range(kv_heads):
+    absolute = e.abs().reshape(b, heads, hq // heads, n, n).sum((0, 2))
+    for h in range(heads):
         values = absolute[h][strict]
         flat = delta[strict] * 2 + part[strict]
         summary.far[h].view(-1).index_add_(0, flat, values)
@@ -131,8 +135,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def accumulate_block_sums(summary: BlockSummary, e_abs: torch.Tensor, r0: int, block: int
                           ) -> None:
-    """Add ``|E|`` of query rows ``r0:r0 + rows`` (``e_abs [Hkv, rows, keys]``, already summed
-    over batch and GQA group, zero on and above the diagonal) into ``summary``.
+    """Add ``|E|`` of query rows ``r0:r0 + rows`` (``e_abs [heads, rows, keys]``, already summed
+    over the batch, zero on and above the diagonal) into ``summary``.
 
     ``r0`` must be a multiple of ``block``; ``rows`` and ``keys`` are padded to whole blocks.
     """
@@ -191,6 +195,6 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: tor
             # diagonal P = dS = 0 already; the diagonal itself is not counted.
             e = ds.abs_().div_(p.neg_().add_(1 + EPS))
             e.diagonal(offset=r0, dim1=-2, dim2=-1).zero_()
-            accumulate_block_sums(summary, e.sum((0, 2)), r0, block)
+            accumulate_block_sums(summary, e.sum(0).flatten(0, 1), r0, block)
     return (dq.reshape(b, hq, n, d).to(q.dtype), dk[:, :, 0].to(k.dtype),
             dv[:, :, 0].to(v.dtype))

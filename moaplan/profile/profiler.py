@@ -242,8 +242,18 @@ def _start(model_shape: ModelShape, lengths: list[int], counts: dict[int, int], 
 
 
 def _all_reduce(profile: Profile, device: torch.device) -> None:
+    # A rank that resumed an older checkpoint has no query heads' summaries: then none keeps
+    # them (a partial sum would misprice the query heads).
+    has_query = torch.tensor([int(profile.has_query_heads)], device=device)
+    dist.all_reduce(has_query, op=dist.ReduceOp.MIN)
+    if not has_query.item():
+        profile.query_far_sum.clear()
+        profile.query_sink_sum.clear()
+    sums_of = [profile.far_sum, profile.sink_sum]
+    if profile.has_query_heads:
+        sums_of += [profile.query_far_sum, profile.query_sink_sum]
     for n in profile.lengths:
-        for sums in (profile.far_sum, profile.sink_sum):
+        for sums in sums_of:
             t = torch.from_numpy(sums[n]).to(device)
             dist.all_reduce(t)
             sums[n] = t.cpu().numpy()
@@ -300,7 +310,7 @@ def profile_model(
                 torch.autograd.grad(loss, embeds)
                 far, sink = _stack(collector, model.config.num_hidden_layers,
                                    profile.far_sum[n].shape[1])
-                profile.add(n, far, sink)
+                profile.add(n, far, sink, per_query_head=True)
                 if ckpt is not None:
                     save_profile(profile, ckpt)
                 if on_sample is not None:
@@ -314,8 +324,9 @@ def profile_model(
 
 def _stack(collector: InfluenceCollector, num_layers: int, num_blocks: int
            ) -> tuple[np.ndarray, np.ndarray]:
-    """The per-layer summaries of one sample as layer-major float64 arrays, zero-padded to
-    ``num_blocks`` block distances (a sample may be shorter than its length)."""
+    """The per-layer summaries of one sample as layer-major float64 arrays, one row per query
+    head, zero-padded to ``num_blocks`` block distances (a sample may be shorter than its
+    length)."""
     missing = [i for i in range(num_layers) if i not in collector.summaries]
     if missing:
         raise ProfileError(f"layers {missing} produced no attention gradient (is the model's "

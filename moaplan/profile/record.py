@@ -4,7 +4,11 @@ File layout for ``profiles/NAME.safetensors``:
 
 - tensors, float64, summed (not averaged) over ``finished[N]`` samples, one set per length N:
   ``far/N [layers * kv_heads, nblk, 2]``, ``sink/N [layers * kv_heads, K, nblk, 2]`` and
-  ``total/N [layers * kv_heads]`` (sum of |E| over all ``j < i`` entries); heads are layer-major.
+  ``total/N [layers * kv_heads]`` (sum of |E| over all ``j < i`` entries); heads are layer-major;
+- optionally the same per query head, whose group sums the KV heads' are (they price the
+  prefill spans of query heads, :mod:`moaplan.query_spans`): ``query_far/N [layers *
+  q_heads, nblk, 2]`` and ``query_sink/N [layers * q_heads, K, nblk, 2]``.  Gradient profiles
+  have them; head scorers' profiles and files from before they existed do not.
 - ``profiles/NAME.profile.yaml``: format, moaplan version, model shape and config fingerprint, block
   size, lengths, samples planned and finished per length, calibration data hash, the rule
   space it prices, the scorer that made it (``gradient``, the default of files written before
@@ -79,6 +83,10 @@ class Profile:
     finished: dict[int, int] = field(default_factory=dict)
     far_sum: dict[int, np.ndarray] = field(default_factory=dict)
     sink_sum: dict[int, np.ndarray] = field(default_factory=dict)
+    # The same per query head, when every sample added so far was recorded per query head;
+    # else empty (a head scorer's profile, an older file).
+    query_far_sum: dict[int, np.ndarray] = field(default_factory=dict)
+    query_sink_sum: dict[int, np.ndarray] = field(default_factory=dict)
     version: str = moaplan.__version__
     scorer: str = "gradient"  # what the summaries measure (see moaplan.profile.scorers)
     # The gradient scorer's differentiated quantity (moaplan.profile.profiler.OBJECTIVES);
@@ -104,11 +112,41 @@ class Profile:
                     self.sink_sum[n].shape != (heads, k, nblk, 2):
                 raise ProfileError(f"the summaries for length {n} have the wrong shape "
                                    f"{self.far_sum[n].shape}, {self.sink_sum[n].shape}")
+        if not self.query_far_sum and not any(self.finished.values()):
+            # a fresh profile: per query head until a sample comes without them
+            q_heads = self.model.num_layers * self.model.num_attention_heads
+            for n in self.lengths:
+                self.query_far_sum[n] = np.zeros((q_heads,) + self.far_sum[n].shape[1:])
+                self.query_sink_sum[n] = np.zeros((q_heads,) + self.sink_sum[n].shape[1:])
+        if self.query_far_sum and (
+                sorted(self.query_far_sum) != self.lengths or sorted(self.query_sink_sum)
+                != self.lengths or any(self._query_mismatch(n) for n in self.lengths)):
+            raise ProfileError("the per-query-head summaries do not match the KV heads' (a "
+                               "KV head's are its query heads' sums); profile again")
 
     @property
     def num_heads(self) -> int:
         """KV heads of the whole model, layer-major (the optimizer's head index)."""
         return self.model.num_layers * self.model.num_key_value_heads
+
+    @property
+    def has_query_heads(self) -> bool:
+        """Whether the profile prices query heads (:meth:`query_far`, :meth:`query_sink`)."""
+        return bool(self.query_far_sum)
+
+    def _query_mismatch(self, length: int) -> bool:
+        """Whether the query heads' summaries at ``length`` fail to sum to the KV heads'."""
+        far, sink = self.query_far_sum[length], self.query_sink_sum[length]
+        heads = self.far_sum[length].shape[0]
+        if far.shape[1:] != self.far_sum[length].shape[1:] or \
+                sink.shape[1:] != self.sink_sum[length].shape[1:] or \
+                far.shape[0] != sink.shape[0] or far.shape[0] % heads:
+            return True
+        group = far.shape[0] // heads
+        return not (np.allclose(far.reshape(heads, group, *far.shape[1:]).sum(1),
+                                self.far_sum[length], rtol=1e-6, atol=0)
+                    and np.allclose(sink.reshape(heads, group, *sink.shape[1:]).sum(1),
+                                    self.sink_sum[length], rtol=1e-6, atol=0))
 
     @property
     def complete(self) -> bool:
@@ -131,6 +169,22 @@ class Profile:
         """Mean over samples of ``sink``: ``[heads, K, nblk, 2]``."""
         count = self._length(length)
         return self.sink_sum[length] / count
+
+    def query_far(self, length: int) -> np.ndarray:
+        """Mean over samples of ``far`` per query head: ``[layers * q_heads, nblk, 2]``."""
+        return self._query(self.query_far_sum, length)
+
+    def query_sink(self, length: int) -> np.ndarray:
+        """Mean over samples of ``sink`` per query head: ``[layers * q_heads, K, nblk, 2]``."""
+        return self._query(self.query_sink_sum, length)
+
+    def _query(self, sums: dict[int, np.ndarray], length: int) -> np.ndarray:
+        count = self._length(length)
+        if not self.has_query_heads:
+            raise ProfileError("this profile has no per-query-head summaries (a head scorer's, "
+                               "or one written before moaplan recorded them); profile again "
+                               "with the gradient scorer to choose query heads' spans")
+        return sums[length] / count
 
     def total(self, length: int) -> np.ndarray:
         """Mean total ``sum |E|`` per head: ``[heads]``."""
@@ -163,8 +217,23 @@ class Profile:
         dropped = self.dropped_influence([Rule.window(recent, sink=sink)], max(self.lengths))
         return dropped[:, 0].reshape(self.model.num_layers, self.model.num_key_value_heads)
 
-    def add(self, length: int, far: np.ndarray, sink: np.ndarray, count: int = 1) -> None:
-        """Add the summed summaries of ``count`` samples of ``length``."""
+    def add(self, length: int, far: np.ndarray, sink: np.ndarray, count: int = 1, *,
+            per_query_head: bool = False) -> None:
+        """Add the summed summaries of ``count`` samples of ``length``: per KV head, or with
+        ``per_query_head`` per query head (``[layers * q_heads, ...]``, layer-major), whose
+        group sums are the KV heads'.  A profile keeps its query heads' summaries only while
+        every sample added has them."""
+        if per_query_head:
+            group = self.model.group_size
+            heads = self.num_heads
+            if self.has_query_heads:
+                self.query_far_sum[length] = self.query_far_sum[length] + far
+                self.query_sink_sum[length] = self.query_sink_sum[length] + sink
+            far = far.reshape(heads, group, *far.shape[1:]).sum(1)
+            sink = sink.reshape(heads, group, *sink.shape[1:]).sum(1)
+        else:
+            self.query_far_sum.clear()
+            self.query_sink_sum.clear()
         self.far_sum[length] = self.far_sum[length] + far
         self.sink_sum[length] = self.sink_sum[length] + sink
         self.finished[length] += count
@@ -277,6 +346,11 @@ def _tensors(profile: Profile) -> dict[str, np.ndarray]:
         out[f"far/{n}"] = np.ascontiguousarray(profile.far_sum[n], dtype=np.float64)
         out[f"sink/{n}"] = np.ascontiguousarray(profile.sink_sum[n], dtype=np.float64)
         out[f"total/{n}"] = profile.far_sum[n].sum((1, 2))
+        if profile.has_query_heads:
+            out[f"query_far/{n}"] = np.ascontiguousarray(profile.query_far_sum[n],
+                                                          dtype=np.float64)
+            out[f"query_sink/{n}"] = np.ascontiguousarray(profile.query_sink_sum[n],
+                                                           dtype=np.float64)
     return out
 
 
@@ -323,6 +397,10 @@ def load_profile(path: str | Path) -> Profile:
             finished={int(n): int(c) for n, c in meta["finished"].items()},
             far_sum={n: tensors[f"far/{n}"] for n in lengths},
             sink_sum={n: tensors[f"sink/{n}"] for n in lengths},
+            query_far_sum={n: tensors[f"query_far/{n}"] for n in lengths
+                           if f"query_far/{n}" in tensors},
+            query_sink_sum={n: tensors[f"query_sink/{n}"] for n in lengths
+                            if f"query_sink/{n}" in tensors},
             version=str(meta.get("moaplan_version", "")),
             scorer=str(meta.get("scorer", "gradient")),
             objective=str(meta.get("objective", "cross_entropy")),
@@ -347,7 +425,9 @@ def _check_finite(path: Path, tensors: dict[str, np.ndarray], lengths: list[int]
     """Influence sums are finite and >= 0; anything else would turn into a plan (every head
     looks free, or NaN ranks first) instead of an error."""
     for n in lengths:
-        for name in (f"far/{n}", f"sink/{n}"):
+        for name in (f"far/{n}", f"sink/{n}", f"query_far/{n}", f"query_sink/{n}"):
+            if name not in tensors and name.startswith("query"):
+                continue  # optional
             values = tensors[name]
             if not np.isfinite(values).all() or (values < 0).any():
                 raise ProfileError(f"profile {path} holds NaN, infinite or negative influence "
