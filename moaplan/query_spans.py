@@ -103,14 +103,19 @@ def query_candidates(plan: Plan, rule_space: RuleSpace, lengths: list[int]) -> Q
 
 
 def query_problem(candidates: QueryCandidates, profile: Profile, profiled: list[int],
-                  targets: list[int], budget: float) -> KnapsackProblem:
+                  targets: list[int], budget: float,
+                  head_factors: np.ndarray | None = None) -> KnapsackProblem:
     """The knapsack over query heads: dropped influence at the ``profiled`` lengths (the
-    profile's per-query-head summaries), mean attention density ``<= budget`` at ``targets``."""
+    profile's per-query-head summaries), mean attention density ``<= budget`` at ``targets``.
+    ``head_factors`` (one per KV head, the search's ablation correction) scale the costs of
+    the KV head's query heads, as they scale the KV head's own in the KV plan."""
     cost = np.stack([
         dropped_at(profile.query_far(n), profile.query_sink(n),
                    candidates.spans[:, :, candidates.at(n)], candidates.sinks[:, None], n,
                    profile.block)
         for n in profiled])
+    if head_factors is not None:
+        cost = cost * np.repeat(head_factors, candidates.group)[None, :, None]
     density_rows = np.stack([candidates.attention[:, :, candidates.at(n)] for n in targets])
     return KnapsackProblem(cost=cost, density=density_rows, budget=budget,
                            target_lengths=tuple(targets))
@@ -144,14 +149,16 @@ def _check_budget(budget: Budget) -> None:
 
 def narrow_query_heads(plan: Plan, profile: Profile, rule_space: RuleSpace,
                        profiled: list[int], targets: list[int], budget: Budget, *,
+                       head_factors: np.ndarray | None = None,
                        time_limit: float | None = 60.0) -> Plan:
     """``plan`` with query windows that meet the attention ``budget`` at every ``targets``
-    length and drop the least influence at the ``profiled`` lengths (see the module).  Raises
-    :class:`BudgetError` where even the narrowest windows cannot meet it."""
+    length and drop the least influence at the ``profiled`` lengths (see the module; costs
+    scaled per KV head by ``head_factors``).  Raises :class:`BudgetError` where even the
+    narrowest windows cannot meet it."""
     _check_budget(budget)
     profile.check_shape(plan.model)
     candidates = query_candidates(plan, rule_space, [*profiled, *targets])
-    problem = query_problem(candidates, profile, profiled, targets, budget.value)
+    problem = query_problem(candidates, profile, profiled, targets, budget.value, head_factors)
     return plan_with_choice(candidates, solve(problem, time_limit=time_limit).choice)
 
 

@@ -417,12 +417,14 @@ def candidate_plans(profile: Profile, settings: SearchSettings,
     chosen = [c for c in out if c in baselines or c in others]
     if settings.attention_budget is None:
         return chosen
-    return _with_query_spans(chosen, profile, settings)
+    return _with_query_spans(chosen, profile, settings, factors)
 
 
 def _with_query_spans(candidates: list[tuple[str, Plan, bool]], profile: Profile,
-                      settings: SearchSettings) -> list[tuple[str, Plan, bool]]:
-    """Every candidate with its query heads' spans chosen under the attention budget, and the
+                      settings: SearchSettings, factors: np.ndarray
+                      ) -> list[tuple[str, Plan, bool]]:
+    """Every candidate with its query heads' spans chosen under the attention budget (the
+    costs corrected by the ablations' ``factors``, as the KV plan's), and the
     KV optimizer's and the streaming plan with every query head capped at one common window
     (the heuristic; on the streaming plan a baseline).
     A candidate that cannot meet the attention budget (its sinks alone exceed it) is left
@@ -434,6 +436,7 @@ def _with_query_spans(candidates: list[tuple[str, Plan, bool]], profile: Profile
         try:
             out.append((name, narrow_query_heads(plan, profile, settings.rule_space,
                                                  settings.lengths, targets, budget,
+                                                 head_factors=factors,
                                                  time_limit=settings.time_limit), prunable))
         except BudgetError:
             continue

@@ -163,3 +163,28 @@ def test_impossible_budgets_and_profiles_without_query_heads_are_clear_errors():
     with pytest.raises(ProfileError, match="no per-query-head summaries"):
         narrow_query_heads(plan, _profile(SHAPE, query_heads=False), SPACE, LENGTHS, TARGETS,
                            Budget("attention", 0.3))
+
+
+def test_a_corrected_kv_head_keeps_more_of_its_query_heads():
+    """The search's ablation factors scale a KV head's query heads' costs: a head found to
+    lose 100x more than first order predicts gives up less of its query heads' spans."""
+    plan, profile = _plan(SHAPE, KV_RULES), _profile(SHAPE, seed=2)
+    budget = Budget("attention", 0.7)
+    candidates = query_candidates(plan, SPACE, [*LENGTHS, *TARGETS])
+    plain = query_problem(candidates, profile, LENGTHS, TARGETS, budget.value)
+    factors = np.ones(4)
+    factors[2] = 100.0
+    group = SHAPE.group_size
+    rows = slice(2 * group, 3 * group)
+
+    def dropped_by_head_2(narrowed: Plan) -> float:
+        choice = np.array([_chosen(candidates, r, g) for r in narrowed.flat_rules
+                           for g in range(group)])
+        heads = np.arange(len(choice))
+        return float(plain.cost[:, heads, choice][:, rows].sum())
+
+    before = dropped_by_head_2(narrow_query_heads(plan, profile, SPACE, LENGTHS, TARGETS,
+                                                  budget))
+    after = dropped_by_head_2(narrow_query_heads(plan, profile, SPACE, LENGTHS, TARGETS,
+                                                 budget, head_factors=factors))
+    assert after < before
