@@ -17,7 +17,8 @@ Mean KL(dense || plan) per response token per sample, with 95% t-intervals; a pa
 difference is called only when its interval excludes 0, else "tie".  Writes
 ``query_spans-<testbed>.{json,md}`` to ``--out``.
 
-    python benchmarks/bench_query_spans.py --testbed reference --attention-budget 0.5
+    python benchmarks/bench_query_spans.py --testbed reference second --attention-budget 0.5
+    make smollm2 && python benchmarks/bench_query_spans.py --testbed smollm2
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from bench_quality import TESTBEDS, load_testbed
 from provenance import provenance
 
 from moaplan.data import model_calibration
 from moaplan.data.tasks import CALIBRATION_PHRASINGS
+from moaplan.errors import MoaplanError
 from moaplan.io import atomic_write_text
 from moaplan.plan import Budget, Plan
 from moaplan.runtime import apply, remove
@@ -66,11 +69,12 @@ def verdict(diff: Interval) -> str:
 
 
 def run(testbed: str, kv_budget: float, attention_budget: float, test_samples: int,
-        work: Path, device: str) -> dict[str, Any]:
+        work: Path, device: str, quick: bool = False) -> dict[str, Any]:
+    """``quick``: one short length and a handful of samples, a smoke test."""
     started = time.perf_counter()
     bed = TESTBEDS[testbed]
     model, tokenizer = load_testbed(bed, device)
-    lengths = list(bed.lengths)
+    lengths = [512] if quick else list(bed.lengths)
 
     @functools.cache
     def source(length: int, count: int, held_out: bool, seed: int = 0) -> list:
@@ -79,8 +83,10 @@ def run(testbed: str, kv_budget: float, attention_budget: float, test_samples: i
                                  wordings=CALIBRATION_PHRASINGS)
 
     settings = SearchSettings(budget=Budget("kv", kv_budget), lengths=lengths,
-                              validation_length=bed.validation_length,
+                              validation_length=384 if quick else bed.validation_length,
                               attention_budget=attention_budget)
+    if quick:
+        settings = replace(settings, samples=2, validation_samples=4, candidates=4, ablate=2)
     work.mkdir(parents=True, exist_ok=True)
     profile = work / f"profile-{testbed}-query.safetensors"
     profile.unlink(missing_ok=True)  # a fresh profile per run (per query head)
@@ -124,7 +130,7 @@ def run(testbed: str, kv_budget: float, attention_budget: float, test_samples: i
                 "attention_budget": attention_budget, "target_lengths": settings.target_lengths,
                 "longest": longest, "test_samples": len(test), "search_seconds": searched,
                 "seconds": round(time.perf_counter() - started, 1),
-                "search_chosen": found.chosen},
+                "search_chosen": found.chosen, "quick": quick},
             "plans": rows, "comparisons": comparisons}
 
 
@@ -134,8 +140,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{meta['attention_budget']}",
              "",
              f"{meta.get('date', '')} · commit `{meta.get('commit', '?')}` · "
-             f"{meta.get('card') or meta.get('cpu', meta['device'])} · {meta['test_samples']} fresh held-out "
-             f"samples at lengths {meta['target_lengths'][0]}-{meta['longest']} (paired) · "
+             f"{meta.get('card') or meta.get('cpu', meta['device'])} · "
+             f"{meta['test_samples']} fresh held-out samples at lengths "
+             f"{meta['target_lengths'][0]}-{meta['longest']} (paired) · "
              f"search {meta['search_seconds']} s, chose `{meta['search_chosen']}`",
              "",
              "| plan | KV density | attention density (shortest / longest target) | "
@@ -154,23 +161,32 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="reference")
+    parser.add_argument("--testbed", choices=sorted(TESTBEDS), nargs="+",
+                        default=["reference", "second"])
     parser.add_argument("--budget", type=float, default=0.5, help="KV budget (0.5)")
     parser.add_argument("--attention-budget", type=float, default=0.5)
     parser.add_argument("--test-samples", type=int, default=96)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="one length (512), a few samples: a smoke test")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("build/bench-query-spans"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    report = run(args.testbed, args.budget, args.attention_budget, args.test_samples,
-                 args.work, args.device)
-    name = f"query_spans-{args.testbed}"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"{name}.json", json.dumps(report, indent=1))
-    text = markdown(report)
-    atomic_write_text(args.out / f"{name}.md", text)
-    print(text)
+    for testbed in args.testbed:
+        try:
+            report = run(testbed, args.budget, args.attention_budget,
+                         8 if args.quick else args.test_samples, args.work, args.device,
+                         args.quick)
+        except MoaplanError as err:
+            print(f"bench_query_spans: {testbed}: {err}", file=sys.stderr)
+            return 1
+        name = f"query_spans-{testbed}" + ("-quick" if args.quick else "")
+        atomic_write_text(args.out / f"{name}.json", json.dumps(report, indent=1))
+        text = markdown(report)
+        atomic_write_text(args.out / f"{name}.md", text)
+        print(text)
     return 0
 
 

@@ -89,6 +89,10 @@ SECTIONS = (
     Section("quality", "bench_quality.py", 0, ("cvxpy", "highspy", "optuna"),
             ("--quick", "--testbed", "reference"), ("--testbed", "reference", "--samples", "4")),
     Section("scorers", "bench_scorers.py", 0, (), ("--quick",)),
+    # The CPU run: the reference test bed alone (a search and 9 plans on 96 samples: more than
+    # 25 min on 2 cores); a GPU takes both trained test beds in ~3 min.
+    Section("query-spans", "bench_query_spans.py", 0, ("cvxpy", "highspy", "optuna"),
+            ("--quick", "--testbed", "reference"), ("--testbed", "reference")),
 )
 BY_NAME = {s.name: s for s in SECTIONS}
 

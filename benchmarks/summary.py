@@ -57,6 +57,30 @@ def _quality(path: Path, base: Path, h: str) -> list[str]:
             "\n".join(validation_agreement(report)), "\n".join(filter(None, images))]
 
 
+def _query_spans(path: Path, base: Path) -> list[str]:
+    """A test bed's per-query-head spans: the search's choice against the common cap and
+    against the un-narrowed KV plan (paired, ``bench_query_spans.py``)."""
+    report = _load(path)
+    meta = report["meta"]
+    plans = {row["plan"]: row for row in report["plans"]}
+    details = _link(path.with_suffix(".md"), base)
+    rows = ["| plan | attention density (longest) | KL to dense [95% CI] |", "|---|---|---|"]
+    for name in ("optimizer, KV only", "optimizer", "optimizer, query heads capped",
+                 "streaming, query heads capped"):
+        row = plans[name]
+        rows.append(f"| {name} | {list(row['attention_density'].values())[-1]:.3f} | "
+                    f"{row['kl_95']} |")
+    pairs = [f"{c['plan']} vs {c['against']}: {c['difference']} ({c['verdict']})"
+             for c in report["comparisons"] if c["plan"] == "optimizer"
+             and c["against"] in ("optimizer, query heads capped", "optimizer, KV only")]
+    where = meta.get("card") or f"{meta.get('cpu')}, {meta.get('cores')} cores"
+    return [f"Per-query-head spans on {meta['testbed']} (`benchmarks/bench_query_spans.py`, "
+            f"{where}, {meta['date']}, commit `{_short(meta['commit'])}`): KV budget "
+            f"{meta['kv_budget']}, attention budget {meta['attention_budget']}, "
+            f"{meta['test_samples']} fresh held-out samples, paired; " + "; ".join(pairs)
+            + f". Details: [{details}]({details}).", "\n".join(rows)]
+
+
 def _prefill(path: Path, base: Path) -> list[str]:
     report = _load(path)
     meta = report["meta"]
@@ -277,6 +301,12 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
         parts.append(f"{h} Quality: how much of the dense model's behaviour a plan keeps")
         for quality in beds:
             parts += _quality(quality, base, h)
+    spans = [path for path in sorted(root.glob("*/query_spans-*.json"))
+             if not path.stem.endswith("-quick")]
+    if spans:
+        parts.append(f"{h} Per-query-head prefill spans (`--attention-budget`)")
+        for path in spans:
+            parts += _query_spans(path, base)
     # Every machine's speed results, this machine's first: each table names its card.
     speed = [(path, render) for name, render in (("prefill.json", _prefill),
                                                  ("layers.json", _layers),
