@@ -290,3 +290,24 @@ def test_attention_budget_needs_a_kv_budget(checkpoint, monkeypatch, capsys):
                  str(checkpoint / "calib.jsonl"), *SEARCH, "--out", "x.yaml"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "KV-budget search" in err
+
+
+def test_search_with_an_attention_budget_writes_query_windows(checkpoint, monkeypatch):
+    """``--attention-budget``: the plan meets the KV budget with its rules and the attention
+    budget with its query heads' spans, and runs on the model."""
+    monkeypatch.chdir(checkpoint)
+    out = checkpoint / "attention.yaml"
+    assert main(["search", "--budget", "0.5", "--attention-budget", "0.7", "--model",
+                 str(checkpoint / "model"), "--data", str(checkpoint / "calib.jsonl"),
+                 *SEARCH, "--out", str(out)]) == 0
+    plan = load_plan(out)
+    dens = plan.densities([256, 384, 512])
+    assert (dens["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
+    assert (dens["attention"].mean((0, 1)) <= 0.7 + 1e-9).all()
+    search = plan.provenance["search"]
+    assert search["attention_budget"] == 0.7
+    assert "streaming, query heads capped" in search["candidates"]
+    model, tokenizer = load_model(checkpoint / "model")
+    moaplan.apply(model, out)
+    ids = tokenizer("the key 3 is", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
