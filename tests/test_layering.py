@@ -31,6 +31,7 @@ LAYERS: list[str] = [
     "moaplan.profile",
     "moaplan.optimize",
     "moaplan.plan",
+    "moaplan.query_spans",  # a plan's query heads' spans: the profile's costs, the optimizer
     "moaplan.runtime",
     "moaplan.eval",
     "moaplan.validation",
