@@ -524,6 +524,10 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
                                  rule_space=settings.rule_space, objective=settings.objective,
                                  gradient_checkpointing=checkpointing, on_sample=on_sample)
+    if settings.attention_budget is not None and not profile.has_query_heads:
+        raise ProfileError(f"{profile_path} has no per-query-head summaries (a head scorer's, or "
+                           "written before moaplan recorded them), which --attention-budget "
+                           "needs; delete it or pass another --profile path to profile again")
     name = _study_name(profile, settings, held_out)
     # a resumed search finds the heads measured so far in the ablation study
     measured = ablate(model, profile, settings, calibration[max(settings.lengths)], on_step,

@@ -141,6 +141,13 @@ def test_search_uses_a_head_scorer_profile(checkpoint, monkeypatch, capsys):
     plan = load_plan(out)
     assert plan.provenance["profile"] == str(scores)
     assert (plan.densities([256, 384, 512])["kv"].mean((0, 1)) <= 0.5 + 1e-9).all()
+    # a head scorer prices KV heads only: query heads' spans need a gradient profile
+    capsys.readouterr()
+    assert main(["search", "--budget", "0.5", "--attention-budget", "0.7", "--model",
+                 str(checkpoint / "model"), "--data", str(checkpoint / "calib.jsonl"), *SEARCH,
+                 "--profile", str(scores), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no per-query-head summaries" in err
 
 
 def test_profile_then_search_and_duo_reuse_the_default_profile(checkpoint, tmp_path,
