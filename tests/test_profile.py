@@ -243,8 +243,9 @@ def test_two_gloo_processes_equal_one(tmp_path):
     single = profile_model(_model(), _samples(lengths=(40,), per_length=3), block=BLOCK,
                            rule_space=SPACE)
     both = load_profile(out)
-    assert both.finished == {40: 3}
+    assert both.finished == {40: 3} and both.has_query_heads
     np.testing.assert_allclose(both.far_sum[40], single.far_sum[40], rtol=1e-5)
+    np.testing.assert_allclose(both.query_far_sum[40], single.query_far_sum[40], rtol=1e-5)
 
 
 _TRITON_BACKEND_SCRIPT = r"""
