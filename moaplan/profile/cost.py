@@ -13,7 +13,7 @@ block granularity); a span ``>= N`` (or a sink ``>= N``, or a full rule) drops n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,46 +36,37 @@ def dropped_influence(far: np.ndarray, sink: np.ndarray, rules: Sequence[Rule], 
     spans = rule_spans(rules, length).astype(np.int64)
     sinks = rule_sinks(rules, length).astype(np.int64)
     full = np.array([r.full for r in rules], dtype=bool)
-    bad = _unpriceable(far, sink, spans, sinks, full, length, block)
-    if bad.any():
-        rule = rules[int(np.flatnonzero(bad)[0])]
-        raise ProfileError(f"rule {rule.describe()!r} has a sink that this profile cannot price "
-                           f"(sinks must be multiples of the block {block} and at most "
-                           f"{sink.shape[1] * block}); profile again with a rule space that has it")
     return dropped_at(far, sink, spans[None, :], sinks[None, :], length, block,
-                      full=full[None, :])
-
-
-def _unpriceable(far: np.ndarray, sink: np.ndarray, spans: np.ndarray, sinks: np.ndarray,
-                 full: np.ndarray, length: int, block: int) -> np.ndarray:
-    """Where a sink (of a window that drops anything) is not a whole number of the profile's
-    sink blocks."""
-    drops = ~full & (spans < length) & (sinks < length)
-    return drops & ((sinks % block != 0) | (sinks // block > sink.shape[1]))
+                      full=full[None, :], name=lambda c: f"rule {rules[c].describe()!r}")
 
 
 def dropped_at(far: np.ndarray, sink: np.ndarray, spans: np.ndarray, sinks: np.ndarray,
-               length: int, block: int, *, full: np.ndarray | bool = False) -> np.ndarray:
+               length: int, block: int, *, full: np.ndarray | bool = False,
+               name: Callable[[int], str] = lambda c: f"window {c}") -> np.ndarray:
     """``(heads, C)`` dropped influence of ``C`` windows per head given as token counts:
     ``spans`` and ``sinks`` broadcast to ``(heads, C)`` (one row for every head, or a row per
     head, e.g. query heads' spans capped at their KV head's), ``full`` where nothing drops.
-    ``far [heads, nblk, 2]`` and ``sink [heads, K, nblk, 2]`` are the summaries of one length;
-    every sink of a window that drops anything must be a whole number of sink blocks."""
+    ``far [heads, nblk, 2]`` and ``sink [heads, K, nblk, 2]`` are the summaries of one length.
+    Every sink of a window that drops anything must be a whole number of sink blocks; else a
+    :class:`ProfileError` names the first such window by ``name(column)``."""
     heads, nblk, _ = far.shape
+    num_sink = sink.shape[1]
     spans, sinks = np.broadcast_arrays(np.asarray(spans, dtype=np.int64),
                                        np.asarray(sinks, dtype=np.int64))
     spans, sinks = (np.broadcast_to(x, (heads, x.shape[-1])) for x in (spans, sinks))
-    full = np.broadcast_to(full, spans.shape)
-    if _unpriceable(far, sink, spans, sinks, full, length, block).any():
-        raise ProfileError(f"a window's sink is not a multiple of the block {block} or exceeds "
-                           f"the profile's {sink.shape[1] * block} sink tokens")
+    full = np.broadcast_to(full, spans.shape) | (spans >= length) | (sinks >= length)
+    bad = ~full & ((sinks % block != 0) | (sinks // block > num_sink))
+    if bad.any():
+        raise ProfileError(f"{name(int(np.flatnonzero(bad.any(axis=0))[0]))} has a sink that "
+                           f"this profile cannot price (sinks must be multiples of the block "
+                           f"{block} and at most {num_sink * block}); profile again with a "
+                           "rule space that has it")
     far_tail = _tails(far.astype(np.float64))  # [H, nblk+1]
     sink_tail = _tails(sink.astype(np.float64))  # [H, K, nblk+1]
     # kept_by_sink[:, k, m]: influence of the entries of key blocks < k that the window drops.
     kept_by_sink = np.concatenate(
         [np.zeros((heads, 1, nblk + 1)), np.cumsum(sink_tail, 1)], 1)  # [H, K+1, nblk+1]
 
-    full = full | (spans >= length) | (sinks >= length)
     k = np.where(full, 0, sinks // block)
     m0 = np.minimum(spans // block, nblk)
     m1 = np.minimum(m0 + 1, nblk)
