@@ -136,17 +136,14 @@ class Profile:
 
     def _query_mismatch(self, length: int) -> bool:
         """Whether the query heads' summaries at ``length`` fail to sum to the KV heads'."""
-        far, sink = self.query_far_sum[length], self.query_sink_sum[length]
-        heads = self.far_sum[length].shape[0]
-        if far.shape[1:] != self.far_sum[length].shape[1:] or \
-                sink.shape[1:] != self.sink_sum[length].shape[1:] or \
-                far.shape[0] != sink.shape[0] or far.shape[0] % heads:
+        pairs = ((self.query_far_sum[length], self.far_sum[length]),
+                 (self.query_sink_sum[length], self.sink_sum[length]))
+        heads = self.num_heads
+        if pairs[0][0].shape[0] != pairs[1][0].shape[0]:
             return True
-        group = far.shape[0] // heads
-        return not (np.allclose(far.reshape(heads, group, *far.shape[1:]).sum(1),
-                                self.far_sum[length], rtol=1e-6, atol=0)
-                    and np.allclose(sink.reshape(heads, group, *sink.shape[1:]).sum(1),
-                                    self.sink_sum[length], rtol=1e-6, atol=0))
+        return any(query.shape[1:] != kv.shape[1:] or query.shape[0] % heads
+                   or not np.allclose(_group_sums(query, heads), kv, rtol=1e-6, atol=0)
+                   for query, kv in pairs)
 
     @property
     def complete(self) -> bool:
@@ -224,13 +221,10 @@ class Profile:
         group sums are the KV heads'.  A profile keeps its query heads' summaries only while
         every sample added has them."""
         if per_query_head:
-            group = self.model.group_size
-            heads = self.num_heads
             if self.has_query_heads:
                 self.query_far_sum[length] = self.query_far_sum[length] + far
                 self.query_sink_sum[length] = self.query_sink_sum[length] + sink
-            far = far.reshape(heads, group, *far.shape[1:]).sum(1)
-            sink = sink.reshape(heads, group, *sink.shape[1:]).sum(1)
+            far, sink = _group_sums(far, self.num_heads), _group_sums(sink, self.num_heads)
         else:
             self.query_far_sum.clear()
             self.query_sink_sum.clear()
@@ -271,6 +265,13 @@ class Profile:
             **({"head_scores": self.head_scores} if self.head_scores else {}),
             "tensors": {"sha256": tensor_sha256},
         }
+
+
+def _group_sums(per_query_head: np.ndarray, kv_heads: int) -> np.ndarray:
+    """Query heads' summaries ``[kv_heads * group, ...]`` (layer-major) summed over each GQA
+    group: the KV heads'."""
+    group = per_query_head.shape[0] // kv_heads
+    return per_query_head.reshape(kv_heads, group, *per_query_head.shape[1:]).sum(1)
 
 
 PROFILE_DIR = Path("profiles")
