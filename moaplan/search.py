@@ -192,9 +192,10 @@ def obtain_profile(model: torch.nn.Module, samples: Samples, path: Path, *, bloc
                            on_sample=on_sample)
 
 
-def target_densities(settings: SearchSettings) -> np.ndarray:
-    """``(target lengths, rules)``: the budgeted density of every candidate rule."""
-    return settings.rule_space.density(settings.target_lengths, settings.budget.kind).T
+def target_densities(settings: SearchSettings, kind: str | None = None) -> np.ndarray:
+    """``(target lengths, rules)``: the density of ``kind`` (default: the budget's) of every
+    candidate rule."""
+    return settings.rule_space.density(settings.target_lengths, kind or settings.budget.kind).T
 
 
 def check_budget(settings: SearchSettings) -> None:
@@ -204,7 +205,7 @@ def check_budget(settings: SearchSettings) -> None:
     if settings.attention_budget is not None:
         budgets.append(("attention", settings.attention_budget))
     for kind, value in budgets:
-        density = settings.rule_space.density(settings.target_lengths, kind).T
+        density = target_densities(settings, kind)
         check_reachable(KnapsackProblem(cost=np.zeros((1, 1, density.shape[1])),
                                         density=density, budget=value,
                                         target_lengths=tuple(settings.target_lengths)))
@@ -524,10 +525,8 @@ def search(model: torch.nn.Module, source: SampleSource, settings: SearchSetting
         profile = obtain_profile(model, samples, Path(profile_path), block=settings.block,
                                  rule_space=settings.rule_space, objective=settings.objective,
                                  gradient_checkpointing=checkpointing, on_sample=on_sample)
-    if settings.attention_budget is not None and not profile.has_query_heads:
-        raise ProfileError(f"{profile_path} has no per-query-head summaries (a head scorer's, or "
-                           "written before moaplan recorded them), which --attention-budget "
-                           "needs; delete it or pass another --profile path to profile again")
+    if settings.attention_budget is not None:  # before the ablations, not after them
+        profile.check_query_heads(str(profile_path))
     name = _study_name(profile, settings, held_out)
     # a resumed search finds the heads measured so far in the ablation study
     measured = ablate(model, profile, settings, calibration[max(settings.lengths)], on_step,

@@ -175,12 +175,18 @@ class Profile:
         """Mean over samples of ``sink`` per query head: ``[layers * q_heads, K, nblk, 2]``."""
         return self._query(self.query_sink_sum, length)
 
+    def check_query_heads(self, name: str = "this profile") -> None:
+        """Raise :class:`ProfileError` unless the profile (called ``name`` in the message)
+        prices query heads."""
+        if not self.has_query_heads:
+            raise ProfileError(f"{name} has no per-query-head summaries (a head scorer's, or "
+                               "one written before moaplan recorded them); profile again with "
+                               "the gradient scorer (delete it, or give another --profile "
+                               "path) to choose query heads' spans")
+
     def _query(self, sums: dict[int, np.ndarray], length: int) -> np.ndarray:
         count = self._length(length)
-        if not self.has_query_heads:
-            raise ProfileError("this profile has no per-query-head summaries (a head scorer's, "
-                               "or one written before moaplan recorded them); profile again "
-                               "with the gradient scorer to choose query heads' spans")
+        self.check_query_heads()
         return sums[length] / count
 
     def total(self, length: int) -> np.ndarray:
