@@ -445,22 +445,31 @@ def long_prompt_seconds(model, make_cache) -> float | dict:
         torch.cuda.empty_cache()
 
 
-def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:
-    """Prefill seconds of :func:`prefill_prompts`, and the time to first token (batch 1) at
-    ``n`` tokens (the batch-1 prompt there) and at ``LONG`` tokens; then the time to first
-    token again with the decoder layers compiled (:func:`compiled_layers`, compiled in the
-    warm-up runs), or the error of compiling."""
-    prompts = {name: prefill_seconds(model, make_cache, *p)
-               for name, p in prefill_prompts(n).items()}
-    ttft = {str(n): prompts["batch 1"], str(LONG): long_prompt_seconds(model, make_cache)}
+def first_token_times(model, make_cache, n: int,
+                      eager_n: float | None = None) -> tuple[dict, dict]:
+    """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens, as the model runs
+    (``eager_n``: the time at ``n`` where already measured) and with its decoder layers
+    compiled (:func:`compiled_layers`, compiled in the warm-up runs), or the error of
+    compiling."""
+    prompt = prefill_prompts(n)["batch 1"]
+    ttft = {str(n): eager_n if eager_n is not None else prefill_seconds(model, make_cache,
+                                                                        *prompt),
+            str(LONG): long_prompt_seconds(model, make_cache)}
     try:
         with compiled_layers(model):
-            compiled = {str(n): prefill_seconds(model, make_cache,
-                                                *prefill_prompts(n)["batch 1"]),
+            compiled = {str(n): prefill_seconds(model, make_cache, *prompt),
                         str(LONG): long_prompt_seconds(model, make_cache)}
     except RuntimeError as err:  # compiling (dynamo, inductor)
         compiled = dict(error=first_line(err))
-    return prompts, ttft, compiled
+    return ttft, compiled
+
+
+def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:
+    """Prefill seconds of :func:`prefill_prompts`, and :func:`first_token_times` (the batch-1
+    prompt's time serving as the one at ``n``)."""
+    prompts = {name: prefill_seconds(model, make_cache, *p)
+               for name, p in prefill_prompts(n).items()}
+    return (prompts, *first_token_times(model, make_cache, n, prompts["batch 1"]))
 
 
 def at_largest_batch(model, make_cache, layers: int, batch: int, n: int, graphed: bool,

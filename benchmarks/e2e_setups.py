@@ -1,6 +1,7 @@
 """The end-to-end decode setups of ``bench_decode.py``, by the key of their row in its JSON,
-and how a row's tokens/s is read.  Their own module so that ``summary.py``, which reads the
-committed JSON only, shares them without importing torch."""
+how a row's tokens/s is read, and the plans of ``bench_first_token.py``.  Their own module so
+that ``summary.py``, which reads the committed JSON only, shares them without importing
+torch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ SETUPS = {"dense": ("DynamicCache + SDPA, eager", "DynamicCache + SDPA, eager"),
                          "StaticCache + flex_attention, graph"),
           "moaplan_full": ("MoaplanCache + all-full plan", "moaplan, all-full plan, graph"),
           "moaplan": ("MoaplanCache + mixed plan", "moaplan, mixed plan, graph")}
+
+# bench_first_token's plans: key: label.
+FIRST_TOKEN_PLANS = {"mixed": "mixed (density constant in N)",
+                     "moa_kv": "MoA-like, per-KV-head rules",
+                     "moa_q": "MoA-like, per-query-head spans"}
 
 
 # A row's graph-replay rates: the decode step as the model runs it, and with its decoder

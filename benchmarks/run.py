@@ -4,7 +4,8 @@
                              [--summary-only]
 
 Sections (each its own script, run as a subprocess): on a machine with a CUDA GPU prefill,
-layers (a MoA-like plan layer by layer, routed), decode (kernel and end to end), profiler,
+layers (a MoA-like plan layer by layer, routed), decode (kernel and end to end), first-token
+(time to first token of an 8B shape under three plans), profiler,
 profiler-multi (torchrun on 2 GPUs; it says so and does nothing on one) and profiler-sharded
 (a 70B shape with its layers over 2 GPUs; likewise); everywhere
 optimizer, quality and scorers.  A section the machine cannot run is skipped with one line
@@ -77,6 +78,7 @@ SECTIONS = (
     Section("prefill", "bench_prefill.py", 1, ("triton",), ("--quick",)),
     Section("layers", "bench_layers.py", 1, ("triton",), ("--lengths", "4096", "16384")),
     Section("decode", "bench_decode.py", 1, ("triton",), ("--skip-e2e",)),
+    Section("first-token", "bench_first_token.py", 1, ("triton",), ("--layers", "4")),
     Section("profiler", "bench_profiler.py", 1, ("triton",),
             ("--lengths", "16384", "--skip-model-check")),
     Section("profiler-multi", "bench_profiler_multi.py", 2, ("triton",),

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from e2e_setups import SETUPS, best_rate, fastest_first_token
+from e2e_setups import FIRST_TOKEN_PLANS, SETUPS, best_rate, fastest_first_token
 from quality_report import describe, quality_table, validation_agreement, verdicts
 
 
@@ -245,6 +245,25 @@ def _decode_e2e(path: Path, base: Path) -> list[str]:
     return ["\n".join(lines)]
 
 
+def _first_token(path: Path, base: Path) -> list[str]:
+    """Time to first token per plan and length, each beside the speedup its density allows."""
+    report = _load(path)
+    link = _link(path.with_suffix(".md"), base)
+    plans: dict[str, list[str]] = {}
+    for row in report["rows"]:
+        plans.setdefault(row["plan"], []).append(
+            f"{row['n'] // 1024}K {row['speedup']:.2f}x (bound {row['bound_speedup']:.2f}x, "
+            f"attention density {row['attention_density']:.2f})")
+    return [f"Time to first token (`benchmarks/bench_first_token.py`): a random "
+            f"{report['layers']}-layer Llama-3-8B shape, batch 1, against DynamicCache + SDPA "
+            f"(each side's faster, as the model runs or compiled); {report['card']}, "
+            f"{report['date']}, commit `{_short(report['commit'])}`.  "
+            + "; ".join(f"{FIRST_TOKEN_PLANS[name]}: {', '.join(parts)}"
+                        for name, parts in plans.items())
+            + f".  The bound: the dense time less the attention the plan skips, at SDPA's "
+            f"speed.  Details: [{link}]({link})."]
+
+
 def _profiler_multi(path: Path) -> str:
     report = _load(path)
     one, many = report["runs"][0], report["runs"][-1]
@@ -311,7 +330,8 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
     speed = [(path, render) for name, render in (("prefill.json", _prefill),
                                                  ("layers.json", _layers),
                                                  ("decode.json", _decode),
-                                                 ("decode_e2e.json", _decode_e2e))
+                                                 ("decode_e2e.json", _decode_e2e),
+                                                 ("first_token.json", _first_token))
              for path in _every(root, name, machine)]
     speed.sort(key=lambda item: (item[0].parent.name != machine, item[0].parent.name))
     profiler = _find(root, "profiler.md", machine)

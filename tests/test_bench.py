@@ -80,3 +80,23 @@ def test_dense_backend_is_picked_by_its_faster_graph():
 
     failed = bench_decode.by_backend(fails)
     assert failed == {"error": "; ".join(f"{name}: out of memory" for name in names)}
+
+
+def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped_work():
+    import bench_first_token
+
+    result = {"layers": 2, "lengths": [4, 8], "sdpa_layer_s": {"4": 0.1, "8": 0.4},
+              "plans": {"moa_q": {"kv": {"4": 0.9, "8": 0.6},
+                                  "attention": {"4": 0.5, "8": 0.25}}},
+              "ttft_s": {"dense": {"4": 1.0, "8": 2.0}, "moa_q": {"4": 0.95, "8": 1.5}},
+              "ttft_compiled_s": {"dense": {"4": 0.9, "8": 2.5},
+                                  "moa_q": {"error": "compiling failed"}}}
+    short, long = bench_first_token.rows(result)
+    assert (short["dense_s"], short["ours_s"]) == (0.9, 0.95)  # dense compiled, plan eager
+    # 2 layers x 0.4 s of SDPA, three quarters of it skipped: at best 2.0 / 1.4.
+    assert long["speedup"] == pytest.approx(2.0 / 1.5)
+    assert long["bound_speedup"] == pytest.approx(2.0 / 1.4)
+    report = dict(result, rows=[short, long], card="card", date="today", commit="abc",
+                  torch="t", triton="tr")
+    text = bench_first_token.markdown(report)
+    assert "1.33x | 1.43x |" in text and "compiling failed" in text

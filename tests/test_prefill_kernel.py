@@ -249,13 +249,19 @@ def test_packed_programs_of_a_wide_group(interp, head_major):
 
 def test_default_tiles_pack_only_heads_that_share_a_rule():
     # Long programs pack 4 query heads of a group (fewer where the group has fewer, or an odd
-    # number); query heads with their own spans are not packed, short programs never.
+    # number); query heads with their own spans are not packed.  Short programs pack 4 heads
+    # on the long programs' tiles from a reach of 3072 keys, else take unpacked 64 x 64 tiles.
     assert default_config(128, 8192, shared=4).pack == 4
     assert default_config(128, 8192, shared=8).pack == 4
     assert default_config(128, 8192, shared=6).pack == 2
     assert default_config(128, 8192, shared=3).pack == 1
     assert default_config(128, 8192).pack == 1
     assert default_config(128, 2048, shared=4).pack == 1
+    assert default_config(128, 4096, shared=4) == default_config(128, 8192, shared=4)
+    assert default_config(128, 3073, shared=8).pack == 4
+    assert default_config(128, 3072, shared=4).block_m == 64
+    assert default_config(128, 4096, shared=2).block_m == 64
+    assert default_config(128, 4096).block_m == 64
     assert shared_rule_heads([64] * 8, [512] * 4 + [2**40] * 4, 4, 1000) == 4
     assert shared_rule_heads([64] * 8, [512] * 3 + [256] + [2**40] * 4, 4, 1000) == 1
     assert shared_rule_heads([0, 64], [8, 8], 1, 1000) == 1

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moaplan.io import atomic_write_text
 from moaplan.kernels.common import use_triton
 from moaplan.kernels.prefill import (
+    SHORT_REACH,
     default_config,
     per_query_head,
     shared_rule_heads,
@@ -89,8 +90,9 @@ class CostModel:
 
 
 def _short(head_dim: int, reach: int) -> bool:
-    """Whether the kernel takes its short programs' tiles for this reach."""
-    return default_config(head_dim, reach).block_m <= 64
+    """Whether the kernel's programs for this reach are short ones, whose tiles
+    :func:`default_config` picks apart (head_dim 128 only: other head dims have one shape)."""
+    return head_dim == 128 and reach <= SHORT_REACH
 
 
 DEFAULT_COST = CostModel()
@@ -272,9 +274,10 @@ def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 
 def _cache_file(device: torch.device) -> Path:
-    # v4: the split route hands SDPA its heads as views (its factor moved); v3 files timed
-    # its copies, v2 files the unpacked kernel, v1 files Python calls.
-    name = f"v4-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+    # v5: groups sharing a rule pack 4 heads on 128 x 128 tiles from a reach of 3072 keys (the
+    # short efficiency moved); v4: the split route hands SDPA its heads as views (its factor
+    # moved); v3 files timed its copies, v2 files the unpacked kernel, v1 files Python calls.
+    name = f"v5-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
     return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"

@@ -1,0 +1,174 @@
+"""Time to first token of a Llama-3-8B shape under three plans, against DynamicCache + SDPA.
+
+A random bf16 32-layer Llama-3-8B shape (bench_decode's), batch 1, prompts of 32K and 128K
+tokens, prefilled into a fresh cache with ``logits_to_keep=1``; each side as the model runs and
+with its decoder layers compiled (the faster counts).  The plans:
+
+- ``mixed``: bench_decode's mixed plan (spans N/32 .. N/2 and three full KV heads per layer),
+  whose density is the same at every length;
+- ``moa_kv`` / ``moa_q``: bench_layers' MoA-like plan (spans ``alpha + beta * N``, so the
+  density falls with N; its 8 layers repeated), by KV head (each GQA group's widest span) and
+  with the query heads' own spans, which the prefill honours while the cache keeps the widest.
+
+Beside each measurement its bound: the dense time less the attention work the plan skips, at
+SDPA's speed (32 layers x one layer's SDPA time x (1 - attention density)).
+
+    python benchmarks/bench_first_token.py --out DIR [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_llama  # noqa: E402
+from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
+from e2e_setups import FIRST_TOKEN_PLANS, fastest_first_token  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+from moaplan.io import atomic_write_text
+from moaplan.plan import ModelShape, Plan
+from moaplan.runtime import apply, remove
+from moaplan.runtime.cache import MoaplanCache
+from moaplan.runtime.routing import dense_attention
+
+CONTEXT = 32768
+
+
+def plans(shape: ModelShape, layers: int) -> dict[str, Plan]:
+    moa = moa_like_rules()
+    return {"mixed": Plan(shape, [mixed_rules(i) for i in range(layers)]),
+            "moa_kv": Plan(shape, [per_kv_head(moa[i % len(moa)]) for i in range(layers)]),
+            "moa_q": Plan(shape, [moa[i % len(moa)] for i in range(layers)])}
+
+
+def sdpa_layer_seconds(config, n: int, rounds: int = 3) -> float:
+    """One layer's causal SDPA (``enable_gqa``) on ``n`` tokens: the median of ``rounds``
+    CUDA-event timings after a warm-up."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    q, k, v = (torch.randn(1, h, n, dim, device=DEVICE, dtype=torch.bfloat16)
+               for h in (heads, kv_heads, kv_heads))
+    times = []
+    for _ in range(rounds + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dense_attention(q, k, v, scale=None, gqa_native=True)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times[1:])
+
+
+def cache_maker(plan: Plan | None):
+    """A maker of a fresh cache for (batch, context): transformers' DynamicCache for the dense
+    side, else the plan's MoaplanCache with room past the context."""
+    from transformers import DynamicCache
+
+    if plan is None:
+        return lambda batch, context: DynamicCache()
+    return lambda batch, context: MoaplanCache(plan, batch, context + 64, torch.bfloat16, DEVICE)
+
+
+def measure(layers: int, save) -> dict:
+    model = random_llama(layers)
+    every = plans(ModelShape.from_config(model.config), layers)
+    lengths = [CONTEXT, LONG]
+    result = {"layers": layers, "lengths": lengths, "ttft_s": {}, "ttft_compiled_s": {},
+              "sdpa_layer_s": {str(n): sdpa_layer_seconds(model.config, n) for n in lengths},
+              "plans": {}}
+    for name, plan in every.items():
+        d = plan.densities(lengths)
+        result["plans"][name] = {kind: dict(zip(map(str, lengths), d[kind].mean((0, 1))
+                                                .tolist())) for kind in ("kv", "attention")}
+    for side in ("dense", *every):
+        plan = every.get(side)
+        if plan is not None:
+            apply(model, plan, strict=False)
+        ttft, compiled = first_token_times(model, cache_maker(plan), CONTEXT)
+        result["ttft_s"][side], result["ttft_compiled_s"][side] = ttft, compiled
+        if plan is not None:
+            remove(model)
+        print(f"{side}: {ttft}; compiled {compiled}", flush=True)
+        save(result)
+    return result
+
+
+def rows(result: dict) -> list[dict]:
+    """Per plan and length: the faster time of each side, the speedup and its bound."""
+    out = []
+    for name, densities in result["plans"].items():
+        for n in map(str, result["lengths"]):
+            dense, ours = (fastest_first_token(result, side, n) for side in ("dense", name))
+            if dense is None or ours is None:
+                continue
+            skipped = (result["layers"] * result["sdpa_layer_s"][n]
+                       * (1 - densities["attention"][n]))
+            out.append({"plan": name, "n": int(n), "kv_density": densities["kv"][n],
+                        "attention_density": densities["attention"][n], "dense_s": dense,
+                        "ours_s": ours, "speedup": dense / ours,
+                        "bound_speedup": dense / (dense - skipped)})
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Time to first token: {report['card']}", "",
+             f"{report['date']}, commit `{report['commit']}`, torch {report['torch']}, triton "
+             f"{report['triton']}.  A random bf16 {report['layers']}-layer Llama-3-8B shape, "
+             "batch 1; each side's faster of the model as it runs and with its decoder layers "
+             "compiled.  Dense: DynamicCache + SDPA (cuDNN).  Bound: the speedup if the plan's "
+             "attention ran at SDPA's speed (dense time less layers x one layer's SDPA time x "
+             "(1 - attention density)); one layer's SDPA: " + ", ".join(
+                 f"{int(n) // 1024}K {s * 1e3:.1f} ms" for n, s in report["sdpa_layer_s"].items())
+             + ".", "",
+             "| plan | context | KV density | attention density | dense s | plan s | speedup "
+             "| bound |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in report.get("rows", []):
+        lines.append(f"| {FIRST_TOKEN_PLANS[row['plan']]} | {row['n'] // 1024}K | "
+                     f"{row['kv_density']:.3f} | {row['attention_density']:.3f} | "
+                     f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {row['speedup']:.2f}x | "
+                     f"{row['bound_speedup']:.2f}x |")
+    lines += ["", "Every run (s), as the model runs / compiled:", "",
+              "| side | " + " | ".join(f"{n // 1024}K" for n in report["lengths"]) + " |",
+              "|---" * (1 + len(report["lengths"])) + "|"]
+    for side, ttft in report["ttft_s"].items():
+        compiled = report["ttft_compiled_s"].get(side, {})
+        cells = [f"{ttft.get(str(n))} / {compiled.get(str(n), compiled.get('error'))}"
+                 for n in report["lengths"]]
+        lines.append(f"| {FIRST_TOKEN_PLANS.get(side, side)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    import transformers
+
+    report = dict(provenance(), torch=torch.__version__, triton=triton.__version__,
+                  transformers=transformers.__version__)
+
+    def save(result: dict) -> None:
+        report.update(result, rows=rows(result))
+        atomic_write_text(args.out / "first_token.json", json.dumps(report, indent=1))
+        atomic_write_text(args.out / "first_token.md", markdown(report))
+
+    start = time.monotonic()
+    measure(args.layers, save)
+    print(markdown(report), f"done in {time.monotonic() - start:.0f} s", sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
