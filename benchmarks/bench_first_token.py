@@ -119,6 +119,12 @@ def rows(result: dict) -> list[dict]:
     return out
 
 
+def _seconds(run: dict, n: int) -> str:
+    """One run's seconds at ``n``, or its error (compiling)."""
+    value = run.get(str(n), run.get("error"))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Time to first token: {report['card']}", "",
              f"{report['date']}, commit `{report['commit']}`, torch {report['torch']}, triton "
@@ -126,7 +132,8 @@ def markdown(report: dict) -> str:
              "batch 1; each side's faster of the model as it runs and with its decoder layers "
              "compiled.  Dense: DynamicCache + SDPA (cuDNN).  Bound: the speedup if the plan's "
              "attention ran at SDPA's speed (dense time less layers x one layer's SDPA time x "
-             "(1 - attention density)); one layer's SDPA: " + ", ".join(
+             "(1 - attention density)), an estimate: SDPA is timed alone, outside the model, "
+             "so a measurement can pass it by a percent or two; one layer's SDPA: " + ", ".join(
                  f"{int(n) // 1024}K {s * 1e3:.1f} ms" for n, s in report["sdpa_layer_s"].items())
              + ".", "",
              "| plan | context | KV density | attention density | dense s | plan s | speedup "
@@ -141,8 +148,7 @@ def markdown(report: dict) -> str:
               "|---" * (1 + len(report["lengths"])) + "|"]
     for side, ttft in report["ttft_s"].items():
         compiled = report["ttft_compiled_s"].get(side, {})
-        cells = [f"{ttft.get(str(n))} / {compiled.get(str(n), compiled.get('error'))}"
-                 for n in report["lengths"]]
+        cells = [f"{_seconds(ttft, n)} / {_seconds(compiled, n)}" for n in report["lengths"]]
         lines.append(f"| {FIRST_TOKEN_PLANS.get(side, side)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -69,13 +69,13 @@ class CostModel:
     :data:`CALIBRATION_LENGTHS`.
     """
 
-    sdpa_tflops: float = 555.0
-    efficiency_short: float = 0.86
+    sdpa_tflops: float = 570.0
+    efficiency_short: float = 0.92
     efficiency_long: float = 0.96
     copy_tbps: float = 3.9
     gqa_native: bool = True
     split_short: float = 1.3
-    split_long: float = 1.04
+    split_long: float = 1.02
 
     def efficiency(self, head_dim: int, reach: int) -> float:
         return self.efficiency_short if _short(head_dim, reach) else self.efficiency_long
