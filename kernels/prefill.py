@@ -111,16 +111,16 @@ def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     capped at the key count); ``shared`` how many query heads of each GQA group share one
     rule (the group size for per-KV-head rules, 1 where query heads have their own spans).
 
-    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-10): programs that
-    visit at most 4096 keys finish sooner with 64 x 64 tiles (more, shorter programs and less
-    window-edge waste); longer ones run best with 128 x 128 tiles in head-major order, packing
-    4 query heads that share a rule (run 8: the mixed plan 2-10% faster at 16K-64K; heads of
-    different rules would mask every tile).  Packing 4 heads also wins for programs of more
-    than 3072 keys (run 10: 1-4% on the near-dense layers of a 4K MoA-like plan and on 4K
-    windows at 16K; 64 x 64 tiles stay 4% faster on 2K windows).  Both load K/V through TMA:
-    timed as CUDA-graph replays on the H200, the 64 x 64 tiles ran 4-8% faster with it on
-    every layer of a 4K MoA-like plan and on the 4K mixed plan (run 7).  Other head dims are
-    untuned.
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-10): programs of
+    more than :data:`SHORT_REACH` keys run best with 128 x 128 tiles in head-major order,
+    packing 4 query heads that share a rule (run 8: the mixed plan 2-10% faster at 16K-64K;
+    heads of different rules would mask every tile), and so do those of more than 3072 keys
+    where 4 heads pack (run 10: 1-4% on the near-dense layers of a 4K MoA-like plan and on 4K
+    windows at 16K).  Other short programs finish sooner with 64 x 64 tiles (more, shorter
+    programs and less window-edge waste; 4% faster on 2K windows, 2-5% on 4K per-query-head
+    spans).  Both tiles load K/V through TMA: timed as CUDA-graph replays on the H200, the
+    64 x 64 tiles ran 4-8% faster with it on every layer of a 4K MoA-like plan and on the 4K
+    mixed plan (run 7).  Other head dims are untuned.
     """
     if head_dim == 128:
         pack = _pack(4, shared, 128)

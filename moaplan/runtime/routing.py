@@ -60,8 +60,8 @@ class CostModel:
 
     ``sdpa_tflops``: dense causal SDPA (``4 * D * N(N+1)/2`` FLOPs a query head);
     ``efficiency_short`` / ``efficiency_long``: the block-sparse kernel's speed on the tiles
-    it visits relative to SDPA's (tile density x T_SDPA / T_kernel), with its short (reach
-    <= 4096 keys) and long tiles; ``copy_tbps``: device copy bandwidth (bytes read plus
+    it visits relative to SDPA's (tile density x T_SDPA / T_kernel), in its short (reach
+    <= 4096 keys) and long programs; ``copy_tbps``: device copy bandwidth (bytes read plus
     written); ``gqa_native``: SDPA's ``enable_gqa`` is faster than repeating the keys per
     query head in the call (else the dense route repeats them, a copy); ``split_short`` /
     ``split_long``: the split route's measured time over its prediction from the rest (two
