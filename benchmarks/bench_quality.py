@@ -43,7 +43,8 @@ from provenance import provenance
 from quality_report import markdown
 from tqdm import tqdm
 
-from moaplan.data import CalibrationSample, model_calibration, stdlib_corpus
+from moaplan.data import CalibrationSample, stdlib_corpus
+from moaplan.data.calibration import sample_source
 from moaplan.data.tasks import CALIBRATION_PHRASINGS
 from moaplan.data.tokens import text_row
 from moaplan.errors import MoaplanError
@@ -131,11 +132,9 @@ def run(testbed: Testbed, settings: QualitySettings, out: Path, work: Path,
     validation_length = (testbed.validation_length if settings.lengths is None
                          else lengths[-1] * 3 // 4)
 
-    @functools.cache
-    def source(length: int, count: int, held_out: bool) -> list:
-        wordings = (testbed.phrasing,) if settings.own_wording else CALIBRATION_PHRASINGS
-        return model_calibration(model, tokenizer, length, count,
-                                 seed=settings.seed + 1000 * int(held_out), wordings=wordings)
+    source = functools.cache(sample_source(
+        model, tokenizer, None, lengths, settings.seed,
+        (testbed.phrasing,) if settings.own_wording else CALIBRATION_PHRASINGS))
 
     def search_settings(budget: float) -> SearchSettings:
         base = settings.search or SearchSettings(budget=Budget("kv", budget), lengths=lengths,

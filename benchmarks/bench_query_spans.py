@@ -37,8 +37,7 @@ import torch
 from bench_quality import TESTBEDS, load_testbed
 from provenance import provenance
 
-from moaplan.data import model_calibration
-from moaplan.data.tasks import CALIBRATION_PHRASINGS
+from moaplan.data.calibration import sample_source
 from moaplan.errors import MoaplanError
 from moaplan.io import atomic_write_text
 from moaplan.plan import Budget, Plan
@@ -76,11 +75,7 @@ def run(testbed: str, kv_budget: float, attention_budget: float, test_samples: i
     model, tokenizer = load_testbed(bed, device)
     lengths = [512] if quick else list(bed.lengths)
 
-    @functools.cache
-    def source(length: int, count: int, held_out: bool, seed: int = 0) -> list:
-        return model_calibration(model, tokenizer, length, count,
-                                 seed=seed + 1000 * int(held_out),
-                                 wordings=CALIBRATION_PHRASINGS)
+    source = functools.cache(sample_source(model, tokenizer, None, lengths))
 
     settings = SearchSettings(budget=Budget("kv", kv_budget), lengths=lengths,
                               validation_length=384 if quick else bed.validation_length,
@@ -99,8 +94,9 @@ def run(testbed: str, kv_budget: float, attention_budget: float, test_samples: i
     plans[f"chosen ({found.chosen})"] = found.plan
 
     # Fresh held-out samples (seed 7): neither profiled nor used to choose the plan.
+    fresh = sample_source(model, tokenizer, None, lengths, seed=7)
     per_length = -(-test_samples // len(settings.validation_lengths))
-    test = [s for n in settings.validation_lengths for s in source(n, per_length, True, 7)]
+    test = [s for n in settings.validation_lengths for s in fresh(n, per_length, True)]
     reference = DenseReference(model, test, local=attend_locally(model, settings.target_lengths))
     longest = max(settings.target_lengths)
     scores: dict[str, Score] = {}

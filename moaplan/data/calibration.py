@@ -327,15 +327,17 @@ class CalibrationFile:
 
 
 def sample_source(model, tokenizer, data: str | os.PathLike | None, lengths: list[int],
-                  seed: int = 0) -> Callable[[int, int, bool], list[CalibrationSample]]:
+                  seed: int = 0, wordings: tuple[str, ...] = CALIBRATION_PHRASINGS
+                  ) -> Callable[[int, int, bool], list[CalibrationSample]]:
     """``(length, count, held_out) -> samples``, what search draws its profiling and held-out
     samples from: the file ``data`` bucketed by ``lengths`` (:class:`CalibrationFile`), or,
-    without one, the model's own completions (:func:`model_calibration`), held-out samples
-    from a seed of their own (search checks the two sides are disjoint)."""
+    without one, the model's own completions in ``wordings`` (:func:`model_calibration`),
+    held-out samples from a seed of their own (search checks the two sides are disjoint)."""
     if data:
         return CalibrationFile(data, tokenizer, lengths).samples
 
     def source(length: int, count: int, held_out: bool) -> list[CalibrationSample]:
         return model_calibration(model, tokenizer, length, count,
-                                 seed=seed + HELD_OUT_SEED_OFFSET * int(held_out))
+                                 seed=seed + HELD_OUT_SEED_OFFSET * int(held_out),
+                                 wordings=wordings)
     return source
