@@ -27,6 +27,7 @@ import numpy as np
 
 from moaplan.errors import BudgetError
 from moaplan.optimize import KnapsackProblem, solve
+from moaplan.optimize.problem import mean_density
 from moaplan.plan import Budget, Plan
 from moaplan.profile import Profile
 from moaplan.profile.cost import dropped_at
@@ -76,11 +77,9 @@ def query_candidates(plan: Plan, rule_space: RuleSpace, lengths: list[int]) -> Q
     windows = sorted({(r.alpha, r.beta) for r in rule_space.rules if not r.full})
     windows_arr = np.array([(np.nan, np.nan), *windows], dtype=np.float64)
     sink = min(rule_space.sinks)
-    bases, narrowable = [], []
-    for rule in plan.flat_rules:
-        narrowable.append(not rule.compensate)
-        bases.append(Rule(sink=sink, alpha=0.0, beta=1.0) if rule.full
-                     else replace(rule, query_windows=None))
+    bases = [Rule(sink=sink, alpha=0.0, beta=1.0) if rule.full
+             else replace(rule, query_windows=None) for rule in plan.flat_rules]
+    narrowable = np.array([not rule.compensate for rule in plan.flat_rules])
     own = rule_spans(plan.flat_rules, lengths_arr)  # (kv heads, lengths): what the cache keeps
     # A window's span as a query window: from a floor of one key, capped at the rule's span
     # (moaplan.rules.query_spans, vectorised over every KV head and window at once).
@@ -93,10 +92,10 @@ def query_candidates(plan: Plan, rule_space: RuleSpace, lengths: list[int]) -> Q
     attention = attention_density(kv_sinks[:, None, :], spans, lengths_arr[None, None, :])
     # candidate 0 is the rule itself, exactly as the plan prices it (a compensation included)
     attention[:, 0, :] = density(plan.flat_rules, lengths_arr, "attention")
-    fixed = ~np.array(narrowable)  # every candidate of a rule that cannot narrow is its own
+    fixed = ~narrowable  # every candidate of a rule that cannot narrow is its own
     spans[fixed], attention[fixed] = spans[fixed, :1], attention[fixed, :1]
     return QueryCandidates(
-        plan=plan, bases=bases, narrowable=np.array(narrowable), windows=windows_arr,
+        plan=plan, bases=bases, narrowable=narrowable, windows=windows_arr,
         lengths=lengths_arr, spans=np.repeat(spans, group, 0),
         sinks=np.repeat([b.sink for b in bases], group).astype(np.int64),
         attention=np.repeat(attention, group, 0))
@@ -169,8 +168,9 @@ def cap_query_heads(plan: Plan, rule_space: RuleSpace, targets: list[int], budge
     at every target length.  The heuristic :func:`narrow_query_heads` must beat."""
     _check_budget(budget)
     candidates = query_candidates(plan, rule_space, targets)
-    mean = candidates.attention.mean(0)  # (candidates, targets): every head on one window
-    fits = [c for c in range(mean.shape[0]) if (np.round(mean[c], 12) <= budget.value).all()]
+    # (candidates, targets): every head on one window, as the knapsack compares densities
+    mean = mean_density(np.moveaxis(candidates.attention, 0, -1))
+    fits = [c for c in range(mean.shape[0]) if (mean[c] <= budget.value).all()]
     if not fits:
         raise BudgetError(f"no common window of the rule space brings the query heads to "
                           f"attention density {budget.value:g}; the narrowest leaves "
