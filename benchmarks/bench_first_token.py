@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_ll
 from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
 from e2e_setups import FIRST_TOKEN_PLANS, fastest_first_token  # noqa: E402
 from provenance import provenance  # noqa: E402
+from timing import bench  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.plan import ModelShape, Plan
@@ -50,22 +50,14 @@ def plans(shape: ModelShape, layers: int) -> dict[str, Plan]:
             "moa_q": Plan(shape, [moa[i % len(moa)] for i in range(layers)])}
 
 
-def sdpa_layer_seconds(config, n: int, rounds: int = 3) -> float:
-    """One layer's causal SDPA (``enable_gqa``) on ``n`` tokens: the median of ``rounds``
-    CUDA-event timings after a warm-up."""
+def sdpa_layer_seconds(config, n: int) -> float:
+    """One layer's causal SDPA (``enable_gqa``) on ``n`` tokens: the median of
+    :func:`timing.bench`."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = config.hidden_size // heads
     q, k, v = (torch.randn(1, h, n, dim, device=DEVICE, dtype=torch.bfloat16)
                for h in (heads, kv_heads, kv_heads))
-    times = []
-    for _ in range(rounds + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dense_attention(q, k, v, scale=None, gqa_native=True)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times[1:])
+    return bench(lambda: dense_attention(q, k, v, scale=None, gqa_native=True)) * 1e-3
 
 
 def cache_maker(plan: Plan | None):
