@@ -324,7 +324,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
            f"eta = ideal / T.", "",
            "Tiles (BM x BN) are the kernel's default for each plan (`default_config`); "
            "\"hm\": programs in head-major order; \"pN\": N query heads of a GQA group packed "
-           "in each program.", "",
+           "in each program; \"eN\": masked tiles (sinks, window edges, diagonal) N keys "
+           "wide.", "",
            "| N | plan | density | tiles | ours ms | flex ms | SDPA ms | SDPA-FA2 ms | ideal ms | "
            "ours TFLOP/s | flex TFLOP/s | ours/SDPA | ours/flex | eta ours | eta flex |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -334,7 +335,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[
             f"| {r['n']} | {r['plan']} | {r['density']:.3f} | "
             f"{r['config']['block_m']}x{r['config']['block_n']}"
             f"{' hm' if r['config'].get('head_major') else ''}"
-            f"{' p' + str(r['config']['pack']) if r['config'].get('pack', 1) > 1 else ''} | "
+            f"{' p' + str(r['config']['pack']) if r['config'].get('pack', 1) > 1 else ''}"
+            f"{' e' + str(r['config']['edge_n']) if r['config'].get('edge_n') else ''} | "
             f"{ms['ours']:.3f} | "
             f"{fmt(ms['flex'], '.3f')} | {ms['sdpa_default_dense']:.3f} | "
             f"{ms['sdpa_flash_dense']:.3f} | {ms['ideal']:.3f} | {r['tflops_ours']:.0f} | "

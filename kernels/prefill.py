@@ -82,6 +82,7 @@ class PrefillConfig:
     ``pack`` query heads of one GQA group share a program: its ``block_m`` rows are
     ``block_m / pack`` queries of each, so every K/V tile it loads serves them all and a
     window's edge tiles waste less (a power of two dividing the group; 1 where it does not).
+    ``edge_n`` (0: ``block_n``) is the key width of the masked tiles (:attr:`masked_n`).
     """
 
     block_m: int
@@ -91,6 +92,21 @@ class PrefillConfig:
     head_major: bool = False
     tma: bool = True
     pack: int = 1
+    edge_n: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.masked_n
+        if n < 16 or n & (n - 1) or self.block_n % n:
+            raise ValueError(f"edge_n={self.edge_n} must be 0 or a power of two >= 16 that "
+                             f"divides block_n={self.block_n}")
+
+    @property
+    def masked_n(self) -> int:
+        """Key tile width of the masked tiles (sinks, window edges, diagonal): ``edge_n``, a
+        power of two dividing ``block_n``, or ``block_n`` where it is 0.  Narrower masked
+        tiles compute fewer hidden entries where a window's first key or a short sink falls
+        inside a wide tile."""
+        return self.edge_n or self.block_n
 
 
 # Programs that visit at most this many keys are short: their tiles differ (default_config).
@@ -111,23 +127,25 @@ def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     capped at the key count); ``shared`` how many query heads of each GQA group share one
     rule (the group size for per-KV-head rules, 1 where query heads have their own spans).
 
-    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-10): programs of
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-11): programs of
     more than :data:`SHORT_REACH` keys run best with 128 x 128 tiles in head-major order,
     packing 4 query heads that share a rule (run 8: the mixed plan 2-10% faster at 16K-64K;
-    heads of different rules would mask every tile), and so do those of more than 3072 keys
-    where 4 heads pack (run 10: 1-4% on the near-dense layers of a 4K MoA-like plan and on 4K
-    windows at 16K).  Other short programs finish sooner with 64 x 64 tiles (more, shorter
-    programs and less window-edge waste; 4% faster on 2K windows, 2-5% on 4K per-query-head
-    spans).  Both tiles load K/V through TMA: timed as CUDA-graph replays on the H200, the
-    64 x 64 tiles ran 4-8% faster with it on every layer of a 4K MoA-like plan and on the 4K
-    mixed plan (run 7).  Other head dims are untuned.
+    heads of different rules would mask every tile), and so do those of more than 2048 keys
+    where 4 heads pack (runs 10-11: 2-5% on the near-dense layers of a 4K MoA-like plan, 4-10%
+    on 2K-4K windows at 16K).  Their masked tiles are 64 keys wide (run 11: 1-5% on 4K-16K
+    MoA-like layers, the mixed plan 3% at 16K; a 64-key sink or a window's first key then
+    wastes half as much of its tile).  Other short programs finish sooner with 64 x 64 tiles
+    (more, shorter programs and less window-edge waste; 6% faster on 512-key windows, 2-5% on
+    4K per-query-head spans).  Both tiles load K/V through TMA: timed as CUDA-graph replays on
+    the H200, the 64 x 64 tiles ran 4-8% faster with it on every layer of a 4K MoA-like plan
+    and on the 4K mixed plan (run 7).  Other head dims are untuned.
     """
     if head_dim == 128:
         pack = _pack(4, shared, 128)
-        if reach <= SHORT_REACH and (reach <= 3072 or pack < 4):
+        if reach <= SHORT_REACH and (reach <= 2048 or pack < 4):
             return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                             head_major=True, pack=pack)
+                             head_major=True, pack=pack, edge_n=64)
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
@@ -337,14 +355,15 @@ def _dropped_means_kernel(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, Out, desc_k, desc_v, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS, COMP_SLOT, MK, MV,
+    Q, K, V, Out, desc_k, desc_v, desc_ke, desc_ve, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS,
+    COMP_SLOT, MK, MV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     q_offset, n_queries, n_keys, n_comp, qk_scale,
     HQ: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_N: tl.constexpr,
     HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
     HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -390,16 +409,27 @@ def _sparse_prefill_kernel(
     # take the masked path (span_lo = 0 leaves no interior tiles) and see nothing there.
     has_rows = (hi >= i0) & ((sink_hi > 0) | (span_hi > 0))
 
-    # Key-tile ranges (all bounds non-negative, so integer division is floor division).
+    # Key-tile ranges (all bounds non-negative, so integer division is floor division), in
+    # tiles of BLOCK_N keys; the masked ones are then walked in tiles of EDGE_N keys.
     d = tl.where(has_rows, hi // BLOCK_N + 1, 0)
     lo = tl.maximum(i0 - span_hi + 1, 0)  # earliest window key of any row
-    s_end = tl.minimum(tl.cdiv(tl.minimum(sink_hi, lo), BLOCK_N), d)
+    sink_keys = tl.minimum(sink_hi, lo)  # sinks the window does not cover
+    s_end = tl.minimum(tl.cdiv(sink_keys, BLOCK_N), d)
     a = tl.minimum(tl.maximum(lo // BLOCK_N, s_end), d)
     first_full = tl.where(i_last >= span_lo, (i_last - span_lo) // BLOCK_N + 1, 0)
     e = tl.minimum(tl.maximum(first_full, a), d)
     f = tl.minimum(tl.maximum((i0 + 1) // BLOCK_N, e), d)
+    # The same masked ranges in EDGE_N tiles: sink [0, s_end), edge [a, e), diagonal [f, d).
+    # They stay inside the BLOCK_N tiles above, so the interior tiles [e, f) remain theirs.
+    SUB: tl.constexpr = BLOCK_N // EDGE_N
+    d_sub = tl.where(has_rows, hi // EDGE_N + 1, 0)
+    s_end = tl.minimum(tl.cdiv(sink_keys, EDGE_N), d_sub)
+    a = tl.minimum(tl.maximum(lo // EDGE_N, s_end), d_sub)
+    e_sub = tl.minimum(e * SUB, d_sub)
+    f_sub = tl.minimum(f * SUB, d_sub)
 
     offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, EDGE_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = t0 + offs_m % ROWS
     rows = q_offset + q_rows
@@ -413,14 +443,15 @@ def _sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # Masked tiles: sink [0, s_end), then edge [a, e), then diagonal [f, d), back to back.
-    n_edge = e - a
-    for idx in range(0, s_end + n_edge + (d - f)):
+    # Masked tiles: sink [0, s_end), then edge [a, e_sub), then diagonal [f_sub, d_sub), back
+    # to back.
+    n_edge = e_sub - a
+    for idx in range(0, s_end + n_edge + (d_sub - f_sub)):
         tile = tl.where(idx < s_end, idx, tl.where(idx < s_end + n_edge, a + idx - s_end,
-                                                   f + idx - s_end - n_edge))
-        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
-                                     stride_kn, stride_kd, stride_vn, stride_vd, tile, rows,
-                                     offs_n, offs_d, sink, span, n_keys, qk_scale, BLOCK_N,
+                                                   f_sub + idx - s_end - n_edge))
+        acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_ke, desc_ve, b,
+                                     kvh, stride_kn, stride_kd, stride_vn, stride_vd, tile,
+                                     rows, offs_e, offs_d, sink, span, n_keys, qk_scale, EDGE_N,
                                      HEAD_DIM, True, TMA, DOT_PRECISION)
     for tile in range(e, f):
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
@@ -498,11 +529,12 @@ def _interpreted() -> bool:
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor,
-                    cfg: PrefillConfig) -> tuple[object, object] | None:
-    """TMA descriptors of ``[1, 1, BLOCK_N, D]`` tiles over K and V, or None where the
-    pointer loads must serve: TMA off in ``cfg``, a GPU before Hopper, or a layout TMA cannot
-    address (its base and every stride but the last, which must be 1, 16-byte aligned), or a
-    Triton without host-side descriptors."""
+                    cfg: PrefillConfig) -> tuple[object, ...] | None:
+    """TMA descriptors over K and V of ``[1, 1, block_n, D]`` tiles, then of the masked
+    tiles' ``[1, 1, masked_n, D]``, or None where the pointer loads must serve: TMA off in
+    ``cfg``, a GPU before Hopper, or a layout TMA cannot address (its base and every stride
+    but the last, which must be 1, 16-byte aligned), or a Triton without host-side
+    descriptors."""
     if not cfg.tma or k.shape[2] == 0 or TensorDescriptor is None:
         return None
     if not _interpreted() and torch.cuda.get_device_capability(k.device)[0] < 9:
@@ -512,8 +544,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor,
         if (x.stride(-1) != 1 or x.data_ptr() % 16
                 or any(st <= 0 or st * size % 16 for st in x.stride()[:-1])):
             return None
-    block = [1, 1, cfg.block_n, k.shape[3]]
-    return TensorDescriptor.from_tensor(k, block), TensorDescriptor.from_tensor(v, block)
+    return tuple(TensorDescriptor.from_tensor(x, [1, 1, n, k.shape[3]])
+                 for n in (cfg.block_n, cfg.masked_n) for x in (k, v))
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -641,13 +673,13 @@ def sparse_attention(
         grid = (grid[0] * grid[1],)
     descriptors = _kv_descriptors(k, v, cfg)
     _sparse_prefill_kernel[grid](
-        q, k, v, out, *(descriptors or (0, 0)), table[0], table[1], table[2],
+        q, k, v, out, *(descriptors or (0, 0, 0, 0)), table[0], table[1], table[2],
         qoff if qoff is not None else flat, lens if lens is not None else flat,
         table[3], *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
         HQ=n_q_heads, GROUP=group, PACK=pack, HEAD_DIM=head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EDGE_N=cfg.masked_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
         HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

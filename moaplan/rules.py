@@ -244,28 +244,33 @@ def attention_density(sink: ArrayLike, span: ArrayLike, n: ArrayLike,
 
 
 def block_attention_density(
-    sink: ArrayLike, span: ArrayLike, n: int, block_m: int, block_n: int | None = None
+    sink: ArrayLike, span: ArrayLike, n: int, block_m: int, block_n: int | None = None,
+    edge_n: int | None = None,
 ) -> np.ndarray:
     """Share of the causal ``block_m x block_n`` tiles a kernel must visit at length ``n``.
 
     Vectorised over rules (``sink``/``span`` arrays of any matching shape) and over query
     blocks (``O(n / block_m)`` work per rule).  A tile is visited when it holds at least one
-    visible entry; the denominator counts the tiles a dense causal kernel visits.
+    visible entry; the denominator counts the tiles a dense causal kernel visits.  A kernel
+    whose masked tiles (sinks, window edges, diagonal) are ``edge_n`` keys wide visits the
+    keys of every ``block_m x edge_n`` tile with a visible entry: that count of keys, in
+    ``block_n`` tiles.
     """
     block_n = block_n or block_m
+    edge_n = edge_n or block_n
     sink = np.asarray(sink, dtype=np.int64)[..., None]
     span = np.asarray(span, dtype=np.int64)[..., None]
     q_lo = np.arange(0, n, block_m, dtype=np.int64)
     q_hi = np.minimum(q_lo + block_m, n) - 1  # last query row of each block
-    last_kb = q_hi // block_n  # diagonal key block (inclusive)
+    last_kb = q_hi // edge_n  # diagonal key block (inclusive)
     win_first_key = np.maximum(q_lo - span + 1, 0)  # first row's window start
-    win_first_kb = win_first_key // block_n
+    win_first_kb = win_first_key // edge_n
     sink_keys = np.minimum(sink, q_hi + 1)  # sink keys visible to the block's last row
-    sink_blocks = -(-sink_keys // block_n)  # ceil
+    sink_blocks = -(-sink_keys // edge_n)  # ceil
     window_blocks = last_kb - win_first_kb + 1
     overlap = np.maximum(sink_blocks - win_first_kb, 0)
     visited = np.minimum(sink_blocks + window_blocks - overlap, last_kb + 1)
-    return visited.sum(-1) / (last_kb + 1).sum()
+    return visited.sum(-1) * edge_n / block_n / (q_hi // block_n + 1).sum()
 
 
 @dataclass(frozen=True)

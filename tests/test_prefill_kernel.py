@@ -122,6 +122,8 @@ def _cases(draw):
         compensate=compensate and torch.tensor(compensate),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         block=(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))),
+        # Masked tiles of half the key tile's width where it has room for them.
+        half_edges=draw(st.booleans()),
         head_major=draw(st.booleans()),
         tma=draw(st.booleans()),
         # Query heads per program (as many as divide the group): per-query-head spans and
@@ -140,8 +142,10 @@ def test_random_plans_match_reference(interp, case):
     kwargs = dict(q_offset=case["q_offset"], seq_lens=case["seq_lens"],
                   compensate=case["compensate"])
     ref = reference_attention(q, k, v, case["sink"], case["span"], **kwargs)
+    block_n = case["block"][1]
     config = PrefillConfig(*case["block"], num_warps=4, num_stages=1,
-                           head_major=case["head_major"], tma=case["tma"], pack=case["pack"])
+                           head_major=case["head_major"], tma=case["tma"], pack=case["pack"],
+                           edge_n=block_n // 2 if case["half_edges"] and block_n > 16 else 0)
     out = interp(q, k, v, case["sink"], case["span"], config=config, **kwargs)
     _check(out, ref, case["dtype"])
 
@@ -250,7 +254,8 @@ def test_packed_programs_of_a_wide_group(interp, head_major):
 def test_default_tiles_pack_only_heads_that_share_a_rule():
     # Long programs pack 4 query heads of a group (fewer where the group has fewer, or an odd
     # number); query heads with their own spans are not packed.  Short programs pack 4 heads
-    # on the long programs' tiles from a reach of 3072 keys, else take unpacked 64 x 64 tiles.
+    # on the long programs' tiles from a reach of 2048 keys, else take unpacked 64 x 64 tiles.
+    # Masked tiles in the 128 x 128 programs are 64 keys wide.
     assert default_config(128, 8192, shared=4).pack == 4
     assert default_config(128, 8192, shared=8).pack == 4
     assert default_config(128, 8192, shared=6).pack == 2
@@ -258,8 +263,10 @@ def test_default_tiles_pack_only_heads_that_share_a_rule():
     assert default_config(128, 8192).pack == 1
     assert default_config(128, 2048, shared=4).pack == 1
     assert default_config(128, 4096, shared=4) == default_config(128, 8192, shared=4)
-    assert default_config(128, 3073, shared=8).pack == 4
-    assert default_config(128, 3072, shared=4).block_m == 64
+    assert default_config(128, 2049, shared=8).pack == 4
+    assert default_config(128, 2048, shared=4).block_m == 64
+    assert default_config(128, 8192, shared=4).masked_n == 64
+    assert default_config(128, 2048).masked_n == 64 == default_config(128, 2048).block_n
     assert default_config(128, 4096, shared=2).block_m == 64
     assert default_config(128, 4096).block_m == 64
     assert shared_rule_heads([64] * 8, [512] * 4 + [2**40] * 4, 4, 1000) == 4
@@ -269,17 +276,23 @@ def test_default_tiles_pack_only_heads_that_share_a_rule():
     assert shared_rule_heads([0] * 4, [1000, 1001, 2**40, 5000], 4, 1000) == 4
 
 
-@pytest.mark.parametrize("head_major", [False, True])
-def test_h100_tile_shapes(interp, head_major):
-    # The 128 x 128 tiles long plans use on the GPU (in head-major order), on a batch with
-    # padding and a length that ends mid-tile.
+@pytest.mark.parametrize("edge_n", [8, 48, 256])
+def test_masked_tiles_must_divide_the_key_tile(edge_n):
+    with pytest.raises(ValueError, match="power of two >= 16 that divides block_n=128"):
+        PrefillConfig(128, 128, 8, 3, edge_n=edge_n)
+
+
+@pytest.mark.parametrize("head_major,edge_n", [(False, 0), (True, 64)])
+def test_h100_tile_shapes(interp, head_major, edge_n):
+    # The 128 x 128 tiles long plans use on the GPU (in head-major order, with 64-key masked
+    # tiles), on a batch with padding and a length that ends mid-tile.
     gen = torch.Generator().manual_seed(13)
     q, k, v = _qkv(gen, 2, 4, 2, 300, 300, 32, torch.float16)
     sink, span = _random_rule(gen, 2, 300)
     seq_lens = torch.tensor([300, 170])
     ref = reference_attention(q, k, v, sink, span, seq_lens=seq_lens)
     config = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                           head_major=head_major)
+                           head_major=head_major, edge_n=edge_n)
     _check(interp(q, k, v, sink, span, seq_lens=seq_lens, config=config), ref, torch.float16)
 
 
@@ -326,9 +339,9 @@ def test_compiled_kernel_refuses_cpu_tensors():
     assert torch.equal(sparse_attention(x, x, x, [0], [4]), reference_attention(x, x, x, [0], [4]))
 
 
-# The long programs' tiles with a group's 4 query heads packed (the default only from 4096
-# keys of reach on).
-LONG_PACKED = PrefillConfig(128, 128, 8, 3, head_major=True, pack=4)
+# The long programs' tiles with a group's 4 query heads packed and 64-key masked tiles (the
+# default only from 2048 keys of reach on).
+LONG_PACKED = PrefillConfig(128, 128, 8, 3, head_major=True, pack=4, edge_n=64)
 
 
 @pytest.mark.gpu

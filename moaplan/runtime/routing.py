@@ -161,7 +161,8 @@ def _kernel_tiles(sink: np.ndarray, span: np.ndarray, n: int, head_dim: int,
     pack`` queries of each packed head), and that reach."""
     reach = int(min((sink + span).max(), n))
     cfg = default_config(head_dim, reach, shared)
-    return block_attention_density(sink, span, n, cfg.block_m // cfg.pack, cfg.block_n), reach
+    return block_attention_density(sink, span, n, cfg.block_m // cfg.pack, cfg.block_n,
+                                   cfg.masked_n), reach
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -274,10 +275,12 @@ def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 
 def _cache_file(device: torch.device) -> Path:
-    # v5: groups sharing a rule pack 4 heads on 128 x 128 tiles from a reach of 3072 keys (the
-    # short efficiency moved); v4: the split route hands SDPA its heads as views (its factor
-    # moved); v3 files timed its copies, v2 files the unpacked kernel, v1 files Python calls.
-    name = f"v5-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
+    # v6: masked tiles of 64 keys in the 128 x 128 programs, packed from a reach of 2048 keys
+    # (the tile counts and both efficiencies moved); v5: groups sharing a rule pack 4 heads on
+    # 128 x 128 tiles from a reach of 3072 keys (the short efficiency moved); v4: the split
+    # route hands SDPA its heads as views (its factor moved); v3 files timed its copies, v2
+    # files the unpacked kernel, v1 files Python calls.
+    name = f"v6-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
     return root / f"cost-{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.json"
