@@ -177,6 +177,28 @@ def test_calibration_derives_the_cost_model_from_its_timings():
         torch.testing.assert_close(outputs[f"{n}/split"].float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_calibration_rates_sdpa_as_the_dense_route_calls_it():
+    # A card whose SDPA with enable_gqa (the dense route's call) runs 10% faster than SDPA on
+    # keys repeated beforehand, and whose kernel computes an all-full layer 2% slower than
+    # the route's call: rated against the slower call, the kernel would look faster than the
+    # dense route and take the all-full layer.
+    heads, dim, lengths = (4, 2), 32, (128, 256)
+
+    def timer(fns):
+        ms = {"copy": 1.0}
+        for n in lengths:
+            gqa = 4 * dim * n * (n + 1) / 2 * heads[0] / 100e12 * 1e3
+            ms |= {f"{n}/sdpa": 1.1 * gqa, f"{n}/sdpa_gqa": gqa, f"{n}/sdpa_repeat": 1.2 * gqa,
+                   f"{n}/split": 1.0, f"{n}/full": 1.02 * gqa, f"{n}/half": 0.6 * gqa}
+        return ms
+
+    cost = routing.calibrate(torch.device("cpu"), heads=heads, head_dim=dim, lengths=lengths,
+                             timer=timer)
+    assert cost.gqa_native and cost.sdpa_tflops == pytest.approx(100.0)
+    assert cost.efficiency_long < 1
+    assert choose_route([0] * 4, [4096] * 4, 4096, dim, cost, group=2).kind == "dense"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("route", ["sparse", "split", "dense"])

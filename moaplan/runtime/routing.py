@@ -58,15 +58,15 @@ CALIBRATION_LENGTHS = (4096, 16384)
 class CostModel:
     """Prefill speeds of one GPU, enough to predict each route's time.
 
-    ``sdpa_tflops``: dense causal SDPA (``4 * D * N(N+1)/2`` FLOPs a query head);
-    ``efficiency_short`` / ``efficiency_long``: the block-sparse kernel's speed on the tiles
-    it visits relative to SDPA's (tile density x T_SDPA / T_kernel), in its short (reach
-    <= 4096 keys) and long programs; ``copy_tbps``: device copy bandwidth (bytes read plus
-    written); ``gqa_native``: SDPA's ``enable_gqa`` is faster than repeating the keys per
-    query head in the call (else the dense route repeats them, a copy); ``split_short`` /
-    ``split_long``: the split route's measured time over its prediction from the rest (two
-    launches that each fill the GPU less than one, the gathers) at the
-    :data:`CALIBRATION_LENGTHS`.
+    ``sdpa_tflops``: dense causal SDPA (``4 * D * N(N+1)/2`` FLOPs a query head) as the
+    dense route calls it; ``efficiency_short`` / ``efficiency_long``: the block-sparse
+    kernel's speed on the tiles it visits relative to that call's (tile density x T_SDPA /
+    T_kernel), in its short (reach <= 4096 keys) and long programs; ``copy_tbps``: device
+    copy bandwidth (bytes read plus written); ``gqa_native``: SDPA's ``enable_gqa`` is
+    faster than repeating the keys per query head in the call (else the dense route repeats
+    them, a copy); ``split_short`` / ``split_long``: the split route's measured time over its
+    prediction from the rest (two launches that each fill the GPU less than one, the
+    gathers) at the :data:`CALIBRATION_LENGTHS`.
     """
 
     sdpa_tflops: float = 570.0
@@ -276,7 +276,8 @@ def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 def _cache_file(device: torch.device) -> Path:
     # v6: masked tiles of 64 keys in the 128 x 128 programs, packed from a reach of 2048 keys
-    # (the tile counts and both efficiencies moved); v5: groups sharing a rule pack 4 heads on
+    # (the tile counts and both efficiencies moved), SDPA rated as the dense route calls it;
+    # v5: groups sharing a rule pack 4 heads on
     # 128 x 128 tiles from a reach of 3072 keys (the short efficiency moved); v4: the split
     # route hands SDPA its heads as views (its factor moved); v3 files timed its copies, v2
     # files the unpacked kernel, v1 files Python calls.
@@ -393,18 +394,23 @@ class _CalibrationLayers:
         return fns
 
     def rates(self, ms: dict[str, float]) -> dict:
-        """SDPA's rate (on keys repeated beforehand), whether its ``enable_gqa`` beats repeating
-        the keys in the call, and the kernel's efficiency (the lower of the all-full and the
-        half-window layer) from the functions' times."""
+        """Whether SDPA's ``enable_gqa`` beats repeating the keys in the call, the rate of the
+        SDPA call the dense route then makes (with ``enable_gqa``, or on repeated keys, whose
+        copies the model adds), and the kernel's efficiency against that call (the lower of
+        the all-full and the half-window layer) from the functions' times.  Both against one
+        call: else a card where one SDPA call runs slower than the other would rate the
+        kernel above the dense route on an all-full layer that it computes slower."""
         n, n_q = self.n, self.heads[0]
+        gqa_native = ms["sdpa_gqa"] <= ms["sdpa_repeat"]
+        sdpa = ms["sdpa_gqa"] if gqa_native else ms["sdpa"]
         ratios = []
         for name, (sink, share) in self.WINDOWED.items():
             # Every group's heads share the layer's one rule: the kernel packs them.
             tiles, _ = _kernel_tiles(np.array([sink]), np.array([int(share * n)]), n,
                                      self.head_dim, n_q // self.heads[1])
-            ratios.append(float(tiles[0]) * ms["sdpa"] / ms[name])
-        return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / ms["sdpa"] * 1e-9,
-                "gqa_native": ms["sdpa_gqa"] <= ms["sdpa_repeat"], "efficiency": min(ratios)}
+            ratios.append(float(tiles[0]) * sdpa / ms[name])
+        return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / sdpa * 1e-9,
+                "gqa_native": gqa_native, "efficiency": min(ratios)}
 
     def predicted_split(self, cost: CostModel) -> float:
         """The cost model's time of the split as :meth:`fns` times it (SDPA's own GQA)."""
