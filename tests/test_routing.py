@@ -26,14 +26,16 @@ def _qkv(seed, batch, hq, hkv, n, dim=32, dtype=torch.float32, device="cpu"):
 
 def test_choice_follows_the_cost():
     n, dim = 32768, 128
-    # Every head full: SDPA, which the kernel (efficiency < 1) cannot beat.
+    # Every head full: SDPA, whatever the cost model rates the kernel.
     assert choose_route([0] * 32, [FULL] * 32, n, dim).kind == "dense"
     # Narrow windows only: the kernel; SDPA cannot compute a window.
     route = choose_route([64] * 32, [1024] * 32, n, dim)
     assert route.kind == "sparse" and set(route.predicted_s) == {"sparse"}
-    # Mostly full heads and a few narrow ones: full heads to SDPA, the rest to the kernel.
+    # Mostly full heads and a few narrow ones, on a kernel slower than SDPA on full tiles:
+    # full heads to SDPA, the rest to the kernel.
     spans = [FULL] * 24 + [512] * 8
-    route = choose_route([64] * 32, spans, n, dim)
+    slow = dataclasses.replace(DEFAULT_COST, efficiency_long=0.9)
+    route = choose_route([64] * 32, spans, n, dim, slow)
     assert route.kind == "split" and route.dense == (True,) * 24 + (False,) * 8
     assert route.predicted_s["split"] < min(route.predicted_s["sparse"], 32 * 0.46e-3)
     # A kernel as fast as SDPA and copies that cost much: no reason to split.
@@ -181,7 +183,7 @@ def test_calibration_rates_sdpa_as_the_dense_route_calls_it():
     # A card whose SDPA with enable_gqa (the dense route's call) runs 10% faster than SDPA on
     # keys repeated beforehand, and whose kernel computes an all-full layer 2% slower than
     # the route's call: rated against the slower call, the kernel would look faster than the
-    # dense route and take the all-full layer.
+    # dense route.
     heads, dim, lengths = (4, 2), 32, (128, 256)
 
     def timer(fns):
@@ -196,7 +198,9 @@ def test_calibration_rates_sdpa_as_the_dense_route_calls_it():
                              timer=timer)
     assert cost.gqa_native and cost.sdpa_tflops == pytest.approx(100.0)
     assert cost.efficiency_long < 1
-    assert choose_route([0] * 4, [4096] * 4, 4096, dim, cost, group=2).kind == "dense"
+    # An all-full layer goes to SDPA even where a cost model rates the kernel faster.
+    fast = dataclasses.replace(cost, efficiency_long=1.5)
+    assert choose_route([0] * 4, [4096] * 4, 4096, dim, fast, group=2).kind == "dense"
 
 
 @pytest.mark.gpu
