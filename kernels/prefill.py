@@ -20,7 +20,9 @@ edges waste less.  The tile ranges below are those of the block's rows:
   - diagonal tiles ``[f, d)``  causality cuts the tile            -> masked.
 
 The masked tiles run in one loop (their index ranges are concatenated) and the interior
-tiles in another, so the common case pays no masking.  The grid walks query blocks from the
+tiles in another, so the common case pays no masking.  The masked loop may walk its ranges in
+narrower tiles (``PrefillConfig.edge_n``): a 64-key sink, or a window's first key, then
+wastes less of a tile that is mostly hidden.  The grid walks query blocks from the
 last (the most keys under causal attention) to the first and KV heads from the widest to the
 narrowest, so the heaviest programs start first and the tail of the launch is made of cheap
 ones.  Short programs go block row by block row; long ones (``PrefillConfig.head_major``)

@@ -279,10 +279,9 @@ def _heads(x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 def _cache_file(device: torch.device) -> Path:
     # v6: masked tiles of 64 keys in the 128 x 128 programs, packed from a reach of 2048 keys
     # (the tile counts and both efficiencies moved), SDPA rated as the dense route calls it;
-    # v5: groups sharing a rule pack 4 heads on
-    # 128 x 128 tiles from a reach of 3072 keys (the short efficiency moved); v4: the split
-    # route hands SDPA its heads as views (its factor moved); v3 files timed its copies, v2
-    # files the unpacked kernel, v1 files Python calls.
+    # v5: groups sharing a rule pack 4 heads on 128 x 128 tiles from a reach of 3072 keys (the
+    # short efficiency moved); v4: the split route hands SDPA its heads as views (its factor
+    # moved); v3 files timed its copies, v2 files the unpacked kernel, v1 files Python calls.
     name = f"v6-{torch.cuda.get_device_name(device)}-torch{torch.__version__}-triton" \
            f"{_triton_version()}"
     root = Path(os.environ.get("MOAPLAN_CACHE_DIR", Path.home() / ".cache" / "moaplan"))
