@@ -433,32 +433,32 @@ def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
     return statistics.median(times[1:])
 
 
-def long_prompt_seconds(model, make_cache) -> float | dict:
-    """Time to first token of one ``LONG``-token prompt: one timed run after a warm-up (~10 s
-    each for the dense 8B shape), or the out-of-memory error."""
+def long_prompt_seconds(model, make_cache, rounds: int = 1) -> float | dict:
+    """Time to first token of one ``LONG``-token prompt: the median of ``rounds`` timed runs
+    after a warm-up (~10 s each for the dense 8B shape), or the out-of-memory error."""
     ids = torch.randint(0, 1000, (1, LONG), device=DEVICE)
     try:
-        return prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=1)
+        return prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=rounds)
     except torch.cuda.OutOfMemoryError as err:
         return dict(error=first_line(err))
     finally:
         torch.cuda.empty_cache()
 
 
-def first_token_times(model, make_cache, n: int,
-                      eager_n: float | None = None) -> tuple[dict, dict]:
-    """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens, as the model runs
-    (``eager_n``: the time at ``n`` where already measured) and with its decoder layers
-    compiled (:func:`compiled_layers`, compiled in the warm-up runs), or the error of
-    compiling."""
+def first_token_times(model, make_cache, n: int, eager_n: float | None = None,
+                      long_rounds: int = 1) -> tuple[dict, dict]:
+    """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens (``long_rounds`` timed
+    runs there), as the model runs (``eager_n``: the time at ``n`` where already measured)
+    and with its decoder layers compiled (:func:`compiled_layers`, compiled in the warm-up
+    runs), or the error of compiling."""
     prompt = prefill_prompts(n)["batch 1"]
     ttft = {str(n): eager_n if eager_n is not None else prefill_seconds(model, make_cache,
                                                                         *prompt),
-            str(LONG): long_prompt_seconds(model, make_cache)}
+            str(LONG): long_prompt_seconds(model, make_cache, long_rounds)}
     try:
         with compiled_layers(model):
             compiled = {str(n): prefill_seconds(model, make_cache, *prompt),
-                        str(LONG): long_prompt_seconds(model, make_cache)}
+                        str(LONG): long_prompt_seconds(model, make_cache, long_rounds)}
     except RuntimeError as err:  # compiling (dynamo, inductor)
         compiled = dict(error=first_line(err))
     return ttft, compiled

@@ -13,7 +13,7 @@ with its decoder layers compiled (the faster counts).  The plans:
 Beside each measurement its bound: the dense time less the attention work the plan skips, at
 SDPA's speed (32 layers x one layer's SDPA time x (1 - attention density)).
 
-    python benchmarks/bench_first_token.py --out DIR [--layers 32]
+    python benchmarks/bench_first_token.py --out DIR [--layers 32] [--long-rounds 1]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_ll
 from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
 from e2e_setups import FIRST_TOKEN_PLANS, fastest_first_token  # noqa: E402
 from provenance import provenance  # noqa: E402
-from timing import bench  # noqa: E402
+from timing import ROUNDS, bench  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.plan import ModelShape, Plan
@@ -70,11 +70,13 @@ def cache_maker(plan: Plan | None):
     return lambda batch, context: MoaplanCache(plan, batch, context + 64, torch.bfloat16, DEVICE)
 
 
-def measure(layers: int, save) -> dict:
+def measure(layers: int, long_rounds: int, save) -> dict:
     model = random_llama(layers)
     every = plans(ModelShape.from_config(model.config), layers)
     lengths = [CONTEXT, LONG]
-    result = {"layers": layers, "lengths": lengths, "ttft_s": {}, "ttft_compiled_s": {},
+    result = {"layers": layers, "lengths": lengths, "rounds": {str(CONTEXT): ROUNDS,
+                                                               str(LONG): long_rounds},
+              "ttft_s": {}, "ttft_compiled_s": {},
               "sdpa_layer_s": {str(n): sdpa_layer_seconds(model.config, n) for n in lengths},
               "plans": {}}
     for name, plan in every.items():
@@ -85,7 +87,8 @@ def measure(layers: int, save) -> dict:
         plan = every.get(side)
         if plan is not None:
             apply(model, plan, strict=False)
-        ttft, compiled = first_token_times(model, cache_maker(plan), CONTEXT)
+        ttft, compiled = first_token_times(model, cache_maker(plan), CONTEXT,
+                                           long_rounds=long_rounds)
         result["ttft_s"][side], result["ttft_compiled_s"][side] = ttft, compiled
         if plan is not None:
             remove(model)
@@ -133,9 +136,11 @@ def markdown(report: dict) -> str:
     for row in report.get("rows", []):
         lines.append(f"| {FIRST_TOKEN_PLANS[row['plan']]} | {row['n'] // 1024}K | "
                      f"{row['kv_density']:.3f} | {row['attention_density']:.3f} | "
-                     f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {row['speedup']:.2f}x | "
-                     f"{row['bound_speedup']:.2f}x |")
-    lines += ["", "Every run (s), as the model runs / compiled:", "",
+                     f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {row['speedup']:.3f}x | "
+                     f"{row['bound_speedup']:.3f}x |")
+    rounds = ", ".join(f"{int(n) // 1024}K {r}" for n, r in report.get("rounds", {}).items())
+    lines += ["", "Every side (s), as the model runs / compiled, each the median of its timed "
+              f"runs after a warm-up{f' (runs: {rounds})' if rounds else ''}:", "",
               "| side | " + " | ".join(f"{n // 1024}K" for n in report["lengths"]) + " |",
               "|---" * (1 + len(report["lengths"])) + "|"]
     for side, ttft in report["ttft_s"].items():
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--long-rounds", type=int, default=1,
+                        help="timed runs of each 128K prefill (~10 s each), after a warm-up")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out / "first_token.md", markdown(report))
 
     start = time.monotonic()
-    measure(args.layers, save)
+    measure(args.layers, args.long_rounds, save)
     print(markdown(report), f"done in {time.monotonic() - start:.0f} s", sep="\n")
     return 0
 

@@ -252,7 +252,7 @@ def _first_token(path: Path, base: Path) -> list[str]:
     plans: dict[str, list[str]] = {}
     for row in report["rows"]:
         plans.setdefault(row["plan"], []).append(
-            f"{row['n'] // 1024}K {row['speedup']:.2f}x (bound {row['bound_speedup']:.2f}x, "
+            f"{row['n'] // 1024}K {row['speedup']:.3f}x (bound {row['bound_speedup']:.3f}x, "
             f"attention density {row['attention_density']:.2f})")
     return [f"Time to first token (`benchmarks/bench_first_token.py`): a random "
             f"{report['layers']}-layer Llama-3-8B shape, batch 1, against DynamicCache + SDPA "

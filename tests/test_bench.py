@@ -97,6 +97,7 @@ def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped
     assert long["speedup"] == pytest.approx(2.0 / 1.5)
     assert long["bound_speedup"] == pytest.approx(2.0 / 1.4)
     report = dict(result, rows=[short, long], card="card", date="today", commit="abc",
-                  torch="t", triton="tr")
+                  torch="t", triton="tr", rounds={"4": 3, "8": 1})
     text = bench_first_token.markdown(report)
-    assert "1.33x | 1.43x |" in text and "compiling failed" in text
+    assert "1.333x | 1.429x |" in text and "compiling failed" in text
+    assert "after a warm-up (runs: " in text
