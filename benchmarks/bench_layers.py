@@ -182,7 +182,7 @@ def markdown(result: dict) -> str:
                    f"{r['total_ms']['kernel']:.2f} | {r['speedup']['kv']:.2f}x | "
                    f"{r['speedup']['q']:.2f}x | {r['speedup']['kernel']:.2f}x | "
                    f"{r['ideal_speedup']['kv']:.2f}x | {r['ideal_speedup']['q']:.2f}x | "
-                   f"{slow['kv']:.2f}x / {slow['q']:.2f}x |")
+                   f"{slow['kv']:.3f}x / {slow['q']:.3f}x |")
     out += ["", "## Per layer", "",
             "| N | layer | density kv | density q | route kv | route q | kv ms | q ms | "
             "kernel ms | dense ms | kv vs dense | q vs dense | kernel vs dense | eta kv | "

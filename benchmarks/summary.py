@@ -139,7 +139,7 @@ def _layers(path: Path, base: Path) -> list[str]:
         lines.append(f"| {r['n']} | {dense:.2f} | {r['total_ms']['kv']:.2f} "
                      f"| {r['speedup']['kv']:.2f}x | {r['ideal_speedup']['kv']:.2f}x "
                      f"| {r['total_ms']['q']:.2f} | {r['speedup']['q']:.2f}x "
-                     f"| {r['ideal_speedup']['q']:.2f}x | {slow:.2f}x |")
+                     f"| {r['ideal_speedup']['q']:.2f}x | {slow:.3f}x |")
     return ["\n".join(lines)]
 
 
