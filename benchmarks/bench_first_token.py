@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-rounds", type=int, default=1,
                         help="timed runs of each 128K prefill (~10 s each), after a warm-up")
     args = parser.parse_args(argv)
+    if args.long_rounds < 1:
+        parser.error(f"--long-rounds must be at least 1, got {args.long_rounds}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     import transformers
