@@ -415,10 +415,10 @@ def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"batch 1": (ids[:1], mask[:1]), "batch 2, left padding": (ids, mask)}
 
 
-def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
-                    rounds: int = ROUNDS) -> float:
-    """Seconds to prefill ``ids`` into a fresh cache (time to first token): the median of
-    ``rounds`` runs after one warm-up."""
+def prefill_runs(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
+                 rounds: int = ROUNDS) -> list[float]:
+    """Seconds of each of ``rounds`` prefills of ``ids`` into a fresh cache (time to first
+    token), after one warm-up."""
     def prefill_into(cache) -> None:
         model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
               **{cache_keyword(model): cache})
@@ -430,15 +430,20 @@ def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
             times.append(wall_seconds(functools.partial(prefill_into, cache)))
             del cache
             torch.cuda.empty_cache()
-    return statistics.median(times[1:])
+    return times[1:]
 
 
-def long_prompt_seconds(model, make_cache, rounds: int = 1) -> float | dict:
-    """Time to first token of one ``LONG``-token prompt: the median of ``rounds`` timed runs
-    after a warm-up (~10 s each for the dense 8B shape), or the out-of-memory error."""
+def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """The median of :func:`prefill_runs`."""
+    return statistics.median(prefill_runs(model, make_cache, ids, mask))
+
+
+def long_prompt_runs(model, make_cache, rounds: int = 1) -> list[float] | dict:
+    """Times to first token of ``rounds`` prefills of one ``LONG``-token prompt after a
+    warm-up (~10 s each for the dense 8B shape), or the out-of-memory error."""
     ids = torch.randint(0, 1000, (1, LONG), device=DEVICE)
     try:
-        return prefill_seconds(model, make_cache, ids, torch.ones_like(ids), rounds=rounds)
+        return prefill_runs(model, make_cache, ids, torch.ones_like(ids), rounds=rounds)
     except torch.cuda.OutOfMemoryError as err:
         return dict(error=first_line(err))
     finally:
@@ -446,22 +451,28 @@ def long_prompt_seconds(model, make_cache, rounds: int = 1) -> float | dict:
 
 
 def first_token_times(model, make_cache, n: int, eager_n: float | None = None,
-                      long_rounds: int = 1) -> tuple[dict, dict]:
-    """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens (``long_rounds`` timed
-    runs there), as the model runs (``eager_n``: the time at ``n`` where already measured)
-    and with its decoder layers compiled (:func:`compiled_layers`, compiled in the warm-up
-    runs), or the error of compiling."""
+                      long_rounds: int = 1) -> tuple[dict, dict, dict]:
+    """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens (the median of
+    ``long_rounds`` timed runs there), as the model runs (``eager_n``: the time at ``n``
+    where already measured) and with its decoder layers compiled (:func:`compiled_layers`,
+    compiled in the warm-up runs), or the error of compiling; and the ``LONG`` runs of both
+    (``eager``, ``compiled``: seconds, or an error)."""
+    def median(runs: list[float] | dict) -> float | dict:
+        return runs if isinstance(runs, dict) else statistics.median(runs)
+
     prompt = prefill_prompts(n)["batch 1"]
+    long_runs = {"eager": long_prompt_runs(model, make_cache, long_rounds)}
     ttft = {str(n): eager_n if eager_n is not None else prefill_seconds(model, make_cache,
                                                                         *prompt),
-            str(LONG): long_prompt_seconds(model, make_cache, long_rounds)}
+            str(LONG): median(long_runs["eager"])}
     try:
         with compiled_layers(model):
-            compiled = {str(n): prefill_seconds(model, make_cache, *prompt),
-                        str(LONG): long_prompt_seconds(model, make_cache, long_rounds)}
+            compiled = {str(n): prefill_seconds(model, make_cache, *prompt)}
+            long_runs["compiled"] = long_prompt_runs(model, make_cache, long_rounds)
+            compiled[str(LONG)] = median(long_runs["compiled"])
     except RuntimeError as err:  # compiling (dynamo, inductor)
-        compiled = dict(error=first_line(err))
-    return ttft, compiled
+        compiled = long_runs["compiled"] = dict(error=first_line(err))
+    return ttft, compiled, long_runs
 
 
 def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:
@@ -469,7 +480,8 @@ def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:
     prompt's time serving as the one at ``n``)."""
     prompts = {name: prefill_seconds(model, make_cache, *p)
                for name, p in prefill_prompts(n).items()}
-    return (prompts, *first_token_times(model, make_cache, n, prompts["batch 1"]))
+    ttft, compiled, _ = first_token_times(model, make_cache, n, prompts["batch 1"])
+    return prompts, ttft, compiled
 
 
 def at_largest_batch(model, make_cache, layers: int, batch: int, n: int, graphed: bool,

@@ -19,6 +19,7 @@ SDPA's speed (32 layers x one layer's SDPA time x (1 - attention density)).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_ll
 from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
 from e2e_setups import FIRST_TOKEN_PLANS, fastest_first_token  # noqa: E402
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, bench  # noqa: E402
+from timing import ROUNDS, Speedup, bench  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.plan import ModelShape, Plan
@@ -76,7 +77,7 @@ def measure(layers: int, long_rounds: int, save) -> dict:
     lengths = [CONTEXT, LONG]
     result = {"layers": layers, "lengths": lengths, "rounds": {str(CONTEXT): ROUNDS,
                                                                str(LONG): long_rounds},
-              "ttft_s": {}, "ttft_compiled_s": {},
+              "ttft_s": {}, "ttft_compiled_s": {}, "long_runs_s": {},
               "sdpa_layer_s": {str(n): sdpa_layer_seconds(model.config, n) for n in lengths},
               "plans": {}}
     for name, plan in every.items():
@@ -87,9 +88,10 @@ def measure(layers: int, long_rounds: int, save) -> dict:
         plan = every.get(side)
         if plan is not None:
             apply(model, plan, strict=False)
-        ttft, compiled = first_token_times(model, cache_maker(plan), CONTEXT,
-                                           long_rounds=long_rounds)
+        ttft, compiled, long_runs = first_token_times(model, cache_maker(plan), CONTEXT,
+                                                      long_rounds=long_rounds)
         result["ttft_s"][side], result["ttft_compiled_s"][side] = ttft, compiled
+        result["long_runs_s"][side] = long_runs
         if plan is not None:
             remove(model)
         print(f"{side}: {ttft}; compiled {compiled}", flush=True)
@@ -107,11 +109,34 @@ def rows(result: dict) -> list[dict]:
                 continue
             skipped = (result["layers"] * result["sdpa_layer_s"][n]
                        * (1 - densities["attention"][n]))
+            runs = [_fastest_runs(result, side, n) for side in ("dense", name)]
+            interval = (dataclasses.asdict(Speedup.unpaired(*runs))
+                        if all(len(r) > 1 for r in runs) else None)
             out.append({"plan": name, "n": int(n), "kv_density": densities["kv"][n],
                         "attention_density": densities["attention"][n], "dense_s": dense,
-                        "ours_s": ours, "speedup": dense / ours,
+                        "ours_s": ours, "speedup": dense / ours, "speedup_ci": interval,
                         "bound_speedup": dense / (dense - skipped)})
     return out
+
+
+def _fastest_runs(result: dict, side: str, n: str) -> list[float]:
+    """The timed runs behind ``side``'s faster median at ``n``: kept for the long prompt
+    only (the shorter one's are not), so none elsewhere."""
+    if n != str(LONG):
+        return []
+    runs = result.get("long_runs_s", {}).get(side, {})
+    medians = {"eager": result["ttft_s"][side].get(n),
+               "compiled": result["ttft_compiled_s"].get(side, {}).get(n)}
+    kept = {kind: runs[kind] for kind, median in medians.items()
+            if isinstance(median, float) and isinstance(runs.get(kind), list)}
+    return kept[min(kept, key=medians.get)] if kept else []
+
+
+def _interval(record: dict | None) -> str:
+    if record is None:
+        return "-"
+    speedup = Speedup(**record)
+    return f"[{speedup.low:.3f}, {speedup.high:.3f}]"
 
 
 def _seconds(run: dict, n: int) -> str:
@@ -125,19 +150,22 @@ def markdown(report: dict) -> str:
              f"{report['date']}, commit `{report['commit']}`, torch {report['torch']}, triton "
              f"{report['triton']}.  A random bf16 {report['layers']}-layer Llama-3-8B shape, "
              "batch 1; each side's faster of the model as it runs and with its decoder layers "
-             "compiled.  Dense: DynamicCache + SDPA (cuDNN).  Bound: the speedup if the plan's "
-             "attention ran at SDPA's speed (dense time less layers x one layer's SDPA time x "
-             "(1 - attention density)), an estimate: SDPA is timed alone, outside the model, "
-             "so a measurement can pass it by a percent or two; one layer's SDPA: " + ", ".join(
+             "compiled.  Dense: DynamicCache + SDPA (cuDNN).  95% interval: Welch's t-interval "
+             "of the speedup (on log times) from each side's timed runs, where both have two "
+             "or more (the long prompt's with --long-rounds 2 or more).  Bound: the speedup if "
+             "the plan's attention ran at SDPA's speed (dense time less layers x one layer's "
+             "SDPA time x (1 - attention density)), an estimate: SDPA is timed alone, outside "
+             "the model, so a measurement can pass it by a percent or two; one layer's SDPA: "
+             + ", ".join(
                  f"{int(n) // 1024}K {s * 1e3:.1f} ms" for n, s in report["sdpa_layer_s"].items())
              + ".", "",
              "| plan | context | KV density | attention density | dense s | plan s | speedup "
-             "| bound |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| 95% interval | bound |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report.get("rows", []):
         lines.append(f"| {FIRST_TOKEN_PLANS[row['plan']]} | {row['n'] // 1024}K | "
                      f"{row['kv_density']:.3f} | {row['attention_density']:.3f} | "
                      f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {row['speedup']:.3f}x | "
-                     f"{row['bound_speedup']:.3f}x |")
+                     f"{_interval(row.get('speedup_ci'))} | {row['bound_speedup']:.3f}x |")
     rounds = ", ".join(f"{int(n) // 1024}K {r}" for n, r in report.get("rounds", {}).items())
     lines += ["", "Every side (s), as the model runs / compiled, each the median of its timed "
               f"runs after a warm-up{f' (runs: {rounds})' if rounds else ''}:", "",

@@ -1,6 +1,6 @@
 """Layer by layer: a MoA-like plan's prefill against dense SDPA, on one GPU.
 
-    python benchmarks/bench_layers.py [--out DIR] [--lengths 4096 16384 32768 65536]
+    python benchmarks/bench_layers.py [--out DIR] [--lengths 4096 16384 32768 65536] [--rounds 3]
 
 The plan: 8 layers of a Llama-3-8B-shaped attention (32 query / 8 KV heads, head_dim 128,
 bf16, batch 1) drawn like MoA's published plans (per query head ``alpha + beta * N`` with 64
@@ -16,7 +16,9 @@ GPU's time alone), ours and the baselines taking turns in every round:
   head beforehand (the repeat not timed), ``sdpa_gqa``: SDPA with ``enable_gqa``; the dense
   baseline of each ratio is the faster of the two.
 
-It also reports the routing cost model measured on this card, each layer's route, the
+Each speedup comes with the 95% t-interval of its geometric mean over the rounds (dense over
+ours within a round, so the rounds' common drift cancels); a layer whose interval holds 1 ties
+dense.  It also reports the routing cost model measured on this card, each layer's route, the
 closed-form ideal (attention density x T_dense), and the bf16 error of both routed variants
 against the fp32 reference at the shortest length, beside SDPA's own.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +40,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, bench_together  # noqa: E402
+from timing import ROUNDS, Speedup, bench_rounds  # noqa: E402
 
 from moaplan.io import atomic_write_text
 from moaplan.kernels.layout import RuleTable
@@ -113,7 +116,7 @@ def check(layers: list[list[Rule]], n: int) -> list[dict]:
     return rows
 
 
-def time_length(layers: list[list[Rule]], n: int, log) -> dict:
+def time_length(layers: list[list[Rule]], n: int, rounds: int, log) -> dict:
     q, k, v = inputs(n, seed=n)
     kx, vx = k.repeat_interleave(GROUP, 1), v.repeat_interleave(GROUP, 1)
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True),
@@ -134,7 +137,8 @@ def time_length(layers: list[list[Rule]], n: int, log) -> dict:
                                if h.span.numel() == HQ else np.repeat(h.span.numpy(), GROUP),
                                n, DIM, cost, GROUP).kind
             for name, h in (("kv", kv_heads), ("q", q_heads))})
-    times = bench_together({name: capture_graph(fn) for name, fn in fns.items()})
+    samples = bench_rounds({name: capture_graph(fn) for name, fn in fns.items()}, rounds)
+    times = {name: statistics.median(ts) for name, ts in samples.items()}
     rows = []
     for i, rules in enumerate(layers):
         d_kv = float(density(per_kv_head(rules), n, "attention").mean())
@@ -144,16 +148,33 @@ def time_length(layers: list[list[Rule]], n: int, log) -> dict:
         rows.append({"layer": i, "n": n, "density_kv": d_kv, "density_q": d_q, "ms": t,
                      "route": routes[i], "dense_ms": dense,
                      "speedup": {name: dense / t[name] for name in t},
+                     "speedup_ci": {name: dataclasses.asdict(Speedup.paired(
+                         samples[f"dense{i}"], samples[f"{name}{i}"])) for name in t},
                      "eta_kv": d_kv * dense / t["kv"], "eta_q": d_q * dense / t["q"]})
         log(f"N={n} layer {i}: d_kv {d_kv:.2f} d_q {d_q:.2f}  kv {t['kv']:.3f} ({routes[i]['kv']})"
             f" q {t['q']:.3f} ({routes[i]['q']}) kernel {t['kernel']:.3f}  dense {dense:.3f} ms")
     total = {name: sum(r["ms"][name] for r in rows) for name in ("kv", "q", "kernel")}
     dense_total = sum(r["dense_ms"] for r in rows)
     ideal = {name: sum(r[f"density_{name}"] for r in rows) / len(rows) for name in ("kv", "q")}
+    round_sums = {name: np.sum([samples[f"{name}{i}"] for i in range(len(layers))], axis=0)
+                  for name in ("dense", "kv", "q", "kernel")}
     return {"n": n, "sdpa_ms": times["sdpa"], "sdpa_gqa_ms": times["sdpa_gqa"],
             "dense_total_ms": dense_total, "layers": rows, "total_ms": total,
             "speedup": {name: dense_total / total[name] for name in total},
+            "speedup_ci": {name: dataclasses.asdict(Speedup.paired(round_sums["dense"],
+                                                                   round_sums[name]))
+                           for name in total},
             "ideal_speedup": {name: 1 / d for name, d in ideal.items()}}
+
+
+def _speedup(record: dict) -> Speedup:
+    return Speedup(**record)
+
+
+def _verdict(layer: dict, name: str) -> str:
+    """A layer's speedup with its interval, and "tie" where the interval holds 1."""
+    ci = _speedup(layer["speedup_ci"][name])
+    return f"{ci}{' tie' if ci.against(1.0) == 'tie' else ''}"
 
 
 def markdown(result: dict) -> str:
@@ -161,8 +182,10 @@ def markdown(result: dict) -> str:
     out = [f"# Layer by layer: a MoA-like plan on {meta['card']}", "",
            f"{meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
            f"{meta['triton']}.  {LAYERS} layers, B=1, 32 q / 8 KV heads, D=128, bf16.  Times: "
-           f"CUDA-graph replays (the GPU's time alone), median of {ROUNDS} rounds of do_bench "
-           "medians with every variant taking turns.  Dense: SDPA (default backend, cuDNN) "
+           f"CUDA-graph replays (the GPU's time alone), median of {result['rounds']} rounds of "
+           "do_bench medians with every variant taking turns; [low, high]: the 95% t-interval "
+           "of the speedup's geometric mean over the rounds (each round's dense time over ours "
+           "in that round), \"tie\" where it holds 1.  Dense: SDPA (default backend, cuDNN) "
            "with enable_gqa, the faster dense setup here (SDPA on keys repeated beforehand, "
            "the repeat not timed, is given once per length), timed right before each layer "
            "in every round; speedups over all layers are the sum of the layers' dense times "
@@ -176,13 +199,18 @@ def markdown(result: dict) -> str:
            "q vs dense | kernel vs dense | ideal kv | ideal q | slowest layer (kv / q) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["lengths"]:
-        slow = {name: min(x["speedup"][name] for x in r["layers"]) for name in ("kv", "q")}
+        slow = {name: _speedup(min((x["speedup_ci"][name] for x in r["layers"]),
+                                   key=lambda ci: ci["mean"])) for name in ("kv", "q")}
         out.append(f"| {r['n']} | {LAYERS * r['sdpa_ms']:.2f} | {r['dense_total_ms']:.2f} | "
                    f"{r['total_ms']['kv']:.2f} | {r['total_ms']['q']:.2f} | "
-                   f"{r['total_ms']['kernel']:.2f} | {r['speedup']['kv']:.2f}x | "
-                   f"{r['speedup']['q']:.2f}x | {r['speedup']['kernel']:.2f}x | "
+                   f"{r['total_ms']['kernel']:.2f} | {_speedup(r['speedup_ci']['kv'])} | "
+                   f"{_speedup(r['speedup_ci']['q'])} | {r['speedup']['kernel']:.2f}x | "
                    f"{r['ideal_speedup']['kv']:.2f}x | {r['ideal_speedup']['q']:.2f}x | "
-                   f"{slow['kv']:.3f}x / {slow['q']:.3f}x |")
+                   f"{slow['kv']} / {slow['q']} |")
+    out += ["", "Layers slower than dense (the whole interval below 1): " + (", ".join(
+        f"{r['n']} layer {x['layer']} {name} {_speedup(x['speedup_ci'][name])}"
+        for r in result["lengths"] for x in r["layers"] for name in ("kv", "q")
+        if _speedup(x["speedup_ci"][name]).against(1.0) == "below") or "none") + "."]
     out += ["", "## Per layer", "",
             "| N | layer | density kv | density q | route kv | route q | kv ms | q ms | "
             "kernel ms | dense ms | kv vs dense | q vs dense | kernel vs dense | eta kv | "
@@ -193,7 +221,7 @@ def markdown(result: dict) -> str:
             out.append(f"| {x['n']} | {x['layer']} | {x['density_kv']:.3f} | "
                        f"{x['density_q']:.3f} | {x['route']['kv']} | {x['route']['q']} | "
                        f"{t['kv']:.3f} | {t['q']:.3f} | {t['kernel']:.3f} | "
-                       f"{x['dense_ms']:.3f} | {s['kv']:.2f}x | {s['q']:.2f}x | "
+                       f"{x['dense_ms']:.3f} | {_verdict(x, 'kv')} | {_verdict(x, 'q')} | "
                        f"{s['kernel']:.2f}x | {x['eta_kv']:.2f} | {x['eta_q']:.2f} |")
     out += ["", "## Correctness (bf16 vs the fp32 reference, relative L2 error)", "",
             "| N | layer | kv | q | SDPA dense (own error) | NaN |", "|---|---|---|---|---|---|"]
@@ -207,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/h200"))
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="interleaved timing rounds, the samples of each speedup's interval")
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (an interval needs two), got {args.rounds}")
     if not torch.cuda.is_available():
         print("bench_layers needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -219,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     meta["triton"] = triton.__version__
     cost = cost_model(torch.device("cuda"))
     log(f"cost model: {cost}")
-    result = {"meta": meta, "cost_model": dataclasses.asdict(cost),
+    result = {"meta": meta, "cost_model": dataclasses.asdict(cost), "rounds": args.rounds,
               "correctness": check(layers, min(args.lengths)), "lengths": []}
     log("correctness: " + ", ".join(f"{c['kv_rel']:.1e}/{c['q_rel']:.1e}"
                                    for c in result["correctness"]))
     args.out.mkdir(parents=True, exist_ok=True)
     for n in args.lengths:
-        result["lengths"].append(time_length(layers, n, log))
+        result["lengths"].append(time_length(layers, n, args.rounds, log))
         atomic_write_text(args.out / "layers.json", json.dumps(result, indent=1))
         atomic_write_text(args.out / "layers.md", markdown(result))
         torch.cuda.empty_cache()

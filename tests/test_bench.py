@@ -1,6 +1,7 @@
 """The benchmark suite driver (its quick quality run end to end, its README splice) and the
 decode benchmark's choice of the dense baseline's SDPA backend."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -84,20 +85,77 @@ def test_dense_backend_is_picked_by_its_faster_graph():
 
 def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped_work():
     import bench_first_token
+    from bench_decode import LONG
 
-    result = {"layers": 2, "lengths": [4, 8], "sdpa_layer_s": {"4": 0.1, "8": 0.4},
-              "plans": {"moa_q": {"kv": {"4": 0.9, "8": 0.6},
-                                  "attention": {"4": 0.5, "8": 0.25}}},
-              "ttft_s": {"dense": {"4": 1.0, "8": 2.0}, "moa_q": {"4": 0.95, "8": 1.5}},
-              "ttft_compiled_s": {"dense": {"4": 0.9, "8": 2.5},
-                                  "moa_q": {"error": "compiling failed"}}}
-    short, long = bench_first_token.rows(result)
+    long = str(LONG)
+    result = {"layers": 2, "lengths": [4, LONG], "sdpa_layer_s": {"4": 0.1, long: 0.4},
+              "plans": {"moa_q": {"kv": {"4": 0.9, long: 0.6},
+                                  "attention": {"4": 0.5, long: 0.25}}},
+              "ttft_s": {"dense": {"4": 1.0, long: 2.0}, "moa_q": {"4": 0.95, long: 1.5}},
+              "ttft_compiled_s": {"dense": {"4": 0.9, long: 2.5},
+                                  "moa_q": {"error": "compiling failed"}},
+              # The long prompt's runs behind each median: the dense side's faster is eager.
+              "long_runs_s": {"dense": {"eager": [1.99, 2.0, 2.01], "compiled": [2.5, 2.5]},
+                              "moa_q": {"eager": [1.49, 1.5, 1.51],
+                                        "compiled": {"error": "compiling failed"}}}}
+    short, longer = bench_first_token.rows(result)
     assert (short["dense_s"], short["ours_s"]) == (0.9, 0.95)  # dense compiled, plan eager
+    assert short["speedup_ci"] is None  # the shorter prompt's runs are not kept
     # 2 layers x 0.4 s of SDPA, three quarters of it skipped: at best 2.0 / 1.4.
-    assert long["speedup"] == pytest.approx(2.0 / 1.5)
-    assert long["bound_speedup"] == pytest.approx(2.0 / 1.4)
-    report = dict(result, rows=[short, long], card="card", date="today", commit="abc",
-                  torch="t", triton="tr", rounds={"4": 3, "8": 1})
+    assert longer["speedup"] == pytest.approx(2.0 / 1.5)
+    assert longer["bound_speedup"] == pytest.approx(2.0 / 1.4)
+    ci = longer["speedup_ci"]
+    assert ci["low"] < 2.0 / 1.5 < ci["high"] < 1.36 and ci["runs"] == 3
+    report = dict(result, rows=[short, longer], card="card", date="today", commit="abc",
+                  torch="t", triton="tr", rounds={"4": 3, long: 3})
     text = bench_first_token.markdown(report)
-    assert "1.333x | 1.429x |" in text and "compiling failed" in text
-    assert "after a warm-up (runs: " in text
+    assert "| 1.333x | [1.3" in text and "] | 1.429x |" in text
+    assert "| 0.947x | - | 1.125x |" in text
+    assert "compiling failed" in text and "after a warm-up (runs: " in text
+
+
+def test_paired_speedup_interval_cancels_the_rounds_common_drift():
+    from timing import Speedup
+
+    # The card slows by 10% a round; ours stays 2% faster than dense within every round.
+    dense = [1.0, 1.1, 1.21, 1.331]
+    ours = [d / 1.02 for d in dense]
+    paired = Speedup.paired(dense, ours)
+    assert paired.mean == pytest.approx(1.02) and paired.high - paired.low < 1e-9
+    assert paired.against(1.0) == "above" and paired.against(1.02 + 1e-6) == "below"
+    # The same times unpaired: the drift is noise, and the interval holds 1.
+    unpaired = Speedup.unpaired(dense, ours)
+    assert unpaired.mean == pytest.approx(1.02) and unpaired.against(1.0) == "tie"
+    noisy = Speedup.paired([1.0, 1.0, 1.0], [0.99, 1.01, 1.0])
+    assert noisy.low < 1.0 < noisy.high and str(noisy).startswith("1.000x [")
+    assert Speedup.paired([1.0], [0.5]).against(1.0) == "tie"  # one round: no interval
+
+
+def test_layer_report_names_only_layers_significantly_slower_than_dense():
+    import bench_layers
+    from timing import Speedup
+
+    def layer(i: int, dense: list[float], ours: list[float]) -> dict:
+        ci = dataclasses.asdict(Speedup.paired(dense, ours))
+        return {"layer": i, "n": 4096, "density_kv": 0.97, "density_q": 0.8,
+                "route": {"kv": "sparse", "q": "sparse"},
+                "ms": {"kv": ours[0], "q": ours[0], "kernel": ours[0]}, "dense_ms": dense[0],
+                "speedup": {name: dense[0] / ours[0] for name in ("kv", "q", "kernel")},
+                "speedup_ci": {"kv": ci, "q": ci}, "eta_kv": 1.0, "eta_q": 1.0}
+
+    ties = layer(0, [1.0, 1.0, 1.0], [1.01, 0.99, 1.0])
+    slower = layer(1, [1.0, 1.0, 1.0], [1.05, 1.06, 1.05])
+    total = dataclasses.asdict(Speedup.paired([2.0, 2.0, 2.0], [2.06, 2.05, 2.05]))
+    result = {"meta": {"card": "card", "date": "today", "commit": "abc", "torch": "t",
+                       "triton": "tr"}, "cost_model": {}, "rounds": 3, "correctness": [],
+              "lengths": [{"n": 4096, "sdpa_ms": 1.0, "sdpa_gqa_ms": 1.0,
+                           "dense_total_ms": 2.0, "layers": [ties, slower],
+                           "total_ms": {"kv": 2.05, "q": 2.05, "kernel": 2.05},
+                           "speedup": {"kv": 0.98, "q": 0.98, "kernel": 0.98},
+                           "speedup_ci": {"kv": total, "q": total},
+                           "ideal_speedup": {"kv": 1.03, "q": 1.25}}]}
+    text = bench_layers.markdown(result)
+    assert "median of 3 rounds" in text
+    slow_line = next(line for line in text.splitlines() if line.startswith("Layers slower"))
+    assert "4096 layer 1 kv 0.949x [" in slow_line and "layer 0" not in slow_line
+    assert "| 1.000x [" in text and "] tie |" in text

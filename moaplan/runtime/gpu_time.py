@@ -30,16 +30,25 @@ def capture_graph(fn: Callable[[], object]) -> Callable[[], None]:
     return recorded.replay
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]],
+                      bench: Callable[[Callable[[], object]], float],
+                      rounds: int) -> dict[str, list[float]]:
+    """``bench(fn)`` of each function in each of ``rounds`` rounds, the functions taking turns
+    inside every round: entry ``r`` of every list comes from the same round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    return times
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]],
                         bench: Callable[[Callable[[], object]], float],
                         rounds: int) -> dict[str, float]:
     """Median over ``rounds`` rounds of ``bench(fn)`` for each function, the functions taking
     turns inside every round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts)
+            for name, ts in interleaved_times(fns, bench, rounds).items()}
 
 
 def graph_medians(fns: dict[str, Callable[[], object]], *, rounds: int = 3,
