@@ -126,8 +126,9 @@ def time_length(layers: list[list[Rule]], n: int, rounds: int, log) -> dict:
     for i, rules in enumerate(layers):
         kv_heads = RuleTable.of(per_kv_head(rules)).at(n, GROUP)
         q_heads = RuleTable.of(rules).at(n, GROUP)
-        # Each layer's own dense baseline, timed right before it in every round: the card's
-        # speed drifts over a round (clocks, heat) by more than some margins.
+        # Each layer's own dense baseline, timed beside it in every round (before it, and
+        # after it in the reversed rounds): the card's speed drifts over a round (clocks,
+        # heat) by more than some margins.
         fns[f"dense{i}"] = fns["sdpa_gqa"]
         fns[f"kv{i}"] = lambda h=kv_heads: routed_attention(q, k, v, h.sink, h.span)
         fns[f"q{i}"] = lambda h=q_heads: routed_attention(q, k, v, h.sink, h.span)
@@ -183,12 +184,13 @@ def markdown(result: dict) -> str:
            f"{meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
            f"{meta['triton']}.  {LAYERS} layers, B=1, 32 q / 8 KV heads, D=128, bf16.  Times: "
            f"CUDA-graph replays (the GPU's time alone), median of {result['rounds']} rounds of "
-           "do_bench medians with every variant taking turns; [low, high]: the 95% t-interval "
+           "do_bench medians with every variant taking turns, every other round in reverse "
+           "order; [low, high]: the 95% t-interval "
            "of the speedup's geometric mean over the rounds (each round's dense time over ours "
            "in that round), \"tie\" where it holds 1.  Dense: SDPA (default backend, cuDNN) "
            "with enable_gqa, the faster dense setup here (SDPA on keys repeated beforehand, "
-           "the repeat not timed, is given once per length), timed right before each layer "
-           "in every round; speedups over all layers are the sum of the layers' dense times "
+           "the repeat not timed, is given once per length), timed beside each layer in "
+           "every round; speedups over all layers are the sum of the layers' dense times "
            "over the sum of ours.  kv: per-KV-head "
            "rules (the widest span of each group of 4), routed; q: the query heads' own spans "
            "(query windows), routed; kernel: per-KV-head rules on the block-sparse kernel "

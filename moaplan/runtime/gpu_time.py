@@ -34,11 +34,13 @@ def interleaved_times(fns: dict[str, Callable[[], object]],
                       bench: Callable[[Callable[[], object]], float],
                       rounds: int) -> dict[str, list[float]]:
     """``bench(fn)`` of each function in each of ``rounds`` rounds, the functions taking turns
-    inside every round: entry ``r`` of every list comes from the same round."""
+    inside every round: entry ``r`` of every list comes from the same round.  Every other round
+    runs them in reverse order: a function's place in a round biases its time (what ran just
+    before it, the card's clocks), and a pair of rounds cancels that bias where it is linear."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
+    for r in range(rounds):
+        for name in (fns if r % 2 == 0 else reversed(list(fns))):
+            times[name].append(bench(fns[name]))
     return times
 
 
