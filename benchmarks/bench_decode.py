@@ -455,24 +455,26 @@ def first_token_times(model, make_cache, n: int, eager_n: float | None = None,
     """Time to first token (batch 1) at ``n`` and at ``LONG`` tokens (the median of
     ``long_rounds`` timed runs there), as the model runs (``eager_n``: the time at ``n``
     where already measured) and with its decoder layers compiled (:func:`compiled_layers`,
-    compiled in the warm-up runs), or the error of compiling; and the ``LONG`` runs of both
-    (``eager``, ``compiled``: seconds, or an error)."""
-    def median(runs: list[float] | dict) -> float | dict:
-        return runs if isinstance(runs, dict) else statistics.median(runs)
+    compiled in the warm-up runs), or the error of compiling; and the timed runs behind both
+    (``eager``, ``compiled``: seconds by length, or an error)."""
+    def median(times: list[float] | dict) -> float | dict:
+        return times if isinstance(times, dict) else statistics.median(times)
 
     prompt = prefill_prompts(n)["batch 1"]
-    long_runs = {"eager": long_prompt_runs(model, make_cache, long_rounds)}
-    ttft = {str(n): eager_n if eager_n is not None else prefill_seconds(model, make_cache,
-                                                                        *prompt),
-            str(LONG): median(long_runs["eager"])}
+    runs = {"eager": {} if eager_n is not None
+            else {str(n): prefill_runs(model, make_cache, *prompt)}}
+    runs["eager"][str(LONG)] = long_prompt_runs(model, make_cache, long_rounds)
+    ttft = {length: median(t) for length, t in runs["eager"].items()}
+    if eager_n is not None:
+        ttft = {str(n): eager_n, **ttft}
     try:
         with compiled_layers(model):
-            compiled = {str(n): prefill_seconds(model, make_cache, *prompt)}
-            long_runs["compiled"] = long_prompt_runs(model, make_cache, long_rounds)
-            compiled[str(LONG)] = median(long_runs["compiled"])
+            runs["compiled"] = {str(n): prefill_runs(model, make_cache, *prompt),
+                                str(LONG): long_prompt_runs(model, make_cache, long_rounds)}
+        compiled = {length: median(t) for length, t in runs["compiled"].items()}
     except RuntimeError as err:  # compiling (dynamo, inductor)
-        compiled = long_runs["compiled"] = dict(error=first_line(err))
-    return ttft, compiled, long_runs
+        compiled = runs["compiled"] = dict(error=first_line(err))
+    return ttft, compiled, runs
 
 
 def prefill_times(model, make_cache, n: int) -> tuple[dict, dict, dict]:

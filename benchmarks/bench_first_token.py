@@ -77,7 +77,7 @@ def measure(layers: int, long_rounds: int, save) -> dict:
     lengths = [CONTEXT, LONG]
     result = {"layers": layers, "lengths": lengths, "rounds": {str(CONTEXT): ROUNDS,
                                                                str(LONG): long_rounds},
-              "ttft_s": {}, "ttft_compiled_s": {}, "long_runs_s": {},
+              "ttft_s": {}, "ttft_compiled_s": {}, "runs_s": {},
               "sdpa_layer_s": {str(n): sdpa_layer_seconds(model.config, n) for n in lengths},
               "plans": {}}
     for name, plan in every.items():
@@ -88,10 +88,10 @@ def measure(layers: int, long_rounds: int, save) -> dict:
         plan = every.get(side)
         if plan is not None:
             apply(model, plan, strict=False)
-        ttft, compiled, long_runs = first_token_times(model, cache_maker(plan), CONTEXT,
-                                                      long_rounds=long_rounds)
+        ttft, compiled, runs = first_token_times(model, cache_maker(plan), CONTEXT,
+                                                 long_rounds=long_rounds)
         result["ttft_s"][side], result["ttft_compiled_s"][side] = ttft, compiled
-        result["long_runs_s"][side] = long_runs
+        result["runs_s"][side] = runs
         if plan is not None:
             remove(model)
         print(f"{side}: {ttft}; compiled {compiled}", flush=True)
@@ -120,15 +120,14 @@ def rows(result: dict) -> list[dict]:
 
 
 def _fastest_runs(result: dict, side: str, n: str) -> list[float]:
-    """The timed runs behind ``side``'s faster median at ``n``: kept for the long prompt
-    only (the shorter one's are not), so none elsewhere."""
-    if n != str(LONG):
-        return []
-    runs = result.get("long_runs_s", {}).get(side, {})
+    """The timed runs behind ``side``'s faster median at ``n`` (none where they were not kept:
+    results from before they were)."""
+    runs = result.get("runs_s", {}).get(side, {})
     medians = {"eager": result["ttft_s"][side].get(n),
                "compiled": result["ttft_compiled_s"].get(side, {}).get(n)}
-    kept = {kind: runs[kind] for kind, median in medians.items()
-            if isinstance(median, float) and isinstance(runs.get(kind), list)}
+    kept = {kind: times for kind, median in medians.items()
+            if isinstance(median, float)
+            and isinstance(times := runs.get(kind, {}).get(n), list)}
     return kept[min(kept, key=medians.get)] if kept else []
 
 
@@ -152,7 +151,8 @@ def markdown(report: dict) -> str:
              "batch 1; each side's faster of the model as it runs and with its decoder layers "
              "compiled.  Dense: DynamicCache + SDPA (cuDNN).  95% interval: Welch's t-interval "
              "of the speedup (on log times) from each side's timed runs, where both have two "
-             "or more (the long prompt's with --long-rounds 2 or more).  Bound: the speedup if "
+             "or more (the shorter prompt's always, the longer one's with --long-rounds 2 or "
+             "more).  Bound: the speedup if "
              "the plan's attention ran at SDPA's speed (dense time less layers x one layer's "
              "SDPA time x (1 - attention density)), an estimate: SDPA is timed alone, outside "
              "the model, so a measurement can pass it by a percent or two; one layer's SDPA: "

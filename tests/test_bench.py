@@ -94,13 +94,19 @@ def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped
               "ttft_s": {"dense": {"4": 1.0, long: 2.0}, "moa_q": {"4": 0.95, long: 1.5}},
               "ttft_compiled_s": {"dense": {"4": 0.9, long: 2.5},
                                   "moa_q": {"error": "compiling failed"}},
-              # The long prompt's runs behind each median: the dense side's faster is eager.
-              "long_runs_s": {"dense": {"eager": [1.99, 2.0, 2.01], "compiled": [2.5, 2.5]},
-                              "moa_q": {"eager": [1.49, 1.5, 1.51],
-                                        "compiled": {"error": "compiling failed"}}}}
+              # The runs behind each median (the long prompt's dense faster is eager); the
+              # shorter prompt's plan side kept none (a result from before runs were kept).
+              "runs_s": {"dense": {"eager": {"4": [1.0, 1.0], long: [1.99, 2.0, 2.01]},
+                                   "compiled": {"4": [0.9, 0.9], long: [2.5, 2.5]}},
+                         "moa_q": {"eager": {long: [1.49, 1.5, 1.51]},
+                                   "compiled": {"error": "compiling failed"}}}}
     short, longer = bench_first_token.rows(result)
     assert (short["dense_s"], short["ours_s"]) == (0.9, 0.95)  # dense compiled, plan eager
-    assert short["speedup_ci"] is None  # the shorter prompt's runs are not kept
+    assert short["speedup_ci"] is None
+    result["runs_s"]["moa_q"]["eager"]["4"] = [0.94, 0.95, 0.96]
+    kept = bench_first_token.rows(result)[0]["speedup_ci"]  # 0.9 s runs against 0.95 s ones
+    assert kept["low"] < 0.9 / 0.95 < kept["high"] < 1.0 and kept["runs"] == 2
+    del result["runs_s"]["moa_q"]["eager"]["4"]
     # 2 layers x 0.4 s of SDPA, three quarters of it skipped: at best 2.0 / 1.4.
     assert longer["speedup"] == pytest.approx(2.0 / 1.5)
     assert longer["bound_speedup"] == pytest.approx(2.0 / 1.4)
