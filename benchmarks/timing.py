@@ -15,6 +15,7 @@ import triton
 from scipy import stats
 
 from moaplan.runtime.gpu_time import interleaved_times
+from moaplan.validation import Interval
 
 # Rounds of interleaved timings per comparison: single do_bench medians of one kernel moved
 # by up to 10% between runs minutes apart on the H100 (clocks), more than some margins.
@@ -53,9 +54,11 @@ class Speedup:
         """From times taken in pairs (entry ``r`` of both in the same round): the interval of
         the mean log ratio, so the rounds' common drift cancels."""
         logs = np.log(np.asarray(baseline, dtype=float) / np.asarray(ours, dtype=float))
-        half = (stats.t.ppf(0.975, logs.size - 1) * logs.std(ddof=1) / math.sqrt(logs.size)
-                if logs.size > 1 else math.inf)
-        return cls._of(logs.mean(), half, logs.size)
+        if logs.size < 2:  # one round: no interval, rather than Interval's zero width
+            return cls._of(logs.mean(), math.inf, logs.size)
+        mean_log = Interval.of(logs)
+        return cls(math.exp(mean_log.mean), math.exp(mean_log.low), math.exp(mean_log.high),
+                   mean_log.count)
 
     @classmethod
     def unpaired(cls, baseline: Sequence[float], ours: Sequence[float]) -> Speedup:
