@@ -31,7 +31,11 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_llama  # noqa: E402
 from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
-from e2e_setups import FIRST_TOKEN_PLANS, fastest_first_token  # noqa: E402
+from e2e_setups import (  # noqa: E402
+    FIRST_TOKEN_PLANS,
+    fastest_first_token,
+    fastest_first_token_run,
+)
 from provenance import provenance  # noqa: E402
 from timing import ROUNDS, Speedup, bench  # noqa: E402
 
@@ -120,15 +124,11 @@ def rows(result: dict) -> list[dict]:
 
 
 def _fastest_runs(result: dict, side: str, n: str) -> list[float]:
-    """The timed runs behind ``side``'s faster median at ``n`` (none where they were not kept:
+    """The timed runs behind ``side``'s faster time at ``n`` (none where they were not kept:
     results from before they were)."""
-    runs = result.get("runs_s", {}).get(side, {})
-    medians = {"eager": result["ttft_s"][side].get(n),
-               "compiled": result["ttft_compiled_s"].get(side, {}).get(n)}
-    kept = {kind: times for kind, median in medians.items()
-            if isinstance(median, float)
-            and isinstance(times := runs.get(kind, {}).get(n), list)}
-    return kept[min(kept, key=medians.get)] if kept else []
+    run = fastest_first_token_run(result, side, n)
+    times = result.get("runs_s", {}).get(side, {}).get(run, {}).get(n)
+    return times if isinstance(times, list) else []
 
 
 def _interval(record: dict | None) -> str:

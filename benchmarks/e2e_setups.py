@@ -30,10 +30,22 @@ def best_rate(row: dict) -> float:
     return max(graphs) if graphs else row["tokens_per_s"]
 
 
+# Time to first token, by how the model ran: key of its times in a report.
+FIRST_TOKEN_RUNS = {"eager": "ttft_s", "compiled": "ttft_compiled_s"}
+
+
+def fastest_first_token_run(e2e: dict, side: str, length: str) -> str | None:
+    """How ``side`` (``"dense"`` or a plan's key) reached its faster time to first token at
+    ``length``: ``"eager"`` (the model as it runs) or ``"compiled"`` (its decoder layers
+    compiled), of those measured; None where neither was."""
+    times = {run: e2e.get(key, {}).get(side, {}).get(length)
+             for run, key in FIRST_TOKEN_RUNS.items()}
+    times = {run: t for run, t in times.items() if isinstance(t, float)}
+    return min(times, key=times.get) if times else None
+
+
 def fastest_first_token(e2e: dict, side: str, length: str) -> float | None:
-    """``side``'s time to first token at ``length`` (``"dense"`` or ``"moaplan"``): the faster
-    of the model as it runs and with its decoder layers compiled, of those measured."""
-    runs = (e2e.get("ttft_s", {}), e2e.get("ttft_compiled_s", {}))
-    times = [run.get(side, {}).get(length) for run in runs]
-    times = [t for t in times if isinstance(t, float)]
-    return min(times) if times else None
+    """``side``'s time to first token at ``length``: the faster of
+    :func:`fastest_first_token_run`."""
+    run = fastest_first_token_run(e2e, side, length)
+    return None if run is None else e2e[FIRST_TOKEN_RUNS[run]][side][length]
