@@ -7,10 +7,11 @@ full causal attention; a head with ``sink = span = 0`` sees nothing and costs no
 positions ``>= seq_lens[b]`` (right padding) come out as zeros.
 
 Each program owns one query block of one query head and works out analytically which key
-tiles its rows can see (no lookup tables).  Where the query heads of a GQA group share one
-rule, a program may hold a block of each of several of them (``PrefillConfig.pack``): every
-K/V tile it loads then serves them all, and its rows span fewer positions, so a window's
-edges waste less.  The tile ranges below are those of the block's rows:
+tiles its rows can see (no lookup tables).  Where query heads of a GQA group share one rule,
+a program may hold a block of each of several of them (up to ``PrefillConfig.pack``,
+:func:`pack_heads`; a group whose heads have their own spans packs those that share one):
+every K/V tile it loads then serves them all, and its rows span fewer positions, so a
+window's edges waste less.  The tile ranges below are those of the block's rows:
 
 * sink tiles   ``[0, s_end)`` keys below ``sink`` that the window does not already cover;
 * window tiles ``[a, d)``    from the tile of the earliest row's first window key to the
@@ -81,9 +82,10 @@ class PrefillConfig:
     then read one head's K/V, which stays in L2.  ``tma`` loads the K/V tiles through tensor
     descriptors (Hopper's TMA unit) where the GPU and the tensors' layout allow, else through
     pointers: on the H200 the dense tiles ran 12% faster that way (NOTES_prefill.md, run 6).
-    ``pack`` query heads of one GQA group share a program: its ``block_m`` rows are
-    ``block_m / pack`` queries of each, so every K/V tile it loads serves them all and a
-    window's edge tiles waste less (a power of two dividing the group; 1 where it does not).
+    Up to ``pack`` query heads of one GQA group that share a rule share a program
+    (:func:`pack_heads`): its ``block_m`` rows are ``block_m / p`` queries of each of its
+    ``p`` heads, so every K/V tile it loads serves them all and a window's edge tiles waste
+    less.
     ``edge_n`` (0: ``block_n``) is the key width of the masked tiles (:attr:`masked_n`).
     """
 
@@ -115,40 +117,73 @@ class PrefillConfig:
 SHORT_REACH = 4096
 
 
-def _pack(wanted: int, group: int, block_m: int) -> int:
-    """The most query heads, up to ``wanted``, that one program can pack: a power of two
-    dividing both the GQA group and the tile's rows."""
-    pack = 1
-    while pack * 2 <= wanted and group % (pack * 2) == 0 and block_m % (pack * 2) == 0:
-        pack *= 2
-    return pack
-
-
 def default_config(head_dim: int, reach: int, shared: int = 1) -> PrefillConfig:
     """Tile shape for a launch; ``reach`` is the most keys any row sees (max sink + span,
     capped at the key count); ``shared`` how many query heads of each GQA group share one
     rule (the group size for per-KV-head rules, 1 where query heads have their own spans).
 
-    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-11): programs of
+    Measured in bf16 for head_dim 128 (benchmarks/NOTES_prefill.md, runs 2-13): programs of
     more than :data:`SHORT_REACH` keys run best with 128 x 128 tiles in head-major order,
-    packing 4 query heads that share a rule (run 8: the mixed plan 2-10% faster at 16K-64K;
-    heads of different rules would mask every tile), and so do those of more than 2048 keys
-    where 4 heads pack (runs 10-11: 2-5% on the near-dense layers of a 4K MoA-like plan, 4-10%
-    on 2K-4K windows at 16K).  Their masked tiles are 64 keys wide (run 11: 1-5% on 4K-16K
-    MoA-like layers, the mixed plan 3% at 16K; a 64-key sink or a window's first key then
-    wastes half as much of its tile).  Other short programs finish sooner with 64 x 64 tiles
-    (more, shorter programs and less window-edge waste; 6% faster on 512-key windows, 2-5% on
-    4K per-query-head spans).  Both tiles load K/V through TMA: timed as CUDA-graph replays on
-    the H200, the 64 x 64 tiles ran 4-8% faster with it on every layer of a 4K MoA-like plan
-    and on the 4K mixed plan (run 7).  Other head dims are untuned.
+    packing up to 4 query heads of a group that share a rule (run 8: the mixed plan 2-10%
+    faster at 16K-64K; run 13: per-query-head spans, where packs form among the heads that
+    share one), and so do those of more than 2048 keys where whole groups pack (runs 10-11:
+    2-5% on the near-dense layers of a 4K MoA-like plan, 4-10% on 2K-4K windows at 16K).
+    Their masked tiles are 64 keys wide (run 11: 1-5% on 4K-16K MoA-like layers, the mixed
+    plan 3% at 16K; a 64-key sink or a window's first key then wastes half as much of its
+    tile).  Other short programs finish sooner with 64 x 64 tiles (more, shorter programs and
+    less window-edge waste; 6% faster on 512-key windows, 2-5% on 4K per-query-head spans).
+    Both tiles load K/V through TMA: timed as CUDA-graph replays on the H200, the 64 x 64
+    tiles ran 4-8% faster with it on every layer of a 4K MoA-like plan and on the 4K mixed
+    plan (run 7).  Other head dims are untuned.
     """
     if head_dim == 128:
-        pack = _pack(4, shared, 128)
-        if reach <= SHORT_REACH and (reach <= 2048 or pack < 4):
+        if reach <= SHORT_REACH and (reach <= 2048 or shared % 4):
             return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                             head_major=True, pack=pack, edge_n=64)
+                             head_major=True, pack=4, edge_n=64)
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+
+
+def pack_heads(sinks: Sequence[int], spans: Sequence[int], group: int,
+               config: PrefillConfig) -> list[list[int]]:
+    """The query heads that share the launch's programs: lists of query heads (one value of
+    ``sinks``/``spans`` per query head, ``group`` consecutive ones per KV head), each a power
+    of two of them, at most ``config.pack`` and dividing ``config.block_m``, of one group and
+    with the same sink and span; every query head in exactly one, a KV head's together.  A
+    pack of ``p`` heads computes ``block_m / p`` queries of each per program, so every K/V
+    tile it loads serves them all."""
+    packs: list[list[int]] = []
+    for h0 in range(0, len(sinks), group):
+        same_rule: dict[tuple[int, int], list[int]] = {}
+        for h in range(h0, h0 + group):
+            same_rule.setdefault((sinks[h], spans[h]), []).append(h)
+        for heads in same_rule.values():
+            while heads:
+                size = 1
+                while (size * 2 <= min(len(heads), config.pack)
+                       and config.block_m % (size * 2) == 0):
+                    size *= 2
+                packs.append(heads[:size])
+                heads = heads[size:]
+    return packs
+
+
+def _program_table(packs: list[list[int]], group: int) -> tuple[list[int], list[int]]:
+    """The kernel's ``MEMBERS`` and ``PROGRAMS`` (one entry per query head) from
+    :func:`pack_heads`: per KV head, its query heads (as offsets in the group) pack by pack,
+    and for program ``j`` of each chunk of ``block_m`` query positions ``member0 | log2(pack)
+    << 8 | sub << 16``: its pack starts at ``MEMBERS[member0]`` and it computes the pack's
+    ``sub``-th block of ``block_m / pack`` positions (the later blocks first, as the chunks
+    go)."""
+    members: list[int] = []
+    programs: list[int] = []
+    for heads in packs:
+        member0 = len(members) % group
+        members += [h % group for h in heads]
+        size = len(heads)
+        programs += [member0 | (size.bit_length() - 1) << 8 | (size - 1 - k) << 16
+                     for k in range(size)]
+    return members, programs
 
 
 def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int,
@@ -228,18 +263,19 @@ def _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_k, desc_v, b, kvh,
 @triton.jit
 def _compensation_tile(acc, m_i, l_i, q, mk_base, mv_base, t0, i0, first, offs_m, offs_n,
                        offs_d, sink, span, n_queries, qk_scale, HEAD_DIM: tl.constexpr,
-                       ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       rows_per_head, DOT_PRECISION: tl.constexpr):
     """Folds the compensation entries of the block's rows ``first .. first + BLOCK_N - 1``
     into the online softmax: the mean keys of those rows form a key tile whose diagonal
     (row ``r`` against its own mean key) is the only visible part.  Row ``r`` holds query
-    ``t0 + r % ROWS`` (of the ``r // ROWS``-th packed head, which shares the mean keys)."""
+    ``t0 + r % rows_per_head`` (of the ``r // rows_per_head``-th packed head, which shares
+    the mean keys)."""
     cols = first + offs_n  # rows of this block, as columns of the tile
-    t = t0 + cols % ROWS
+    t = t0 + cols % rows_per_head
     in_rows = (t < n_queries)[:, None]
     at = t[:, None] * HEAD_DIM + offs_d[None, :]
     mean_k = tl.load(mk_base + at, mask=in_rows, other=0.0)
     mean_v = tl.load(mv_base + at, mask=in_rows, other=0.0)
-    count = i0 + cols % ROWS - span - sink + 1  # keys [sink, i - span] dropped
+    count = i0 + cols % rows_per_head - span - sink + 1  # keys [sink, i - span] dropped
     # The entry's weight is count times that of one key at the mean: logit + log(count),
     # added before the softmax step multiplies by qk_scale.
     bias = tl.math.log2(tl.maximum(count, 1).to(tl.float32)) / qk_scale
@@ -357,44 +393,44 @@ def _dropped_means_kernel(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, Out, desc_k, desc_v, desc_ke, desc_ve, SINK, SPAN, HEAD_ORDER, QOFF, SEQLENS,
-    COMP_SLOT, MK, MV,
+    Q, K, V, Out, desc_k, desc_v, desc_ke, desc_ve, SINK, SPAN, HEAD_ORDER, MEMBERS, PROGRAMS,
+    QOFF, SEQLENS, COMP_SLOT, MK, MV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     q_offset, n_queries, n_keys, n_comp, qk_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_N: tl.constexpr,
     HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
     HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # A program computes ROWS queries of PACK query heads of one GQA group (row r: query
-    # t0 + r % ROWS of the group's head g0 + r // ROWS); a slot is one such set of heads.
-    ROWS: tl.constexpr = BLOCK_M // PACK
-    SLOTS: tl.constexpr = GROUP // PACK  # slots per KV head
-    if HEAD_MAJOR:  # 1-D grid: slot in group, then query block, then (sequence, KV head)
-        n_blocks = tl.cdiv(n_queries, ROWS)
-        rest = tl.program_id(0) // SLOTS
-        block = n_blocks - 1 - rest % n_blocks  # last query block first
-        slot = rest // n_blocks * SLOTS + tl.program_id(0) % SLOTS
-    else:  # 2-D grid: (sequence, slot), then query block
-        slot = tl.program_id(0)
-        block = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = slot // (HQ // PACK)
-    kv_rank = (slot % (HQ // PACK)) // SLOTS
-    kvh = tl.load(HEAD_ORDER + kv_rank)  # KV heads sorted widest first
+    # Every KV head has GROUP programs per chunk of BLOCK_M query positions: program j of a
+    # chunk computes `rows` queries of `pack` query heads that share one rule (row r: query
+    # t0 + r % rows of the group's head MEMBERS[member0 + r // rows]), where PROGRAMS[kvh *
+    # GROUP + j] packs member0 | log2(pack) << 8 | sub << 16 and the chunk's sub-th block of
+    # `rows` positions is the program's (:func:`_pack_programs`).
+    if HEAD_MAJOR:  # 1-D grid: program in chunk, then chunk, then (sequence, KV head)
+        n_chunks = tl.cdiv(n_queries, BLOCK_M)
+        rest = tl.program_id(0) // GROUP
+        chunk = n_chunks - 1 - rest % n_chunks  # last chunk first
+        unit = rest // n_chunks
+        j = tl.program_id(0) % GROUP
+    else:  # 2-D grid: (sequence, KV head, program in chunk), then chunk
+        unit = tl.program_id(0) // GROUP
+        j = tl.program_id(0) % GROUP
+        chunk = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = unit // (HQ // GROUP)
+    kvh = tl.load(HEAD_ORDER + unit % (HQ // GROUP))  # KV heads sorted widest first
+    program = tl.load(PROGRAMS + kvh * GROUP + j)
+    member0, log_pack, sub = program & 255, (program >> 8) & 255, program >> 16
+    rows_per_head = BLOCK_M >> log_pack
     offs_m = tl.arange(0, BLOCK_M)
-    hq = kvh * GROUP + slot % SLOTS * PACK + offs_m // ROWS  # each row's query head
-    if PACK == 1:  # one rule for the block: scalars, a cheaper mask
-        sink = tl.load(SINK + kvh * GROUP + slot % SLOTS)
-        span = tl.load(SPAN + kvh * GROUP + slot % SLOTS)
-        sink_hi, span_hi, span_lo = sink, span, span
-    else:  # a rule per row, [BLOCK_M, 1]; the tile ranges cover the widest
-        row_sink = tl.load(SINK + hq)
-        row_span = tl.load(SPAN + hq)
-        sink_hi, span_hi, span_lo = tl.max(row_sink), tl.max(row_span), tl.min(row_span)
-        sink, span = row_sink[:, None], row_span[:, None]
+    hq = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0 + offs_m // rows_per_head)
+    # The packed heads share one rule: scalars.
+    head = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0)
+    sink = tl.load(SINK + head)
+    span = tl.load(SPAN + head)
     if HAS_QOFF:
         q_offset = tl.load(QOFF + b)
     seq_len = n_keys
@@ -402,38 +438,38 @@ def _sparse_prefill_kernel(
         seq_len = tl.minimum(tl.load(SEQLENS + b), n_keys)
 
     # Absolute positions of this block's rows and the last one with a valid query.
-    t0 = block * ROWS
+    t0 = chunk * BLOCK_M + sub * rows_per_head
     i0 = q_offset + t0
-    i_last = i0 + ROWS - 1
+    i_last = i0 + rows_per_head - 1
     hi = tl.minimum(tl.minimum(i_last, seq_len - 1), q_offset + n_queries - 1)
     # A query head with neither sink nor window sees nothing (``routed_attention`` leaves the
-    # heads it sends to SDPA so): no tiles, zero rows.  Packed with other heads, its rows
-    # take the masked path (span_lo = 0 leaves no interior tiles) and see nothing there.
-    has_rows = (hi >= i0) & ((sink_hi > 0) | (span_hi > 0))
+    # heads it sends to SDPA so): no tiles, zero rows.
+    has_rows = (hi >= i0) & ((sink > 0) | (span > 0))
 
     # Key-tile ranges (all bounds non-negative, so integer division is floor division), in
     # tiles of BLOCK_N keys; the masked ones are then walked in tiles of EDGE_N keys.
     d = tl.where(has_rows, hi // BLOCK_N + 1, 0)
-    lo = tl.maximum(i0 - span_hi + 1, 0)  # earliest window key of any row
-    sink_keys = tl.minimum(sink_hi, lo)  # sinks the window does not cover
+    lo = tl.maximum(i0 - span + 1, 0)  # earliest window key of any row
+    sink_keys = tl.minimum(sink, lo)  # sinks the window does not cover
     s_end = tl.minimum(tl.cdiv(sink_keys, BLOCK_N), d)
     a = tl.minimum(tl.maximum(lo // BLOCK_N, s_end), d)
-    first_full = tl.where(i_last >= span_lo, (i_last - span_lo) // BLOCK_N + 1, 0)
+    first_full = tl.where(i_last >= span, (i_last - span) // BLOCK_N + 1, 0)
     e = tl.minimum(tl.maximum(first_full, a), d)
     f = tl.minimum(tl.maximum((i0 + 1) // BLOCK_N, e), d)
-    # The same masked ranges in EDGE_N tiles: sink [0, s_end), edge [a, e), diagonal [f, d).
-    # They stay inside the BLOCK_N tiles above, so the interior tiles [e, f) remain theirs.
+    # The masked ranges in EDGE_N tiles: sink [0, s_sub), edge [a_sub, e_sub), diagonal
+    # [f_sub, d_sub).  They stay inside the BLOCK_N tiles above, so the interior tiles [e, f)
+    # remain theirs.
     SUB: tl.constexpr = BLOCK_N // EDGE_N
     d_sub = tl.where(has_rows, hi // EDGE_N + 1, 0)
-    s_end = tl.minimum(tl.cdiv(sink_keys, EDGE_N), d_sub)
-    a = tl.minimum(tl.maximum(lo // EDGE_N, s_end), d_sub)
+    s_sub = tl.minimum(tl.cdiv(sink_keys, EDGE_N), d_sub)
+    a_sub = tl.minimum(tl.maximum(lo // EDGE_N, s_sub), d_sub)
     e_sub = tl.minimum(e * SUB, d_sub)
     f_sub = tl.minimum(f * SUB, d_sub)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, EDGE_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = t0 + offs_m % ROWS
+    q_rows = t0 + offs_m % rows_per_head
     rows = q_offset + q_rows
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + (hq.to(tl.int64) * stride_qh)[:, None]
               + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd)
@@ -445,12 +481,12 @@ def _sparse_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # Masked tiles: sink [0, s_end), then edge [a, e_sub), then diagonal [f_sub, d_sub), back
-    # to back.
-    n_edge = e_sub - a
-    for idx in range(0, s_end + n_edge + (d_sub - f_sub)):
-        tile = tl.where(idx < s_end, idx, tl.where(idx < s_end + n_edge, a + idx - s_end,
-                                                   f_sub + idx - s_end - n_edge))
+    # Masked tiles: sink [0, s_sub), then edge [a_sub, e_sub), then diagonal [f_sub, d_sub),
+    # back to back.
+    n_edge = e_sub - a_sub
+    for idx in range(0, s_sub + n_edge + (d_sub - f_sub)):
+        tile = tl.where(idx < s_sub, idx, tl.where(idx < s_sub + n_edge, a_sub + idx - s_sub,
+                                                   f_sub + idx - s_sub - n_edge))
         acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k_base, v_base, desc_ke, desc_ve, b,
                                      kvh, stride_kn, stride_kd, stride_vn, stride_vd, tile,
                                      rows, offs_e, offs_d, sink, span, n_keys, qk_scale, EDGE_N,
@@ -465,12 +501,11 @@ def _sparse_prefill_kernel(
         comp = tl.load(COMP_SLOT + kvh)
         if comp >= 0:  # MK, MV: [B, n_comp, n_queries, HEAD_DIM], contiguous
             m_off = (b.to(tl.int64) * n_comp + comp) * n_queries * HEAD_DIM
-            # A compensating group shares one rule, so the widest is every row's.
             for first in tl.static_range(0, BLOCK_M, BLOCK_N):
                 acc, m_i, l_i = _compensation_tile(acc, m_i, l_i, q, MK + m_off, MV + m_off, t0,
-                                                   i0, first, offs_m, offs_n, offs_d, sink_hi,
-                                                   span_hi, n_queries, qk_scale, HEAD_DIM, ROWS,
-                                                   DOT_PRECISION)
+                                                   i0, first, offs_m, offs_n, offs_d, sink,
+                                                   span, n_queries, qk_scale, HEAD_DIM,
+                                                   rows_per_head, DOT_PRECISION)
     valid = (q_rows < n_queries) & (rows < seq_len)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out = tl.where(valid[:, None], out, 0.0)
@@ -577,6 +612,25 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          "backend='torch' or 'auto')")
 
 
+@dataclass(frozen=True)
+class _LaunchTable:
+    """The int32 device views a launch reads, all from one upload: per query head ``sink``,
+    ``span``, ``members`` and ``programs`` (:func:`_program_table`); per KV head the launch
+    ``order`` (widest first), ``comp_slot`` (its slot in the dropped-key means, or -1), per
+    slot ``comp_head`` (its KV head), and ``group_sink`` / ``group_span`` (the rule of the
+    group's first query head, the compensation passes')."""
+
+    sink: torch.Tensor
+    span: torch.Tensor
+    members: torch.Tensor
+    programs: torch.Tensor
+    order: torch.Tensor
+    comp_slot: torch.Tensor
+    comp_head: torch.Tensor
+    group_sink: torch.Tensor
+    group_span: torch.Tensor
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -620,10 +674,10 @@ def sparse_attention(
     spans = _head_list("span", span, n_kv_heads, group)
     if min(sinks) < 0 or min(spans) < 0:
         raise ModelError(f"sink and span must be >= 0, got sink={sinks} span={spans}")
-    # Valid rows sit below n_keys, so this clamp keeps "full" spans like 2**62 inside int32.
-    limit = n_keys + 1
-    sinks = [min(x, limit) for x in sinks]
-    spans = [min(x, limit) for x in spans]
+    # Valid rows sit below n_keys, so this clamp changes no rule and keeps "full" spans like
+    # 2**62 inside int32; and query heads whose rules differ only beyond it can pack.
+    sinks = [min(x, n_keys) for x in sinks]
+    spans = [min(x, n_keys) for x in spans]
     # Heads whose rows can drop keys get a slot in the dropped-key means; the others -1.
     flags = [False] * n_kv_heads if compensate is None else [
         bool(x) for x in _int_list("compensate", torch.as_tensor(compensate).long(), n_kv_heads)]
@@ -641,12 +695,18 @@ def sparse_attention(
     reaches = [sinks[i] + spans[i] for i in range(n_q_heads)]
     order = sorted(range(n_kv_heads), key=lambda h: -max(reaches[i] for i in members[h]))
     comp_head = comp_heads + [0] * (n_kv_heads - len(comp_heads))  # slot -> KV head
-    # One upload: per query head sink and span, then per KV head the order, the compensation
-    # slots and the sink and span of its group's first query head (the compensation passes').
+    reach = min(max(reaches), n_keys)
+    cfg = config or default_config(head_dim, reach,
+                                   shared_rule_heads(sinks, spans, group, n_keys))
+    program_members, programs = _program_table(pack_heads(sinks, spans, group, cfg), group)
+    # One upload: per query head sink, span, pack members and programs, then per KV head the
+    # order, the compensation slots and the sink and span of its group's first query head
+    # (the compensation passes').
+    per_q = [sinks, spans, program_members, programs]
     per_kv = [order, comp_slot, comp_head, sinks[::group], spans[::group]]
-    flat = _upload(torch.tensor(sinks + spans + sum(per_kv, []), dtype=torch.int32), q.device)
-    table = (flat[:n_q_heads], flat[n_q_heads:2 * n_q_heads],
-             *flat[2 * n_q_heads:].view(len(per_kv), n_kv_heads))
+    flat = _upload(torch.tensor(sum(per_q + per_kv, []), dtype=torch.int32), q.device)
+    table = _LaunchTable(*flat[:len(per_q) * n_q_heads].view(len(per_q), n_q_heads),
+                         *flat[len(per_q) * n_q_heads:].view(len(per_kv), n_kv_heads))
 
     if isinstance(q_offset, torch.Tensor):
         qoff = _upload_per_sequence("q_offset", q_offset, batch, q.device, 0)
@@ -658,9 +718,6 @@ def sparse_attention(
     lens = (None if seq_lens is None
             else _upload_per_sequence("seq_lens", seq_lens, batch, q.device, 0))
 
-    reach = min(max(reaches), n_keys)
-    cfg = config or default_config(head_dim, reach,
-                                   shared_rule_heads(sinks, spans, group, n_keys))
     # In q's memory layout, as SDPA does: transformers' [B, N, H, D] seen through a transpose
     # stays so, and the attention layer's transpose back to it costs no copy.
     out = torch.empty_like(q)
@@ -673,18 +730,17 @@ def sparse_attention(
         means = _dropped_means(q, k, v, table, comp_heads, qoff, q_offset_scalar)
     else:
         means = (flat, flat)  # never read
-    pack = _pack(cfg.pack, group, cfg.block_m)
-    grid = (batch * n_q_heads // pack, triton.cdiv(n_queries, cfg.block_m // pack))
+    grid = (batch * n_q_heads, triton.cdiv(n_queries, cfg.block_m))
     if cfg.head_major:
         grid = (grid[0] * grid[1],)
     descriptors = _kv_descriptors(k, v, cfg)
     _sparse_prefill_kernel[grid](
-        q, k, v, out, *(descriptors or (0, 0, 0, 0)), table[0], table[1], table[2],
-        qoff if qoff is not None else flat, lens if lens is not None else flat,
-        table[3], *means,
+        q, k, v, out, *(descriptors or (0, 0, 0, 0)), table.sink, table.span, table.order,
+        table.members, table.programs, qoff if qoff is not None else flat,
+        lens if lens is not None else flat, table.comp_slot, *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
-        HQ=n_q_heads, GROUP=group, PACK=pack, HEAD_DIM=head_dim,
+        HQ=n_q_heads, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EDGE_N=cfg.masked_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
         HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,
@@ -694,7 +750,7 @@ def sparse_attention(
     return out
 
 
-def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: _LaunchTable,
                    comp_heads: list[int], qoff: torch.Tensor | None,
                    q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row, the mean key and value of the keys it drops, for the compensating
@@ -709,7 +765,8 @@ def _dropped_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
     sums = torch.empty((slots, grid[0] + 1, 2, head_dim), dtype=torch.float32, device=q.device)
     common = dict(HAS_QOFF=qoff is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
                   BLOCK_D=block_d, num_warps=8)
-    heads = (table[5], table[6], table[4], qoff if qoff is not None else table[5])
+    heads = (table.group_sink, table.group_span, table.comp_head,
+             qoff if qoff is not None else table.group_sink)
     _dropped_sums_kernel[grid](k, v, sums, *heads, *k.stride(), *v.stride(), q_offset,
                                k.shape[2], len(comp_heads), **common)
     _dropped_means_kernel[grid](k, v, sums, mean_k, mean_v, *heads, *k.stride(), *v.stride(),

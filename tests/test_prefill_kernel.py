@@ -20,7 +20,9 @@ from interpreter import interpreter_pool
 from moaplan.errors import ModelError
 from moaplan.kernels.prefill import (
     PrefillConfig,
+    _program_table,
     default_config,
+    pack_heads,
     reference_attention,
     shared_rule_heads,
     sparse_attention,
@@ -107,10 +109,12 @@ def _cases(draw):
     offsets = [draw(st.integers(0, nk - nq)) for _ in range(batch)]
     lens = [draw(st.integers(0, nk)) for _ in range(batch)]
     sink = [draw(st.integers(0, 40)) for _ in range(hkv)]
-    # One span per KV head, or one per query head (a plan's query windows).
+    # One span per KV head, or one per query head (a plan's query windows), from a few
+    # values, so that some query heads of a group share one (and pack) and others do not.
     per_query = group > 1 and draw(st.booleans())
-    span = [draw(st.sampled_from([0, 1, 2, 15, 16, 17, 33, nk, 2**40]) | st.integers(0, nk))
-            for _ in range(hkv * group if per_query else hkv)]
+    values = [draw(st.sampled_from([0, 1, 2, 15, 16, 17, 33, nk, 2**40]) | st.integers(0, nk))
+              for _ in range(3)]
+    span = [draw(st.sampled_from(values)) for _ in range(hkv * group if per_query else hkv)]
     # Compensation tokens on some heads (None: the plain kernel); they need one span a group.
     compensate = None if per_query else draw(
         st.none() | st.lists(st.booleans(), min_size=hkv, max_size=hkv))
@@ -126,8 +130,7 @@ def _cases(draw):
         half_edges=draw(st.booleans()),
         head_major=draw(st.booleans()),
         tma=draw(st.booleans()),
-        # Query heads per program (as many as divide the group): per-query-head spans and
-        # the heads of a group with different rules then share a program, row by row.
+        # Query heads per program at most (those of a group that share a rule).
         pack=draw(st.sampled_from([1, 2, 4])),
         seed=draw(st.integers(0, 2**31)),
     )
@@ -251,16 +254,12 @@ def test_packed_programs_of_a_wide_group(interp, head_major):
     _check(interp(q, k, v, sink, span, config=config, **kwargs), ref, torch.float32)
 
 
-def test_default_tiles_pack_only_heads_that_share_a_rule():
-    # Long programs pack 4 query heads of a group (fewer where the group has fewer, or an odd
-    # number); query heads with their own spans are not packed.  Short programs pack 4 heads
-    # on the long programs' tiles from a reach of 2048 keys, else take unpacked 64 x 64 tiles.
-    # Masked tiles in the 128 x 128 programs are 64 keys wide.
+def test_default_tiles():
+    # Long programs pack up to 4 query heads of a group; short ones take the long programs'
+    # tiles from a reach of 2048 keys where whole groups of 4 (or 8) share a rule, else
+    # unpacked 64 x 64 tiles.  Masked tiles in the 128 x 128 programs are 64 keys wide.
     assert default_config(128, 8192, shared=4).pack == 4
-    assert default_config(128, 8192, shared=8).pack == 4
-    assert default_config(128, 8192, shared=6).pack == 2
-    assert default_config(128, 8192, shared=3).pack == 1
-    assert default_config(128, 8192).pack == 1
+    assert default_config(128, 8192).pack == 4
     assert default_config(128, 2048, shared=4).pack == 1
     assert default_config(128, 4096, shared=4) == default_config(128, 8192, shared=4)
     assert default_config(128, 2049, shared=8).pack == 4
@@ -274,6 +273,44 @@ def test_default_tiles_pack_only_heads_that_share_a_rule():
     assert shared_rule_heads([0, 64], [8, 8], 1, 1000) == 1
     # Spans (and sinks) past the keys all mean "every key": a group still shares its rule.
     assert shared_rule_heads([0] * 4, [1000, 1001, 2**40, 5000], 4, 1000) == 4
+
+
+def test_packs_hold_query_heads_of_one_rule():
+    # Per group of 4: heads sharing a rule pack in powers of two up to the config's pack;
+    # a group of 6 with one rule packs 4 + 2; tiles of 2 rows hold at most 2 heads.
+    long = default_config(128, 8192)
+    sinks = [0] * 8 + [4] * 6
+    spans = [9, 9, 9, 9] + [5, 7, 5, 5] + [3] * 6
+    assert pack_heads(sinks[:8], spans[:8], 4, long) == [[0, 1, 2, 3], [4, 6], [7], [5]]
+    assert pack_heads(sinks[8:], spans[8:], 6, long) == [[0, 1, 2, 3], [4, 5]]
+    assert pack_heads(sinks[:4], spans[:4], 4, dataclasses.replace(long, block_m=2)) == [
+        [0, 1], [2, 3]]
+    assert pack_heads(sinks[:4], spans[:4], 4, default_config(128, 1024)) == [[0], [1], [2], [3]]
+    # The kernel's table: members by pack; per program its pack's first member, log2 of its
+    # size and its block (the later first).
+    members, programs = _program_table([[0, 1, 2, 3], [4, 6], [7], [5]], 4)
+    assert members == [0, 1, 2, 3, 0, 2, 3, 1]
+    assert programs == [0 | 2 << 8 | 3 << 16, 2 << 8 | 2 << 16, 2 << 8 | 1 << 16, 2 << 8,
+                        0 | 1 << 8 | 1 << 16, 1 << 8, 2, 3]
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_packs_of_heads_that_share_a_rule_in_a_group_of_their_own_spans(interp, head_major):
+    """Per-query-head spans where some heads of a group share a rule: they pack (4, 2 + 1,
+    2 + 2), the others run alone, a skipped head (no sink, no window) beside them."""
+    gen = torch.Generator().manual_seed(60)
+    hkv, group, nq, nk = 3, 4, 45, 70
+    q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, torch.float16)
+    sink = torch.tensor([3, 3, 3])
+    span = torch.tensor([17, 17, 17, 17] + [9, 2**40, 9, 9] + [0, 33, 33, 5])
+    sink_q = sink.repeat_interleave(group)
+    sink_q[8] = 0  # with span 0: sees nothing
+    kwargs = dict(q_offset=torch.tensor([nk - nq, 3]), seq_lens=torch.tensor([nk, 50]))
+    ref = reference_attention(q, k, v, sink_q, span, **kwargs)
+    config = PrefillConfig(32, 16, 4, 1, head_major=head_major, pack=4)
+    out = interp(q, k, v, sink_q, span, config=config, **kwargs)
+    _check(out, ref, torch.float16)
+    assert (out[:, 8] == 0).all()
 
 
 @pytest.mark.parametrize("edge_n", [8, 48, 256])

@@ -37,6 +37,7 @@ from moaplan.kernels.common import use_triton
 from moaplan.kernels.prefill import (
     SHORT_REACH,
     default_config,
+    pack_heads,
     per_query_head,
     shared_rule_heads,
     sparse_attention,
@@ -122,9 +123,8 @@ def choose_route(sink: Sequence[int], span: Sequence[int], n: int, head_dim: int
 @functools.lru_cache(maxsize=4096)
 def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim: int,
                   cost: CostModel, group: int) -> Route:
-    # The kernel's programs pack the query heads of a group that share a rule (whole groups
-    # stay together in every subset below: a group's heads are all full or all not).
-    shared = shared_rule_heads(sink, span, group, n) if len(sink) % group == 0 else 1
+    if len(sink) % group:
+        group = 1
     sink = np.minimum(np.asarray(sink, dtype=np.int64), n)
     span = np.minimum(np.asarray(span, dtype=np.int64), n)
     full = sink + span >= n
@@ -134,7 +134,7 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     def ours(heads: np.ndarray) -> float:
         if not heads.any():
             return 0.0
-        tiles, reach = _kernel_tiles(sink[heads], span[heads], n, head_dim, shared)
+        tiles, reach = _kernel_tiles(sink, span, heads, n, head_dim, group)
         return float(tiles.sum()) * head_s / cost.efficiency(head_dim, reach)
 
     def sdpa(n_heads: int, gathered: bool) -> float:
@@ -156,15 +156,28 @@ def _choose_route(sink: tuple[int, ...], span: tuple[int, ...], n: int, head_dim
     return Route(kind, tuple(bool(x) for x in dense), predicted)
 
 
-def _kernel_tiles(sink: np.ndarray, span: np.ndarray, n: int, head_dim: int,
-                  shared: int = 1) -> tuple[np.ndarray, int]:
-    """The share of the causal tiles the kernel visits for each head, under the tiles one
-    launch of these heads takes (by their widest reach; a program's rows are ``block_m /
-    pack`` queries of each packed head), and that reach."""
-    reach = int(min((sink + span).max(), n))
+def _kernel_tiles(sink: np.ndarray, span: np.ndarray, heads: np.ndarray, n: int,
+                  head_dim: int, group: int) -> tuple[np.ndarray, int]:
+    """The share of the causal tiles the kernel visits for each of ``heads`` (a mask over
+    the layer's query heads, whose rules ``sink``/``span`` are capped at ``n``), under the
+    tiles one launch of them takes (by their widest reach; a program's rows are ``block_m /
+    p`` queries of each of the ``p`` heads it packs, :func:`pack_heads`), and that reach.
+    The launch sees the other heads with no sink and no window, which pack with none of
+    these."""
+    reach = int((sink + span)[heads].max())
+    # The launch's heads: these, and the others with nothing to see.
+    launch_sink, launch_span = np.where(heads, sink, 0), np.where(heads, span, 0)
+    shared = shared_rule_heads(launch_sink.tolist(), launch_span.tolist(), group, n)
     cfg = default_config(head_dim, reach, shared)
-    return block_attention_density(sink, span, n, cfg.block_m // cfg.pack, cfg.block_n,
-                                   cfg.masked_n), reach
+    rows = np.empty(len(sink), dtype=np.int64)
+    for pack in pack_heads(launch_sink.tolist(), launch_span.tolist(), group, cfg):
+        rows[pack] = cfg.block_m // len(pack)
+    tiles = np.empty(len(sink))
+    for block_m in np.unique(rows[heads]):
+        some = heads & (rows == block_m)
+        tiles[some] = block_attention_density(sink[some], span[some], n, int(block_m),
+                                              cfg.block_n, cfg.masked_n)
+    return tiles[heads], reach
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -407,8 +420,9 @@ class _CalibrationLayers:
         ratios = []
         for name, (sink, share) in self.WINDOWED.items():
             # Every group's heads share the layer's one rule: the kernel packs them.
-            tiles, _ = _kernel_tiles(np.array([sink]), np.array([int(share * n)]), n,
-                                     self.head_dim, n_q // self.heads[1])
+            tiles, _ = _kernel_tiles(np.full(n_q, sink), np.full(n_q, int(share * n)),
+                                     np.ones(n_q, dtype=bool), n, self.head_dim,
+                                     n_q // self.heads[1])
             ratios.append(float(tiles[0]) * sdpa / ms[name])
         return {"tflops": 4 * self.head_dim * n * (n + 1) / 2 * n_q / sdpa * 1e-9,
                 "gqa_native": gqa_native, "efficiency": min(ratios)}
