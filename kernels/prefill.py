@@ -186,6 +186,15 @@ def _program_table(packs: list[list[int]], group: int) -> tuple[list[int], list[
     return members, programs
 
 
+def _uniform_pack(packs: list[list[int]]) -> int:
+    """The kernel's ``PACK``: the packs' one size where every pack holds that many query heads
+    of consecutive numbers, from a multiple of it (the programs then need no table), else 0."""
+    size = len(packs[0])
+    regular = all(heads == list(range(heads[0], heads[0] + size)) and heads[0] % size == 0
+                  for heads in packs)
+    return size if regular else 0
+
+
 def shared_rule_heads(sinks: Sequence[int], spans: Sequence[int], group: int,
                       n_keys: int) -> int:
     """``group`` where every GQA group's query heads (consecutive in ``sinks``/``spans``, one
@@ -400,16 +409,18 @@ def _sparse_prefill_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on,
     q_offset, n_queries, n_keys, n_comp, qk_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_N: tl.constexpr,
     HAS_QOFF: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_COMP: tl.constexpr,
     HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Every KV head has GROUP programs per chunk of BLOCK_M query positions: program j of a
-    # chunk computes `rows` queries of `pack` query heads that share one rule (row r: query
-    # t0 + r % rows of the group's head MEMBERS[member0 + r // rows]), where PROGRAMS[kvh *
-    # GROUP + j] packs member0 | log2(pack) << 8 | sub << 16 and the chunk's sub-th block of
-    # `rows` positions is the program's (:func:`_pack_programs`).
+    # chunk computes `rows_per_head` queries of each of the query heads it packs, which
+    # share one rule (row r: query t0 + r % rows_per_head of head number member0 + r //
+    # rows_per_head of its pack), the chunk's sub-th block of them.  PACK heads of
+    # consecutive numbers each where every pack of the launch is so; else (PACK == 0) the
+    # packs come from a table (:func:`_program_table`), PROGRAMS[kvh * GROUP + j] holding
+    # member0 | log2(pack) << 8 | sub << 16 and MEMBERS the heads' numbers in the group.
     if HEAD_MAJOR:  # 1-D grid: program in chunk, then chunk, then (sequence, KV head)
         n_chunks = tl.cdiv(n_queries, BLOCK_M)
         rest = tl.program_id(0) // GROUP
@@ -422,13 +433,20 @@ def _sparse_prefill_kernel(
         chunk = tl.num_programs(1) - 1 - tl.program_id(1)
     b = unit // (HQ // GROUP)
     kvh = tl.load(HEAD_ORDER + unit % (HQ // GROUP))  # KV heads sorted widest first
-    program = tl.load(PROGRAMS + kvh * GROUP + j)
-    member0, log_pack, sub = program & 255, (program >> 8) & 255, program >> 16
-    rows_per_head = BLOCK_M >> log_pack
     offs_m = tl.arange(0, BLOCK_M)
-    hq = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0 + offs_m // rows_per_head)
+    if PACK == 0:
+        program = tl.load(PROGRAMS + kvh * GROUP + j)
+        member0, log_pack, sub = program & 255, (program >> 8) & 255, program >> 16
+        rows_per_head = BLOCK_M >> log_pack
+        hq = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0 + offs_m // rows_per_head)
+        head = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0)
+    else:  # no table to read first: the common case costs no extra dependent loads
+        rows_per_head: tl.constexpr = BLOCK_M // PACK
+        member0 = j // PACK * PACK
+        sub = PACK - 1 - j % PACK
+        hq = kvh * GROUP + member0 + offs_m // rows_per_head
+        head = kvh * GROUP + member0
     # The packed heads share one rule: scalars.
-    head = kvh * GROUP + tl.load(MEMBERS + kvh * GROUP + member0)
     sink = tl.load(SINK + head)
     span = tl.load(SPAN + head)
     if HAS_QOFF:
@@ -698,7 +716,8 @@ def sparse_attention(
     reach = min(max(reaches), n_keys)
     cfg = config or default_config(head_dim, reach,
                                    shared_rule_heads(sinks, spans, group, n_keys))
-    program_members, programs = _program_table(pack_heads(sinks, spans, group, cfg), group)
+    packs = pack_heads(sinks, spans, group, cfg)
+    program_members, programs = _program_table(packs, group)
     # One upload: per query head sink, span, pack members and programs, then per KV head the
     # order, the compensation slots and the sink and span of its group's first query head
     # (the compensation passes').
@@ -740,7 +759,7 @@ def sparse_attention(
         lens if lens is not None else flat, table.comp_slot, *means,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         q_offset_scalar, n_queries, n_keys, len(comp_heads), scale * LOG2E,
-        HQ=n_q_heads, GROUP=group, HEAD_DIM=head_dim,
+        HQ=n_q_heads, GROUP=group, PACK=_uniform_pack(packs), HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EDGE_N=cfg.masked_n,
         HAS_QOFF=qoff is not None, HAS_SEQLENS=lens is not None, HAS_COMP=bool(comp_heads),
         HEAD_MAJOR=cfg.head_major, TMA=descriptors is not None,

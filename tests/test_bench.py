@@ -141,21 +141,22 @@ def test_layer_report_names_only_layers_significantly_slower_than_dense():
     import bench_layers
     from timing import Speedup
 
-    def layer(i: int, dense: list[float], ours: list[float]) -> dict:
+    def layer(i: int, dense: list[float], ours: list[float], route: str = "sparse") -> dict:
         ci = dataclasses.asdict(Speedup.paired(dense, ours))
         return {"layer": i, "n": 4096, "density_kv": 0.97, "density_q": 0.8,
-                "route": {"kv": "sparse", "q": "sparse"},
+                "route": {"kv": route, "q": route},
                 "ms": {"kv": ours[0], "q": ours[0], "kernel": ours[0]}, "dense_ms": dense[0],
                 "speedup": {name: dense[0] / ours[0] for name in ("kv", "q", "kernel")},
                 "speedup_ci": {"kv": ci, "q": ci}, "eta_kv": 1.0, "eta_q": 1.0}
 
     ties = layer(0, [1.0, 1.0, 1.0], [1.01, 0.99, 1.0])
     slower = layer(1, [1.0, 1.0, 1.0], [1.05, 1.06, 1.05])
+    control = layer(2, [1.0, 1.0, 1.0], [1.02, 1.02, 1.03], route="dense")
     total = dataclasses.asdict(Speedup.paired([2.0, 2.0, 2.0], [2.06, 2.05, 2.05]))
     result = {"meta": {"card": "card", "date": "today", "commit": "abc", "torch": "t",
                        "triton": "tr"}, "cost_model": {}, "rounds": 3, "correctness": [],
               "lengths": [{"n": 4096, "sdpa_ms": 1.0, "sdpa_gqa_ms": 1.0,
-                           "dense_total_ms": 2.0, "layers": [ties, slower],
+                           "dense_total_ms": 2.0, "layers": [ties, slower, control],
                            "total_ms": {"kv": 2.05, "q": 2.05, "kernel": 2.05},
                            "speedup": {"kv": 0.98, "q": 0.98, "kernel": 0.98},
                            "speedup_ci": {"kv": total, "q": total},
@@ -163,5 +164,8 @@ def test_layer_report_names_only_layers_significantly_slower_than_dense():
     text = bench_layers.markdown(result)
     assert "median of 3 rounds" in text
     slow_line = next(line for line in text.splitlines() if line.startswith("Layers slower"))
-    assert "4096 layer 1 kv 0.949x [" in slow_line and "layer 0" not in slow_line
+    windowed, _, controls = slow_line.partition("On the dense route")
+    assert "4096 layer 1 kv 0.949x [" in windowed and "layer 0" not in slow_line
+    # The all-full layer on the dense route is the baseline's own call: named apart.
+    assert "layer 2" not in windowed and "4096 layer 2 kv 0.977x [" in controls
     assert "| 1.000x [" in text and "] tie |" in text

@@ -21,6 +21,7 @@ from moaplan.errors import ModelError
 from moaplan.kernels.prefill import (
     PrefillConfig,
     _program_table,
+    _uniform_pack,
     default_config,
     pack_heads,
     reference_attention,
@@ -292,6 +293,11 @@ def test_packs_hold_query_heads_of_one_rule():
     assert members == [0, 1, 2, 3, 0, 2, 3, 1]
     assert programs == [0 | 2 << 8 | 3 << 16, 2 << 8 | 2 << 16, 2 << 8 | 1 << 16, 2 << 8,
                         0 | 1 << 8 | 1 << 16, 1 << 8, 2, 3]
+    # Packs of one size, of consecutive heads each, need no table; any other launch does.
+    assert _uniform_pack([[0, 1, 2, 3], [4, 5, 6, 7]]) == 4
+    assert _uniform_pack([[0], [1], [2]]) == 1
+    assert _uniform_pack([[0, 1, 2, 3], [4, 6], [7], [5]]) == 0
+    assert _uniform_pack([[0, 2], [1, 3]]) == 0
 
 
 @pytest.mark.parametrize("head_major", [False, True])
