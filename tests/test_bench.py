@@ -89,6 +89,7 @@ def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped
 
     long = str(LONG)
     result = {"layers": 2, "lengths": [4, LONG], "sdpa_layer_s": {"4": 0.1, long: 0.4},
+              "sdpa_in_model_s": {"4": 0.1, long: 0.2},
               "plans": {"moa_q": {"kv": {"4": 0.9, long: 0.6},
                                   "attention": {"4": 0.5, long: 0.25}}},
               "ttft_s": {"dense": {"4": 1.0, long: 2.0}, "moa_q": {"4": 0.95, long: 1.5}},
@@ -110,13 +111,18 @@ def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped
     # 2 layers x 0.4 s of SDPA, three quarters of it skipped: at best 2.0 / 1.4.
     assert longer["speedup"] == pytest.approx(2.0 / 1.5)
     assert longer["bound_speedup"] == pytest.approx(2.0 / 1.4)
+    # SDPA at half that speed in the model: 2 x 0.2 s, three quarters skipped.
+    assert longer["bound_in_model_speedup"] == pytest.approx(2.0 / 1.7)
     ci = longer["speedup_ci"]
     assert ci["low"] < 2.0 / 1.5 < ci["high"] < 1.36 and ci["runs"] == 3
     report = dict(result, rows=[short, longer], card="card", date="today", commit="abc",
                   torch="t", triton="tr", rounds={"4": 3, long: 3})
     text = bench_first_token.markdown(report)
-    assert "| 1.333x | [1.3" in text and "] | 1.429x |" in text
-    assert "| 0.947x | - | 1.125x |" in text
+    assert "| 1.333x | [1.3" in text and "] | 1.429x | 1.176x |" in text
+    assert "| 0.947x | - | 1.125x | 1.125x |" in text and "in-model: SDPA's device" in text
+    del report["sdpa_in_model_s"]
+    text = bench_first_token.markdown(dict(report, rows=bench_first_token.rows(report)))
+    assert "] | 1.429x | - |" in text and "not measured in this run" in text
     assert "compiling failed" in text and "after a warm-up (runs: " in text
 
 
@@ -151,7 +157,7 @@ def test_layer_report_names_only_layers_significantly_slower_than_dense():
 
     ties = layer(0, [1.0, 1.0, 1.0], [1.01, 0.99, 1.0])
     slower = layer(1, [1.0, 1.0, 1.0], [1.05, 1.06, 1.05])
-    control = layer(2, [1.0, 1.0, 1.0], [1.02, 1.02, 1.03], route="dense")
+    control = layer(2, [1.0, 1.0, 1.0], [1.07, 1.07, 1.08], route="dense")
     total = dataclasses.asdict(Speedup.paired([2.0, 2.0, 2.0], [2.06, 2.05, 2.05]))
     result = {"meta": {"card": "card", "date": "today", "commit": "abc", "torch": "t",
                        "triton": "tr"}, "cost_model": {}, "rounds": 3, "correctness": [],
@@ -167,5 +173,7 @@ def test_layer_report_names_only_layers_significantly_slower_than_dense():
     windowed, _, controls = slow_line.partition("On the dense route")
     assert "4096 layer 1 kv 0.949x [" in windowed and "layer 0" not in slow_line
     # The all-full layer on the dense route is the baseline's own call: named apart.
-    assert "layer 2" not in windowed and "4096 layer 2 kv 0.977x [" in controls
+    assert "layer 2" not in windowed and "4096 layer 2 kv 0.932x [" in controls
+    over_all = next(line for line in text.splitlines() if line.startswith("| 4096 | 8.00 |"))
+    assert "0.949x [" in over_all and "0.932x" not in over_all  # the slowest windowed one
     assert "| 1.000x [" in text and "] tie |" in text
