@@ -135,22 +135,24 @@ def rows(result: dict) -> list[dict]:
             dense, ours = (fastest_first_token(result, side, n) for side in ("dense", name))
             if dense is None or ours is None:
                 continue
-            def bound(sdpa_s: dict) -> float:
-                """The speedup if the plan's attention ran at SDPA's speed: the dense time
-                less the attention the plan skips, at one layer's SDPA time ``sdpa_s``."""
-                skipped = result["layers"] * sdpa_s[n] * (1 - densities["attention"][n])
-                return dense / (dense - skipped)
-
             in_model = result.get("sdpa_in_model_s")
+            skipped = result["layers"] * (1 - densities["attention"][n])  # layers of SDPA
             runs = [_fastest_runs(result, side, n) for side in ("dense", name)]
             interval = (dataclasses.asdict(Speedup.unpaired(*runs))
                         if all(len(r) > 1 for r in runs) else None)
             out.append({"plan": name, "n": int(n), "kv_density": densities["kv"][n],
                         "attention_density": densities["attention"][n], "dense_s": dense,
                         "ours_s": ours, "speedup": dense / ours, "speedup_ci": interval,
-                        "bound_speedup": bound(result["sdpa_layer_s"]),
-                        "bound_in_model_speedup": in_model and bound(in_model)})
+                        "bound_speedup": _bound(dense, skipped * result["sdpa_layer_s"][n]),
+                        "bound_in_model_speedup": in_model and _bound(dense,
+                                                                      skipped * in_model[n])})
     return out
+
+
+def _bound(dense_s: float, skipped_s: float) -> float:
+    """The speedup if the plan's attention ran at SDPA's speed: the dense time less the
+    attention the plan skips (``skipped_s`` of SDPA)."""
+    return dense_s / (dense_s - skipped_s)
 
 
 def _fastest_runs(result: dict, side: str, n: str) -> list[float]:
