@@ -221,3 +221,29 @@ def test_bf16_routes_on_gpu_within_sdpa_error(route):
                ).abs().max().item()
     assert not out.isnan().any()
     assert (out.float() - ref).abs().max().item() <= 1.5 * allowed
+
+
+def test_the_cost_model_prices_each_head_by_the_pack_it_runs_in():
+    """The kernel packs the query heads of a group that share a rule; the router prices each
+    head's tiles at its pack's rows (fewer rows, less window-edge waste), also for the subset
+    of heads a split route hands the kernel."""
+    import numpy as np
+
+    n = 16384
+    sink = np.full(8, 64)
+    span = np.array([3000] * 4 + [3000, 5000, 3000, 7000])
+    cfg = default_config(128, 7064)
+    assert (cfg.block_m, cfg.pack) == (128, 4)
+
+    def share(w: int, rows: int) -> float:
+        return float(block_attention_density(64, w, n, rows, cfg.block_n, cfg.masked_n))
+
+    tiles, reach = routing._kernel_tiles(sink, span, np.ones(8, dtype=bool), n, 128, 4)
+    assert reach == 7064
+    assert tiles.tolist() == pytest.approx([share(3000, 32)] * 4 + [
+        share(3000, 64), share(5000, 128), share(3000, 64), share(7000, 128)])
+    assert share(3000, 32) <= share(3000, 64) < share(3000, 128)
+    # Without head 0 (sent to SDPA), its group's other three pack 2 + 1.
+    some = np.arange(8) > 0
+    tiles, _ = routing._kernel_tiles(sink, span, some, n, 128, 4)
+    assert tiles[:3].tolist() == pytest.approx([share(3000, 64)] * 2 + [share(3000, 128)])
