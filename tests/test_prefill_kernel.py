@@ -302,8 +302,9 @@ def test_packs_hold_query_heads_of_one_rule():
 
 @pytest.mark.parametrize("head_major", [False, True])
 def test_packs_of_heads_that_share_a_rule_in_a_group_of_their_own_spans(interp, head_major):
-    """Per-query-head spans where some heads of a group share a rule: they pack (4, 2 + 1,
-    2 + 2), the others run alone, a skipped head (no sink, no window) beside them."""
+    """Per-query-head spans where some heads of a group share a rule: they pack (a group of
+    4 alike, 2 of 3 alike, 2 alike), the others run alone, beside a skipped head (no sink,
+    no window)."""
     gen = torch.Generator().manual_seed(60)
     hkv, group, nq, nk = 3, 4, 45, 70
     q, k, v = _qkv(gen, 2, hkv * group, hkv, nq, nk, 32, torch.float16)
@@ -311,7 +312,10 @@ def test_packs_of_heads_that_share_a_rule_in_a_group_of_their_own_spans(interp, 
     span = torch.tensor([17, 17, 17, 17] + [9, 2**40, 9, 9] + [0, 33, 33, 5])
     sink_q = sink.repeat_interleave(group)
     sink_q[8] = 0  # with span 0: sees nothing
-    kwargs = dict(q_offset=torch.tensor([nk - nq, 3]), seq_lens=torch.tensor([nk, 50]))
+    # The first group, one rule, also takes the compensation token (its mean keys read by
+    # a program that found its heads in the table).
+    kwargs = dict(q_offset=torch.tensor([nk - nq, 3]), seq_lens=torch.tensor([nk, 50]),
+                  compensate=torch.tensor([True, False, False]))
     ref = reference_attention(q, k, v, sink_q, span, **kwargs)
     config = PrefillConfig(32, 16, 4, 1, head_major=head_major, pack=4)
     out = interp(q, k, v, sink_q, span, config=config, **kwargs)
