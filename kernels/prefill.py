@@ -7,8 +7,8 @@ full causal attention; a head with ``sink = span = 0`` sees nothing and costs no
 positions ``>= seq_lens[b]`` (right padding) come out as zeros.
 
 Each program owns one query block of one query head and works out analytically which key
-tiles its rows can see (no lookup tables).  Where query heads of a GQA group share one rule,
-a program may hold a block of each of several of them (up to ``PrefillConfig.pack``,
+tiles its rows can see (no tile lookup tables).  Where query heads of a GQA group share one
+rule, a program may hold a block of each of several of them (up to ``PrefillConfig.pack``,
 :func:`pack_heads`; a group whose heads have their own spans packs those that share one):
 every K/V tile it loads then serves them all, and its rows span fewer positions, so a
 window's edges waste less.  The tile ranges below are those of the block's rows:
