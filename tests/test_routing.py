@@ -247,3 +247,6 @@ def test_the_cost_model_prices_each_head_by_the_pack_it_runs_in():
     some = np.arange(8) > 0
     tiles, _ = routing._kernel_tiles(sink, span, some, n, 128, 4)
     assert tiles[:3].tolist() == pytest.approx([share(3000, 64)] * 2 + [share(3000, 128)])
+    # The reach is capped at the keys, as the launch caps it: sinks beside a full window.
+    _, reach = routing._kernel_tiles(sink, np.full(8, n), np.ones(8, dtype=bool), n, 128, 4)
+    assert reach == n

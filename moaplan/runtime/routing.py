@@ -164,7 +164,7 @@ def _kernel_tiles(sink: np.ndarray, span: np.ndarray, heads: np.ndarray, n: int,
     p`` queries of each of the ``p`` heads it packs, :func:`pack_heads`), and that reach.
     The launch sees the other heads with no sink and no window, which pack with none of
     these."""
-    reach = int((sink + span)[heads].max())
+    reach = int(min((sink + span)[heads].max(), n))
     # The launch's heads: these, and the others with nothing to see.
     launch_sink, launch_span = np.where(heads, sink, 0), np.where(heads, span, 0)
     shared = shared_rule_heads(launch_sink.tolist(), launch_span.tolist(), group, n)
