@@ -69,9 +69,9 @@ def sdpa_layer_seconds(config, n: int) -> float:
 def sdpa_in_model_seconds(model, n: int) -> float:
     """One layer's SDPA inside a dense prefill of ``n`` tokens: the device time of the model's
     ``aten::scaled_dot_product_attention`` calls (their kernels, whichever backend) in one
-    profiled eager prefill into a DynamicCache, over the layers.  Timed alone (:func:
-    `sdpa_layer_seconds`), the same call read 2.5% slower on the H200 at 128K (254.7 ms
-    against 248.4 ms), enough to move the bound by a percent."""
+    profiled eager prefill into a DynamicCache, over the layers.  Timed alone
+    (:func:`sdpa_layer_seconds`), the same call read 2.5% slower on the H200 at 128K (254.7
+    ms against 248.4 ms), enough to move the bound by a percent."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
@@ -130,12 +130,12 @@ def measure(layers: int, long_rounds: int, save) -> dict:
 def rows(result: dict) -> list[dict]:
     """Per plan and length: the faster time of each side, the speedup and its bound."""
     out = []
+    in_model = result.get("sdpa_in_model_s")  # results from before it lack it
     for name, densities in result["plans"].items():
         for n in map(str, result["lengths"]):
             dense, ours = (fastest_first_token(result, side, n) for side in ("dense", name))
             if dense is None or ours is None:
                 continue
-            in_model = result.get("sdpa_in_model_s")
             skipped = result["layers"] * (1 - densities["attention"][n])  # layers of SDPA
             runs = [_fastest_runs(result, side, n) for side in ("dense", name)]
             interval = (dataclasses.asdict(Speedup.unpaired(*runs))
@@ -177,7 +177,7 @@ def _layer_times(sdpa_s: dict | None) -> str:
     return ", ".join(f"{int(n) // 1024}K {s * 1e3:.1f} ms" for n, s in sdpa_s.items())
 
 
-def _times(speedup: float | None) -> str:
+def _ratio(speedup: float | None) -> str:
     return "-" if speedup is None else f"{speedup:.3f}x"
 
 
@@ -209,7 +209,7 @@ def markdown(report: dict) -> str:
                      f"{row['kv_density']:.3f} | {row['attention_density']:.3f} | "
                      f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {row['speedup']:.3f}x | "
                      f"{_interval(row.get('speedup_ci'))} | {row['bound_speedup']:.3f}x | "
-                     f"{_times(row.get('bound_in_model_speedup'))} |")
+                     f"{_ratio(row.get('bound_in_model_speedup'))} |")
     rounds = ", ".join(f"{int(n) // 1024}K {r}" for n, r in report.get("rounds", {}).items())
     lines += ["", "Every side (s), as the model runs / compiled, each the median of its timed "
               f"runs after a warm-up{f' (runs: {rounds})' if rounds else ''}:", "",

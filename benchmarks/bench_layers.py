@@ -172,6 +172,13 @@ def _speedup(record: dict) -> Speedup:
     return Speedup(**record)
 
 
+def _windowed(layer: dict, name: str) -> bool:
+    """Whether variant ``name`` of ``layer`` ran windowed.  On the dense route it makes the
+    dense baseline's own SDPA call, so any gap there is the measurement's own error, not a
+    slower layer."""
+    return layer["route"][name] != "dense"
+
+
 def _verdict(layer: dict, name: str) -> str:
     """A layer's speedup with its interval, and "tie" where the interval holds 1."""
     ci = _speedup(layer["speedup_ci"][name])
@@ -201,9 +208,8 @@ def markdown(result: dict) -> str:
            "q vs dense | kernel vs dense | ideal kv | ideal q | slowest windowed layer (kv / q) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["lengths"]:
-        # A layer on the dense route makes the baseline's own call: not a windowed layer.
         slow = {name: _speedup(min((x["speedup_ci"][name] for x in r["layers"]
-                                    if x["route"][name] != "dense"),
+                                    if _windowed(x, name)),
                                    key=lambda ci: ci["mean"])) for name in ("kv", "q")}
         out.append(f"| {r['n']} | {LAYERS * r['sdpa_ms']:.2f} | {r['dense_total_ms']:.2f} | "
                    f"{r['total_ms']['kv']:.2f} | {r['total_ms']['q']:.2f} | "
@@ -213,10 +219,8 @@ def markdown(result: dict) -> str:
                    f"{slow['kv']} / {slow['q']} |")
     below = [(r["n"], x, name) for r in result["lengths"] for x in r["layers"]
              for name in ("kv", "q") if _speedup(x["speedup_ci"][name]).against(1.0) == "below"]
-    # A layer on the dense route makes the baseline's own SDPA call: any gap there is the
-    # measurement's own error, not a slower layer.
-    windowed = [b for b in below if b[1]["route"][b[2]] != "dense"]
-    controls = [b for b in below if b[1]["route"][b[2]] == "dense"]
+    windowed = [b for b in below if _windowed(b[1], b[2])]
+    controls = [b for b in below if not _windowed(b[1], b[2])]
 
     def named(items: list[tuple]) -> str:
         return ", ".join(f"{n} layer {x['layer']} {name} {_speedup(x['speedup_ci'][name])}"
