@@ -12,16 +12,23 @@ with its decoder layers compiled (the faster counts).  The plans:
 
 Beside each measurement its bound: the dense time less the attention work the plan skips, at
 SDPA's speed (32 layers x one layer's SDPA time x (1 - attention density)), with SDPA timed
-alone and as it runs inside the dense model (profiled device time).
+alone and as it runs inside the dense model (CUDA events around its SDPA calls).
 
     python benchmarks/bench_first_token.py --out DIR [--layers 32] [--long-rounds 1]
+
+With ``--paired-rounds R`` it times only the 128K prompt, dense and the plans of ``--paired``
+taking turns in each of R rounds (first_token_paired.md): the main run's sides run one after
+another, so its intervals leave out the card's drift between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,12 +45,15 @@ from e2e_setups import (  # noqa: E402
     fastest_first_token_run,
 )
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, Speedup, bench  # noqa: E402
+from timing import ROUNDS, Speedup, bench, wall_seconds  # noqa: E402
 
+from moaplan.errors import ModelError
 from moaplan.io import atomic_write_text
 from moaplan.plan import ModelShape, Plan
 from moaplan.runtime import apply, remove
 from moaplan.runtime.cache import MoaplanCache, cache_keyword
+from moaplan.runtime.compiled import compiled_layers
+from moaplan.runtime.gpu_time import interleaved_times
 from moaplan.runtime.routing import dense_attention
 
 CONTEXT = 32768
@@ -67,23 +77,34 @@ def sdpa_layer_seconds(config, n: int) -> float:
 
 
 def sdpa_in_model_seconds(model, n: int) -> float:
-    """One layer's SDPA inside a dense prefill of ``n`` tokens: the device time of the model's
-    ``aten::scaled_dot_product_attention`` calls (their kernels, whichever backend) in one
-    profiled eager prefill into a DynamicCache, over the layers.  Timed alone
-    (:func:`sdpa_layer_seconds`), the same call read 2.5% slower on the H200 at 128K (254.7
-    ms against 248.4 ms), enough to move the bound by a percent."""
-    from torch.profiler import ProfilerActivity, profile
+    """One layer's SDPA inside a dense eager prefill of ``n`` tokens into a DynamicCache: CUDA
+    events around each of the model's calls of transformers' own SDPA attention, summed over
+    the calls and divided by the layers (after a prefill at ``n`` warmed the model up).  The
+    torch profiler's device time of ``aten::scaled_dot_product_attention`` is not used: on
+    the H200 it read 340 ms a layer at 128K, more than the whole eager dense prefill allows
+    (11.9 s over 32 layers)."""
     from transformers import DynamicCache
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    from moaplan.dispatch import attention_switched
+
+    calls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed_sdpa(module, *args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = sdpa_attention_forward(module, *args, **kwargs)
+        end.record()
+        calls.append((start, end))
+        return out
 
     ids = torch.randint(0, 1000, (1, n), device=DEVICE)
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU,
-                                                     ProfilerActivity.CUDA]) as prof:
-        model(ids, use_cache=True, logits_to_keep=1,
-              **{cache_keyword(model): DynamicCache()})
+    with torch.inference_mode(), attention_switched(model, timed_sdpa, mask=sdpa_mask):
+        model(ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): DynamicCache()})
         torch.cuda.synchronize()
-    device_us = sum(event.device_time_total for event in prof.key_averages()
-                    if event.key == "aten::scaled_dot_product_attention")
-    return device_us * 1e-6 / model.config.num_hidden_layers
+    milliseconds = sum(start.elapsed_time(end) for start, end in calls)
+    return milliseconds * 1e-3 / model.config.num_hidden_layers
 
 
 def cache_maker(plan: Plan | None):
@@ -125,6 +146,88 @@ def measure(layers: int, long_rounds: int, save) -> dict:
         print(f"{side}: {ttft}; compiled {compiled}", flush=True)
         save(result)
     return result
+
+
+def measure_paired(layers: int, rounds: int, names: list[str], save) -> dict:
+    """Time to first token of one ``LONG``-token prompt, decoder layers compiled, dense and the
+    plans ``names`` taking turns in each of ``rounds`` rounds (every other round reversed,
+    ``gpu_time.interleaved_times``) after a round that compiles each side.  :func:`measure`
+    runs one side after another, so a drift of the card between sides lies outside its
+    intervals; here the speedup's interval pairs the sides within each round."""
+    model = random_llama(layers)
+    every = plans(ModelShape.from_config(model.config), layers)
+    sides: dict[str, Plan | None] = {"dense": None, **{name: every[name] for name in names}}
+    ids = torch.randint(0, 1000, (1, LONG), device=DEVICE)
+
+    def prefill(side: str) -> float:
+        plan = sides[side]
+        if plan is None:
+            with contextlib.suppress(ModelError):  # none applied yet
+                remove(model)
+        else:
+            apply(model, plan, strict=False)
+        cache = cache_maker(plan)(1, LONG)
+        seconds = wall_seconds(functools.partial(model, ids, use_cache=True, logits_to_keep=1,
+                                                 **{cache_keyword(model): cache}))
+        del cache
+        torch.cuda.empty_cache()
+        return seconds
+
+    result = {"layers": layers, "n": LONG, "rounds": rounds,
+              "sdpa_layer_s": sdpa_layer_seconds(model.config, LONG),
+              "attention_density": {name: float(every[name].densities([LONG])["attention"]
+                                                .mean()) for name in names}}
+    with torch.inference_mode(), compiled_layers(model):
+        for side in sides:  # compiles each side's layers
+            prefill(side)
+        runs = {side: functools.partial(prefill, side) for side in sides}
+        result["runs_s"] = interleaved_times(runs, lambda run: run(), rounds)
+    with contextlib.suppress(ModelError):
+        remove(model)
+    result["sdpa_in_model_s"] = sdpa_in_model_seconds(model, LONG)
+    save(result)
+    return result
+
+
+def paired_rows(result: dict) -> list[dict]:
+    """Per plan of a :func:`measure_paired` result: the median times, the paired speedup and
+    the bounds (:func:`_bound`)."""
+    dense = result["runs_s"]["dense"]
+    out = []
+    for name, density in result["attention_density"].items():
+        ours = result["runs_s"][name]
+        skipped = result["layers"] * (1 - density)
+        out.append({"plan": name, "attention_density": density,
+                    "dense_s": statistics.median(dense), "ours_s": statistics.median(ours),
+                    "speedup": dataclasses.asdict(Speedup.paired(dense, ours)),
+                    "bound_speedup": _bound(statistics.median(dense),
+                                            skipped * result["sdpa_layer_s"]),
+                    "bound_in_model_speedup": _bound(statistics.median(dense),
+                                                     skipped * result["sdpa_in_model_s"])})
+    return out
+
+
+def paired_markdown(report: dict) -> str:
+    lines = [f"# Time to first token, sides in turns: {report['card']}", "",
+             f"{report['date']}, commit `{report['commit']}`, torch {report['torch']}, triton "
+             f"{report['triton']}.  A random bf16 {report['layers']}-layer Llama-3-8B shape, "
+             f"one {report['n'] // 1024}K-token prompt, decoder layers compiled; dense "
+             "(DynamicCache + SDPA, cuDNN) and each plan take turns in each of "
+             f"{report['rounds']} rounds (every other round reversed), after a round that "
+             "compiles each.  Speedup: the mean over rounds of dense's time over the plan's "
+             "in the same round, with its 95% t-interval.  Bounds as in first_token.md: one "
+             f"layer's SDPA {report['sdpa_layer_s'] * 1e3:.1f} ms timed alone, "
+             f"{report['sdpa_in_model_s'] * 1e3:.1f} ms in the model (CUDA events around "
+             "its SDPA calls, eager).", "",
+             "| plan | attention density | dense s | plan s | speedup | 95% interval "
+             "| bound | bound in-model |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in report["rows"]:
+        speedup = Speedup(**row["speedup"])
+        lines.append(f"| {FIRST_TOKEN_PLANS[row['plan']]} | {row['attention_density']:.3f} | "
+                     f"{row['dense_s']:.3f} | {row['ours_s']:.3f} | {speedup.mean:.3f}x | "
+                     f"{_interval(row['speedup'])} | {row['bound_speedup']:.3f}x | "
+                     f"{row['bound_in_model_speedup']:.3f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def rows(result: dict) -> list[dict]:
@@ -198,8 +301,8 @@ def markdown(report: dict) -> str:
              "more).  Bound: the speedup if "
              "the plan's attention ran at SDPA's speed (dense time less layers x one layer's "
              "SDPA time x (1 - attention density)), with SDPA timed alone, outside the model ("
-             + _layer_times(report["sdpa_layer_s"]) + "), and in-model: SDPA's device time "
-             "in a profiled eager dense prefill, over the layers ("
+             + _layer_times(report["sdpa_layer_s"]) + "), and in-model: CUDA events around "
+             "the SDPA calls of an eager dense prefill, over the layers ("
              + _layer_times(report.get("sdpa_in_model_s")) + ").", "",
              "| plan | context | KV density | attention density | dense s | plan s | speedup "
              "| 95% interval | bound | bound in-model |",
@@ -228,9 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--long-rounds", type=int, default=1,
                         help="timed runs of each 128K prefill (~10 s each), after a warm-up")
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="instead: rounds of the 128K prompt in which dense and the "
+                             "--paired plans take turns (first_token_paired.md)")
+    parser.add_argument("--paired", nargs="+", choices=list(FIRST_TOKEN_PLANS),
+                        default=["moa_q"], help="the plans of --paired-rounds")
     args = parser.parse_args(argv)
     if args.long_rounds < 1:
         parser.error(f"--long-rounds must be at least 1, got {args.long_rounds}")
+    if args.paired_rounds == 1 or args.paired_rounds < 0:
+        parser.error(f"--paired-rounds must be 0 (off) or at least 2, got {args.paired_rounds}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     import transformers
@@ -238,14 +348,20 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(provenance(), torch=torch.__version__, triton=triton.__version__,
                   transformers=transformers.__version__)
 
+    stem, table, write = (("first_token_paired", paired_rows, paired_markdown)
+                           if args.paired_rounds else ("first_token", rows, markdown))
+
     def save(result: dict) -> None:
-        report.update(result, rows=rows(result))
-        atomic_write_text(args.out / "first_token.json", json.dumps(report, indent=1))
-        atomic_write_text(args.out / "first_token.md", markdown(report))
+        report.update(result, rows=table(result))
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(report, indent=1))
+        atomic_write_text(args.out / f"{stem}.md", write(report))
 
     start = time.monotonic()
-    measure(args.layers, args.long_rounds, save)
-    print(markdown(report), f"done in {time.monotonic() - start:.0f} s", sep="\n")
+    if args.paired_rounds:
+        measure_paired(args.layers, args.paired_rounds, args.paired, save)
+    else:
+        measure(args.layers, args.long_rounds, save)
+    print(write(report), f"done in {time.monotonic() - start:.0f} s", sep="\n")
     return 0
 
 

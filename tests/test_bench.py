@@ -119,11 +119,35 @@ def test_first_token_rows_take_each_sides_faster_run_and_bound_it_by_the_skipped
                   torch="t", triton="tr", rounds={"4": 3, long: 3})
     text = bench_first_token.markdown(report)
     assert "| 1.333x | [1.3" in text and "] | 1.429x | 1.176x |" in text
-    assert "| 0.947x | - | 1.125x | 1.125x |" in text and "in-model: SDPA's device" in text
+    assert "| 0.947x | - | 1.125x | 1.125x |" in text and "in-model: CUDA events" in text
     del report["sdpa_in_model_s"]
     text = bench_first_token.markdown(dict(report, rows=bench_first_token.rows(report)))
     assert "] | 1.429x | - |" in text and "not measured in this run" in text
     assert "compiling failed" in text and "after a warm-up (runs: " in text
+
+
+def test_first_token_paired_rows_pair_the_sides_within_each_round():
+    import bench_first_token
+    from bench_decode import LONG
+
+    # The card slows by 5% a round; the plan is 1.5x faster than dense within every round.
+    dense = [2.0 * 1.05 ** r for r in range(4)]
+    result = {"layers": 2, "n": LONG, "rounds": 4, "sdpa_layer_s": 0.5,
+              "sdpa_in_model_s": 0.4, "attention_density": {"moa_q": 0.5},
+              "runs_s": {"dense": dense, "moa_q": [d / 1.5 for d in dense]}}
+    (row,) = bench_first_token.paired_rows(result)
+    assert row["speedup"]["mean"] == pytest.approx(1.5)
+    assert row["speedup"]["high"] - row["speedup"]["low"] < 1e-9  # the drift cancels
+    median = (dense[1] + dense[2]) / 2
+    # 2 layers x half of each layer's SDPA skipped: 0.5 s alone, 0.4 s in the model.
+    assert row["bound_speedup"] == pytest.approx(median / (median - 0.5))
+    assert row["bound_in_model_speedup"] == pytest.approx(median / (median - 0.4))
+    report = dict(result, rows=[row], card="card", date="today", commit="abc", torch="t",
+                  triton="tr")
+    text = bench_first_token.paired_markdown(report)
+    assert "| MoA-like, per-query-head spans | 0.500 |" in text
+    assert "| 1.500x | [1.500, 1.500] |" in text
+    assert "in each of 4 rounds" in text and "400.0 ms in the model" in text
 
 
 def test_paired_speedup_interval_cancels_the_rounds_common_drift():
