@@ -276,8 +276,22 @@ def _first_token(path: Path, base: Path) -> list[str]:
                         for name, parts in plans.items())
             + f".  In brackets: the speedup's 95% interval over the timed runs, where there "
             f"were two or more a side.  The bound: the dense time less the attention the plan "
-            f"skips, at SDPA's speed (SDPA timed alone; in-model: its device time in the dense "
-            f"model).  Details: [{link}]({link})."]
+            f"skips, at SDPA's speed (SDPA timed alone; in-model: CUDA events around its calls "
+            f"in the dense model).  Details: [{link}]({link})."]
+
+
+def _first_token_paired(path: Path, base: Path) -> list[str]:
+    """The long prompt's time to first token with dense and the plans taking turns."""
+    report = _load(path)
+    link = _link(path.with_suffix(".md"), base)
+    parts = [f"{FIRST_TOKEN_PLANS[row['plan']]} {row['speedup']['mean']:.3f}x"
+             f"{_interval(row['speedup'])} (bound {row['bound_speedup']:.3f}x, "
+             f"{row['bound_in_model_speedup']:.3f}x in-model)" for row in report["rows"]]
+    return [f"The same at {report['n'] // 1024}K with the sides taking turns in each of "
+            f"{report['rounds']} rounds (compiled; {report['card']}, {report['date']}, commit "
+            f"`{_short(report['commit'])}`; the interval pairs the sides within a round, so it "
+            f"holds the card's drift between them): " + "; ".join(parts)
+            + f".  Details: [{link}]({link})."]
 
 
 def _profiler_multi(path: Path) -> str:
@@ -347,7 +361,9 @@ def _body(root: Path, base: Path, machine: str, suite: dict[str, Any] | None,
                                                  ("layers.json", _layers),
                                                  ("decode.json", _decode),
                                                  ("decode_e2e.json", _decode_e2e),
-                                                 ("first_token.json", _first_token))
+                                                 ("first_token.json", _first_token),
+                                                 ("first_token_paired.json",
+                                                  _first_token_paired))
              for path in _every(root, name, machine)]
     speed.sort(key=lambda item: (item[0].parent.name != machine, item[0].parent.name))
     profiler = _find(root, "profiler.md", machine)

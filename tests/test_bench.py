@@ -150,6 +150,26 @@ def test_first_token_paired_rows_pair_the_sides_within_each_round():
     assert "in each of 4 rounds" in text and "400.0 ms in the model" in text
 
 
+def test_summary_names_the_paired_first_token_run_and_its_bounds(tmp_path):
+    import summary
+    from bench_first_token import paired_markdown, paired_rows
+
+    result = {"layers": 2, "n": 131072, "rounds": 2, "sdpa_layer_s": 0.5, "sdpa_in_model_s": 0.4,
+              "attention_density": {"mixed": 0.5}, "runs_s": {"dense": [2.0, 2.2],
+                                                              "mixed": [1.6, 1.76]}}
+    report = dict(result, rows=paired_rows(result), card="Card X", date="today",
+                  commit="abc1234", torch="t", triton="tr")
+    card = tmp_path / "card-x"
+    card.mkdir()
+    (card / "first_token_paired.json").write_text(json.dumps(report))
+    (card / "first_token_paired.md").write_text(paired_markdown(report))
+    text = summary.summary_markdown(tmp_path, "card-x", None)
+    assert "The same at 128K with the sides taking turns in each of 2 rounds" in text
+    # Dense's median 2.1 s less one layer's SDPA (2 layers, half skipped): 0.5 s, 0.4 s.
+    assert ("mixed (density constant in N) 1.250x [1.250, 1.250] (bound 1.312x, 1.235x "
+            "in-model)") in text
+
+
 def test_paired_speedup_interval_cancels_the_rounds_common_drift():
     from timing import Speedup
 
