@@ -79,7 +79,7 @@ def sdpa_layer_seconds(config, n: int) -> float:
 def sdpa_in_model_seconds(model, n: int) -> float:
     """One layer's SDPA inside a dense eager prefill of ``n`` tokens into a DynamicCache: CUDA
     events around each of the model's calls of transformers' own SDPA attention, summed over
-    the calls and divided by the layers (after a prefill at ``n`` warmed the model up).  The
+    the calls and divided by the layers (the caller has run the model at ``n`` before).  The
     torch profiler's device time of ``aten::scaled_dot_product_attention`` is not used: on
     the H200 it read 340 ms a layer at 128K, more than the whole eager dense prefill allows
     (11.9 s over 32 layers)."""
@@ -214,8 +214,8 @@ def paired_markdown(report: dict) -> str:
              f"one {report['n'] // 1024}K-token prompt, decoder layers compiled; dense "
              "(DynamicCache + SDPA, cuDNN) and each plan take turns in each of "
              f"{report['rounds']} rounds (every other round reversed), after a round that "
-             "compiles each.  Speedup: the mean over rounds of dense's time over the plan's "
-             "in the same round, with its 95% t-interval.  Bounds as in first_token.md: one "
+             "compiles each.  Speedup: the geometric mean over rounds of dense's time over the "
+             "plan's in the same round, with its 95% t-interval.  Bounds as in first_token.md: one "
              f"layer's SDPA {report['sdpa_layer_s'] * 1e3:.1f} ms timed alone, "
              f"{report['sdpa_in_model_s'] * 1e3:.1f} ms in the model (CUDA events around "
              "its SDPA calls, eager).", "",
