@@ -415,22 +415,24 @@ def prefill_prompts(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"batch 1": (ids[:1], mask[:1]), "batch 2, left padding": (ids, mask)}
 
 
+def prefill_once(model, make_cache, ids: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Seconds of one prefill of ``ids`` into a fresh cache (time to first token); the cache
+    is made before the clock starts and freed after."""
+    with torch.inference_mode():
+        cache = make_cache(*ids.shape)
+        seconds = wall_seconds(functools.partial(
+            model, ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+            **{cache_keyword(model): cache}))
+        del cache
+        torch.cuda.empty_cache()
+    return seconds
+
+
 def prefill_runs(model, make_cache, ids: torch.Tensor, mask: torch.Tensor,
                  rounds: int = ROUNDS) -> list[float]:
     """Seconds of each of ``rounds`` prefills of ``ids`` into a fresh cache (time to first
     token), after one warm-up."""
-    def prefill_into(cache) -> None:
-        model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-              **{cache_keyword(model): cache})
-
-    times = []
-    with torch.inference_mode():
-        for _ in range(rounds + 1):
-            cache = make_cache(*ids.shape)
-            times.append(wall_seconds(functools.partial(prefill_into, cache)))
-            del cache
-            torch.cuda.empty_cache()
-    return times[1:]
+    return [prefill_once(model, make_cache, ids, mask) for _ in range(rounds + 1)][1:]
 
 
 def prefill_seconds(model, make_cache, ids: torch.Tensor, mask: torch.Tensor) -> float:

@@ -37,7 +37,14 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import DEVICE, LONG, first_token_times, mixed_rules, random_llama  # noqa: E402
+from bench_decode import (  # noqa: E402
+    DEVICE,
+    LONG,
+    first_token_times,
+    mixed_rules,
+    prefill_once,
+    random_llama,
+)
 from bench_layers import moa_like_rules, per_kv_head  # noqa: E402
 from e2e_setups import (  # noqa: E402
     FIRST_TOKEN_PLANS,
@@ -45,7 +52,7 @@ from e2e_setups import (  # noqa: E402
     fastest_first_token_run,
 )
 from provenance import provenance  # noqa: E402
-from timing import ROUNDS, Speedup, bench, wall_seconds  # noqa: E402
+from timing import ROUNDS, Speedup, bench  # noqa: E402
 
 from moaplan.errors import ModelError
 from moaplan.io import atomic_write_text
@@ -166,18 +173,13 @@ def measure_paired(layers: int, rounds: int, names: list[str], save) -> dict:
                 remove(model)
         else:
             apply(model, plan, strict=False)
-        cache = cache_maker(plan)(1, LONG)
-        seconds = wall_seconds(functools.partial(model, ids, use_cache=True, logits_to_keep=1,
-                                                 **{cache_keyword(model): cache}))
-        del cache
-        torch.cuda.empty_cache()
-        return seconds
+        return prefill_once(model, cache_maker(plan), ids, None)
 
     result = {"layers": layers, "n": LONG, "rounds": rounds,
               "sdpa_layer_s": sdpa_layer_seconds(model.config, LONG),
               "attention_density": {name: float(every[name].densities([LONG])["attention"]
                                                 .mean()) for name in names}}
-    with torch.inference_mode(), compiled_layers(model):
+    with compiled_layers(model):
         for side in sides:  # compiles each side's layers
             prefill(side)
         runs = {side: functools.partial(prefill, side) for side in sides}
